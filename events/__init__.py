@@ -1,0 +1,1 @@
+"""sandboxd.events"""
