@@ -1,0 +1,175 @@
+"""The projection: what the log says about every sandbox, folded event by event.
+
+``step(record, event)`` is the status machine of protocol.md: a pure function
+from one sandbox's record and one event to the next record (``None`` once the
+sandbox is deleted). ``apply(state, event)`` writes that step into the map of
+all sandboxes. The live daemon and replay call the same ``apply``; nothing
+else changes a ``State``.
+
+``apply`` updates ``state`` in place and returns it: copying a map of
+thousands of sandboxes for each of a million replayed events would make the
+fold quadratic. What ``apply`` computes depends on nothing but its arguments,
+and every record in the map is immutable, so a reader holding a record never
+sees it change under it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+from sandboxd.events import types as ev
+from sandboxd.events.codec import converter
+
+
+class Status(enum.StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    ERROR = "ERROR"
+    MISSING = "MISSING"
+
+
+class ProjectionError(ValueError):
+    """An event that cannot follow the state before it: the log is inconsistent."""
+
+
+@attrs.frozen
+class SandboxRecord:
+    id: str
+    spec_id: str
+    created_by_user_id: str | None
+    status: Status
+    created_at: str
+    updated_at: str
+    created_seq: int  # the order of search, newest first, and its paging cursor
+    version: int  # seq of the last event that changed this record
+    port: int
+    working_dir: str
+    pid: int | None = None
+    pgid: int | None = None
+    create_time: float | None = None
+    command: tuple[str, ...] = ()
+    exposed_urls: tuple[ev.ExposedUrl, ...] = ()
+    error: str | None = None
+
+    @property
+    def has_process(self) -> bool:
+        return self.pid is not None
+
+
+@attrs.define
+class State:
+    """Every sandbox that is not deleted, in creation order, and the seq folded so far."""
+
+    sandboxes: dict[str, SandboxRecord] = attrs.Factory(dict)
+    head_seq: int = 0
+
+
+def _exit_reason(data: ev.SandboxExited) -> str:
+    if data.signal is not None:
+        return f"the process was killed by signal {data.signal}"
+    return f"the process exited with code {data.exit_code}"
+
+
+def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
+    """The status machine: one sandbox's record after ``event``."""
+    data = event.data
+    if isinstance(data, ev.SandboxCreated):
+        if record is not None:
+            raise ProjectionError(f"seq {event.seq}: sandbox {event.sandbox_id} already exists")
+        assert event.sandbox_id is not None
+        return SandboxRecord(
+            id=event.sandbox_id,
+            spec_id=data.spec_id,
+            created_by_user_id=data.created_by_user_id,
+            status=Status.STARTING,
+            created_at=event.ts,
+            updated_at=event.ts,
+            created_seq=event.seq,
+            version=event.seq,
+            port=data.port,
+            working_dir=data.working_dir,
+        )
+    if record is None:
+        raise ProjectionError(
+            f"seq {event.seq}: {event.type} for sandbox {event.sandbox_id}, which does not exist"
+        )
+    changed = {"updated_at": event.ts, "version": event.seq}
+    match data:
+        case ev.ProcessStarted(pid=pid, pgid=pgid, create_time=create_time, command=command):
+            return attrs.evolve(
+                record,
+                pid=pid,
+                pgid=pgid,
+                create_time=create_time,
+                command=tuple(command),
+                **changed,
+            )
+        case ev.SandboxRunning(exposed_urls=urls):
+            return attrs.evolve(
+                record, status=Status.RUNNING, exposed_urls=tuple(urls), error=None, **changed
+            )
+        case ev.StartFailed(reason=reason):
+            return attrs.evolve(
+                record, status=Status.ERROR, error=reason, pid=None, pgid=None, **changed
+            )
+        case ev.SandboxPaused():
+            return attrs.evolve(record, status=Status.PAUSED, **changed)
+        case ev.SandboxResumed() | ev.SandboxHealthy():
+            return attrs.evolve(record, status=Status.RUNNING, error=None, **changed)
+        case ev.SandboxUnhealthy(reason=reason):
+            return attrs.evolve(record, status=Status.ERROR, error=reason, **changed)
+        case ev.SandboxExited():
+            return attrs.evolve(
+                record,
+                status=Status.ERROR,
+                error=_exit_reason(data),
+                pid=None,
+                pgid=None,
+                **changed,
+            )
+        case ev.SandboxAdopted():
+            # Adoption changes nothing a client sees; it only says the daemon watches again.
+            return record
+        case ev.SandboxMissing(reason=reason):
+            return attrs.evolve(
+                record, status=Status.MISSING, error=reason, pid=None, pgid=None, **changed
+            )
+        case ev.SandboxDeleted():
+            return None
+    raise ProjectionError(f"seq {event.seq}: {event.type} is not an event about a sandbox")
+
+
+def apply(state: State, event: ev.Event) -> State:
+    """Fold one event into ``state`` (in place, see the module's docstring) and return it."""
+    if event.seq <= state.head_seq:
+        raise ProjectionError(f"seq {event.seq} does not follow {state.head_seq}")
+    sandbox_id = event.sandbox_id
+    if sandbox_id is not None:
+        after = step(state.sandboxes.get(sandbox_id), event)
+        if after is None:
+            del state.sandboxes[sandbox_id]
+        else:
+            state.sandboxes[sandbox_id] = after
+    state.head_seq = event.seq
+    return state
+
+
+def copy_state(state: State) -> State:
+    # Records are immutable: a shallow copy of the map is a full copy of the state.
+    return State(dict(state.sandboxes), state.head_seq)
+
+
+def state_to_dict(state: State) -> dict[str, Any]:
+    return {
+        "head_seq": state.head_seq,
+        "sandboxes": [converter.unstructure(r) for r in state.sandboxes.values()],
+    }
+
+
+def state_from_dict(raw: dict[str, Any]) -> State:
+    records = [converter.structure(r, SandboxRecord) for r in raw["sandboxes"]]
+    return State({r.id: r for r in records}, int(raw["head_seq"]))

@@ -1,0 +1,178 @@
+"""The event catalogue of protocol.md: one frozen class per event type.
+
+Each payload class carries its wire name in ``TYPE``; the log stores that name,
+never the Python class name, so renaming a class cannot orphan old records.
+``Event`` is the envelope the log assigns (seq, ts) around a payload.
+Nothing here imports trio: the pure core is importable anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+#: The version of the payload schemas written by this code. A record of an
+#: older version is decoded through an upcaster (see ``codec.upcaster``).
+SCHEMA_VERSION = 1
+
+
+@attrs.frozen
+class ExposedUrl:
+    name: str
+    url: str
+
+
+@attrs.frozen
+class SandboxCreated:
+    TYPE: ClassVar[str] = "sandbox.created"
+    spec_id: str
+    created_by_user_id: str | None
+    working_dir: str
+    port: int
+
+
+@attrs.frozen
+class ProcessStarted:
+    TYPE: ClassVar[str] = "sandbox.process_started"
+    pid: int
+    pgid: int
+    create_time: float
+    command: list[str]
+
+
+@attrs.frozen
+class SandboxRunning:
+    TYPE: ClassVar[str] = "sandbox.running"
+    exposed_urls: list[ExposedUrl]
+
+
+@attrs.frozen
+class StartFailed:
+    TYPE: ClassVar[str] = "sandbox.start_failed"
+    reason: str
+    exit_code: int | None
+
+
+@attrs.frozen
+class SandboxPaused:
+    TYPE: ClassVar[str] = "sandbox.paused"
+
+
+@attrs.frozen
+class SandboxResumed:
+    TYPE: ClassVar[str] = "sandbox.resumed"
+
+
+@attrs.frozen
+class SandboxUnhealthy:
+    TYPE: ClassVar[str] = "sandbox.unhealthy"
+    reason: str
+
+
+@attrs.frozen
+class SandboxHealthy:
+    TYPE: ClassVar[str] = "sandbox.healthy"
+
+
+@attrs.frozen
+class SandboxExited:
+    TYPE: ClassVar[str] = "sandbox.exited"
+    exit_code: int | None
+    signal: int | None
+
+
+@attrs.frozen
+class SandboxAdopted:
+    TYPE: ClassVar[str] = "sandbox.adopted"
+    pid: int
+
+
+@attrs.frozen
+class SandboxMissing:
+    TYPE: ClassVar[str] = "sandbox.missing"
+    reason: str
+
+
+@attrs.frozen
+class SandboxDeleted:
+    TYPE: ClassVar[str] = "sandbox.deleted"
+    forced: bool
+
+
+@attrs.frozen
+class DaemonStarted:
+    TYPE: ClassVar[str] = "daemon.started"
+    version: str
+    pid: int
+    recovered: int
+
+
+@attrs.frozen
+class DaemonStopping:
+    TYPE: ClassVar[str] = "daemon.stopping"
+    reason: str
+
+
+Payload = (
+    SandboxCreated
+    | ProcessStarted
+    | SandboxRunning
+    | StartFailed
+    | SandboxPaused
+    | SandboxResumed
+    | SandboxUnhealthy
+    | SandboxHealthy
+    | SandboxExited
+    | SandboxAdopted
+    | SandboxMissing
+    | SandboxDeleted
+    | DaemonStarted
+    | DaemonStopping
+)
+
+PAYLOAD_TYPES: tuple[type[Payload], ...] = (
+    SandboxCreated,
+    ProcessStarted,
+    SandboxRunning,
+    StartFailed,
+    SandboxPaused,
+    SandboxResumed,
+    SandboxUnhealthy,
+    SandboxHealthy,
+    SandboxExited,
+    SandboxAdopted,
+    SandboxMissing,
+    SandboxDeleted,
+    DaemonStarted,
+    DaemonStopping,
+)
+
+#: Wire name -> payload class.
+BY_TYPE: dict[str, type[Payload]] = {cls.TYPE: cls for cls in PAYLOAD_TYPES}
+
+EVENT_TYPES: frozenset[str] = frozenset(BY_TYPE)
+
+
+@attrs.frozen
+class Event:
+    """One record of the log: a payload with the place and time the log gave it."""
+
+    seq: int
+    ts: str  # RFC 3339, UTC, microseconds: "2026-11-26T11:32:19.123456Z"
+    sandbox_id: str | None
+    by: str | None  # the user whose op caused it; None for the daemon itself
+    data: Payload
+
+    @property
+    def type(self) -> str:
+        return self.data.TYPE
+
+
+@attrs.frozen
+class PendingEvent:
+    """An event handed to the log, before the log has given it a seq and a time."""
+
+    sandbox_id: str | None
+    by: str | None
+    data: Payload
