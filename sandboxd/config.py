@@ -1,0 +1,309 @@
+"""The daemon's configuration: spec/config.md, read strictly.
+
+Every key is optional. An unknown key, a wrong type or an impossible value
+raises ``ConfigError`` naming the key, before anything starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+
+from sandboxd.events.codec import now_ts
+
+T = TypeVar("T")
+
+SPEC_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PLACEHOLDERS = frozenset({"port", "sandbox_id", "working_dir", "session_api_key"})
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key."""
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandboxd"
+
+
+@attrs.frozen
+class SpecConfig:
+    id: str
+    command: tuple[str, ...]
+    initial_env: Mapping[str, str] = attrs.Factory(dict)
+    inherit_env: tuple[str, ...] = ("PATH", "HOME", "LANG")
+    working_dir: str = ""
+    health_check_path: str = "/"
+    ready_timeout: float = 30.0
+    health_interval: float = 10.0
+    created_at: str = attrs.Factory(now_ts)
+
+
+def default_spec() -> SpecConfig:
+    """The project's own reference agent server: works with no set-up at all."""
+    return SpecConfig(
+        id="default",
+        command=(sys.executable, "-m", "sandboxd.actors.agent_server", "--port", "{port}"),
+        health_check_path="/alive",
+    )
+
+
+@attrs.frozen
+class UserConfig:
+    id: str
+    token_sha256: str  # only the digest is kept in memory
+    admin: bool = False
+
+
+@attrs.frozen
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    state_dir: Path = attrs.Factory(default_state_dir)
+    base_working_dir: Path | None = None  # None: STATE_DIR/sandboxes
+    port_range: tuple[int, int] = (30000, 39999)
+    stop_timeout: float = 10.0
+    max_sandboxes: int = 1000
+    max_sandboxes_per_user: int = 100
+    on_shutdown: Literal["keep", "stop"] = "keep"
+    # The project's own keys (docs/operations.md):
+    output_cap_bytes: int = 8 << 20  # per sandbox, before its one rotation
+    unhealthy_after: int = 3  # failed liveness probes in a row before ERROR
+    shutdown_grace: float = 10.0  # seconds for in-flight ops on SIGTERM
+    segment_bytes: int = 64 << 20
+    snapshot_every: int = 10_000
+    retention: Literal["all", "snapshots"] = "all"
+    specs: tuple[SpecConfig, ...] = attrs.Factory(lambda: (default_spec(),))
+    users: tuple[UserConfig, ...] = ()
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.base_working_dir or self.state_dir / "sandboxes"
+
+    def with_overrides(
+        self, *, state_dir: Path | None = None, host: str | None = None, port: int | None = None
+    ) -> Config:
+        changes: dict[str, Any] = {}
+        if state_dir is not None:
+            changes["state_dir"] = state_dir
+        if host is not None:
+            changes["host"] = host
+        if port is not None:
+            _port("--port", port)
+            changes["port"] = port
+        return attrs.evolve(self, **changes)
+
+
+# -- validation: small checks, each naming the key it rejects ---------------------------
+
+
+def _expect(key: str, value: Any, kind: type[T], what: str) -> T:
+    # bool is an int in Python, never in a config file.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {what}, not {value!r}")
+    return value
+
+
+def _number(key: str, value: Any, *, minimum: float, allow_min: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number, not {value!r}")
+    if value < minimum or (value == minimum and not allow_min):
+        bound = "at least" if allow_min else "more than"
+        raise ConfigError(f"{key} must be {bound} {minimum}, not {value!r}")
+    return float(value)
+
+
+def _count(key: str, value: Any, *, minimum: int = 1) -> int:
+    _expect(key, value, int, "an integer")
+    if value < minimum:
+        raise ConfigError(f"{key} must be at least {minimum}, not {value!r}")
+    return int(value)
+
+
+def _port(key: str, value: Any) -> int:
+    _expect(key, value, int, "an integer")
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{key} must be a port from 1 to 65535, not {value!r}")
+    return int(value)
+
+
+def _path(key: str, value: Any) -> Path:
+    text = _expect(key, value, str, "a path")
+    if not text:
+        raise ConfigError(f"{key} must not be empty")
+    return Path(text).expanduser()
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+    return str(value)
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    items = _expect(key, value, list, "a list of strings")
+    for i, item in enumerate(items):
+        _expect(f"{key}[{i}]", item, str, "a string")
+    return tuple(items)
+
+
+def _env(key: str, value: Any) -> dict[str, str]:
+    table = _expect(key, value, dict, "a table of strings")
+    for name, item in table.items():
+        _expect(f"{key}.{name}", item, str, "a string")
+    return dict(table)
+
+
+def _check_placeholders(key: str, text: str) -> None:
+    for name in re.findall(r"\{([^{}]*)\}", text):
+        if name not in PLACEHOLDERS:
+            known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+            raise ConfigError(f"{key} has an unknown placeholder {{{name}}}; known: {known}")
+
+
+def _table(key: str, raw: Any, checks: Mapping[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
+    table = _expect(key, raw, dict, "a table")
+    unknown = sorted(set(table) - set(checks))
+    if unknown:
+        known = ", ".join(sorted(checks))
+        raise ConfigError(f"unknown key {key}.{unknown[0]}; known keys are: {known}")
+    return {name: checks[name](f"{key}.{name}", value) for name, value in table.items()}
+
+
+def _port_range(key: str, value: Any) -> tuple[int, int]:
+    items = _expect(key, value, list, "a list of two ports")
+    if len(items) != 2:
+        raise ConfigError(f"{key} must be a list of two ports [low, high], not {value!r}")
+    low, high = _port(f"{key}[0]", items[0]), _port(f"{key}[1]", items[1])
+    if low > high:
+        raise ConfigError(f"{key} must be [low, high] with low <= high, not {value!r}")
+    return low, high
+
+
+_SERVER = {
+    "host": lambda k, v: _expect(k, v, str, "a host name or address"),
+    "port": _port,
+    "state_dir": _path,
+}
+_SANDBOXES = {
+    "base_working_dir": _path,
+    "port_range": _port_range,
+    "stop_timeout": lambda k, v: _number(k, v, minimum=0),
+    "max_sandboxes": _count,
+    "max_sandboxes_per_user": _count,
+    "on_shutdown": lambda k, v: _choice(k, v, ("keep", "stop")),
+    "output_cap_bytes": lambda k, v: _count(k, v, minimum=4096),
+    "unhealthy_after": _count,
+    "shutdown_grace": lambda k, v: _number(k, v, minimum=0),
+}
+_LOG = {
+    "segment_bytes": lambda k, v: _count(k, v, minimum=4096),
+    "snapshot_every": _count,
+    "retention": lambda k, v: _choice(k, v, ("all", "snapshots")),
+}
+_SPEC = {
+    "id": lambda k, v: _expect(k, v, str, "a string"),
+    "command": _strings,
+    "initial_env": _env,
+    "inherit_env": _strings,
+    "working_dir": lambda k, v: _expect(k, v, str, "a path or an empty string"),
+    "health_check_path": lambda k, v: _expect(k, v, str, "a path such as /health, or empty"),
+    "ready_timeout": lambda k, v: _number(k, v, minimum=0, allow_min=False),
+    "health_interval": lambda k, v: _number(k, v, minimum=0),
+}
+_USER = {
+    "id": lambda k, v: _expect(k, v, str, "a string"),
+    "token": lambda k, v: _expect(k, v, str, "a string"),
+    "token_sha256": lambda k, v: _expect(k, v, str, "a hex SHA-256 digest"),
+    "admin": lambda k, v: _expect(k, v, bool, "true or false"),
+}
+
+
+def _spec(key: str, raw: Any) -> SpecConfig:
+    fields = _table(key, raw, _SPEC)
+    if "id" not in fields or not SPEC_ID_PATTERN.fullmatch(fields["id"]):
+        raise ConfigError(f"{key}.id must be 1 to 64 of A-Z a-z 0-9 _ . -")
+    if not fields.get("command"):
+        raise ConfigError(f"{key}.command must be a non-empty list of strings")
+    for i, arg in enumerate(fields["command"]):
+        _check_placeholders(f"{key}.command[{i}]", arg)
+    for name, value in fields.get("initial_env", {}).items():
+        _check_placeholders(f"{key}.initial_env.{name}", value)
+    path = fields.get("health_check_path", "/")
+    if path and not path.startswith("/"):
+        raise ConfigError(f"{key}.health_check_path must start with / (or be empty), not {path!r}")
+    return SpecConfig(**fields)
+
+
+def _user(key: str, raw: Any) -> UserConfig:
+    fields = _table(key, raw, _USER)
+    if not fields.get("id"):
+        raise ConfigError(f"{key}.id is required")
+    token, digest = fields.pop("token", None), fields.pop("token_sha256", None)
+    if (token is None) == (digest is None):
+        raise ConfigError(f"{key} needs exactly one of token or token_sha256")
+    if token is not None:
+        if len(token) < 16:
+            raise ConfigError(f"{key}.token must be at least 16 characters")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+    elif not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise ConfigError(f"{key}.token_sha256 must be 64 hex digits")
+    return UserConfig(token_sha256=digest.lower(), **fields)
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Build a ``Config`` from a parsed TOML document."""
+    sections = {"server", "sandboxes", "log", "specs", "users"}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]}; known sections are: {', '.join(sorted(sections))}"
+        )
+    values: dict[str, Any] = {}
+    values |= _table("server", raw.get("server", {}), _SERVER)
+    values |= _table("sandboxes", raw.get("sandboxes", {}), _SANDBOXES)
+    values |= _table("log", raw.get("log", {}), _LOG)
+    if "specs" in raw:
+        specs_raw = _expect("specs", raw["specs"], list, "an array of tables ([[specs]])")
+        specs = tuple(_spec(f"specs[{i}]", s) for i, s in enumerate(specs_raw))
+        if not specs:
+            raise ConfigError("specs must hold at least one spec, or be left out")
+        ids = [s.id for s in specs]
+        duplicate = next((i for i in ids if ids.count(i) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"specs has two specs with id {duplicate!r}")
+        values["specs"] = specs
+    if "users" in raw:
+        users_raw = _expect("users", raw["users"], list, "an array of tables ([[users]])")
+        users = tuple(_user(f"users[{i}]", u) for i, u in enumerate(users_raw))
+        ids = [u.id for u in users]
+        duplicate = next((i for i in ids if ids.count(i) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"users has two users with id {duplicate!r}")
+        values["users"] = users
+    return Config(**values)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read ``path`` (or the embedded default when None)."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(raw)
