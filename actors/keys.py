@@ -1,0 +1,134 @@
+"""Session API keys: one per sandbox, derived from a per-daemon secret.
+
+A key is HMAC-SHA256(secret, sandbox id): nothing to store, and the same key
+again after a restart, so keys never go into the log (which must not hold
+secrets) yet survive the daemon. The secret lives in ``STATE_DIR/secret``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+SECRET_FILE = "secret"
+SECRET_BYTES = 32
+
+
+class SecretFileError(Exception):
+    """The secret file exists but cannot be used (wrong size, readable by others)."""
+
+
+class SessionKeys:
+    """Derives sandboxes' session keys, and finds the sandbox a key belongs to."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        """Read ``STATE_DIR/secret``, creating it (mode 0600) on first use."""
+        self._setup(load_or_create_secret(Path(state_dir) / SECRET_FILE))
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> SessionKeys:
+        keys = cls.__new__(cls)
+        keys._setup(secret)
+        return keys
+
+    def _setup(self, secret: bytes) -> None:
+        self._secret = secret
+        self._by_key: dict[str, str] = {}
+        self._by_id: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<SessionKeys: {len(self._by_id)} sandboxes>"  # never the secret
+
+    def key_for(self, sandbox_id: str, created_seq: int) -> str:
+        """The session key of a sandbox: URL-safe base64 of the HMAC, no padding (43 chars).
+
+        The seq of its ``sandbox.created`` event is part of the message: ids are
+        client-chosen, and a sandbox created again under a deleted one's id must not
+        get the old key, which its previous owner may still hold.
+        """
+        message = f"{sandbox_id}/{created_seq}".encode()
+        digest = hmac.new(self._secret, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def remember(self, sandbox_id: str, created_seq: int) -> None:
+        """Make ``sandbox_for`` know this sandbox's key (on start and on recovery)."""
+        key = self.key_for(sandbox_id, created_seq)
+        self._by_key[key] = sandbox_id
+        self._by_id[sandbox_id] = key
+
+    def forget(self, sandbox_id: str) -> None:
+        """Stop answering for a deleted sandbox's key."""
+        key = self._by_id.pop(sandbox_id, None)
+        if key is not None:
+            self._by_key.pop(key, None)
+
+    def sandbox_for(self, key: str) -> str | None:
+        """The live sandbox this key belongs to, or None.
+
+        A dict lookup, not a comparison against every key. It leaks no timing
+        worth having: str hashing is keyed (SipHash with a per-process random
+        key), so a caller cannot aim guesses at a bucket, and a full comparison
+        happens only between equal hashes.
+        """
+        return self._by_key.get(key)
+
+    def verify(self, sandbox_id: str, created_seq: int, key: str) -> bool:
+        """Whether ``key`` is the sandbox's key, compared in constant time."""
+        expected = self.key_for(sandbox_id, created_seq).encode()
+        return hmac.compare_digest(expected, key.encode())
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The secret at ``path``; made first if absent, atomically and never clobbering.
+
+    Written to a temporary file (0600, fsynced) and hard-linked into place: the
+    link fails if another process made the secret first, and then both use that
+    one. A reader never sees a partly written secret.
+    """
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.write(fd, secrets.token_bytes(SECRET_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):  # another process's secret won: use it
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the new name survives a crash
+    finally:
+        os.close(dir_fd)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o077:
+            raise SecretFileError(
+                f"{path} is accessible to other users (mode {mode & 0o777:o}); make it mode 0600"
+            )
+        secret = os.read(fd, SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(secret) != SECRET_BYTES:
+        raise SecretFileError(
+            f"{path} holds {len(secret)} bytes, not {SECRET_BYTES}: restore it, or remove it "
+            "for a new one (running sandboxes then hold keys the daemon no longer knows)"
+        )
+    return secret

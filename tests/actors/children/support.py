@@ -1,0 +1,152 @@
+"""Test support: start sandbox-like processes as the actor does, and always clean up.
+
+Every process gets its own session, /dev/null as stdin, an output file and the
+markers in its environment, exactly as :func:`sandboxd.actors.process.spawn`
+gives them; each test uses fresh sandbox ids, so teardown can end everything a
+test started (by its group while unreaped, by its marker otherwise) and never
+anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import trio
+
+from sandboxd.actors import health, process
+from sandboxd.actors.ports import PortAllocator
+
+#: Ports for servers the tests start: below Linux's ephemeral range (32768+),
+#: so no outgoing connection of another program takes one meanwhile.
+PORTS = PortAllocator(20000, 20999)
+
+
+def free_port() -> int:
+    """A free port, from a random start: test runs in parallel rarely pick the same."""
+    return PORTS.reserve(preferred=random.randint(PORTS.low, PORTS.high))
+
+
+CHILDREN = Path(__file__).parent
+
+
+def child(name: str) -> str:
+    """The path of a helper program in this folder."""
+    return str(CHILDREN / name)
+
+
+class Sandboxes:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.daemon_marker = str(base)
+        self.spawned: list[process.SpawnedProcess] = []
+        self.ids: list[str] = []
+
+    def new_id(self) -> str:
+        sandbox_id = f"test-{uuid.uuid4().hex[:12]}"
+        self.ids.append(sandbox_id)
+        return sandbox_id
+
+    def env(self, sandbox_id: str, **extra: str) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            process.MARKER_VAR: sandbox_id,
+            process.DAEMON_MARKER: self.daemon_marker,
+            **extra,
+        }
+
+    async def spawn(
+        self,
+        *args: str,
+        sandbox_id: str | None = None,
+        env: dict[str, str] | None = None,
+        output_cap_bytes: int = 1 << 20,
+    ) -> process.SpawnedProcess:
+        """Run ``python ARGS`` as a sandbox's main process."""
+        sandbox_id = sandbox_id or self.new_id()
+        spawned = await process.spawn(
+            [sys.executable, *args],
+            env=env or self.env(sandbox_id),
+            cwd=str(self.base),
+            output_path=str(self.base / f"{sandbox_id}.log"),
+            output_cap_bytes=output_cap_bytes,
+        )
+        self.spawned.append(spawned)
+        return spawned
+
+    async def agent_server(
+        self, *args: str, port: int | None = None, key: str | None = "test-key", **env: str
+    ) -> tuple[process.SpawnedProcess, int]:
+        """Start the reference agent server; return once it answers on ``port``.
+
+        ``port`` (a free one if None) is given as PORT unless ``env`` says otherwise.
+        """
+        port = free_port() if port is None else port
+        sandbox_id = self.new_id()
+        environ = self.env(sandbox_id, **{"PORT": str(port), **env})
+        if key is not None:
+            environ["SESSION_API_KEY"] = key
+        spawned = await self.spawn(
+            "-m", "sandboxd.actors.agent_server", *args, sandbox_id=sandbox_id, env=environ
+        )
+        assert await health.wait_until_ready(port, "/alive", timeout=10)
+        return spawned, port
+
+    def output_path(self, sandbox_id: str) -> Path:
+        return self.base / f"{sandbox_id}.log"
+
+    async def cleanup(self) -> None:
+        for spawned in self.spawned:
+            # returncode None: alive and not reaped, so its pgid is still its own.
+            if spawned.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(spawned.handle.pgid, signal.SIGKILL)
+        for sandbox_id in self.ids:
+            for procs in process.find_marked_processes(sandbox_id=sandbox_id).values():
+                for proc in procs:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()  # psutil checks the pid was not reused
+        with trio.fail_after(5):
+            for spawned in self.spawned:
+                await spawned.wait()
+
+
+def read_pids(path: Path) -> list[int]:
+    """The pids a helper wrote to ``path``, one per line (last word of the line)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [int(line.split()[-1]) for line in text.splitlines() if line.strip()]
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of ``pid`` in /proc (R, S, T, Z, ...), None if gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return chr(data[data.rfind(b")") + 2])
+
+
+def is_gone(pid: int) -> bool:
+    return proc_state(pid) in (None, "Z", "X")
+
+
+async def eventually(condition: Callable[[], bool], *, within: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, checking it every few ms, failing after ``within`` s.
+
+    The conditions are the OS's (a file written by a child, a state in /proc):
+    there is no event to wait on, so this polls, always with a deadline.
+    """
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.005)
