@@ -97,7 +97,7 @@ class Config:
         if host is not None:
             changes["host"] = host
         if port is not None:
-            _port("--port", port)
+            _listen_port("--port", port)
             changes["port"] = port
         return attrs.evolve(self, **changes)
 
@@ -128,11 +128,15 @@ def _count(key: str, value: Any, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def _port(key: str, value: Any) -> int:
+def _port(key: str, value: Any, *, minimum: int = 1) -> int:
     _expect(key, value, int, "an integer")
-    if not 1 <= value <= 65535:
-        raise ConfigError(f"{key} must be a port from 1 to 65535, not {value!r}")
+    if not minimum <= value <= 65535:
+        raise ConfigError(f"{key} must be a port from {minimum} to 65535, not {value!r}")
     return int(value)
+
+
+def _listen_port(key: str, value: Any) -> int:
+    return _port(key, value, minimum=0)  # 0: any free port, the daemon logs which
 
 
 def _path(key: str, value: Any) -> Path:
@@ -190,7 +194,7 @@ def _port_range(key: str, value: Any) -> tuple[int, int]:
 
 _SERVER = {
     "host": lambda k, v: _expect(k, v, str, "a host name or address"),
-    "port": _port,
+    "port": _listen_port,
     "state_dir": _path,
 }
 _SANDBOXES = {

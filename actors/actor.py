@@ -1,0 +1,475 @@
+"""SandboxActor: one trio task per sandbox, owning its whole process tree.
+
+Commands (pause, resume, delete) and what the actor's own watchers notice
+(ready, exited, unhealthy) arrive in one bounded mailbox and are handled one
+at a time, so a pause racing a delete is never a crash or a half-state. The
+actor acts on its processes first, then appends the event that records what
+happened; its state is the projection's record, read back after each append.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from sandboxd.actors import health, process
+from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
+from sandboxd.config import SpecConfig
+from sandboxd.events import types as ev
+from sandboxd.events.log import LogUnavailable
+from sandboxd.events.projection import SandboxRecord, State, Status
+
+log = logging.getLogger(__name__)
+
+MAILBOX_SIZE = 32
+OUTPUT_TAIL_FOR_ERRORS = 2048  # bytes of output quoted in a start_failed reason
+
+Append = Callable[[ev.PendingEvent], Awaitable[ev.Event]]
+
+
+@attrs.frozen
+class SandboxContext:
+    """What every actor shares with the registry: the log, the state, the config."""
+
+    append: Append
+    state: State
+    output_dir: Path
+    stop_timeout: float
+    output_cap_bytes: int
+    unhealthy_after: int
+    release: Callable[[str, int], None]  # frees (sandbox_id, port) once deleted
+    marker: str  # this daemon's marker (process.DAEMON_MARKER) in every sandbox's environment
+
+    async def record(self, sandbox_id: str, by: str | None, data: ev.Payload) -> ev.Event:
+        """Append an event about a sandbox; return once it is durable and folded."""
+        try:
+            return await self.append(ev.PendingEvent(sandbox_id, by, data))
+        except LogUnavailable as exc:
+            raise Unavailable(f"the event log cannot be written now: {exc}") from None
+
+
+@attrs.frozen
+class StartPlan:
+    """How to spawn a new sandbox: everything decided before ``sandbox.created``."""
+
+    command: list[str]
+    env: dict[str, str]
+    cwd: str  # the spec's working_dir, else the sandbox's own fresh directory
+
+
+class _Reply:
+    """Where a command's outcome goes back to the task that sent it."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    async def wait(self) -> Any:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@attrs.frozen
+class _Command:
+    name: str  # "pause" | "resume" | "delete"
+    by: str | None
+    reply: _Reply
+
+
+@attrs.frozen
+class _Notice:
+    """Something the actor's own watchers saw; no one waits for a reply."""
+
+    name: str  # "ready" | "ready_timeout" | "exited" | "unhealthy" | "healthy"
+    detail: Any = None
+
+
+class SandboxActor:
+    def __init__(self, sandbox_id: str, spec: SpecConfig, context: SandboxContext) -> None:
+        self.sandbox_id = sandbox_id
+        self.spec = spec
+        self._ctx = context
+        self._send, self._receive = trio.open_memory_channel[_Command | _Notice](MAILBOX_SIZE)
+        self._handle: process.ProcessHandle | None = None
+        self._spawned: process.SpawnedProcess | None = None
+        self._readiness: trio.CancelScope | None = None
+        self._liveness: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        #: Set once the sandbox has left STARTING (running, failed, or deleted).
+        self.settled = trio.Event()
+        self.deleted = False
+
+    # -- what the registry calls --------------------------------------------------------
+
+    @property
+    def record(self) -> SandboxRecord:
+        record = self._ctx.state.sandboxes.get(self.sandbox_id)
+        if record is None:
+            raise NotFound(f"sandbox {self.sandbox_id} does not exist")
+        return record
+
+    @property
+    def output_path(self) -> Path:
+        return self._ctx.output_dir / f"{self.sandbox_id}.log"
+
+    async def command(self, name: str, by: str | None) -> Any:
+        reply = _Reply()
+        try:
+            await self._send.send(_Command(name, by, reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise NotFound(f"sandbox {self.sandbox_id} does not exist") from None
+        return await reply.wait()
+
+    async def run_new(
+        self, plan: StartPlan, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Spawn the sandbox's process and serve its mailbox until it is deleted."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._spawn(plan)
+            await self._serve()
+            nursery.cancel_scope.cancel()
+
+    async def run_adopted(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Watch a sandbox that a previous daemon started (or a dead one, until deleted)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            record = self.record
+            if record.pid is not None and record.pgid is not None:
+                assert record.create_time is not None
+                self._handle = process.ProcessHandle(record.pid, record.pgid, record.create_time)
+                nursery.start_soon(self._watch_adopted_exit, self._handle)
+                nursery.start_soon(self._cap_output)
+                if record.status is Status.STARTING:
+                    self._start_readiness()
+                else:
+                    self._start_liveness()
+            if record.status is not Status.STARTING:
+                self.settled.set()
+            task_status.started()
+            await self._serve()
+            nursery.cancel_scope.cancel()
+
+    # -- the mailbox --------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        async with self._receive:
+            async for message in self._receive:
+                if isinstance(message, _Command):
+                    await self._handle_command(message)
+                else:
+                    await self._handle_notice(message)
+                if self.deleted:
+                    break
+        self.settled.set()
+
+    async def _post(self, notice: _Notice) -> None:
+        # Once the actor has finished there is nothing left to tell.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._send.send(notice)
+
+    async def _handle_command(self, command: _Command) -> None:
+        try:
+            if command.name == "pause":
+                result: Any = await self._pause(command.by)
+            elif command.name == "resume":
+                result = await self._resume(command.by)
+            elif command.name == "delete":
+                result = await self._delete(command.by)
+            else:
+                raise AssertionError(f"unknown command {command.name}")
+        except SandboxError as exc:
+            command.reply.fail(exc)
+        except process.TreeStateTimeout as exc:
+            command.reply.fail(Unavailable(f"sandbox {self.sandbox_id}: {exc}; try again"))
+        except Exception as exc:
+            log.exception("sandbox %s: %s failed", self.sandbox_id, command.name)
+            command.reply.fail(exc)
+        else:
+            command.reply.set(result)
+
+    async def _record(self, data: ev.Payload, by: str | None = None) -> ev.Event:
+        return await self._ctx.record(self.sandbox_id, by, data)
+
+    # -- spawning and watching ----------------------------------------------------------
+
+    async def _spawn(self, plan: StartPlan) -> None:
+        try:
+            await trio.to_thread.run_sync(_fresh_directory, Path(self.record.working_dir))
+            await trio.to_thread.run_sync(_ensure_directory, Path(plan.cwd))
+            spawned = await process.spawn(
+                plan.command,
+                env=plan.env,
+                cwd=plan.cwd,
+                output_path=str(self.output_path),
+                output_cap_bytes=self._ctx.output_cap_bytes,
+            )
+        except OSError as exc:
+            await self._fail_start(f"cannot run {plan.command[0]!r}: {exc.strerror or exc}", None)
+            return
+        self._spawned = spawned
+        self._handle = spawned.handle
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_exit, spawned)
+        self._nursery.start_soon(self._cap_output)
+        try:
+            await self._record(
+                ev.ProcessStarted(
+                    spawned.handle.pid,
+                    spawned.handle.pgid,
+                    spawned.handle.create_time,
+                    plan.command,
+                )
+            )
+        except Unavailable:
+            # Nothing may run that the log does not know of: undo the spawn.
+            await process.terminate_tree(
+                self._handle, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
+            )
+            self._handle = None
+            self.settled.set()
+            raise
+        self._start_readiness()
+
+    def _start_readiness(self) -> None:
+        assert self._nursery is not None
+        self._readiness = trio.CancelScope()
+        self._nursery.start_soon(self._wait_ready, self._readiness)
+
+    async def _wait_ready(self, scope: trio.CancelScope) -> None:
+        with scope:
+            if not self.spec.health_check_path:
+                await self._post(_Notice("ready"))
+                return
+            ready = await health.wait_until_ready(
+                self.record.port, self.spec.health_check_path, timeout=self.spec.ready_timeout
+            )
+            await self._post(_Notice("ready" if ready else "ready_timeout"))
+
+    def _start_liveness(self) -> None:
+        if self.spec.health_interval <= 0 or not self.spec.health_check_path:
+            return
+        assert self._nursery is not None
+        self._liveness = trio.CancelScope()
+        self._nursery.start_soon(self._watch_liveness, self._liveness)
+
+    async def _watch_liveness(self, scope: trio.CancelScope) -> None:
+        failures = 0
+        with scope:
+            while True:
+                await trio.sleep(self.spec.health_interval)
+                record = self._ctx.state.sandboxes.get(self.sandbox_id)
+                if record is None or record.status not in (Status.RUNNING, Status.ERROR):
+                    continue  # paused processes cannot answer; missing ones never will
+                ok = await health.probe(
+                    record.port,
+                    self.spec.health_check_path,
+                    timeout=min(self.spec.health_interval, 5.0),
+                )
+                failures = 0 if ok else failures + 1
+                if ok and record.status is Status.ERROR:
+                    await self._post(_Notice("healthy"))
+                elif failures == self._ctx.unhealthy_after:
+                    reason = f"{failures} health checks in a row got no 200"
+                    await self._post(_Notice("unhealthy", reason))
+
+    async def _watch_exit(self, spawned: process.SpawnedProcess) -> None:
+        status = await spawned.wait()
+        await self._post(_Notice("exited", status))
+
+    async def _watch_adopted_exit(self, handle: process.ProcessHandle) -> None:
+        status = await process.wait_for_exit_pidfd(handle)
+        await self._post(_Notice("exited", status or process.ExitStatus(None, None)))
+
+    async def _cap_output(self) -> None:
+        await process.keep_output_capped(str(self.output_path), self._ctx.output_cap_bytes)
+
+    # -- notices ------------------------------------------------------------------------
+
+    async def _handle_notice(self, notice: _Notice) -> None:
+        record = self._ctx.state.sandboxes.get(self.sandbox_id)
+        if record is None:
+            return
+        try:
+            await self._react(notice, record)
+        except Unavailable:
+            log.warning("sandbox %s: could not record %s: log unavailable", record.id, notice.name)
+        except Exception:
+            log.exception("sandbox %s: handling %s failed", record.id, notice.name)
+
+    async def _react(self, notice: _Notice, record: SandboxRecord) -> None:
+        starting = record.status is Status.STARTING
+        if notice.name == "ready" and starting:
+            url = f"http://127.0.0.1:{record.port}"
+            await self._record(ev.SandboxRunning([ev.ExposedUrl("AGENT_SERVER", url)]))
+            self.settled.set()
+            self._start_liveness()
+        elif notice.name == "ready_timeout" and starting:
+            if self._handle is not None:
+                await process.terminate_tree(
+                    self._handle, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
+                )
+            await self._fail_start(
+                f"the sandbox did not answer 200 on {self.spec.health_check_path} "
+                f"within {self.spec.ready_timeout:g} s",
+                None,
+            )
+        elif notice.name == "exited" and self._handle is not None:
+            status: process.ExitStatus = notice.detail
+            self._handle = None
+            self._cancel_watchers()
+            if starting:
+                tail, _ = await trio.to_thread.run_sync(
+                    process.read_output_tail, str(self.output_path), OUTPUT_TAIL_FOR_ERRORS
+                )
+                await self._fail_start(_exit_reason(status, tail), status.exit_code)
+            else:
+                await self._record(ev.SandboxExited(status.exit_code, status.signal))
+        elif notice.name == "unhealthy" and record.status is Status.RUNNING:
+            await self._record(ev.SandboxUnhealthy(notice.detail))
+        elif notice.name == "healthy" and record.status is Status.ERROR and record.pid is not None:
+            await self._record(ev.SandboxHealthy())
+
+    async def _fail_start(self, reason: str, exit_code: int | None) -> None:
+        self._handle = None
+        self._cancel_watchers()
+        try:
+            await self._record(ev.StartFailed(reason, exit_code))
+        finally:
+            self.settled.set()
+
+    def _cancel_watchers(self) -> None:
+        for scope in (self._readiness, self._liveness):
+            if scope is not None:
+                scope.cancel()
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _pause(self, by: str | None) -> SandboxRecord:
+        record = self.record
+        if record.status is Status.PAUSED:
+            return record
+        if record.status is not Status.RUNNING or self._handle is None:
+            raise Conflict(f"sandbox {record.id} is {record.status}; only a RUNNING one pauses")
+        await process.pause_tree(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+        try:
+            await self._record(ev.SandboxPaused(), by)
+        except Unavailable:
+            await process.resume_tree(
+                self._handle, self.sandbox_id, daemon_marker=self._ctx.marker
+            )  # as if never asked
+            raise
+        return self.record
+
+    async def _resume(self, by: str | None) -> SandboxRecord:
+        record = self.record
+        if record.status is Status.RUNNING:
+            return record
+        if record.status is not Status.PAUSED or self._handle is None:
+            raise Conflict(f"sandbox {record.id} is {record.status}; only a PAUSED one resumes")
+        await process.resume_tree(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+        try:
+            await self._record(ev.SandboxResumed(), by)
+        except Unavailable:
+            await process.pause_tree(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+            raise
+        return self.record
+
+    async def _delete(self, by: str | None) -> bool:
+        record = self.record
+        self._cancel_watchers()
+        forced = await process.terminate_tree(
+            self._handle,
+            self.sandbox_id,
+            stop_timeout=self._ctx.stop_timeout,
+            daemon_marker=self._ctx.marker,
+        )
+        if self._spawned is not None:
+            await self._spawned.wait()  # reap our child so no zombie outlives the sandbox
+        self._handle = None
+        await trio.to_thread.run_sync(_remove_sandbox_files, Path(record.working_dir), self)
+        await self._record(ev.SandboxDeleted(forced), by)
+        self.deleted = True
+        self._ctx.release(self.sandbox_id, record.port)
+        return True
+
+
+def _exit_reason(status: process.ExitStatus, output_tail: str) -> str:
+    if status.signal is not None:
+        how = f"the process was killed by signal {status.signal} while starting"
+    else:
+        how = f"the process exited with code {status.exit_code} while starting"
+    lines = output_tail.strip().splitlines()[-5:]
+    return how + (": " + " | ".join(lines) if lines else "")
+
+
+def _fresh_directory(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)  # a leftover of an interrupted start: never reuse its files
+    path.mkdir(mode=0o700, parents=True)
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+
+
+def _ensure_directory(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _remove_sandbox_files(working_dir: Path, actor: SandboxActor) -> None:
+    shutil.rmtree(working_dir, ignore_errors=True)
+    for path in (str(actor.output_path), process.rotated_path(str(actor.output_path))):
+        Path(path).unlink(missing_ok=True)
+
+
+def build_env(
+    spec: SpecConfig,
+    environ: Mapping[str, str],
+    extra: Mapping[str, str],
+    placeholders: Mapping[str, str],
+    marker: str,
+) -> dict[str, str]:
+    """The sandbox's environment: only what config.md allows, the markers last so they hold.
+
+    Every descendant inherits SANDBOX_ID (which sandbox) and SANDBOXD_STATE_DIR (which
+    daemon: two daemons on one machine never take each other's processes for their own).
+    """
+    env = {name: environ[name] for name in spec.inherit_env if name in environ}
+    env.update({k: fill(v, placeholders) for k, v in spec.initial_env.items()})
+    env.update(extra)
+    key = placeholders["session_api_key"]
+    env.update(
+        SANDBOX_ID=placeholders["sandbox_id"],
+        PORT=placeholders["port"],
+        SESSION_API_KEY=key,
+        OH_SESSION_API_KEYS_0=key,
+    )
+    env[process.DAEMON_MARKER] = marker
+    return env
+
+
+def fill(template: str, placeholders: Mapping[str, str]) -> str:
+    # Plain replacement, not str.format: a literal "{" elsewhere in a command must survive.
+    for name, value in placeholders.items():
+        template = template.replace("{" + name + "}", value)
+    return template

@@ -1,0 +1,72 @@
+"""What clients see of a sandbox and of a spec: the protocol's SandboxInfo and SandboxSpecInfo.
+
+Built from the projection's record plus the session key, which is derived, never stored.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from sandboxd.config import SpecConfig
+from sandboxd.events.projection import SandboxRecord, Status
+from sandboxd.events.types import ExposedUrl
+
+
+@attrs.frozen
+class SandboxInfo:
+    id: str
+    created_by_user_id: str | None
+    sandbox_spec_id: str
+    status: Status
+    session_api_key: str | None
+    exposed_urls: list[ExposedUrl] | None
+    created_at: str
+    updated_at: str
+    pid: int | None
+    port: int
+    working_dir: str
+    error: str | None
+    version: int
+
+
+def sandbox_info(record: SandboxRecord, session_api_key: str) -> SandboxInfo:
+    running = record.status is Status.RUNNING
+    return SandboxInfo(
+        id=record.id,
+        created_by_user_id=record.created_by_user_id,
+        sandbox_spec_id=record.spec_id,
+        status=record.status,
+        session_api_key=session_api_key if running else None,
+        exposed_urls=list(record.exposed_urls) if running else None,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        pid=record.pid,
+        port=record.port,
+        working_dir=record.working_dir,
+        error=record.error,
+        version=record.version,
+    )
+
+
+@attrs.frozen
+class SpecInfo:
+    id: str
+    command: list[str]
+    initial_env: dict[str, str]
+    working_dir: str
+    health_check_path: str
+    ready_timeout: float
+    created_at: str
+
+
+def spec_info(spec: SpecConfig, *, mask_values: bool) -> SpecInfo:
+    env = {k: "***" for k in spec.initial_env} if mask_values else dict(spec.initial_env)
+    return SpecInfo(
+        id=spec.id,
+        command=list(spec.command),
+        initial_env=env,
+        working_dir=spec.working_dir,
+        health_check_path=spec.health_check_path,
+        ready_timeout=spec.ready_timeout,
+        created_at=spec.created_at,
+    )

@@ -1,0 +1,313 @@
+"""The registry and its actors with real processes, a real log and a real fsync."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from sandboxd.actors import process
+from sandboxd.actors.errors import Conflict, LimitExceeded, NotFound, StartFailed
+from sandboxd.actors.keys import SessionKeys
+from sandboxd.actors.registry import Registry
+from sandboxd.config import Config, SpecConfig
+from sandboxd.events import types as ev
+from sandboxd.events.projection import Status
+from sandboxd.events.store import Store, open_store
+from tests.actors.children.support import child, eventually, is_gone, proc_state, read_pids
+
+AGENT = SpecConfig(
+    id="agent",
+    command=(sys.executable, "-m", "sandboxd.actors.agent_server", "--port", "{port}"),
+    health_check_path="/alive",
+    ready_timeout=20.0,
+    health_interval=0,
+)
+
+
+def plain(spec_id: str, *command: str, **changes: object) -> SpecConfig:
+    """A spec with no HTTP check: RUNNING as soon as its process runs."""
+    spec = SpecConfig(id=spec_id, command=(sys.executable, *command), health_check_path="")
+    return attrs.evolve(spec, **changes)
+
+
+@attrs.frozen
+class Caller:
+    id: str | None
+    admin: bool = False
+
+
+@attrs.frozen
+class Harness:
+    registry: Registry
+    store: Store
+
+    async def events_of(self, sandbox_id: str) -> list[ev.Event]:
+        events = await self.store.log.read(0, 100_000)
+        return [e for e in events if e.sandbox_id == sandbox_id]
+
+    def marked(self, sandbox_id: str) -> list[int]:
+        found = process.find_marked_processes(self.registry.marker, sandbox_id=sandbox_id)
+        return [p.pid for p in found.get(sandbox_id, [])]
+
+
+ADMIN = Caller(None, admin=True)
+ALICE = Caller("alice")
+BOB = Caller("bob")
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, *specs: SpecConfig, **config: object) -> AsyncIterator[Harness]:
+    settings: dict[str, object] = {
+        "state_dir": tmp_path / "state",
+        "port_range": (22000, 22999),
+        "stop_timeout": 2.0,
+        "specs": specs or (AGENT,),
+    }
+    settings.update(config)
+    cfg = Config(**settings)  # type: ignore[arg-type]
+    async with open_store(cfg.state_dir) as store, trio.open_nursery() as nursery:
+        registry = Registry(cfg, store.state, store.append, SessionKeys(cfg.state_dir), nursery)
+        try:
+            yield Harness(registry, store)
+        finally:
+            with trio.move_on_after(20) as cleanup:
+                cleanup.shield = True
+                await registry.delete_all()
+            nursery.cancel_scope.cancel()
+
+
+async def test_start_runs_the_agent_and_records_its_life(tmp_path: Path) -> None:
+    async with running(tmp_path) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ALICE)
+        assert info.status is Status.RUNNING
+        assert info.session_api_key and info.exposed_urls
+        assert info.exposed_urls[0].url == f"http://127.0.0.1:{info.port}"
+        assert Path(info.working_dir).stat().st_mode & 0o777 == 0o700
+        assert registry.get_by_session_key(info.session_api_key) == info
+        types = [e.type for e in await harness.events_of(info.id)]
+        assert types == ["sandbox.created", "sandbox.process_started", "sandbox.running"]
+
+        assert await registry.delete(ALICE, info.id) is True
+        assert registry.get(ALICE, info.id) is None
+        assert not Path(info.working_dir).exists()
+        assert harness.marked(info.id) == []
+        assert registry.get_by_session_key(info.session_api_key) is None
+
+
+async def test_the_sandbox_gets_only_the_environment_config_allows(tmp_path: Path) -> None:
+    envdump = plain(
+        "env",
+        "-c",
+        "import json, os, time; json.dump(dict(os.environ), open('env.json', 'w')); "
+        "os.rename('env.json', 'env.ready'); time.sleep(60)",
+        initial_env={"GREETING": "hi {sandbox_id}"},
+        inherit_env=("PATH",),
+    )
+    async with running(tmp_path, envdump) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN, env={"EXTRA": "1", "SANDBOX_ID": "spoofed"})
+        ready = Path(info.working_dir) / "env.ready"
+        await eventually(ready.exists)
+        env = json.loads(ready.read_text())
+        assert env["SANDBOX_ID"] == info.id  # the marker cannot be overridden
+        assert env["GREETING"] == f"hi {info.id}"
+        assert env["EXTRA"] == "1"
+        assert env["SESSION_API_KEY"] == env["OH_SESSION_API_KEYS_0"]
+        assert env["PORT"] == str(info.port)
+        # LC_CTYPE is Python's own doing in the child (PEP 538), not the daemon's.
+        assert set(env) - {"LC_CTYPE"} == {
+            "PATH",
+            "GREETING",
+            "EXTRA",
+            "SANDBOX_ID",
+            "PORT",
+            "SESSION_API_KEY",
+            "OH_SESSION_API_KEYS_0",
+            process.DAEMON_MARKER,
+        }
+
+
+async def test_pause_and_resume_act_on_the_whole_tree(tmp_path: Path) -> None:
+    pidfile = tmp_path / "tree.pids"
+    tree = plain("tree", child("tree.py"), str(pidfile), "2", "2")
+    async with running(tmp_path, tree) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        await eventually(lambda: len(read_pids(pidfile)) == 7)
+        pids = read_pids(pidfile)
+
+        paused = await registry.pause(ADMIN, info.id)
+        assert paused.status is Status.PAUSED and paused.session_api_key is None
+        assert all(proc_state(pid) == "T" for pid in pids)
+        assert (await registry.pause(ADMIN, info.id)).version == paused.version  # a no-op
+
+        resumed = await registry.resume(ADMIN, info.id)
+        assert resumed.status is Status.RUNNING
+        assert all(proc_state(pid) not in ("T", None) for pid in pids)
+
+        await registry.delete(ADMIN, info.id)
+        assert all(is_gone(pid) for pid in pids)
+
+
+async def test_delete_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    stubborn = plain("stubborn", child("ignore_term.py"), str(ready))
+    async with running(tmp_path, stubborn, stop_timeout=0.3) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        await eventually(ready.exists)
+        await registry.delete(ADMIN, info.id)
+        deleted = (await harness.events_of(info.id))[-1]
+        assert deleted.data == ev.SandboxDeleted(forced=True)
+        assert harness.marked(info.id) == []
+
+
+async def test_delete_ends_a_child_that_left_the_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "escaped"
+    escaper = plain("escaper", child("double_fork.py"), str(pidfile))
+    async with running(tmp_path, escaper) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        await eventually(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+        escaped = int(pidfile.read_text().split()[-1])
+        assert harness.marked(info.id)
+        await registry.delete(ADMIN, info.id)
+        assert is_gone(escaped)
+        assert harness.marked(info.id) == []
+
+
+async def test_a_child_that_exits_at_once_fails_the_start_with_its_code(tmp_path: Path) -> None:
+    dies = plain(
+        "dies", "-c", "import sys; print('no config'); sys.exit(3)", health_check_path="/alive"
+    )
+    async with running(tmp_path, dies) as harness:
+        registry = harness.registry
+        with pytest.raises(StartFailed) as failed:
+            await registry.start_sandbox(ADMIN)
+        assert failed.value.sandbox.status is Status.ERROR
+        assert "code 3" in str(failed.value) and "no config" in str(failed.value)
+        last = (await harness.events_of(failed.value.sandbox.id))[-1]
+        assert isinstance(last.data, ev.StartFailed) and last.data.exit_code == 3
+
+
+async def test_a_child_that_never_gets_healthy_fails_at_the_timeout(tmp_path: Path) -> None:
+    silent = plain(
+        "silent", "-c", "import time; time.sleep(60)", health_check_path="/", ready_timeout=0.5
+    )
+    async with running(tmp_path, silent) as harness:
+        registry = harness.registry
+        with pytest.raises(StartFailed, match=r"within 0\.5 s"):
+            await registry.start_sandbox(ADMIN)
+        (sandbox,) = registry.search(ADMIN)[0]
+        assert sandbox.status is Status.ERROR and sandbox.pid is None
+        assert harness.marked(sandbox.id) == []
+
+
+async def test_a_chatty_child_reaches_running_with_its_output_capped(tmp_path: Path) -> None:
+    cap = 1 << 20
+    writer = SpecConfig(
+        id="writer",
+        command=(sys.executable, child("writer.py"), "{port}", "100"),
+        health_check_path="/",
+        ready_timeout=60,
+        health_interval=0,
+    )
+    async with running(tmp_path, writer, output_cap_bytes=cap) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        assert info.status is Status.RUNNING
+        output = registry.config.state_dir / "output" / f"{info.id}.log"
+        on_disk = output.stat().st_size + Path(process.rotated_path(str(output))).stat().st_size
+        assert on_disk <= 4 * cap
+        data, truncated = registry.logs(ADMIN, info.id, 1000)
+        assert truncated and "written" in data
+
+
+async def test_fifty_sandboxes_started_at_once_get_distinct_ports(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper) as harness:
+        registry = harness.registry
+        infos = []
+
+        async def start() -> None:
+            infos.append(await registry.start_sandbox(ADMIN))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(start)
+        assert len({i.port for i in infos}) == 50
+        assert all(i.status is Status.RUNNING for i in infos)
+
+
+async def test_pause_resume_and_delete_fired_together_end_in_one_state(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        outcomes: list[object] = []
+
+        async def attempt(op: str) -> None:
+            try:
+                outcomes.append(await getattr(registry, op)(ADMIN, info.id))
+            except (Conflict, NotFound) as exc:
+                outcomes.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for op in ("pause", "resume", "delete", "pause", "resume"):
+                nursery.start_soon(attempt, op)
+        assert True in outcomes  # the delete won, whatever its place
+        assert registry.get(ADMIN, info.id) is None
+        assert harness.marked(info.id) == []
+
+
+async def test_limits(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper, max_sandboxes=3, max_sandboxes_per_user=2) as harness:
+        registry = harness.registry
+        await registry.start_sandbox(ALICE)
+        await registry.start_sandbox(ALICE)
+        with pytest.raises(LimitExceeded, match="max_sandboxes_per_user"):
+            await registry.start_sandbox(ALICE)
+        await registry.start_sandbox(BOB)
+        with pytest.raises(LimitExceeded, match="max_sandboxes is 3"):
+            await registry.start_sandbox(BOB)
+
+
+async def test_ids_conflict_and_users_see_only_their_own(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper) as harness:
+        registry = harness.registry
+        mine = await registry.start_sandbox(ALICE, sandbox_id="mine")
+        with pytest.raises(Conflict):
+            await registry.start_sandbox(BOB, sandbox_id="mine")
+        assert registry.get(BOB, "mine") is None
+        assert registry.get(ADMIN, "mine") == mine
+        with pytest.raises(NotFound):
+            await registry.pause(BOB, "mine")
+        with pytest.raises(NotFound):
+            await registry.delete(BOB, "mine")
+        assert registry.search(BOB) == ([], None)
+
+
+async def test_search_pages_newest_first_without_repeats_or_gaps(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper) as harness:
+        registry = harness.registry
+        ids = [(await registry.start_sandbox(ADMIN, wait=False)).id for _ in range(7)]
+        first, cursor = registry.search(ADMIN, limit=3)
+        assert [i.id for i in first] == ids[::-1][:3]
+        await registry.delete(ADMIN, ids[6])  # on the page already seen
+        extra = await registry.start_sandbox(ADMIN, wait=False)  # newer than the cursor
+        second, cursor = registry.search(ADMIN, limit=3, page_id=cursor)
+        third, cursor = registry.search(ADMIN, limit=3, page_id=cursor)
+        assert [i.id for i in second + third] == ids[::-1][3:]
+        assert cursor is None
+        assert extra.id not in {i.id for i in second + third}
