@@ -1,0 +1,37 @@
+"""Fixtures of the gateway's tests; the helpers are in support.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.gateway.support import (
+    Daemon,
+    DaemonProcess,
+    make_config,
+    start_daemon,
+    stop_daemon,
+)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Daemon]:
+    running = await start_daemon(nursery, make_config(tmp_path / "state"))
+    yield running
+    await stop_daemon(running)
+    nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def daemon_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    running = DaemonProcess(tmp_path_factory.mktemp("daemon"))
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+    # Whatever the tests sent, nothing failed inside the daemon.
+    assert "Traceback" not in running.output(), running.output()

@@ -1,0 +1,287 @@
+"""The gateway in a real daemon in this process: concurrency, limits, slow and silent clients,
+failures contained, drain and shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from sandboxd.events import types as ev
+from sandboxd.gateway import protocol as p
+from sandboxd.gateway import server
+from sandboxd.gateway.auth import User
+from tests.gateway.support import (
+    TOKENS,
+    Daemon,
+    masked_frame,
+    raw_websocket,
+    trio_peer,
+    wait_for,
+)
+
+ALICE, ROOT = TOKENS["alice"], TOKENS["root"]
+registry_admin = User(None, admin=True)
+
+
+def event_type(frame: dict[str, Any]) -> str | None:
+    event = frame.get("event")
+    return None if event is None else str(event["type"])
+
+
+def new_id() -> str:
+    return "g-" + uuid.uuid4().hex[:12]
+
+
+async def test_requests_on_one_connection_run_concurrently(daemon: Daemon) -> None:
+    async with trio_peer(daemon.url, ALICE) as peer:
+        # A start that waits out its ready_timeout, then a read behind it.
+        await peer.send({"id": "slow", "op": "sandbox.start", "spec_id": "stuck"})
+        await peer.send({"id": "fast", "op": "server.info"})
+        first = await peer.recv()
+        assert first["id"] == "fast" and first["ok"] is True
+        slow = await peer.recv()
+        assert slow["id"] == "slow"
+        assert slow["error"]["code"] == "start_failed"
+        assert slow["error"]["sandbox"]["status"] == "ERROR"
+
+
+async def test_more_than_64_in_flight_get_busy_at_once(daemon: Daemon) -> None:
+    async with trio_peer(daemon.url, ALICE) as peer:
+        for i in range(p.MAX_IN_FLIGHT):
+            await peer.send({"id": i, "op": "sandbox.start", "spec_id": "stuck"})
+        # Every one of those is now in flight: each waits for its health check.
+        await wait_for(
+            lambda: len(daemon.gateway.registry.state.sandboxes) == p.MAX_IN_FLIGHT,
+            what="64 sandboxes starting",
+        )
+        for i in range(3):
+            await peer.send({"id": f"extra-{i}", "op": "server.info"})
+        with trio.fail_after(1):  # long before any start settles
+            for i in range(3):
+                reply = await peer.recv()
+                assert reply["id"] == f"extra-{i}"
+                assert reply["error"]["code"] == "busy"
+        codes = [(await peer.recv())["error"]["code"] for _ in range(p.MAX_IN_FLIGHT)]
+        assert codes == ["start_failed"] * p.MAX_IN_FLIGHT
+        # Answered: room again.
+        assert (await peer.call("server.info"))["user"] == "alice"
+
+
+async def test_a_failing_handler_is_internal_and_contained(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the registry")
+
+    monkeypatch.setattr(daemon.gateway.registry, "get", broken)
+    async with trio_peer(daemon.url, ALICE) as peer, trio_peer(daemon.url, ROOT) as other:
+        with caplog.at_level(logging.ERROR, logger="sandboxd.gateway.server"):
+            reply = await peer.request("sandbox.get", sandbox_id="x")
+        assert reply["error"]["code"] == "internal"
+        assert "registry" not in reply["error"]["message"]  # no internals on the wire
+        assert any(
+            r.exc_info and "a bug in the registry" in str(r.exc_info[1]) for r in caplog.records
+        ), "logged with its traceback"
+        # The connection, and every other, carry on.
+        assert (await peer.call("server.info"))["user"] == "alice"
+        assert (await other.call("server.info"))["user"] == "root"
+
+
+async def test_subscriptions_caught_up_once_and_unsubscribe(daemon: Daemon) -> None:
+    async with trio_peer(daemon.url, ROOT) as peer:
+        result = await peer.call("events.subscribe", after_seq=0)
+        sub = result["subscription"]
+        frames = await peer.sub_frames(sub, lambda f: bool(f.get("caught_up")))
+        assert frames[-1]["seq"] >= result["head_seq"]
+        sandbox_id = new_id()
+        await peer.call("sandbox.start", spec_id="sleep", sandbox_id=sandbox_id)
+        live = await peer.sub_frames(
+            sub, lambda f: f.get("event", {}).get("type") == "sandbox.running"
+        )
+        assert not any(f.get("caught_up") for f in live)
+        assert await peer.call("events.unsubscribe", subscription=sub) is True
+        await peer.call("sandbox.delete", sandbox_id=sandbox_id)
+        # After the reply to unsubscribe, no frame of it: a ping-pong proves the order.
+        await peer.call("server.info")
+        assert not [
+            f
+            for f in peer.frames
+            if f.get("subscription") == sub
+            and "event" in f
+            and f["event"]["type"] == "sandbox.deleted"
+        ]
+
+
+async def test_subscription_limit_per_connection(daemon: Daemon) -> None:
+    async with trio_peer(daemon.url, ROOT) as peer:
+        for _ in range(server.MAX_SUBSCRIPTIONS):
+            await peer.call("events.subscribe")
+        reply = await peer.request("events.subscribe")
+        assert reply["error"]["code"] == "limit_exceeded"
+
+
+async def test_a_silent_client_is_pinged_then_closed(daemon: Daemon) -> None:
+    daemon.gateway.ping_interval = 0.2
+    daemon.gateway.ping_timeout = 0.3
+    stream = await raw_websocket(daemon.gateway.port, ALICE)
+    got = b""
+    with trio.fail_after(5):
+        # Read (so the server is not blocked writing) but never answer its ping.
+        while b"\x88" not in got:
+            got += await stream.receive_some(4096)
+    assert got[:1] == b"\x89", "a ping first"
+    code = got[got.index(b"\x88") + 2 :][:2]
+    assert int.from_bytes(code, "big") == server.CLOSE_NO_PONG
+    await stream.send_all(masked_frame(0x8, code))  # the close is answered, as a client must
+    await wait_for(lambda: not daemon.gateway._connections, what="the connection closed")
+    await stream.aclose()
+
+
+async def test_a_client_that_answers_pings_stays(daemon: Daemon) -> None:
+    daemon.gateway.ping_interval = 0.1
+    daemon.gateway.ping_timeout = 0.5
+    async with trio_peer(daemon.url, ALICE) as peer:
+        await trio.sleep(0.8)  # several ping intervals of silence: the point of the test
+        assert (await peer.call("server.info"))["user"] == "alice"
+
+
+async def test_a_client_that_stops_reading_is_closed_and_slows_no_one(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon.gateway.send_timeout = 1.0
+    monkeypatch.setattr(server, "CLOSE_TIMEOUT", 0.5)  # it will not answer the close either
+    log = daemon.gateway.log
+    big = "x" * 50_000
+    async with trio_peer(daemon.url, ROOT) as reader:
+        head = log.head_seq
+        # The stalled client subscribes, then never reads again.
+        stalled = await raw_websocket(daemon.gateway.port, ROOT)
+        await stalled.send_all(masked_frame(0x1, b'{"id": 1, "op": "events.subscribe"}'))
+        await wait_for(lambda: log.subscriber_count >= 2, what="the subscription")
+        sub = (await reader.call("events.subscribe"))["subscription"]
+        count = 400  # ~20 MB of frames: far more than socket buffers hold
+        with trio.fail_after(30):
+            for _ in range(count // 40):
+                await log.append_many([ev.PendingEvent(None, None, ev.DaemonStopping(big))] * 40)
+            # The reader gets every one, while the other connection is stuck.
+            frames = await reader.sub_frames(
+                sub, lambda f: f.get("event", {}).get("seq") == head + count
+            )
+        seqs = [f["event"]["seq"] for f in frames if "event" in f]
+        assert seqs == list(range(head + 1, head + count + 1))
+        # The stuck one is closed once it has taken nothing for send_timeout.
+        await wait_for(
+            lambda: len(daemon.gateway._connections) == 1, within=15, what="the stalled one closed"
+        )
+        assert log.subscriber_count == 2  # the reader's, and the gateway's own
+        await stalled.aclose()
+
+
+async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daemon) -> None:
+    gateway = daemon.gateway
+    async with trio_peer(daemon.url, ALICE) as peer, trio.open_nursery() as nursery:
+        await peer.send({"id": "in-flight", "op": "sandbox.start", "spec_id": "stuck"})
+        await wait_for(lambda: gateway._in_flight == 1, what="the start in flight")
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await gateway.drain()
+            drained.set()
+
+        nursery.start_soon(drain)
+        await wait_for(lambda: gateway._draining, what="draining")
+        refused = await peer.request("server.info")
+        assert refused["error"]["code"] == "unavailable"
+        with pytest.raises(HandshakeError):  # the listener is closed: refused
+            async with open_websocket_url(
+                daemon.url, extra_headers=[(b"Authorization", f"Bearer {ALICE}".encode())]
+            ):
+                pass
+        assert not drained.is_set()
+        finished = await peer.reply_to("in-flight")
+        assert finished["error"]["code"] == "start_failed"
+        with trio.fail_after(5):
+            await drained.wait()
+
+
+async def test_close_all_ends_subscriptions_then_closes_1001(daemon: Daemon) -> None:
+    async with trio_peer(daemon.url, ROOT) as peer:
+        sub = (await peer.call("events.subscribe", after_seq=0))["subscription"]
+        await peer.sub_frames(sub, lambda f: bool(f.get("caught_up")))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.gateway.close_all)
+            frames = await peer.sub_frames(sub, lambda f: bool(f.get("ended")))
+            assert frames[-1]["reason"] == "shutdown"
+            assert frames[-1]["last_seq"] == daemon.gateway.log.head_seq
+            with pytest.raises(ConnectionClosed) as closed:
+                await peer.recv()
+            assert closed.value.reason.code == 1001
+
+
+def test_errors_are_translated_once_by_name() -> None:
+    from sandboxd.actors import errors
+    from sandboxd.events.errors import Gone, LogUnavailable
+
+    for exc, code in (
+        (errors.BadRequest("b"), "bad_request"),
+        (errors.NotFound("n"), "not_found"),
+        (errors.Conflict("c"), "conflict"),
+        (errors.LimitExceeded("l"), "limit_exceeded"),
+        (errors.Unavailable("u"), "unavailable"),
+        (LogUnavailable("the disk is full"), "unavailable"),
+    ):
+        translated = server.translate(exc)
+        assert translated is not None and translated.code == code
+        assert translated.message == str(exc)
+    gone = server.translate(Gone(42))
+    assert gone is not None and gone.code == "gone" and gone.extra == {"oldest_seq": 42}
+    sandbox = object()
+    failed = server.translate(errors.StartFailed("it exited", sandbox))  # type: ignore[arg-type]
+    assert failed is not None and failed.code == "start_failed"
+    assert failed.extra == {"sandbox": sandbox}
+    # Anything else is a bug: the caller logs it and answers `internal`.
+    assert server.translate(RuntimeError("bug")) is None
+    assert server.translate(errors.SandboxError("no such code")) is None
+
+
+async def test_an_op_runs_to_its_end_when_its_client_leaves(daemon: Daemon) -> None:
+    sandbox_ids = [new_id() for _ in range(5)]
+    async with trio_peer(daemon.url, ALICE) as peer:
+        for sandbox_id in sandbox_ids:
+            await peer.send({"id": sandbox_id, "op": "sandbox.start", "spec_id": "sleep",
+                             "sandbox_id": sandbox_id})  # fmt: skip
+    # Gone before any reply: every start still completes, and is whole.
+    registry = daemon.gateway.registry
+    await wait_for(
+        lambda: all(
+            (info := registry.get(registry_admin, i)) is not None and info.status == "RUNNING"
+            for i in sandbox_ids
+        ),
+        what="every start to finish",
+    )
+    async with trio_peer(daemon.url, ALICE) as peer:
+        for sandbox_id in sandbox_ids:
+            assert await peer.call("sandbox.delete", sandbox_id=sandbox_id) is True
+
+
+async def test_a_peer_that_ignores_the_close_frame_is_dropped(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # trio-websocket refuses a frame over the limit with 1009 and then waits on
+    # the peer; the gateway closes the stream itself, CLOSE_TIMEOUT later.
+    monkeypatch.setattr(server, "CLOSE_TIMEOUT", 0.2)
+    stream = await raw_websocket(daemon.gateway.port, ALICE)
+    await stream.send_all(masked_frame(0x1, b'"' + b"x" * (1 << 20) + b'"'))
+    got = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):  # never answering the close
+            got += chunk
+    assert got[:1] == b"\x88" and int.from_bytes(got[2:4], "big") == 1009
+    await wait_for(lambda: not daemon.gateway._connections, what="the connection forgotten")
+    await stream.aclose()
