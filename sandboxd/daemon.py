@@ -1,0 +1,118 @@
+"""The daemon's wiring: which parts start in which nursery, in which order.
+
+    state dir lock -> store (log writer, projection) -> actors + recovery
+      -> daemon.started -> gateway ... SIGTERM/SIGINT -> graceful stop
+
+The gateway opens only after recovery, so no client ever sees half-rebuilt
+state; on shutdown it stops first, so no op arrives while actors stop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+from sandboxd import __version__
+from sandboxd.actors.keys import SessionKeys
+from sandboxd.actors.recovery import recover
+from sandboxd.actors.registry import Registry
+from sandboxd.config import Config
+from sandboxd.events import types as ev
+from sandboxd.events.store import Store, StoreConfig, open_store
+from sandboxd.gateway.auth import Authenticator, ensure_admin_token
+from sandboxd.gateway.server import Gateway
+
+log = logging.getLogger("sandboxd")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[None]:
+    """One daemon per state dir: two writers would interleave one log."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaemonError(
+                f"another sandboxd is running on {state_dir}; stop it or pick another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+async def run_daemon(
+    config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
+    with (
+        state_dir_lock(config.state_dir),
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+    ):
+        keys = SessionKeys(config.state_dir)
+        if config.users:
+            authenticator = Authenticator(config.users)
+        else:
+            authenticator = Authenticator.embedded_admin(ensure_admin_token(config.state_dir))
+        store_config = StoreConfig(
+            segment_bytes=config.segment_bytes,
+            snapshot_every=config.snapshot_every,
+            retention=config.retention,
+        )
+        async with (
+            open_store(config.state_dir, store_config) as store,
+            trio.open_nursery() as actors,
+        ):
+            registry = Registry(config, store.state, store.append, keys, actors)
+            recovered = await recover(registry)
+            await store.append(
+                ev.PendingEvent(None, None, ev.DaemonStarted(__version__, os.getpid(), recovered))
+            )
+            async with trio.open_nursery() as front:
+                gateway = Gateway(config, registry, store.log, authenticator)
+                await front.start(gateway.serve)
+                log.info(
+                    "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",
+                    __version__,
+                    config.host,
+                    gateway.port,
+                    config.state_dir,
+                    recovered,
+                )
+                task_status.started(gateway)
+                async for signum in signals:
+                    reason = f"received {signal.Signals(signum).name}"
+                    break
+                await _shut_down(config, registry, gateway, store, reason)
+                front.cancel_scope.cancel()
+            actors.cancel_scope.cancel()
+    log.info("sandboxd stopped")
+
+
+async def _shut_down(
+    config: Config, registry: Registry, gateway: Gateway, store: Store, reason: str
+) -> None:
+    registry.close()
+    with trio.move_on_after(config.shutdown_grace):
+        await gateway.drain()  # stop accepting; let in-flight ops finish
+    try:
+        await store.append(ev.PendingEvent(None, None, ev.DaemonStopping(reason)))
+    except Exception:
+        log.exception("could not record daemon.stopping")
+    await gateway.close_all()
+    if config.on_shutdown == "stop":
+        await registry.delete_all()
