@@ -176,14 +176,27 @@ class SandboxActor:
 
     async def _serve(self) -> None:
         async with self._receive:
-            async for message in self._receive:
-                if isinstance(message, _Command):
-                    await self._handle_command(message)
-                else:
-                    await self._handle_notice(message)
-                if self.deleted:
-                    break
+            try:
+                async for message in self._receive:
+                    if isinstance(message, _Command):
+                        await self._handle_command(message)
+                    else:
+                        await self._handle_notice(message)
+                    if self.deleted:
+                        break
+            finally:
+                self._refuse_queued()
         self.settled.set()
+
+    def _refuse_queued(self) -> None:
+        """Answer the commands queued behind the end (a delete): their sandbox is gone."""
+        while True:
+            try:
+                message = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            if isinstance(message, _Command):
+                message.reply.fail(NotFound(f"sandbox {self.sandbox_id} does not exist"))
 
     async def _post(self, notice: _Notice) -> None:
         # Once the actor has finished there is nothing left to tell.
