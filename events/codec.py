@@ -77,7 +77,20 @@ def event_to_dict(event: Event, *, with_version: bool = True) -> dict[str, Any]:
 
 
 def encode(event: Event) -> bytes:
-    return orjson.dumps(event_to_dict(event))
+    # The writer's hot path: the same record as event_to_dict, built in one step
+    # with the payload's unstructure hook looked up once per class, not per call.
+    data = event.data
+    return orjson.dumps(
+        {
+            "seq": event.seq,
+            "ts": event.ts,
+            "type": data.TYPE,
+            "sandbox_id": event.sandbox_id,
+            "by": event.by,
+            "data": _unstructure[data.__class__](data),
+            "v": SCHEMA_VERSION,
+        }
+    )
 
 
 class _Invalid(ValueError):
@@ -151,6 +164,10 @@ def _record_checker(cls: type[Any]) -> Callable[[Any], Any]:
 
     return check_record
 
+
+_unstructure: dict[type[Any], Callable[[Any], Any]] = {
+    cls: converter.get_unstructure_hook(cls) for cls in PAYLOAD_TYPES
+}
 
 # Strict structure hooks, built once from the attrs fields: the replay hot path,
 # and stricter than cattrs' default, which would coerce "1" into 1.

@@ -97,7 +97,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
         raise ProjectionError(
             f"seq {event.seq}: {event.type} for sandbox {event.sandbox_id}, which does not exist"
         )
-    changed = {"updated_at": event.ts, "version": event.seq}
+    changed: dict[str, Any] = {"updated_at": event.ts, "version": event.seq}
     match data:
         case ev.ProcessStarted(pid=pid, pgid=pgid, create_time=create_time, command=command):
             return attrs.evolve(

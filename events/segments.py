@@ -1,0 +1,360 @@
+"""Segment files on disk: naming, creating, recovering and reading them.
+
+Everything here is blocking file I/O: the log runs it in worker threads, the
+offline audit calls it directly. It knows frames (``framing``) and events
+(``codec``), nothing of trio.
+
+A segment is named for the seq of its first record, zero-padded so that names
+sort like seqs (``00000000000000000001.log``): finding the segment of a seq is
+a bisect over the names, and within a segment a sparse index (the offset of
+every ``INDEX_EVERY``-th seq) bounds how much is read to reach it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import attrs
+
+from sandboxd.events import framing
+from sandboxd.events.codec import DecodeError, decode
+from sandboxd.events.errors import CorruptLog
+from sandboxd.events.types import Event
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".log"
+#: One index entry per this many seqs: reading from a seq walks at most this many frames.
+INDEX_EVERY = 64
+
+
+class Record(NamedTuple):
+    """An event as the log holds it: decoded, and the exact bytes it is stored as."""
+
+    event: Event
+    raw: bytes
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """The segment files of ``directory`` as (first seq, path), in seq order."""
+    found = []
+    for path in directory.iterdir():
+        stem = path.name.removesuffix(SUFFIX)
+        if path.name.endswith(SUFFIX) and len(stem) == 20 and stem.isdigit():
+            found.append((int(stem), path))
+    found.sort()
+    return found
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.define
+class Segment:
+    """What the log knows of one segment file."""
+
+    first_seq: int
+    path: Path
+    #: Bytes up to here are whole, valid frames, durable on disk. Readers never
+    #: look past it, so they never see a batch that is still being synced.
+    end: int
+    #: The seq after the last record, once known (always, for the active segment).
+    next_seq: int | None
+    index_seqs: list[int] = attrs.Factory(list)
+    index_offsets: list[int] = attrs.Factory(list)
+
+    @property
+    def indexed(self) -> bool:
+        return self.next_seq is not None
+
+    def add_index(self, entries: list[tuple[int, int]]) -> None:
+        """Add (seq, offset) entries past the last one (as the writer appends)."""
+        for seq, offset in entries:
+            self.index_seqs.append(seq)
+            self.index_offsets.append(offset)
+
+    def add_known(self, seq: int, offset: int) -> None:
+        """Add one entry anywhere, from a position learned elsewhere (a snapshot's)."""
+        i = bisect.bisect_left(self.index_seqs, seq)
+        if i == len(self.index_seqs) or self.index_seqs[i] != seq:
+            self.index_seqs.insert(i, seq)
+            self.index_offsets.insert(i, offset)
+
+    def locate(self, seq: int) -> tuple[int, int]:
+        """(offset, seq there) of a frame at or before ``seq``, to read forward from."""
+        i = bisect.bisect_right(self.index_seqs, seq) - 1
+        if i < 0:
+            return framing.HEADER_SIZE, self.first_seq
+        return self.index_offsets[i], self.index_seqs[i]
+
+
+def create_segment(directory: Path, first_seq: int) -> int:
+    """Create a segment file, durable with its directory entry; return a write fd."""
+    path = directory / segment_name(first_seq)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        write_all(fd, 0, framing.segment_header(first_seq))
+        os.fsync(fd)
+        fsync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    return fd
+
+
+def open_for_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+
+
+def write_all(fd: int, offset: int, data: bytes) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        written = os.pwrite(fd, view[done:], offset + done)
+        if written == 0:
+            raise OSError(f"no progress writing at offset {offset + done}")
+        done += written
+
+
+def append_durably(fd: int, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` and fdatasync: one group commit."""
+    write_all(fd, offset, data)
+    os.fdatasync(fd)
+
+
+def cut_back(fd: int, size: int) -> None:
+    """Make the file exactly ``size`` bytes again, durably, after a failed append.
+
+    After a failed fdatasync the kernel may have dropped the dirty pages or
+    marked them clean without writing them: what the page cache holds past
+    ``size`` is unknown. Truncating discards exactly those pages (everything
+    before ``size`` was synced by an earlier, successful batch), and the fsync
+    makes the new size durable, so the failed batch cannot come back after a
+    restart.
+    """
+    os.ftruncate(fd, size)
+    os.fsync(fd)
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise OSError(f"the segment is {actual} bytes after truncating it to {size}")
+
+
+@attrs.define
+class Recovered:
+    segment: Segment
+    dropped: int  # bytes cut off a torn tail
+    reason: str  # why the tail was judged torn
+    last: int  # offset of the last whole record, -1 if none
+
+
+def inspect_segment(
+    path: Path, first_seq: int, is_last: bool, *, check_crc: bool = True
+) -> Recovered:
+    """Check every frame of a segment and index it, changing nothing on disk.
+
+    Without ``check_crc`` only the frames' lengths and seqs are checked: the
+    log indexes a closed segment so on its first read, since every record it
+    reads is checked against its crc then anyway.
+
+    A torn tail (a partial record, garbage or zeroes after the last whole one,
+    with no valid later record after them) is what a crash during a write
+    leaves, and only the last segment can have one: a segment is closed only
+    after all its data was synced. Anything else is damage, and raises
+    ``CorruptLog`` naming the first bad record rather than skipping it. A torn
+    tail is reported in ``dropped``: the bytes recovery would cut.
+    """
+    buf = path.read_bytes()
+    try:
+        header_seq = framing.parse_segment_header(buf)
+    except framing.FramingError as exc:
+        raise CorruptLog(path, 0, None, str(exc)) from None
+    if header_seq != first_seq:
+        raise CorruptLog(path, 0, None, f"the header says first seq {header_seq}")
+    found = framing.scan(
+        buf, framing.HEADER_SIZE, first_seq, index_every=INDEX_EVERY, check_crc=check_crc
+    )
+    segment = Segment(first_seq, path, found.end, found.next_seq)
+    segment.add_index(found.index)
+    if found.stop is framing.Stop.END:
+        return Recovered(segment, 0, "", found.last)
+    later = framing.find_frame(buf, found.end, found.next_seq - 1)
+    if later is not None or not is_last:
+        why = found.reason
+        if later is not None:
+            why += f"; a valid record follows at offset {later}"
+        else:
+            why += " in a closed segment"
+        raise CorruptLog(path, found.end, found.next_seq, why)
+    return Recovered(segment, len(buf) - found.end, found.reason, found.last)
+
+
+def recover_segment(path: Path, first_seq: int) -> Recovered:
+    """Inspect the last segment and cut its torn tail, if it has one, durably."""
+    recovered = inspect_segment(path, first_seq, is_last=True)
+    if recovered.dropped:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            cut_back(fd, recovered.segment.end)
+        finally:
+            os.close(fd)
+    return recovered
+
+
+def is_torn_creation(path: Path) -> bool:
+    """A file too short to hold a segment header: a crash while it was created."""
+    return path.stat().st_size < framing.HEADER_SIZE
+
+
+def remove_segment(path: Path) -> None:
+    path.unlink()
+    fsync_dir(path.parent)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as exc:
+        logger.warning("could not remove the unfinished segment %s: %s", path, exc)
+
+
+@attrs.define
+class Span:
+    records: list[Record]
+    offset: int  # where the next read goes on
+    next_seq: int  # the seq expected there
+
+
+def read_span(
+    path: Path,
+    offset: int,
+    next_seq: int,
+    end: int,
+    max_bytes: int,
+    after_seq: int = 0,
+    until_seq: int | None = None,
+) -> Span:
+    """Read, check and decode whole records from ``offset``, about ``max_bytes`` of them.
+
+    ``offset`` must be the start of the frame holding ``next_seq``; nothing at
+    or past ``end``, and no record past ``until_seq``, is read. Records up to
+    ``after_seq`` are walked over without being decoded, and reading goes on
+    until at least one record is returned or ``end`` (or ``until_seq``) is
+    reached. Everything before ``end`` is durable and whole, so any frame
+    there that does not check out is damage: ``CorruptLog``.
+    """
+    with open(path, "rb", buffering=0) as file:
+        while True:
+            frames, found = _read_frames(
+                file.fileno(), path, offset, next_seq, end, max_bytes, until_seq
+            )
+            records = _decode_frames(path, offset, frames, after_seq)
+            offset += found.end
+            next_seq = found.next_seq
+            if records or offset >= end or found.stop is framing.Stop.LIMIT:
+                return Span(records, offset, next_seq)
+
+
+def _read_frames(
+    fd: int,
+    path: Path,
+    offset: int,
+    next_seq: int,
+    end: int,
+    max_bytes: int,
+    until_seq: int | None = None,
+) -> tuple[list[framing.Frame], framing.Scan]:
+    want = min(max_bytes, end - offset)
+    buf = os.pread(fd, want, offset)
+    found = framing.scan(buf, 0, next_seq, collect=True, last_seq=until_seq)
+    if found.stop is framing.Stop.PARTIAL and not found.frames and offset + found.need <= end:
+        # One record larger than the read window: read exactly that record.
+        want = found.need
+        buf = os.pread(fd, want, offset)
+        found = framing.scan(buf, 0, next_seq, collect=True, last_seq=until_seq)
+    if len(buf) < want:
+        reason = f"the file ends {want - len(buf)} bytes before the log's end"
+        raise CorruptLog(path, offset + len(buf), found.next_seq, reason)
+    # The records before a bad one are handed out first; the next read starts
+    # at the bad one and raises then.
+    if not found.frames and want and found.stop is not framing.Stop.LIMIT:
+        raise CorruptLog(path, offset + found.end, found.next_seq, found.reason)
+    return found.frames, found
+
+
+def _decode_frames(
+    path: Path, offset: int, frames: list[framing.Frame], after_seq: int
+) -> list[Record]:
+    return [
+        decode_record(path, offset + at, seq, payload)
+        for at, seq, payload in frames
+        if seq > after_seq
+    ]
+
+
+def decode_record(path: Path, offset: int, seq: int, payload: bytes) -> Record:
+    """Decode one framed payload; a failure names the file, offset and seq."""
+    try:
+        event = decode(payload)
+    except DecodeError as exc:
+        raise CorruptLog(path, offset, seq, str(exc)) from None
+    if event.seq != seq:
+        raise CorruptLog(path, offset, seq, f"the frame says seq {seq}, its record {event.seq}")
+    return Record(event, payload)
+
+
+def iter_records(
+    segment_list: list[Segment], after_seq: int = 0, *, chunk_bytes: int = 4 << 20
+) -> Iterator[Record]:
+    """Every record after ``after_seq``, segment after segment (blocking: replay, audit).
+
+    Checks that each segment ends right before the next one starts.
+    """
+    first_seqs = [s.first_seq for s in segment_list]
+    start = max(bisect.bisect_right(first_seqs, after_seq + 1) - 1, 0)
+    for i in range(start, len(segment_list)):
+        following = segment_list[i + 1] if i + 1 < len(segment_list) else None
+        for _offset, record in iter_segment(segment_list[i], after_seq, following, chunk_bytes):
+            yield record
+
+
+def iter_segment(
+    segment: Segment,
+    after_seq: int = 0,
+    following: Segment | None = None,
+    chunk_bytes: int = 4 << 20,
+) -> Iterator[tuple[int, Record]]:
+    """(offset, record) for each record of one segment after ``after_seq``, up to its end.
+
+    With ``following``, the segment must end right before that one starts.
+    """
+    offset, next_seq = segment.locate(after_seq + 1)
+    with open(segment.path, "rb", buffering=0) as file:
+        while offset < segment.end:
+            frames, found = _read_frames(
+                file.fileno(), segment.path, offset, next_seq, segment.end, chunk_bytes
+            )
+            for at, seq, payload in frames:
+                if seq > after_seq:
+                    yield offset + at, decode_record(segment.path, offset + at, seq, payload)
+            offset += found.end
+            next_seq = found.next_seq
+    if following is not None and next_seq != following.first_seq:
+        reason = (
+            f"the segment ends before seq {next_seq}, the next one starts at {following.first_seq}"
+        )
+        raise CorruptLog(segment.path, offset, next_seq, reason)
