@@ -30,6 +30,11 @@ from sandboxd.events.projection import SandboxRecord, State, Status
 log = logging.getLogger(__name__)
 
 MAILBOX_SIZE = 32
+#: A notice whose event the log could not take (disk full) is handled again after a
+#: backoff: RETRY_FIRST_DELAY, doubling up to RETRY_MAX_DELAY, RETRY_ATTEMPTS times at most.
+RETRY_FIRST_DELAY = 0.1
+RETRY_MAX_DELAY = 5.0
+RETRY_ATTEMPTS = 100
 OUTPUT_TAIL_FOR_ERRORS = 2048  # bytes of output quoted in a start_failed reason
 
 Append = Callable[[ev.PendingEvent], Awaitable[ev.Event]]
@@ -101,6 +106,7 @@ class _Notice:
 
     name: str  # "ready" | "ready_timeout" | "exited" | "unhealthy" | "healthy"
     detail: Any = None
+    attempt: int = 0  # how many times its event could not be recorded
 
 
 class SandboxActor:
@@ -114,8 +120,12 @@ class SandboxActor:
         self._readiness: trio.CancelScope | None = None
         self._liveness: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-        #: Set once the sandbox has left STARTING (running, failed, or deleted).
+        #: Set once the sandbox has left STARTING (running, failed, or deleted), or once
+        #: its start could not be recorded (``start_error``).
         self.settled = trio.Event()
+        #: Why the start's outcome could not be recorded (the log is unavailable); the
+        #: sandbox stays for delete, and the outcome is recorded once the log has room.
+        self.start_error: Unavailable | None = None
         self.deleted = False
 
     # -- what the registry calls --------------------------------------------------------
@@ -146,7 +156,12 @@ class SandboxActor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await self._spawn(plan)
+            try:
+                await self._spawn(plan)
+            except Unavailable as exc:
+                # The spawn was undone; the sandbox (its created event is durable) stays,
+                # so that it can be deleted.
+                self.start_error = exc
             await self._serve()
             nursery.cancel_scope.cancel()
 
@@ -328,15 +343,39 @@ class SandboxActor:
         try:
             await self._react(notice, record)
         except Unavailable:
-            log.warning("sandbox %s: could not record %s: log unavailable", record.id, notice.name)
+            if notice.attempt + 1 >= RETRY_ATTEMPTS:
+                log.error(
+                    "sandbox %s: gave up recording %s: log unavailable", record.id, notice.name
+                )
+                return
+            delay = min(RETRY_FIRST_DELAY * 2**notice.attempt, RETRY_MAX_DELAY)
+            log.warning(
+                "sandbox %s: could not record %s: log unavailable; trying again in %g s",
+                record.id,
+                notice.name,
+                delay,
+            )
+            assert self._nursery is not None
+            self._nursery.start_soon(
+                self._post_later, attrs.evolve(notice, attempt=notice.attempt + 1), delay
+            )
         except Exception:
             log.exception("sandbox %s: handling %s failed", record.id, notice.name)
+
+    async def _post_later(self, notice: _Notice, delay: float) -> None:
+        await trio.sleep(delay)
+        await self._post(notice)
 
     async def _react(self, notice: _Notice, record: SandboxRecord) -> None:
         starting = record.status is Status.STARTING
         if notice.name == "ready" and starting:
             url = f"http://127.0.0.1:{record.port}"
-            await self._record(ev.SandboxRunning([ev.ExposedUrl("AGENT_SERVER", url)]))
+            try:
+                await self._record(ev.SandboxRunning([ev.ExposedUrl("AGENT_SERVER", url)]))
+            except Unavailable as exc:
+                self.start_error = exc  # the waiting start is answered `unavailable`
+                self.settled.set()
+                raise
             self.settled.set()
             self._start_liveness()
         elif notice.name == "ready_timeout" and starting:
@@ -351,7 +390,6 @@ class SandboxActor:
             )
         elif notice.name == "exited" and self._handle is not None:
             status: process.ExitStatus = notice.detail
-            self._handle = None
             self._cancel_watchers()
             if starting:
                 tail, _ = await trio.to_thread.run_sync(
@@ -360,18 +398,22 @@ class SandboxActor:
                 await self._fail_start(_exit_reason(status, tail), status.exit_code)
             else:
                 await self._record(ev.SandboxExited(status.exit_code, status.signal))
+            self._handle = None  # only now: if the log refused the event, a retry sees it
         elif notice.name == "unhealthy" and record.status is Status.RUNNING:
             await self._record(ev.SandboxUnhealthy(notice.detail))
         elif notice.name == "healthy" and record.status is Status.ERROR and record.pid is not None:
             await self._record(ev.SandboxHealthy())
 
     async def _fail_start(self, reason: str, exit_code: int | None) -> None:
-        self._handle = None
         self._cancel_watchers()
         try:
             await self._record(ev.StartFailed(reason, exit_code))
+        except Unavailable as exc:
+            self.start_error = exc
+            raise
         finally:
             self.settled.set()
+        self._handle = None
 
     def _cancel_watchers(self) -> None:
         for scope in (self._readiness, self._liveness):
@@ -381,32 +423,40 @@ class SandboxActor:
     # -- commands -----------------------------------------------------------------------
 
     async def _pause(self, by: str | None) -> SandboxRecord:
-        record = self.record
-        if record.status is Status.PAUSED:
-            return record
-        if record.status is not Status.RUNNING or self._handle is None:
-            raise Conflict(f"sandbox {record.id} is {record.status}; only a RUNNING one pauses")
-        await process.pause_tree(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
-        try:
-            await self._record(ev.SandboxPaused(), by)
-        except Unavailable:
-            await process.resume_tree(
-                self._handle, self.sandbox_id, daemon_marker=self._ctx.marker
-            )  # as if never asked
-            raise
-        return self.record
+        return await self._move(
+            by, Status.RUNNING, Status.PAUSED, process.pause_tree, process.resume_tree
+        )
 
     async def _resume(self, by: str | None) -> SandboxRecord:
+        return await self._move(
+            by, Status.PAUSED, Status.RUNNING, process.resume_tree, process.pause_tree
+        )
+
+    async def _move(
+        self,
+        by: str | None,
+        source: Status,
+        target: Status,
+        act: Callable[..., Awaitable[None]],
+        undo: Callable[..., Awaitable[None]],
+    ) -> SandboxRecord:
+        """Take the whole tree from ``source`` to ``target``: act, then record.
+
+        Already at ``target`` is a no-op, as protocol.md says. If the log cannot
+        record the change, the tree is put back, as if the op was never asked.
+        """
         record = self.record
-        if record.status is Status.RUNNING:
+        if record.status is target:
             return record
-        if record.status is not Status.PAUSED or self._handle is None:
-            raise Conflict(f"sandbox {record.id} is {record.status}; only a PAUSED one resumes")
-        await process.resume_tree(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+        if record.status is not source or self._handle is None:
+            raise Conflict(
+                f"sandbox {record.id} is {record.status}; only a {source} one becomes {target}"
+            )
+        await act(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
         try:
-            await self._record(ev.SandboxResumed(), by)
+            await self._record(_EVENT_FOR[target], by)
         except Unavailable:
-            await process.pause_tree(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+            await undo(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
             raise
         return self.record
 
@@ -427,6 +477,13 @@ class SandboxActor:
         self.deleted = True
         self._ctx.release(self.sandbox_id, record.port)
         return True
+
+
+#: What records a move of the whole tree into a status (see ``SandboxActor._move``).
+_EVENT_FOR: dict[Status, ev.Payload] = {
+    Status.PAUSED: ev.SandboxPaused(),
+    Status.RUNNING: ev.SandboxResumed(),
+}
 
 
 def _exit_reason(status: process.ExitStatus, output_tail: str) -> str:

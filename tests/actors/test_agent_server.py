@@ -6,25 +6,12 @@ import http.client
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from sandboxd.actors import health, process
 from tests.actors.children.support import Sandboxes, free_port
-
-
-@pytest.fixture
-async def sandboxes(tmp_path: Path) -> AsyncIterator[Sandboxes]:
-    sandboxes = Sandboxes(tmp_path)
-    try:
-        yield sandboxes
-    finally:
-        await sandboxes.cleanup()
-
 
 Request = tuple[str, str, dict[str, str], bytes | None]  # method, path, headers, body
 

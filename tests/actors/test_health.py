@@ -4,9 +4,8 @@ servers that answer wrongly or not at all."""
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
-from pathlib import Path
 
 import pytest
 import trio
@@ -16,15 +15,6 @@ from sandboxd.actors import health
 from tests.actors.children.support import Sandboxes
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
-
-
-@pytest.fixture
-async def sandboxes(tmp_path: Path) -> AsyncIterator[Sandboxes]:
-    sandboxes = Sandboxes(tmp_path)
-    try:
-        yield sandboxes
-    finally:
-        await sandboxes.cleanup()
 
 
 @pytest.fixture

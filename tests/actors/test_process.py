@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -22,15 +21,6 @@ from tests.actors.children.support import (
     proc_state,
     read_pids,
 )
-
-
-@pytest.fixture
-async def sandboxes(tmp_path: Path) -> AsyncIterator[Sandboxes]:
-    sandboxes = Sandboxes(tmp_path)
-    try:
-        yield sandboxes
-    finally:
-        await sandboxes.cleanup()
 
 
 async def start_tree(

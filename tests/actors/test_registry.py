@@ -225,8 +225,14 @@ async def test_a_chatty_child_reaches_running_with_its_output_capped(tmp_path: P
         info = await registry.start_sandbox(ADMIN)
         assert info.status is Status.RUNNING
         output = registry.config.state_dir / "output" / f"{info.id}.log"
-        on_disk = output.stat().st_size + Path(process.rotated_path(str(output))).stat().st_size
-        assert on_disk <= 4 * cap
+        rotated = Path(process.rotated_path(str(output)))
+
+        def on_disk() -> int:
+            return output.stat().st_size + rotated.stat().st_size
+
+        # The cap is enforced by a check that backs off while output is quiet: what
+        # the disk holds comes down to the file plus its one rotation, not 100 MB.
+        await eventually(lambda: on_disk() <= 2 * cap, within=15)
         data, truncated = registry.logs(ADMIN, info.id, 1000)
         assert truncated and "written" in data
 
