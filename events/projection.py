@@ -16,6 +16,7 @@ sees it change under it.
 from __future__ import annotations
 
 import enum
+import operator
 from typing import Any
 
 import attrs
@@ -68,6 +69,19 @@ class State:
     head_seq: int = 0
 
 
+_FIELDS = tuple(f.name for f in attrs.fields(SandboxRecord))
+_ALL_FIELDS = operator.attrgetter(*_FIELDS)
+_POSITION = {name: i for i, name in enumerate(_FIELDS)}
+
+
+def _evolve(record: SandboxRecord, **changes: Any) -> SandboxRecord:
+    """``attrs.evolve``, specialised: the fold's hot path, about twice as fast on replay."""
+    values = list(_ALL_FIELDS(record))
+    for name, value in changes.items():
+        values[_POSITION[name]] = value
+    return SandboxRecord(*values)
+
+
 def _exit_reason(data: ev.SandboxExited) -> str:
     if data.signal is not None:
         return f"the process was killed by signal {data.signal}"
@@ -100,7 +114,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
     changed: dict[str, Any] = {"updated_at": event.ts, "version": event.seq}
     match data:
         case ev.ProcessStarted(pid=pid, pgid=pgid, create_time=create_time, command=command):
-            return attrs.evolve(
+            return _evolve(
                 record,
                 pid=pid,
                 pgid=pgid,
@@ -109,21 +123,21 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
                 **changed,
             )
         case ev.SandboxRunning(exposed_urls=urls):
-            return attrs.evolve(
+            return _evolve(
                 record, status=Status.RUNNING, exposed_urls=tuple(urls), error=None, **changed
             )
         case ev.StartFailed(reason=reason):
-            return attrs.evolve(
+            return _evolve(
                 record, status=Status.ERROR, error=reason, pid=None, pgid=None, **changed
             )
         case ev.SandboxPaused():
-            return attrs.evolve(record, status=Status.PAUSED, **changed)
+            return _evolve(record, status=Status.PAUSED, **changed)
         case ev.SandboxResumed() | ev.SandboxHealthy():
-            return attrs.evolve(record, status=Status.RUNNING, error=None, **changed)
+            return _evolve(record, status=Status.RUNNING, error=None, **changed)
         case ev.SandboxUnhealthy(reason=reason):
-            return attrs.evolve(record, status=Status.ERROR, error=reason, **changed)
+            return _evolve(record, status=Status.ERROR, error=reason, **changed)
         case ev.SandboxExited():
-            return attrs.evolve(
+            return _evolve(
                 record,
                 status=Status.ERROR,
                 error=_exit_reason(data),
@@ -135,7 +149,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             # Adoption changes nothing a client sees; it only says the daemon watches again.
             return record
         case ev.SandboxMissing(reason=reason):
-            return attrs.evolve(
+            return _evolve(
                 record, status=Status.MISSING, error=reason, pid=None, pgid=None, **changed
             )
         case ev.SandboxDeleted():
