@@ -176,7 +176,6 @@ class SandboxActor:
                 assert record.create_time is not None
                 self._handle = process.ProcessHandle(record.pid, record.pgid, record.create_time)
                 nursery.start_soon(self._watch_adopted_exit, self._handle)
-                nursery.start_soon(self._cap_output)
                 if record.status is Status.STARTING:
                     self._start_readiness()
                 else:
@@ -261,7 +260,6 @@ class SandboxActor:
         self._handle = spawned.handle
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, spawned)
-        self._nursery.start_soon(self._cap_output)
         try:
             await self._record(
                 ev.ProcessStarted(
@@ -330,9 +328,6 @@ class SandboxActor:
     async def _watch_adopted_exit(self, handle: process.ProcessHandle) -> None:
         status = await process.wait_for_exit_pidfd(handle)
         await self._post(_Notice("exited", status or process.ExitStatus(None, None)))
-
-    async def _cap_output(self) -> None:
-        await process.keep_output_capped(str(self.output_path), self._ctx.output_cap_bytes)
 
     # -- notices ------------------------------------------------------------------------
 

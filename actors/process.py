@@ -174,7 +174,7 @@ def cap_output(output_path: str, cap_bytes: int) -> bool:
 
     On disk a sandbox's output then stays under about twice the cap, plus what
     the child writes between two calls. Nothing calls this on its own: the
-    actor runs :func:`keep_output_capped` (or calls this periodically).
+    registry's sweep calls it (through :func:`cap_outputs`) once a second.
     Synchronous file I/O of at most ``cap_bytes``; run it in a thread for large
     caps.
     """
@@ -218,41 +218,21 @@ def _copy_range(src: int, dst: int, pos: int, end: int) -> int:
     return pos
 
 
-async def keep_output_capped(
-    output_path: str,
-    cap_bytes: int,
-    *,
-    min_interval: float = 0.05,
-    max_interval: float = 2.0,
-) -> None:
-    """Keep ``output_path`` capped for as long as this runs (run it in a nursery).
+def cap_outputs(output_paths: Iterable[str], cap_bytes: int) -> int:
+    """Rotate every one of ``output_paths`` that has grown past ``cap_bytes``.
 
-    The check is one stat(). Its interval adapts: a quiet sandbox is looked at
-    every ``max_interval`` seconds, a chatty one often enough to be checked
-    again before it could reach the cap, down to ``min_interval``. With a
-    thousand sandboxes, most of them quiet, that keeps the daemon's wakeups low.
+    Blocking (a stat per file, a copy per rotation): the registry calls it
+    from a worker thread once per sweep, for every sandbox at once. Returns
+    how many files were rotated.
     """
-    interval = min_interval
-    last_size = 0
-    while True:
+    rotated = 0
+    for path in output_paths:
         try:
-            size = os.stat(output_path).st_size
+            if os.stat(path).st_size > cap_bytes:
+                rotated += cap_output(path, cap_bytes)
         except FileNotFoundError:
-            size = 0
-        if size > cap_bytes:
-            # Copying up to cap_bytes is real I/O: keep it off the event loop.
-            await trio.to_thread.run_sync(cap_output, output_path, cap_bytes)
-            size = 0
-            interval = min_interval
-        elif size > last_size:
-            rate = (size - last_size) / interval
-            # Look again when it could be half-way to the cap at this rate.
-            interval = (cap_bytes - size) / rate / 2
-        else:
-            interval *= 2
-        interval = min(max(interval, min_interval), max_interval)
-        last_size = size
-        await trio.sleep(interval)
+            continue
+    return rotated
 
 
 def read_output_tail(output_path: str, tail_bytes: int) -> tuple[str, bool]:
