@@ -1,18 +1,43 @@
 """Start-up reconciliation: the projection the log rebuilt, checked against the OS.
 
-A process with the recorded pid *and* start time is adopted; anything else is
-MISSING. Processes that carry this daemon's marker but belong to no live
-sandbox (a start that crashed before its process was recorded, a delete that
-crashed half-way) are ended, and working directories without a sandbox are
-removed, so after recovery the machine holds exactly what the log says.
+By the time this runs the store has loaded the newest trustworthy snapshot and
+replayed the log's tail, so ``registry.state`` is what the log says. Here that
+is checked against the machine, so that afterwards the machine holds exactly
+what the log says and every sandbox is in one state of the status machine:
+
+- A sandbox whose recorded process (pid *and* start time) still exists is
+  adopted (``sandbox.adopted``): its actor watches it again through a pidfd,
+  its health checks resume, a PAUSED one stays paused.
+- One that had, or was promised, a process that is gone is MISSING
+  (``sandbox.missing``): its process died while no daemon watched, or a start
+  was cut short before its process was recorded.
+- The pause state is the log's: a pause or resume cut short by a crash (the
+  signal sent, its event not yet durable) was never acknowledged, so it is
+  undone, tree-wide. The same rule covers a person's ``kill -STOP`` or
+  ``kill -CONT`` behind the daemon's back: a sandbox the log calls RUNNING
+  runs after a restart, one it calls PAUSED is stopped (docs/operations.md).
+- A process carrying this daemon's marker that no adopted sandbox owns (a
+  start or delete cut short, a sandbox a truncated log no longer knows, the
+  leftovers of one that is MISSING) is ended with SIGKILL.
+- A working directory or output file that no sandbox of the log owns is removed.
+
+All the OS checks are one scan of /proc and one stat read per sandbox, made
+in a worker thread; the events are appended in batches (one fdatasync per
+batch, not per sandbox), and the actors are started after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
+import attrs
+import psutil
 import trio
 
 from sandboxd.actors import process
@@ -23,7 +48,44 @@ from sandboxd.events.projection import SandboxRecord, Status
 log = logging.getLogger(__name__)
 
 #: Statuses that promise a process: without one after a restart, the sandbox is MISSING.
-_HAD_A_PROCESS = (Status.STARTING, Status.RUNNING, Status.PAUSED)
+PROMISE_A_PROCESS = frozenset({Status.STARTING, Status.RUNNING, Status.PAUSED})
+#: How many events one append carries (one write and one fdatasync each).
+BATCH = 1024
+
+_STOPPED = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP})
+_GONE = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What start-up found and did; ``rebuilt`` is daemon.started's ``recovered``."""
+
+    rebuilt: int  # sandboxes the log holds (not deleted), each with an actor again
+    adopted: int  # found alive, watched again
+    missing: int  # newly marked MISSING
+    resumed: int  # RUNNING in the log, stopped in the OS: SIGCONT
+    paused: int  # PAUSED in the log, running in the OS: SIGSTOP
+    strays_ended: int  # marked processes that no live sandbox owned
+    leftovers_removed: int  # working dirs and output files that no sandbox owned
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"recovery: {self.rebuilt} sandboxes in the log, {self.adopted} adopted, "
+            f"{self.missing} newly missing, {self.resumed} resumed and {self.paused} paused "
+            f"again to match the log, {self.strays_ended} stray processes ended, "
+            f"{self.leftovers_removed} leftover files and dirs removed, in {self.seconds:.3f} s"
+        )
+
+
+@attrs.frozen
+class _Verdict:
+    """What the survey decided for one sandbox."""
+
+    record: SandboxRecord
+    handle: process.ProcessHandle | None  # set: adopt it
+    strays: list[psutil.Process]  # marked processes of this sandbox to end
+    fix: str | None = None  # "resume" | "pause": the OS disagrees with the log's pause state
 
 
 def _handle(record: SandboxRecord) -> process.ProcessHandle | None:
@@ -32,52 +94,173 @@ def _handle(record: SandboxRecord) -> process.ProcessHandle | None:
     return process.ProcessHandle(record.pid, record.pgid, record.create_time)
 
 
-async def recover(registry: Registry) -> int:
-    """Adopt or mark every sandbox of the projection; return how many were rebuilt."""
-    state, record_event = registry.state, registry.record_event
-    rebuilt = len(state.sandboxes)
-    marked = await trio.to_thread.run_sync(process.find_marked_processes, registry.marker)
-    for record in list(state.sandboxes.values()):
+def _statuses(procs: Iterable[psutil.Process]) -> list[str]:
+    found = []
+    for proc in procs:
+        try:
+            found.append(proc.status())
+        except psutil.Error:
+            continue  # gone since the scan
+    return found
+
+
+def _main_status(pid: int) -> list[str]:
+    # Only if the scan found none of its processes (it cleared its environment).
+    try:
+        return _statuses([psutil.Process(pid)])
+    except psutil.Error:
+        return []
+
+
+def _survey(
+    records: list[SandboxRecord], marker: str
+) -> tuple[list[_Verdict], dict[str, list[psutil.Process]]]:
+    """Decide every sandbox's fate from one scan of /proc (blocking: run it in a thread).
+
+    Returns the verdicts and the marked processes of sandboxes the log does not hold.
+    """
+    marked = process.find_marked_processes(marker)
+    verdicts = []
+    for record in records:
         handle = _handle(record)
-        strays = marked.pop(record.id, [])
-        if handle is not None and process.is_alive(handle):
-            await record_event(record.id, ev.SandboxAdopted(handle.pid))
-        else:
-            if handle is not None or record.status in (
-                Status.STARTING,
-                Status.RUNNING,
-                Status.PAUSED,
-            ):
-                reason = (
-                    "its process was gone when the daemon started again"
-                    if handle is not None
-                    else "the daemon stopped before the sandbox's process was recorded"
-                )
-                if strays:
-                    reason += f"; {len(strays)} leftover processes were ended"
-                await process.kill_processes(strays)
-                await record_event(record.id, ev.SandboxMissing(reason))
-            elif strays:
-                await process.kill_processes(strays)
-        await registry.adopt(state.sandboxes[record.id])
-    for sandbox_id, strays in marked.items():
-        # Marked by this daemon, unknown to its log: a start or delete cut short by a crash.
-        log.warning(
-            "ending %d processes of sandbox %s, which the log does not hold",
-            len(strays),
-            sandbox_id,
-        )
-        await process.kill_processes(strays)
-    await trio.to_thread.run_sync(
-        _remove_orphan_dirs, registry.config.sandboxes_dir, set(state.sandboxes)
-    )
-    return rebuilt
+        procs = marked.pop(record.id, [])
+        if handle is None or not process.is_alive(handle):
+            # Nothing of it may run on: its process is not the one recorded, or none is.
+            verdicts.append(_Verdict(record, None, procs))
+            continue
+        live = [s for s in _statuses(procs) or _main_status(handle.pid) if s not in _GONE]
+        fix = None
+        if record.status is Status.PAUSED and any(s not in _STOPPED for s in live):
+            fix = "pause"  # a resume cut short, or SIGCONT by hand
+        elif record.status is not Status.PAUSED and any(s in _STOPPED for s in live):
+            fix = "resume"  # a pause cut short, or SIGSTOP by hand
+        verdicts.append(_Verdict(record, handle, [], fix))
+    return verdicts, marked
 
 
-def _remove_orphan_dirs(base: Path, live: set[str]) -> None:
-    if not base.is_dir():
+def _missing_reason(record: SandboxRecord, strays: int) -> str:
+    if record.pid is not None:
+        reason = f"its process {record.pid} was gone when the daemon started again"
+    else:
+        reason = "the daemon stopped before the sandbox's process was recorded"
+    if strays:
+        reason += f"; {strays} leftover processes were ended"
+    return reason
+
+
+async def _end(strays: list[psutil.Process]) -> None:
+    if not strays:
         return
-    for entry in base.iterdir():
-        if entry.is_dir() and entry.name not in live:
-            log.warning("removing %s: no sandbox of the log owns it", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+    try:
+        await process.kill_processes(strays)
+    except process.TreeStateTimeout as exc:
+        # Uninterruptible sleep, typically: they go when the kernel lets them.
+        log.warning("stray sandbox processes survived SIGKILL: %s", exc)
+
+
+async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
+    assert verdict.handle is not None
+    record, marker = verdict.record, registry.marker
+    log.warning(
+        "sandbox %s is %s in the log but %s in the OS: %s its processes to match the log",
+        record.id,
+        record.status,
+        "running" if verdict.fix == "pause" else "stopped",
+        "stopping" if verdict.fix == "pause" else "continuing",
+    )
+    try:
+        if verdict.fix == "pause":
+            await process.pause_tree(verdict.handle, record.id, daemon_marker=marker)
+        else:
+            await process.resume_tree(verdict.handle, record.id, daemon_marker=marker)
+    except process.TreeStateTimeout as exc:
+        log.warning("sandbox %s: %s", record.id, exc)
+
+
+async def recover(registry: Registry) -> RecoveryReport:
+    """Adopt or mark every sandbox of the projection, end what no sandbox owns."""
+    started = time.monotonic()
+    state = registry.state
+    records = list(state.sandboxes.values())
+    verdicts, unknown = await trio.to_thread.run_sync(_survey, records, registry.marker)
+
+    # Act first, then record (the actors' rule): a crash in between makes the
+    # next start-up find the same and do the same.
+    strays = [p for v in verdicts for p in v.strays]
+    for sandbox_id, procs in unknown.items():
+        # Marked by this daemon, unknown to its log: a start or delete cut short,
+        # or a sandbox whose events a truncated log lost.
+        log.warning(
+            "ending %d processes of sandbox %s, which the log does not hold", len(procs), sandbox_id
+        )
+        strays.extend(procs)
+    await _end(strays)
+    fixes = [v for v in verdicts if v.fix is not None]
+    for verdict in fixes:
+        await _match_pause_state(registry, verdict)
+
+    events: list[tuple[str, ev.Payload]] = []
+    for verdict in verdicts:
+        record = verdict.record
+        if verdict.handle is not None:
+            events.append((record.id, ev.SandboxAdopted(verdict.handle.pid)))
+        elif record.pid is not None or record.status in PROMISE_A_PROCESS:
+            reason = _missing_reason(record, len(verdict.strays))
+            events.append((record.id, ev.SandboxMissing(reason)))
+        elif verdict.strays:
+            log.warning(
+                "sandbox %s (%s): ended %d leftover processes",
+                record.id,
+                record.status,
+                len(verdict.strays),
+            )
+    for i in range(0, len(events), BATCH):
+        await registry.record_events(events[i : i + BATCH])
+
+    for record in records:
+        registry.adopt(state.sandboxes[record.id])
+    await trio.lowlevel.checkpoint()
+
+    removed = await trio.to_thread.run_sync(
+        _remove_leftovers,
+        registry.config.sandboxes_dir,
+        registry.config.state_dir / "output",
+        set(state.sandboxes),
+    )
+    adopted = sum(1 for v in verdicts if v.handle is not None)
+    report = RecoveryReport(
+        rebuilt=len(records),
+        adopted=adopted,
+        missing=len(events) - adopted,
+        resumed=sum(1 for v in fixes if v.fix == "resume"),
+        paused=sum(1 for v in fixes if v.fix == "pause"),
+        strays_ended=len(strays),
+        leftovers_removed=removed,
+        seconds=time.monotonic() - started,
+    )
+    log.info("%s", report.describe())
+    return report
+
+
+def _remove_leftovers(sandboxes_dir: Path, output_dir: Path, live: set[str]) -> int:
+    """Remove working dirs and output files of sandboxes the log does not hold.
+
+    scandir's entry types come with the listing: no stat per entry, which
+    matters with a thousand sandboxes.
+    """
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(sandboxes_dir) as entries:
+        for entry in entries:
+            if entry.name not in live and entry.is_dir(follow_symlinks=False):
+                log.warning("removing %s: no sandbox of the log owns it", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    with contextlib.suppress(FileNotFoundError), os.scandir(output_dir) as entries:
+        for entry in entries:
+            # ID.log, its one rotation ID.log.1 (and a rotation's .tmp); ids have no dot.
+            owner = entry.name.split(".", 1)[0]
+            if owner not in live and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                removed += 1
+    return removed

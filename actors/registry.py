@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -38,11 +38,17 @@ from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
 from sandboxd.config import Config, SpecConfig
 from sandboxd.events import types as ev
+from sandboxd.events.log import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 100
+#: Seconds between checks of every sandbox's output size: one thread hop per sweep for
+#: all sandboxes, where a watcher per sandbox cost a wakeup each (4 % CPU idle at 1,000).
+OUTPUT_SWEEP_INTERVAL = 1.0
+
+AppendMany = Callable[[Sequence[ev.PendingEvent]], Awaitable[list[ev.Event]]]
 
 
 class Caller(Protocol):
@@ -67,10 +73,13 @@ class Registry:
         append: Append,
         keys: SessionKeys,
         nursery: trio.Nursery,
+        *,
+        append_many: AppendMany | None = None,
     ) -> None:
         self.config = config
         self.state = state
         self.keys = keys
+        self._append_many = append_many
         self.specs: dict[str, SpecConfig] = {spec.id: spec for spec in config.specs}
         self.default_spec = config.specs[0]
         self.ports = PortAllocator(*config.port_range)
@@ -92,6 +101,14 @@ class Registry:
             release=self._release,
             marker=self.marker,
         )
+        nursery.start_soon(self.cap_outputs_forever)
+
+    async def cap_outputs_forever(self) -> None:
+        """Keep every sandbox's output within ``output_cap_bytes`` (and its one rotation)."""
+        while True:
+            paths = [str(actor.output_path) for actor in self._actors.values()]
+            await trio.to_thread.run_sync(process.cap_outputs, paths, self.config.output_cap_bytes)
+            await trio.sleep(OUTPUT_SWEEP_INTERVAL)
 
     # -- starting -----------------------------------------------------------------------
 
@@ -151,6 +168,8 @@ class Registry:
             await self._nursery.start(self._run_actor, actor, plan)
         if wait:
             await actor.settled.wait()
+            if actor.start_error is not None:
+                raise actor.start_error
         info = self._info_or_none(sandbox_id)
         if info is None:  # deleted while starting
             raise NotFound(f"sandbox {sandbox_id} was deleted while it started")
@@ -203,14 +222,28 @@ class Registry:
         """Append an event the daemon itself causes (``by`` is null)."""
         return await self._context.record(sandbox_id, None, data)
 
-    async def adopt(self, record: SandboxRecord) -> None:
-        """Take back a sandbox the log knows of: watch its process again, or keep it for delete."""
+    async def record_events(self, items: Sequence[tuple[str, ev.Payload]]) -> list[ev.Event]:
+        """Append events the daemon itself causes, durable together: one write, one fdatasync."""
+        pendings = [ev.PendingEvent(sandbox_id, None, data) for sandbox_id, data in items]
+        try:
+            if self._append_many is None:  # one at a time, as every event used to be
+                return [await self._context.append(pending) for pending in pendings]
+            return await self._append_many(pendings)
+        except LogUnavailable as exc:
+            raise Unavailable(f"the event log cannot be written now: {exc}") from None
+
+    def adopt(self, record: SandboxRecord) -> None:
+        """Take back a sandbox the log knows of: watch its process again, or keep it for delete.
+
+        The actor's task starts soon (at the caller's next checkpoint); commands sent
+        before then wait in its mailbox.
+        """
         spec = self.specs.get(record.spec_id) or self.default_spec
         self.ports.claim(record.port)
         self.keys.remember(record.id, record.created_seq)
         actor = SandboxActor(record.id, spec, self._context)
         self._actors[record.id] = actor
-        await self._nursery.start(self._run_actor, actor, None)
+        self._nursery.start_soon(self._run_actor, actor, None)
 
     # -- reading ------------------------------------------------------------------------
 

@@ -12,19 +12,22 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import trio
 
 from sandboxd import __version__
+from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
 from sandboxd.config import Config
 from sandboxd.events import types as ev
+from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
 from sandboxd.gateway.server import Gateway
@@ -55,10 +58,24 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one.
+
+    Every watched sandbox holds a pidfd (and a spawned one its process object):
+    1,000 sandboxes, plus the log, sockets and threads, pass the common soft
+    default of 1,024, and adopting them after a restart would fail with EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run_daemon(
     config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
+    raise_open_files_limit()
     with (
         state_dir_lock(config.state_dir),
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
@@ -77,11 +94,21 @@ async def run_daemon(
             open_store(config.state_dir, store_config) as store,
             trio.open_nursery() as actors,
         ):
-            registry = Registry(config, store.state, store.append, keys, actors)
-            recovered = await recover(registry)
-            await store.append(
-                ev.PendingEvent(None, None, ev.DaemonStarted(__version__, os.getpid(), recovered))
+            registry = Registry(
+                config, store.state, store.append, keys, actors, append_many=store.append_many
             )
+            try:
+                recovered = (await recover(registry)).rebuilt
+                await store.append(
+                    ev.PendingEvent(
+                        None, None, ev.DaemonStarted(__version__, os.getpid(), recovered)
+                    )
+                )
+            except (Unavailable, LogUnavailable) as exc:
+                raise DaemonError(
+                    f"cannot record the recovery in {config.state_dir}: {exc}; "
+                    "free some space (or fix the disk) and start again"
+                ) from None
             async with trio.open_nursery() as front:
                 gateway = Gateway(config, registry, store.log, authenticator)
                 await front.start(gateway.serve)

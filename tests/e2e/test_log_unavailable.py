@@ -1,0 +1,116 @@
+"""A start whose events the log refuses half-way (disk full), made deterministic.
+
+test_disk_full.py fills a real disk, where which event is the first refused
+depends on how much room the log's last page has. Here the log refuses
+exactly the event chosen, through the real store and registry, to pin down
+what the client is told and what state the sandbox is left in each time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from sandboxd.actors import process
+from sandboxd.actors.errors import Unavailable
+from sandboxd.actors.keys import SessionKeys
+from sandboxd.actors.registry import Registry
+from sandboxd.events import types as ev
+from sandboxd.events.errors import LogUnavailable
+from sandboxd.events.projection import Status
+from sandboxd.events.store import open_store
+from tests.e2e.support import end_marked, make_config, wait_until
+
+
+@attrs.frozen
+class Admin:
+    id: str | None = None
+    admin: bool = True
+
+
+class Refusing:
+    """The store's append, refusing events of the given types while ``full`` is set."""
+
+    def __init__(self, append: object, types: set[str]) -> None:
+        self._append = append
+        self.types = types
+        self.full = True
+        self.refused = 0
+
+    async def __call__(self, pending: ev.PendingEvent) -> ev.Event:
+        if self.full and pending.data.TYPE in self.types:
+            self.refused += 1
+            await trio.lowlevel.checkpoint()
+            raise LogUnavailable("the log could not write: [Errno 28] No space left on device")
+        event: ev.Event = await self._append(pending)  # type: ignore[operator]
+        return event
+
+
+@asynccontextmanager
+async def registry_refusing(
+    tmp_path: Path, *types: str
+) -> AsyncIterator[tuple[Registry, Refusing]]:
+    config = make_config(tmp_path / "state")
+    try:
+        async with open_store(config.state_dir) as store, trio.open_nursery() as nursery:
+            append = Refusing(store.append, set(types))
+            registry = Registry(config, store.state, append, SessionKeys(config.state_dir), nursery)
+            yield registry, append
+            nursery.cancel_scope.cancel()
+    finally:
+        end_marked(config.state_dir)
+
+
+def marked(registry: Registry, sandbox_id: str) -> list[int]:
+    found = process.find_marked_processes(registry.marker, sandbox_id=sandbox_id)
+    return [p.pid for p in found.get(sandbox_id, [])]
+
+
+async def test_a_refused_process_started_undoes_the_spawn_and_leaves_a_deletable_sandbox(
+    tmp_path: Path,
+) -> None:
+    async with registry_refusing(tmp_path, "sandbox.process_started") as (registry, log):
+        with pytest.raises(Unavailable, match="No space left"):
+            await registry.start_sandbox(Admin(), spec_id="sleep", sandbox_id="s")
+        record = registry.state.sandboxes["s"]
+        assert record.status is Status.STARTING and record.pid is None
+        assert marked(registry, "s") == []  # nothing runs that the log does not know
+        log.full = False
+        assert await registry.delete(Admin(), "s") is True
+        assert "s" not in registry.state.sandboxes
+
+
+async def test_a_refused_running_answers_unavailable_and_the_start_finishes_with_room(
+    tmp_path: Path,
+) -> None:
+    async with registry_refusing(tmp_path, "sandbox.running") as (registry, log):
+        with trio.fail_after(10), pytest.raises(Unavailable, match="No space left"):
+            await registry.start_sandbox(Admin(), spec_id="sleep", sandbox_id="s")
+        record = registry.state.sandboxes["s"]
+        assert record.status is Status.STARTING and record.pid is not None
+        assert marked(registry, "s") == [record.pid]
+        await wait_until(lambda: log.refused >= 3, what="the actor to retry")
+        log.full = False  # room again: its next retry records it
+        await wait_until(
+            lambda: registry.state.sandboxes["s"].status is Status.RUNNING, what="RUNNING"
+        )
+        assert registry.state.sandboxes["s"].pid == record.pid
+
+
+async def test_a_refused_exit_is_recorded_once_there_is_room(tmp_path: Path) -> None:
+    async with registry_refusing(tmp_path, "sandbox.exited") as (registry, log):
+        info = await registry.start_sandbox(Admin(), spec_id="sleep", sandbox_id="s")
+        assert info.pid is not None
+        os.kill(info.pid, signal.SIGKILL)  # our child: its pid cannot be reused before we reap it
+        await wait_until(lambda: log.refused >= 2, what="the exit to be refused")
+        assert registry.state.sandboxes["s"].status is Status.RUNNING  # the log's word, still
+        log.full = False
+        await wait_until(lambda: registry.state.sandboxes["s"].status is Status.ERROR, what="ERROR")
+        assert registry.state.sandboxes["s"].pid is None
