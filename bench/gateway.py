@@ -1,0 +1,1052 @@
+"""Benchmark of the websocket gateway: request round trips, fan-out, idle connections.
+
+    python bench/gateway.py [--quick] [--dir DIR] [--subscribers N] [--rate R]
+                            [--seconds S] [--sustained-rate R2]
+
+The daemon runs as it ships: ``sandboxd serve --config F`` in a subprocess,
+state in DIR, a port of its own. Measured in one run:
+
+- get_rtt_ms_p50/p99: sequential ``sandbox.get`` round trips over one
+  websocket with 1,000 sandboxes live (``sleep 3600``), through the project's
+  client (gateway/client.py, which also decodes the SandboxInfo);
+  get_rtt_wire_ms_* the same as bare frames (the server's part alone).
+- raw_ws_rtt_ms_p50/p99: the reference, a bare trio-websocket server in a
+  subprocess answering each frame with one frame, frame sizes as for
+  sandbox.get. Blocks of the three alternate, so noise hits all alike.
+- rss_mb_1000_conns: the daemon's whole RSS with 1,000 sandboxes live and
+  1,000 idle websocket connections open (rss_mb_daemon_1000: before them).
+- Fan-out: N subscribers (default 1,000), each on its own connection and
+  subscribed to every event from now on, held by 2 subprocesses with bare
+  trio-websocket clients. Events are appended at R per second (default
+  1,000) for S seconds (default 10): ``sandbox.start`` of a spec whose
+  command does not exist, paced, from 4 driver connections; each appends
+  exactly two events (sandbox.created, sandbox.start_failed). Pause/resume
+  cannot reach 1,000 events/s here (each scans /proc twice, docs/performance.md).
+  fanout_delivered_ratio is events received over events expected, every
+  subscriber counted, once all have them or a 30 s drain deadline passed;
+  fanout_latency_ms_p99 runs from an event's ``ts`` (stamped by the log's
+  writer as its batch is framed, before the fsync) to its receipt, over every
+  (subscriber, event) pair.
+- The same at a sustained rate R2 (default 2 events/s, a load this 2-core
+  machine carries), in rounds of 8 s alternating without and with 10 extra
+  subscribers that never read and hold a backlog (fresh ones each time; they
+  subscribe from seq 0; the bytes stuck in their sockets are reported):
+  fanout_latency_ms_p99_with_stalled against fanout_sustained_latency_ms_p99,
+  each over its merged rounds.
+- raw_fanout_*: both loads again against a bare trio-websocket server that
+  pushes frames of the same shape to a queue of 256 per connection and a
+  writer task each (the daemon's structure, without log or filters), with the
+  same subscriber processes: the ceiling of this machine and this stack.
+
+Prints a readable summary, then one JSON object as its last line. ``--quick``
+runs 300 sandboxes, 100 subscribers and 2-3 s rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import orjson
+import psutil
+import trio
+from _common import (
+    Histogram,
+    Target,
+    cpu_seconds,
+    emit_json,
+    end_group,
+    kill_marked,
+    machine,
+    percentile,
+    print_targets,
+    rss_mb,
+    step,
+    ts_seconds,
+)
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    connect_websocket_url,
+    open_websocket_url,
+    serve_websocket,
+)
+
+from sandboxd.events.codec import now_ts
+from sandboxd.gateway.client import Client, StartFailedError, open_client
+
+SANDBOX_PORTS = (10000, 19999)  # below Linux's ephemeral range
+STALLED = 10
+SUBSCRIBE = '{"id": 1, "op": "events.subscribe"}'  # every event, from now on
+DRIVERS = 4
+MAX_IN_FLIGHT = 64  # per connection: the server's limit, which the client keeps to
+WORKERS = 2
+
+CONFIG = """\
+[server]
+host = "127.0.0.1"
+port = 0
+state_dir = "{state_dir}"
+
+[sandboxes]
+port_range = [{low}, {high}]
+max_sandboxes = 100000
+max_sandboxes_per_user = 100000
+stop_timeout = 2
+
+[[specs]]
+id = "light"
+command = ["sleep", "3600"]
+health_check_path = ""
+health_interval = 0
+
+[[specs]]
+id = "fail"
+command = ["/nonexistent/sandboxd-bench-no-such-command"]
+health_check_path = ""
+health_interval = 0
+"""
+
+
+def say(obj: dict[str, Any]) -> None:
+    """A worker's line to the bench, on stdout."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def auth(token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"Authorization", f"Bearer {token}".encode())]
+
+
+# -- the daemon --------------------------------------------------------------------------
+
+
+class Daemon:
+    """``sandboxd serve`` in a session of its own, its log in a file."""
+
+    def __init__(self, base: Path) -> None:
+        self.state_dir = base / "state"
+        self.config = base / "sandboxd.toml"
+        self.log_path = base / "daemon.log"
+        self.config.write_text(
+            CONFIG.format(state_dir=self.state_dir, low=SANDBOX_PORTS[0], high=SANDBOX_PORTS[1])
+        )
+        exe = Path(sys.executable).with_name("sandboxd")
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+        self.port = self._wait_for_port()
+        self.url = f"ws://127.0.0.1:{self.port}/v1"
+        self.token = (self.state_dir / "admin.token").read_text().strip()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 30
+        marker = "listening on ws://127.0.0.1:"
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if marker in text:
+                return int(text.split(marker, 1)[1].split("/", 1)[0])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandboxd exited ({self.proc.returncode}):\n{text[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("sandboxd did not listen within 30 s")
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.ps)
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.ps)
+
+    def stop(self) -> None:
+        """SIGTERM (on_shutdown "keep"), then its sandboxes' processes by their marker."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=30)
+        end_group(self.proc)
+        kill_marked(self.state_dir)
+        self._log.close()
+
+
+# -- round trips -------------------------------------------------------------------------
+
+
+async def echo_role(args: argparse.Namespace) -> None:
+    """The reference server: one reply frame of ``--reply-bytes`` per frame received."""
+    reply = "x" * args.reply_bytes
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.get_message()
+                await ws.send_message(reply)
+        except ConnectionClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        say({"port": server.port})
+
+
+async def timed_frames(
+    ws: WebSocketConnection, frames: list[str], check: Callable[[str | bytes], None]
+) -> list[float]:
+    times = []
+    for frame in frames:
+        started = time.perf_counter_ns()
+        await ws.send_message(frame)
+        reply = await ws.get_message()
+        times.append((time.perf_counter_ns() - started) / 1e6)
+        check(reply)
+    return times
+
+
+async def bench_rtt(
+    daemon: Daemon, client: Client, ids: list[str], per_block: int, blocks: int
+) -> dict[str, list[float]]:
+    rng = random.Random(2)
+    sample = await client.request("sandbox.get", {"sandbox_id": ids[0]})
+    request_bytes = len(orjson.dumps({"id": 1, "op": "sandbox.get", "sandbox_id": ids[0]}))
+    reply_bytes = len(orjson.dumps({"id": 1, "ok": True, "result": sample}))
+    echo = await trio.to_thread.run_sync(
+        lambda: subprocess.Popen(
+            [sys.executable, __file__, "--role", "echo", "--reply-bytes", str(reply_bytes)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    )
+    out: dict[str, list[float]] = {"client": [], "wire": [], "raw": []}
+    try:
+        assert echo.stdout is not None
+        port = json.loads(echo.stdout.readline())["port"]
+        async with (
+            open_websocket_url(f"ws://127.0.0.1:{port}/") as raw,
+            open_websocket_url(daemon.url, extra_headers=auth(daemon.token)) as wire,
+        ):
+
+            def check_get(reply: str | bytes) -> None:
+                assert b'"ok":true' in (reply if isinstance(reply, bytes) else reply.encode())
+
+            def check_echo(reply: str | bytes) -> None:
+                assert len(reply) == reply_bytes
+
+            for block in range(blocks):
+                chosen = [rng.choice(ids) for _ in range(per_block)]
+                for sandbox_id in chosen:
+                    started = time.perf_counter_ns()
+                    info = await client.get(sandbox_id)
+                    out["client"].append((time.perf_counter_ns() - started) / 1e6)
+                    assert info is not None
+                frames = [
+                    orjson.dumps({"id": i, "op": "sandbox.get", "sandbox_id": s}).decode()
+                    for i, s in enumerate(chosen)
+                ]
+                out["wire"] += await timed_frames(wire, frames, check_get)
+                padding = "y" * request_bytes
+                out["raw"] += await timed_frames(raw, [padding] * per_block, check_echo)
+                if block == 0:  # the first block warms everything up
+                    for key in out:
+                        out[key].clear()
+    finally:
+        end_group(echo)
+    return out
+
+
+# -- subscribers: a worker subprocess holding many connections -------------------------------
+
+
+class _Round:
+    def __init__(self, low: int) -> None:
+        self.low = low  # count events with seq > low
+        self.received = 0
+        self.hist = Histogram()
+        self.first: dict[int, float] = {}  # seq -> its quickest delivery here, ms
+
+
+async def subscribers_role(args: argparse.Namespace) -> None:
+    """Holds ``--n`` connections; driven by lines on stdin: subscribe, round H, expect H T, quit."""
+    token: str = args.token
+    n: int = args.n
+    conns: list[WebSocketConnection] = []
+    last: list[int] = [0] * n
+    ts_cache: dict[int, float] = {}
+    state = {"dupes": 0, "closed": 0, "waiting_for": 0, "complete": 0}
+    current = _Round(1 << 62)
+    all_done = trio.Event()
+
+    async def read(index: int, ws: WebSocketConnection) -> None:
+        nonlocal all_done
+        try:
+            while True:
+                message = await ws.get_message()
+                now = time.time()
+                frame = orjson.loads(message)
+                event = frame.get("event")
+                if event is None:
+                    continue
+                seq = event["seq"]
+                previous = last[index]
+                if seq <= previous:
+                    state["dupes"] += 1
+                    continue
+                last[index] = seq
+                if seq > current.low:
+                    current.received += 1
+                    stamped = ts_cache.get(seq)
+                    if stamped is None:
+                        stamped = ts_cache[seq] = ts_seconds(event["ts"])
+                    latency = (now - stamped) * 1000
+                    current.hist.add(latency)
+                    if latency < current.first.get(seq, 1e18):
+                        current.first[seq] = latency
+                    target = state["waiting_for"]
+                    if target and previous < target <= seq:
+                        state["complete"] += 1
+                        if state["complete"] == n:
+                            all_done.set()
+        except ConnectionClosed:
+            state["closed"] += 1
+
+    async with trio.open_nursery() as nursery:
+        limiter = trio.CapacityLimiter(16)
+
+        async def open_one() -> None:
+            async with limiter:
+                ws = await connect_websocket_url(
+                    nursery, args.url, extra_headers=auth(token), message_queue_size=64
+                )
+                conns.append(ws)
+
+        async with trio.open_nursery() as opening:
+            for _ in range(n):
+                opening.start_soon(open_one)
+        say({"connected": len(conns)})
+
+        stdin = trio.wrap_file(sys.stdin)
+        while True:
+            words = (await stdin.readline()).split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] == "subscribe":
+                heads = []
+                for i, ws in enumerate(conns):
+                    await ws.send_message(SUBSCRIBE)
+                    reply = orjson.loads(await ws.get_message())
+                    assert reply.get("ok"), reply
+                    heads.append(reply["result"]["head_seq"])
+                    last[i] = reply["result"]["head_seq"]
+                    nursery.start_soon(read, i, ws)
+                say({"subscribed": len(conns), "head_min": min(heads), "head_max": max(heads)})
+            elif words[0] == "round":
+                current = _Round(int(words[1]))
+                state["waiting_for"] = 0
+                state["complete"] = 0
+                all_done = trio.Event()
+                say({"round": current.low})
+            elif words[0] == "expect":
+                high, timeout = int(words[1]), float(words[2])
+                started = time.perf_counter()
+                state["complete"] = sum(1 for seq in last if seq >= high)
+                state["waiting_for"] = high
+                if state["complete"] == n:
+                    all_done.set()
+                with trio.move_on_after(timeout):
+                    await all_done.wait()
+                state["waiting_for"] = 0
+                say(
+                    {
+                        "received": current.received,
+                        "expected": n * (high - current.low),
+                        "complete": sum(1 for seq in last if seq >= high),
+                        "dupes": state["dupes"],
+                        "closed": state["closed"],
+                        "drain_s": time.perf_counter() - started,
+                        "hist": current.hist.to_json(),
+                        "first": list(current.first.items()),
+                    }
+                )
+        # No closing handshakes: trio-websocket's reader fails answering a ping that
+        # arrives while it closes (LocalProtocolError); the process ending closes them.
+        nursery.cancel_scope.cancel()
+
+
+class Workers:
+    """The subscriber subprocesses, spoken to over their stdin and stdout."""
+
+    def __init__(self, url: str, token_file: Path, total: int, count: int) -> None:
+        sizes = [total // count + (1 if i < total % count else 0) for i in range(count)]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "subscribers",
+                    "--url",
+                    url,
+                    "--token-file",
+                    str(token_file),
+                    "--n",
+                    str(size),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            for size in sizes
+        ]
+        self.ps = [psutil.Process(p.pid) for p in self.procs]
+
+    async def ask(self, line: str | None) -> list[dict[str, Any]]:
+        """Send ``line`` to every worker (None: send nothing), return each one's next line."""
+        answers: list[dict[str, Any]] = [{} for _ in self.procs]
+
+        async def one(i: int) -> None:
+            answers[i] = await trio.to_thread.run_sync(exchange, self.procs[i], line)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.procs)):
+                nursery.start_soon(one, i)
+        return answers
+
+    def cpu_s(self) -> float:
+        return sum(cpu_seconds(p) for p in self.ps)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.write("quit\n")
+                    proc.stdin.close()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            end_group(proc)
+
+
+def exchange(proc: subprocess.Popen[str], line: str | None) -> dict[str, Any]:
+    """One line to a helper subprocess (None: none), its next line back."""
+    assert proc.stdin is not None and proc.stdout is not None
+    if line is not None:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+    text = proc.stdout.readline()
+    if not text:
+        raise RuntimeError(f"bench helper {proc.pid} ended ({proc.poll()})")
+    answer: dict[str, Any] = json.loads(text)
+    return answer
+
+
+# -- the raw fan-out reference: a bare trio-websocket server pushing event frames ------------
+
+# The shape and size of the daemon's sandbox.start_failed frames.
+_RAW_EVENT = (
+    '{"subscription":"s1","event":{"v":1,"seq":%d,"ts":"%s","type":"sandbox.start_failed",'
+    '"sandbox_id":"Xb9qL2Xb9qL2Xb9qL2Xb9q","by":null,"data":{"reason":"cannot run'
+    " '/nonexistent/sandboxd-bench-no-such-command': No such file or directory\","
+    '"exit_code":null}}}'
+)
+
+
+async def push_role(args: argparse.Namespace) -> None:
+    """Each connection: the subscribe request answered, then a queue of 256 frames and a
+    writer, as in the daemon; ``push RATE SECONDS`` on stdin puts each event frame in
+    every queue. No log, no filter, no per-subscriber encoding."""
+    outboxes: list[trio.MemorySendChannel[str]] = []
+    seq = 0
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        send, receive = trio.open_memory_channel[str](256)
+        try:
+            await ws.get_message()
+            result = {"subscription": "s1", "head_seq": seq}
+            await ws.send_message(json.dumps({"id": 1, "ok": True, "result": result}))
+            outboxes.append(send)
+            async for frame in receive:
+                await ws.send_message(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            if send in outboxes:
+                outboxes.remove(send)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(serve_websocket, handler, "127.0.0.1", 0, None, message_queue_size=4)
+        )
+        say({"port": server.port})
+        stdin = trio.wrap_file(sys.stdin)
+        while True:
+            words = (await stdin.readline()).split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] == "push":
+                rate, seconds = float(words[1]), float(words[2])
+                total = int(rate * seconds)
+                sent = 0
+                started = time.perf_counter()
+                # Paced for ``seconds`` at most: a full queue blocks the loop, as a full
+                # buffer would; what could not be pushed by then is not pushed.
+                while sent < total and time.perf_counter() - started < seconds:
+                    due = min(total, int((time.perf_counter() - started) * rate) + 1)
+                    while sent < due and time.perf_counter() - started < seconds:
+                        seq += 1
+                        sent += 1
+                        frame = _RAW_EVENT % (seq, now_ts())
+                        for outbox in list(outboxes):
+                            await outbox.send(frame)
+                    await trio.sleep(0.002)
+                say({"head": seq, "all_answered_s": time.perf_counter() - started})
+            else:
+                say({"head": seq})
+        nursery.cancel_scope.cancel()
+
+
+# -- fan-out -------------------------------------------------------------------------------
+
+
+class Source(Protocol):
+    """Where a fan-out round's events come from: the daemon, or the raw reference."""
+
+    async def head(self) -> int: ...
+
+    async def generate(self, rate: float, seconds: float) -> dict[str, Any]: ...
+
+    def cpu_s(self) -> float: ...
+
+
+class DaemonSource:
+    def __init__(self, daemon: Daemon, admin: Client, drivers: list[Client]) -> None:
+        self.daemon = daemon
+        self.admin = admin
+        self.drivers = drivers
+
+    async def head(self) -> int:
+        head: int = (await self.admin.server_info()).head_seq
+        return head
+
+    async def generate(self, rate: float, seconds: float) -> dict[str, Any]:
+        """Failing starts, two events each, paced to ``rate`` events per second for
+        ``seconds`` (the requests then in flight are waited for), from several
+        connections (the client allows 64 requests in flight on each)."""
+        per_s = rate / 2
+        total = max(1, int(seconds * per_s))
+        sent = errors = 0
+        started = time.perf_counter()
+
+        async def one(client: Client) -> None:
+            nonlocal errors
+            try:
+                await client.start(spec_id="fail")
+            except StartFailedError:
+                pass  # the point: sandbox.created + sandbox.start_failed
+            except Exception:
+                errors += 1
+
+        # At most what the clients can have in flight: a saturated daemon makes the
+        # pacer fall behind (the rate achieved is reported) rather than pile up work.
+        slots = trio.Semaphore(len(self.drivers) * MAX_IN_FLIGHT)
+
+        async def paced(client: Client) -> None:
+            try:
+                await one(client)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            while sent < total and time.perf_counter() - started < seconds:
+                due = min(total, int((time.perf_counter() - started) * per_s) + 1)
+                while sent < due and time.perf_counter() - started < seconds:
+                    await slots.acquire()
+                    nursery.start_soon(paced, self.drivers[sent % len(self.drivers)])
+                    sent += 1
+                await trio.sleep(0.002)
+        return {"starts": sent, "errors": errors, "all_answered_s": time.perf_counter() - started}
+
+    def cpu_s(self) -> float:
+        return self.daemon.cpu_s()
+
+
+class RawSource:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--role", "push"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+        self.url = f"ws://127.0.0.1:{exchange(self.proc, None)['port']}/v1"
+
+    async def head(self) -> int:
+        head: int = (await trio.to_thread.run_sync(exchange, self.proc, "head"))["head"]
+        return head
+
+    async def generate(self, rate: float, seconds: float) -> dict[str, Any]:
+        return await trio.to_thread.run_sync(exchange, self.proc, f"push {rate} {seconds}")
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.ps)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        end_group(self.proc)
+
+
+async def stall(
+    daemon: Daemon, count: int, nursery: trio.Nursery
+) -> tuple[list[WebSocketConnection], int]:
+    """Subscribers that never read, each with a backlog (the whole history): trio-websocket
+    stops reading a socket once its one-message queue is full, TCP pushes back, the
+    daemon's queue for the connection fills. Waits until they are stuck; returns them
+    and the bytes stuck in their sockets (both ends), read from /proc/net/tcp."""
+    stalled = []
+    for _ in range(count):
+        ws = await connect_websocket_url(
+            nursery, daemon.url, extra_headers=auth(daemon.token), message_queue_size=1
+        )
+        await ws.send_message('{"id": 1, "op": "events.subscribe", "after_seq": 0}')
+        reply = orjson.loads(await ws.get_message())
+        assert reply.get("ok"), reply
+        stalled.append(ws)
+    ports = {ws.local.port for ws in stalled if not isinstance(ws.local, str)}
+    stuck = previous = -1
+    with trio.move_on_after(20):
+        while stuck <= 0 or stuck != previous:
+            await trio.sleep(1)
+            previous, stuck = stuck, stuck_bytes(daemon.port, ports)
+    return stalled, stuck
+
+
+def stuck_bytes(server_port: int, client_ports: set[int]) -> int:
+    """Bytes queued between the server and these clients: unsent on the server's side,
+    unread on the clients'."""
+    total = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            tx, rx = (int(x, 16) for x in fields[4].split(":"))
+            if local == server_port and remote in client_ports:
+                total += tx
+            elif local in client_ports and remote == server_port:
+                total += rx
+    return total
+
+
+async def fanout_round(
+    source: Source, workers: Workers, rate: float, seconds: float, drain: float
+) -> dict[str, Any]:
+    head0 = await source.head()
+    await workers.ask(f"round {head0}")
+    cpu_s, cpu_w, wall = source.cpu_s(), workers.cpu_s(), time.perf_counter()
+    generated = await source.generate(rate, seconds)
+    head1 = await source.head()
+    answers = await workers.ask(f"expect {head1} {drain}")
+    elapsed = time.perf_counter() - wall
+    hist = Histogram()
+    first: dict[int, float] = {}
+    for answer in answers:
+        hist.merge(Histogram.from_json(answer["hist"]))
+        for seq, ms in answer["first"]:
+            first[seq] = min(ms, first.get(seq, ms))
+    # Each event's quickest delivery: its durable append plus one hop, without the
+    # fan-out behind it.
+    first_hist = Histogram()
+    for ms in first.values():
+        first_hist.add(ms)
+    received = sum(a["received"] for a in answers)
+    expected = sum(a["expected"] for a in answers)
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "events": head1 - head0,
+        "append_rate": (head1 - head0) / generated["all_answered_s"],
+        "errors": generated.get("errors", 0),
+        "received": received,
+        "expected": expected,
+        "ratio": received / expected if expected else float("nan"),
+        "complete_subscribers": sum(a["complete"] for a in answers),
+        "dupes": sum(a["dupes"] for a in answers),
+        "closed": sum(a["closed"] for a in answers),
+        "drain_s": max(a["drain_s"] for a in answers),
+        "p50": hist.percentile(50),
+        "p99": hist.percentile(99),
+        "max": hist.percentile(100),
+        "deliveries_per_s": received / elapsed,
+        "source_cpu_pct": (source.cpu_s() - cpu_s) / elapsed * 100,
+        "subscribers_cpu_pct": (workers.cpu_s() - cpu_w) / elapsed * 100,
+        "first_p50": first_hist.percentile(50),
+        "first_p99": first_hist.percentile(99),
+        "elapsed": elapsed,
+        "hist": hist,
+        "first_hist": first_hist,
+    }
+
+
+def merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of the same load as one: sums, and percentiles of the merged histograms."""
+    hist, first_hist = Histogram(), Histogram()
+    for r in rounds:
+        hist.merge(r["hist"])
+        first_hist.merge(r["first_hist"])
+    received = sum(r["received"] for r in rounds)
+    expected = sum(r["expected"] for r in rounds)
+    elapsed = sum(r["elapsed"] for r in rounds)
+    events = sum(r["events"] for r in rounds)
+    return {
+        "rate": rounds[0]["rate"],
+        "seconds": sum(r["seconds"] for r in rounds),
+        "events": events,
+        "append_rate": events / sum(r["events"] / r["append_rate"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "received": received,
+        "expected": expected,
+        "ratio": received / expected if expected else float("nan"),
+        "complete_subscribers": min(r["complete_subscribers"] for r in rounds),
+        "dupes": sum(r["dupes"] for r in rounds),
+        "closed": sum(r["closed"] for r in rounds),
+        "drain_s": max(r["drain_s"] for r in rounds),
+        "p50": hist.percentile(50),
+        "p99": hist.percentile(99),
+        "max": hist.percentile(100),
+        "deliveries_per_s": received / elapsed,
+        "source_cpu_pct": sum(r["source_cpu_pct"] * r["elapsed"] for r in rounds) / elapsed,
+        "subscribers_cpu_pct": sum(r["subscribers_cpu_pct"] * r["elapsed"] for r in rounds)
+        / elapsed,
+        "rounds": len(rounds),
+        "p99_per_round": [r["p99"] for r in rounds],
+        "first_p50": first_hist.percentile(50),
+        "first_p99": first_hist.percentile(99),
+        "elapsed": elapsed,
+        "hist": hist,
+        "first_hist": first_hist,
+    }
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Plan:
+    sandboxes: int
+    subscribers: int
+    rate: float  # the issue's load
+    seconds: float
+    drain: float  # seconds to wait for the last deliveries at the issue's load
+    sustained_rate: float  # a load this machine carries, for the stalled comparison
+    sustained_seconds: float  # per round
+    sustained_pairs: int  # rounds without, then with stalled subscribers, alternating
+    rtt_block: int
+    rtt_blocks: int
+
+
+async def bench(base: Path, plan: Plan) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    n_sandboxes = plan.sandboxes
+    daemon = Daemon(base)
+    workers: Workers | None = None
+    try:
+        async with (
+            open_client(daemon.url, daemon.token) as admin,
+            trio.open_nursery() as nursery,
+        ):
+            step(f"  starting {n_sandboxes} sandboxes of `sleep 3600` through the gateway ...")
+            ids: list[str] = []
+            started = time.perf_counter()
+
+            async def start_one() -> None:
+                ids.append((await admin.start(spec_id="light")).id)
+
+            async with trio.open_nursery() as batch:
+                for _ in range(n_sandboxes):
+                    batch.start_soon(start_one)
+            results["start_all_s"] = time.perf_counter() - started
+            await trio.sleep(3)  # let the actors' output watchers settle
+            results["rss_mb_daemon_1000"] = daemon.rss_mb()
+
+            step(
+                f"  round trips: {plan.rtt_blocks} blocks of {plan.rtt_block} each: client,"
+                " wire, raw echo ..."
+            )
+            rtt = await bench_rtt(daemon, admin, ids, plan.rtt_block, plan.rtt_blocks + 1)
+            names = {"client": "get_rtt", "wire": "get_rtt_wire", "raw": "raw_ws_rtt"}
+            for name, key in names.items():
+                results[f"{key}_ms_p50"] = percentile(rtt[name], 50)
+                results[f"{key}_ms_p99"] = percentile(rtt[name], 99)
+
+            step(f"  opening {plan.subscribers} idle connections ({WORKERS} processes) ...")
+            token_file = daemon.state_dir / "admin.token"
+            workers = Workers(daemon.url, token_file, plan.subscribers, WORKERS)
+            results["connections"] = sum(a["connected"] for a in await workers.ask(None))
+            await trio.sleep(2)
+            results["rss_mb_1000_conns"] = daemon.rss_mb()
+            step("  subscribing each to every event ...")
+            await workers.ask("subscribe")
+            results["rss_mb_1000_subscribed"] = daemon.rss_mb()
+            drivers = [await nursery.start(_client_task, daemon) for _ in range(DRIVERS)]
+            source = DaemonSource(daemon, admin, drivers)
+
+            # Rounds without and with stalled subscribers alternate (fresh ones each
+            # time), so that drift in the machine's load hits both alike.
+            rate, secs = plan.sustained_rate, plan.sustained_seconds
+            plain_rounds, stalled_rounds, stuck = [], [], []
+            for pair in range(plan.sustained_pairs):
+                step(
+                    f"  fan-out, sustained load: {rate:g} events/s for {secs:g} s"
+                    f" (pair {pair + 1}/{plan.sustained_pairs}) ..."
+                )
+                plain_rounds.append(await fanout_round(source, workers, rate, secs, 30))
+                step(f"    {_line(plain_rounds[-1])}")
+                step(f"  the same with {STALLED} subscribers that never read ...")
+                stalled, stuck_now = await stall(daemon, STALLED, nursery)
+                stuck.append(stuck_now)
+                step(f"    ({stuck_now:,} bytes stuck in their sockets)")
+                stalled_rounds.append(await fanout_round(source, workers, rate, secs, 30))
+                step(f"    {_line(stalled_rounds[-1])}")
+                for ws in stalled:
+                    with trio.move_on_after(1):
+                        await ws.aclose()
+            results["sustained"] = merged(plain_rounds)
+            results["sustained_stalled"] = merged(stalled_rounds)
+            results["stalled_bytes"] = min(stuck)
+
+            rate, secs = plan.rate, plan.seconds
+            step(f"  fan-out, the issue's load: {rate:g} events/s for {secs:g} s ...")
+            results["issue"] = await fanout_round(source, workers, rate, secs, plan.drain)
+            step(f"    {_line(results['issue'])}")
+            results["rss_mb_end"] = daemon.rss_mb()
+            nursery.cancel_scope.cancel()
+        workers.stop()
+        workers = None
+        daemon.stop()
+
+        step("  the raw reference: a bare trio-websocket server pushing the same frames ...")
+        raw = RawSource()
+        try:
+            workers = Workers(raw.url, token_file, plan.subscribers, WORKERS)
+            await workers.ask(None)
+            await workers.ask("subscribe")
+            rate, secs = plan.sustained_rate, plan.sustained_seconds * plan.sustained_pairs
+            results["raw_sustained"] = await fanout_round(raw, workers, rate, secs, 30)
+            step(f"    {_line(results['raw_sustained'])}")
+            rate, secs = plan.rate, plan.seconds
+            results["raw_issue"] = await fanout_round(raw, workers, rate, secs, plan.drain)
+            step(f"    {_line(results['raw_issue'])}")
+        finally:
+            if workers is not None:
+                workers.stop()
+                workers = None
+            raw.stop()
+    finally:
+        if workers is not None:
+            workers.stop()
+        daemon.stop()
+    return results
+
+
+async def _client_task(daemon: Daemon, *, task_status: trio.TaskStatus[Client]) -> None:
+    async with open_client(daemon.url, daemon.token) as client:
+        task_status.started(client)
+        await trio.sleep_forever()
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['events']:,} events at {r['append_rate']:,.0f}/s; delivered {r['received']:,}"
+        f" of {r['expected']:,} (ratio {r['ratio']:.4f}; {r['complete_subscribers']} subscribers"
+        f" complete after {r['drain_s']:.1f} s of drain); latency p50 {r['p50']:,.1f} ms,"
+        f" p99 {r['p99']:,.1f} ms, max {r['max']:,.0f} ms (each event's first delivery:"
+        f" p50 {r['first_p50']:,.1f} ms, p99 {r['first_p99']:,.1f} ms);"
+        f" {r['deliveries_per_s']:,.0f}"
+        f" deliveries/s; CPU: server {r['source_cpu_pct']:.0f} %, subscribers"
+        f" {r['subscribers_cpu_pct']:.0f} %"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run, well under a minute")
+    parser.add_argument("--dir", type=Path, help="where state goes (default: a temporary dir)")
+    parser.add_argument("--subscribers", type=int, help="fan-out subscribers (default 1000)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="events/s (default 1000)")
+    parser.add_argument("--seconds", type=float, help="seconds of appending (default 10)")
+    parser.add_argument(
+        "--sustained-rate", type=float, default=2.0, help="events/s of the stalled comparison"
+    )
+    parser.add_argument("--pairs", type=int, help="its rounds without+with stalled (default 2)")
+    parser.add_argument("--round-seconds", type=float, help="seconds per round (default 8)")
+    hidden = argparse.SUPPRESS
+    parser.add_argument("--role", choices=["echo", "subscribers", "push"], help=hidden)
+    parser.add_argument("--reply-bytes", type=int, help=hidden)
+    parser.add_argument("--url", help=hidden)
+    parser.add_argument("--token-file", help=hidden)
+    parser.add_argument("--n", type=int, help=hidden)
+    args = parser.parse_args(argv)
+    if args.role == "echo":
+        trio.run(echo_role, args)
+        return 0
+    if args.role == "push":
+        trio.run(push_role, args)
+        return 0
+    if args.role == "subscribers":
+        args.token = Path(args.token_file).read_text().strip()
+        trio.run(subscribers_role, args)
+        return 0
+
+    quick = args.quick
+    plan = Plan(
+        sandboxes=300 if quick else 1000,
+        subscribers=args.subscribers or (100 if quick else 1000),
+        rate=args.rate,
+        seconds=args.seconds or (2.0 if quick else 10.0),
+        drain=3.0 if quick else 30.0,
+        sustained_rate=args.sustained_rate,
+        sustained_seconds=args.round_seconds or (3.0 if quick else 8.0),
+        sustained_pairs=args.pairs or (1 if quick else 2),
+        rtt_block=200 if quick else 1000,
+        rtt_blocks=3 if quick else 5,
+    )
+    base = Path(tempfile.mkdtemp(prefix="sandboxd-bench-gw-", dir=args.dir))
+    print(f"sandboxd gateway benchmark ({'quick' if quick else 'full'} run)")
+    print(f"  {machine()}")
+    print(f"  daemon state in {base}; {plan}")
+    try:
+        r = trio.run(bench, base, plan)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    issue, sus, sus_stalled = r["issue"], r["sustained"], r["sustained_stalled"]
+    raw_issue, raw_sus = r["raw_issue"], r["raw_sustained"]
+    raised = (sus_stalled["p99"] - sus["p99"]) / sus["p99"] * 100
+    results: dict[str, Any] = {
+        "get_rtt_ms_p50": r["get_rtt_ms_p50"],
+        "get_rtt_ms_p99": r["get_rtt_ms_p99"],
+        "get_rtt_wire_ms_p50": r["get_rtt_wire_ms_p50"],
+        "get_rtt_wire_ms_p99": r["get_rtt_wire_ms_p99"],
+        "raw_ws_rtt_ms_p50": r["raw_ws_rtt_ms_p50"],
+        "raw_ws_rtt_ms_p99": r["raw_ws_rtt_ms_p99"],
+        # At the issue's load (subscribers x rate for seconds):
+        "fanout_delivered_ratio": issue["ratio"],
+        "fanout_latency_ms_p50": issue["p50"],
+        "fanout_latency_ms_p99": issue["p99"],
+        "fanout_append_rate": issue["append_rate"],
+        "fanout_deliveries_per_s": issue["deliveries_per_s"],
+        "fanout_drain_s": issue["drain_s"],
+        "fanout_daemon_cpu_pct": issue["source_cpu_pct"],
+        "raw_fanout_delivered_ratio": raw_issue["ratio"],
+        "raw_fanout_latency_ms_p99": raw_issue["p99"],
+        "raw_fanout_deliveries_per_s": raw_issue["deliveries_per_s"],
+        # At the sustained load, without and with the stalled subscribers:
+        "sustained_rate": plan.sustained_rate,
+        "fanout_sustained_delivered_ratio": sus["ratio"],
+        "fanout_sustained_latency_ms_p99": sus["p99"],
+        "fanout_sustained_first_delivery_ms_p99": sus["first_p99"],
+        "fanout_delivered_ratio_with_stalled": sus_stalled["ratio"],
+        "fanout_latency_ms_p99_with_stalled": sus_stalled["p99"],
+        "fanout_stalled_first_delivery_ms_p99": sus_stalled["first_p99"],
+        "stalled_p99_increase_pct": raised,
+        "raw_fanout_sustained_latency_ms_p99": raw_sus["p99"],
+        "fanout_sustained_p99_per_round": sus["p99_per_round"],
+        "fanout_stalled_p99_per_round": sus_stalled["p99_per_round"],
+        "stalled_bytes_stuck": r["stalled_bytes"],
+        "fanout_dupes": issue["dupes"] + sus["dupes"] + sus_stalled["dupes"],
+        "rss_mb_daemon_1000": r["rss_mb_daemon_1000"],
+        "rss_mb_1000_conns": r["rss_mb_1000_conns"],
+        "rss_mb_1000_subscribed": r["rss_mb_1000_subscribed"],
+        "connections": r["connections"],
+        "sandboxes": plan.sandboxes,
+        "subscribers": plan.subscribers,
+        "rate": plan.rate,
+        "seconds": plan.seconds,
+        "quick": quick,
+    }
+    print()
+    for label, key in (
+        ("sandbox.get RTT, client", "get_rtt"),
+        ("sandbox.get RTT, wire", "get_rtt_wire"),
+        ("raw trio-websocket echo", "raw_ws_rtt"),
+    ):
+        print(f"  {label:<24} p50 {r[f'{key}_ms_p50']:.3f} ms  p99 {r[f'{key}_ms_p99']:.3f} ms")
+    print(
+        f"  daemon RSS: {plan.sandboxes} sandboxes {r['rss_mb_daemon_1000']:.1f} MB;"
+        f" + {r['connections']}"
+        f" idle connections {r['rss_mb_1000_conns']:.1f} MB; subscribed"
+        f" {r['rss_mb_1000_subscribed']:.1f} MB"
+    )
+    n = plan.subscribers
+    print(f"  fan-out to {n} subscribers at {plan.rate:g} events/s for {plan.seconds:g} s:")
+    print(f"    sandboxd: {_line(issue)}")
+    print(f"    raw:      {_line(raw_issue)}")
+    print(f"  fan-out to {n} subscribers at {plan.sustained_rate:g} events/s:")
+    print(f"    sandboxd:             {_line(sus)}")
+    print(f"    sandboxd, {STALLED} stalled: {_line(sus_stalled)}")
+    print(f"    raw:                  {_line(raw_sus)}")
+    print(
+        f"    p99 per round, alternating: without {sus['p99_per_round']} ms,"
+        f" with stalled {sus_stalled['p99_per_round']} ms"
+    )
+    print()
+    rows: list[Target] = [
+        ("get_rtt_ms_p99", r["get_rtt_ms_p99"], "<= 2 ms", r["get_rtt_ms_p99"] <= 2),
+        (
+            "get_rtt_ms_p99 / raw_ws_rtt_ms_p99",
+            r["get_rtt_ms_p99"] / r["raw_ws_rtt_ms_p99"],
+            "<= 2",
+            r["get_rtt_ms_p99"] <= 2 * r["raw_ws_rtt_ms_p99"],
+        ),
+        ("fanout_delivered_ratio", issue["ratio"], "exactly 1.0", issue["ratio"] == 1.0),
+        ("fanout_latency_ms_p99", issue["p99"], "<= 50 ms", issue["p99"] <= 50),
+        (
+            f"sustained ({plan.sustained_rate:g}/s): ratio",
+            sus["ratio"],
+            "exactly 1.0",
+            sus["ratio"] == 1.0 and sus_stalled["ratio"] == 1.0,
+        ),
+        (f"sustained ({plan.sustained_rate:g}/s): p99", sus["p99"], "<= 50 ms", sus["p99"] <= 50),
+        ("stalled: p99 increase %", raised, "<= 10 %", raised <= 10),
+        ("rss_mb_1000_conns", r["rss_mb_1000_conns"], "<= 150 MB", r["rss_mb_1000_conns"] <= 150),
+    ]
+    print_targets(rows)
+    if n != 1000 or plan.rate != 1000 or plan.seconds != 10:
+        print(
+            f"  (fan-out at {n} x {plan.rate:g}/s x {plan.seconds:g} s, not 1,000 x 1,000/s x 10 s)"
+        )
+    emit_json(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
