@@ -210,7 +210,7 @@ _SANDBOXES = {
 }
 _LOG = {
     "segment_bytes": lambda k, v: _count(k, v, minimum=4096),
-    "snapshot_every": _count,
+    "snapshot_every": lambda k, v: _count(k, v, minimum=0),
     "retention": lambda k, v: _choice(k, v, ("all", "snapshots")),
 }
 _SPEC = {
