@@ -15,12 +15,11 @@ from sandboxd.actors import health, process
 from tests.actors.children.support import (
     Sandboxes,
     child,
-    eventually,
     free_port,
     is_gone,
-    proc_state,
     read_pids,
 )
+from tests.support import eventually, proc_state
 
 
 async def start_tree(

@@ -20,7 +20,8 @@ from sandboxd.config import Config, SpecConfig
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.events.store import Store, open_store
-from tests.actors.children.support import child, eventually, is_gone, proc_state, read_pids
+from tests.actors.children.support import child, is_gone, read_pids
+from tests.support import eventually, proc_state
 
 AGENT = SpecConfig(
     id="agent",

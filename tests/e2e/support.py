@@ -44,6 +44,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.projection import SandboxRecord, State, apply
 from sandboxd.events.store import StoreConfig, open_store
 from sandboxd.gateway.server import Gateway
+from tests.support import eventually, proc_state
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 
@@ -149,18 +150,6 @@ async def daemon_in_process(config: Config) -> AsyncIterator[Gateway]:
         nursery.cancel_scope.cancel()
 
 
-async def wait_until(
-    condition: Callable[[], bool], *, within: float = 10.0, what: str = "a condition"
-) -> None:
-    """Poll ``condition`` until true; fail after ``within`` seconds."""
-    with trio.move_on_after(within):
-        # Polling: what is waited for (a process, a file) announces nothing.
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out after {within} s waiting for {what}")
-
-
 class DaemonProcess:
     """`sandboxd serve` on ``root/state``, started and stopped (or killed) at will.
 
@@ -218,7 +207,7 @@ class DaemonProcess:
                 raise AssertionError(f"the daemon exited at start:\n{self.current_output()}")
             return listening.search(self.current_output()) is not None
 
-        await wait_until(up, within=within, what=f"the daemon to listen:\n{self.output()}")
+        await eventually(up, within=within, what=f"the daemon to listen:\n{self.output()}")
         return time.monotonic() - began
 
     def output(self) -> str:
@@ -242,7 +231,7 @@ class DaemonProcess:
         assert process is not None
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        await wait_until(lambda: process.poll() is not None, within=within, what="daemon exit")
+        await eventually(lambda: process.poll() is not None, within=within, what="daemon exit")
         return process.returncode
 
     def marked(self) -> dict[str, list[psutil.Process]]:
@@ -285,15 +274,6 @@ def end_marked(state_dir: Path) -> None:
     deadline = time.monotonic() + 10
     while marked_processes(state_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, T, Z...), None if there is no such pid."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return chr(data[data.rfind(b")") + 2])
 
 
 def stopped(pid: int) -> bool:

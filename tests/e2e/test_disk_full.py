@@ -25,8 +25,8 @@ from tests.e2e.support import (
     read_log,
     replay,
     verify_log,
-    wait_until,
 )
+from tests.support import eventually
 
 TARGET = {"start": Status.RUNNING, "pause": Status.PAUSED, "resume": Status.RUNNING, "delete": None}
 
@@ -175,7 +175,7 @@ async def test_a_full_disk_fails_ops_with_unavailable_and_loses_nothing(
         def settled() -> bool:
             return process.poll() is not None or "listening on" in daemon.current_output()
 
-        await wait_until(settled, what="the daemon to start or give up")
+        await eventually(settled, what="the daemon to start or give up")
         if process.poll() is not None:
             assert process.returncode == 1
             assert "No space left on device" in daemon.current_output(), daemon.current_output()

@@ -51,8 +51,8 @@ from tests.e2e.support import (
     replay,
     stopped,
     verify_log,
-    wait_until,
 )
+from tests.support import eventually
 
 WORKERS = ("alice", "bob", "alice", "bob")
 LOAD_SECONDS = (0.05, 0.6)  # how long the load runs before the kill
@@ -336,7 +336,7 @@ async def test_kill_9_at_random_moments_of_a_mixed_load(tmp_path: Path, rounds: 
                 await check_after_restart(daemon, ledger, follower, context)
             with trio.fail_after(30):
                 head, _ = await served_state(daemon)
-                await wait_until(
+                await eventually(
                     lambda: follower.last_seq >= head, within=30, what="the subscriber to catch up"
                 )
             nursery.cancel_scope.cancel()

@@ -26,7 +26,8 @@ from sandboxd.events import types as ev
 from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.projection import Status
 from sandboxd.events.store import open_store
-from tests.e2e.support import end_marked, make_config, wait_until
+from tests.e2e.support import end_marked, make_config
+from tests.support import eventually
 
 
 @attrs.frozen
@@ -96,9 +97,9 @@ async def test_a_refused_running_answers_unavailable_and_the_start_finishes_with
         record = registry.state.sandboxes["s"]
         assert record.status is Status.STARTING and record.pid is not None
         assert marked(registry, "s") == [record.pid]
-        await wait_until(lambda: log.refused >= 3, what="the actor to retry")
+        await eventually(lambda: log.refused >= 3, what="the actor to retry")
         log.full = False  # room again: its next retry records it
-        await wait_until(
+        await eventually(
             lambda: registry.state.sandboxes["s"].status is Status.RUNNING, what="RUNNING"
         )
         assert registry.state.sandboxes["s"].pid == record.pid
@@ -109,8 +110,8 @@ async def test_a_refused_exit_is_recorded_once_there_is_room(tmp_path: Path) -> 
         info = await registry.start_sandbox(Admin(), spec_id="sleep", sandbox_id="s")
         assert info.pid is not None
         os.kill(info.pid, signal.SIGKILL)  # our child: its pid cannot be reused before we reap it
-        await wait_until(lambda: log.refused >= 2, what="the exit to be refused")
+        await eventually(lambda: log.refused >= 2, what="the exit to be refused")
         assert registry.state.sandboxes["s"].status is Status.RUNNING  # the log's word, still
         log.full = False
-        await wait_until(lambda: registry.state.sandboxes["s"].status is Status.ERROR, what="ERROR")
+        await eventually(lambda: registry.state.sandboxes["s"].status is Status.ERROR, what="ERROR")
         assert registry.state.sandboxes["s"].pid is None

@@ -36,15 +36,14 @@ from tests.e2e.support import (
     SLEEP,
     append_offline,
     daemon_process,
-    proc_state,
     raw_subscription,
     read_log,
     seqs_of,
     spawn_marked,
     stopped,
     verify_log,
-    wait_until,
 )
+from tests.support import eventually, proc_state
 
 
 async def everything(client: Client) -> dict[str, SandboxInfo]:
@@ -68,7 +67,7 @@ async def test_graceful_restart_adopts_every_sandbox_and_subscribers_continue(
         frames: list[dict[str, object]] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(raw_subscription, daemon.url, ROOT, 0, lambda _: False, frames)
-            await wait_until(lambda: any("caught_up" in f for f in frames), what="catch-up")
+            await eventually(lambda: any("caught_up" in f for f in frames), what="catch-up")
             assert await daemon.terminate() == 0
         # The stream ended with where to resume; the connection closed (1001).
         ended = [f for f in frames if f.get("ended")]
@@ -163,9 +162,9 @@ async def test_sandboxes_changed_while_the_daemon_was_down(tmp_path: Path) -> No
             psutil.Process(pids["killed"]).kill()
             os.kill(pids["stopped"] or 0, signal.SIGSTOP)
             os.kill(pids["continued"] or 0, signal.SIGCONT)
-            await wait_until(lambda: proc_state(pids["killed"] or 0) in (None, "Z"))
-            await wait_until(lambda: stopped(pids["stopped"] or 0))
-            await wait_until(lambda: not stopped(pids["continued"] or 0))
+            await eventually(lambda: proc_state(pids["killed"] or 0) in (None, "Z"))
+            await eventually(lambda: stopped(pids["stopped"] or 0))
+            await eventually(lambda: not stopped(pids["continued"] or 0))
 
             # One whose pid the kernel gave to an unrelated process. A reuse cannot be
             # forced on demand; what it leaves behind can: a log whose recorded pid now
@@ -173,7 +172,7 @@ async def test_sandboxes_changed_while_the_daemon_was_down(tmp_path: Path) -> No
             # here through the real store (codec, projection checks, fdatasync), naming
             # the pid of a live process this test started, with a start time an hour
             # before that process's own.
-            await wait_until(lambda: signals.exists() and "ready" in signals.read_text())
+            await eventually(lambda: signals.exists() and "ready" in signals.read_text())
             create_time = psutil.Process(stranger.pid).create_time()
             await append_offline(
                 daemon.state_dir,
@@ -272,7 +271,7 @@ async def test_operations_a_crash_cut_short_finish_or_undo(tmp_path: Path) -> No
             strays.append(spawn_marked(state_dir, "lost"))
             (state_dir / "sandboxes" / "lost").mkdir()
             (state_dir / "output" / "lost.log").write_text("hello\n")
-            await wait_until(
+            await eventually(
                 lambda: "lost" in daemon.marked() and "half-started" in daemon.marked()
             )
 

@@ -143,18 +143,6 @@ async def stop_daemon(daemon: Daemon) -> None:
         await daemon.gateway.registry.delete_all()
 
 
-async def wait_for(
-    condition: Callable[[], bool], *, within: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll ``condition`` until true; fail the test after ``within`` seconds."""
-    with trio.move_on_after(within):
-        # Polling: what is waited for (a process, a socket) announces nothing.
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out after {within} s waiting for {what}")
-
-
 # --- As a subprocess: `sandboxd serve --config F` -------------------------------------
 
 

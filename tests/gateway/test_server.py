@@ -22,8 +22,8 @@ from tests.gateway.support import (
     masked_frame,
     raw_websocket,
     trio_peer,
-    wait_for,
 )
+from tests.support import eventually
 
 ALICE, ROOT = TOKENS["alice"], TOKENS["root"]
 registry_admin = User(None, admin=True)
@@ -56,7 +56,7 @@ async def test_more_than_64_in_flight_get_busy_at_once(daemon: Daemon) -> None:
         for i in range(p.MAX_IN_FLIGHT):
             await peer.send({"id": i, "op": "sandbox.start", "spec_id": "stuck"})
         # Every one of those is now in flight: each waits for its health check.
-        await wait_for(
+        await eventually(
             lambda: len(daemon.gateway.registry.state.sandboxes) == p.MAX_IN_FLIGHT,
             what="64 sandboxes starting",
         )
@@ -139,7 +139,7 @@ async def test_a_silent_client_is_pinged_then_closed(daemon: Daemon) -> None:
     code = got[got.index(b"\x88") + 2 :][:2]
     assert int.from_bytes(code, "big") == server.CLOSE_NO_PONG
     await stream.send_all(masked_frame(0x8, code))  # the close is answered, as a client must
-    await wait_for(lambda: not daemon.gateway._connections, what="the connection closed")
+    await eventually(lambda: not daemon.gateway._connections, what="the connection closed")
     await stream.aclose()
 
 
@@ -163,7 +163,7 @@ async def test_a_client_that_stops_reading_is_closed_and_slows_no_one(
         # The stalled client subscribes, then never reads again.
         stalled = await raw_websocket(daemon.gateway.port, ROOT)
         await stalled.send_all(masked_frame(0x1, b'{"id": 1, "op": "events.subscribe"}'))
-        await wait_for(lambda: log.subscriber_count >= 2, what="the subscription")
+        await eventually(lambda: log.subscriber_count >= 2, what="the subscription")
         sub = (await reader.call("events.subscribe"))["subscription"]
         count = 400  # ~20 MB of frames: far more than socket buffers hold
         with trio.fail_after(30):
@@ -176,7 +176,7 @@ async def test_a_client_that_stops_reading_is_closed_and_slows_no_one(
         seqs = [f["event"]["seq"] for f in frames if "event" in f]
         assert seqs == list(range(head + 1, head + count + 1))
         # The stuck one is closed once it has taken nothing for send_timeout.
-        await wait_for(
+        await eventually(
             lambda: len(daemon.gateway._connections) == 1, within=15, what="the stalled one closed"
         )
         assert log.subscriber_count == 2  # the reader's, and the gateway's own
@@ -187,7 +187,7 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
     gateway = daemon.gateway
     async with trio_peer(daemon.url, ALICE) as peer, trio.open_nursery() as nursery:
         await peer.send({"id": "in-flight", "op": "sandbox.start", "spec_id": "stuck"})
-        await wait_for(lambda: gateway._in_flight == 1, what="the start in flight")
+        await eventually(lambda: gateway._in_flight == 1, what="the start in flight")
         drained = trio.Event()
 
         async def drain() -> None:
@@ -195,7 +195,7 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
             drained.set()
 
         nursery.start_soon(drain)
-        await wait_for(lambda: gateway._draining, what="draining")
+        await eventually(lambda: gateway._draining, what="draining")
         refused = await peer.request("server.info")
         assert refused["error"]["code"] == "unavailable"
         with pytest.raises(HandshakeError):  # the listener is closed: refused
@@ -258,7 +258,7 @@ async def test_an_op_runs_to_its_end_when_its_client_leaves(daemon: Daemon) -> N
                              "sandbox_id": sandbox_id})  # fmt: skip
     # Gone before any reply: every start still completes, and is whole.
     registry = daemon.gateway.registry
-    await wait_for(
+    await eventually(
         lambda: all(
             (info := registry.get(registry_admin, i)) is not None and info.status == "RUNNING"
             for i in sandbox_ids
@@ -283,5 +283,5 @@ async def test_a_peer_that_ignores_the_close_frame_is_dropped(
         while chunk := await stream.receive_some(65536):  # never answering the close
             got += chunk
     assert got[:1] == b"\x88" and int.from_bytes(got[2:4], "big") == 1009
-    await wait_for(lambda: not daemon.gateway._connections, what="the connection forgotten")
+    await eventually(lambda: not daemon.gateway._connections, what="the connection forgotten")
     await stream.aclose()

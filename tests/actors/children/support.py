@@ -15,7 +15,6 @@ import random
 import signal
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -23,6 +22,7 @@ import trio
 
 from sandboxd.actors import health, process
 from sandboxd.actors.ports import PortAllocator
+from tests.support import proc_state
 
 #: Ports for servers the tests start: below Linux's ephemeral range (32768+),
 #: so no outgoing connection of another program takes one meanwhile.
@@ -128,25 +128,5 @@ def read_pids(path: Path) -> list[int]:
     return [int(line.split()[-1]) for line in text.splitlines() if line.strip()]
 
 
-def proc_state(pid: int) -> str | None:
-    """The state letter of ``pid`` in /proc (R, S, T, Z, ...), None if gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return chr(data[data.rfind(b")") + 2])
-
-
 def is_gone(pid: int) -> bool:
     return proc_state(pid) in (None, "Z", "X")
-
-
-async def eventually(condition: Callable[[], bool], *, within: float = 5.0) -> None:
-    """Wait until ``condition()`` holds, checking it every few ms, failing after ``within`` s.
-
-    The conditions are the OS's (a file written by a child, a state in /proc):
-    there is no event to wait on, so this polls, always with a deadline.
-    """
-    with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.005)
