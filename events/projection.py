@@ -67,6 +67,9 @@ class State:
 
     sandboxes: dict[str, SandboxRecord] = attrs.Factory(dict)
     head_seq: int = 0
+    #: Who created every sandbox ever created, deleted ones included: their events stay
+    #: in the log, visible to their owner. One small entry per sandbox.
+    owners: dict[str, str | None] = attrs.Factory(dict)
 
 
 _FIELDS = tuple(f.name for f in attrs.fields(SandboxRecord))
@@ -164,6 +167,8 @@ def apply(state: State, event: ev.Event) -> State:
     sandbox_id = event.sandbox_id
     if sandbox_id is not None:
         after = step(state.sandboxes.get(sandbox_id), event)
+        if isinstance(event.data, ev.SandboxCreated):
+            state.owners[sandbox_id] = event.data.created_by_user_id
         if after is None:
             del state.sandboxes[sandbox_id]
         else:
@@ -173,17 +178,21 @@ def apply(state: State, event: ev.Event) -> State:
 
 
 def copy_state(state: State) -> State:
-    # Records are immutable: a shallow copy of the map is a full copy of the state.
-    return State(dict(state.sandboxes), state.head_seq)
+    # Records are immutable: shallow copies of the maps are a full copy of the state.
+    return State(dict(state.sandboxes), state.head_seq, dict(state.owners))
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
     return {
         "head_seq": state.head_seq,
         "sandboxes": [converter.unstructure(r) for r in state.sandboxes.values()],
+        "owners": dict(state.owners),
     }
 
 
 def state_from_dict(raw: dict[str, Any]) -> State:
     records = [converter.structure(r, SandboxRecord) for r in raw["sandboxes"]]
-    return State({r.id: r for r in records}, int(raw["head_seq"]))
+    owners = raw["owners"]
+    if not isinstance(owners, dict):
+        raise ValueError("owners must be an object")
+    return State({r.id: r for r in records}, int(raw["head_seq"]), owners)

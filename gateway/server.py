@@ -57,7 +57,7 @@ from sandboxd.events.errors import Gone, LogUnavailable
 from sandboxd.events.log import Page
 from sandboxd.events.projection import Status
 from sandboxd.events.segments import Record
-from sandboxd.events.subscriptions import CaughtUp, EventFilter, Filter, Subscription
+from sandboxd.events.subscriptions import CaughtUp, Filter, Subscription
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, can_see, check_path, token_from_handshake
 
@@ -143,35 +143,16 @@ def _internal() -> p.ProtocolError:
 
 
 class Owners:
-    """sandbox id -> the user who created it, for every sandbox this gateway has known.
+    """Who created a sandbox, live or deleted: the projection keeps every owner.
 
-    The projection forgets a sandbox when it is deleted, but its events stay in
-    the log and stay visible to their owner. So the owners of sandboxes created
-    since start are kept here (fed from the log), and every history scan adds
-    the `sandbox.created` events it passes. Unknown means invisible to anyone
-    but an admin: the safe side. One small entry per sandbox ever created.
+    Unknown means invisible to anyone but an admin: the safe side.
     """
 
     def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-        self._known: dict[str, str | None] = {}
-
-    def learn(self, event: ev.Event) -> None:
-        if isinstance(event.data, ev.SandboxCreated) and event.sandbox_id is not None:
-            self._known[event.sandbox_id] = event.data.created_by_user_id
-
-    def lookup(self, sandbox_id: str) -> tuple[bool, str | None]:
-        """(known, owner) of a sandbox, live or deleted."""
-        record = self._registry.state.sandboxes.get(sandbox_id)
-        if record is not None:
-            return True, record.created_by_user_id
-        if sandbox_id in self._known:
-            return True, self._known[sandbox_id]
-        return False, None
+        self._owners = registry.state.owners
 
     def visible_to(self, user: User, sandbox_id: str) -> bool:
-        known, owner = self.lookup(sandbox_id)
-        return known and can_see(user, owner)
+        return sandbox_id in self._owners and can_see(user, self._owners[sandbox_id])
 
 
 def event_filter(
@@ -181,7 +162,6 @@ def event_filter(
     wanted = frozenset(types) if types else None
 
     def matches(event: ev.Event) -> bool:
-        owners.learn(event)
         if wanted is not None and event.type not in wanted:
             return False
         if sandbox_id is not None and event.sandbox_id != sandbox_id:
@@ -237,7 +217,6 @@ class Gateway:
         async with trio.open_nursery() as connections:
             # Connections live in their own nursery: drain() stops the listeners
             # alone, and in-flight requests on open connections run on.
-            connections.start_soon(self._learn_owners)
             with trio.CancelScope() as self._listening:
                 async with trio.open_nursery() as listening:
                     await listening.start(
@@ -265,25 +244,6 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             for connection in list(self._connections):
                 nursery.start_soon(connection.shut_down)
-
-    async def _learn_owners(self) -> None:
-        # The owners of sandboxes created from now on, whoever deletes them later.
-        after_seq = self.log.head_seq
-        created = EventFilter(types=frozenset({ev.SandboxCreated.TYPE}))
-        while True:
-            try:
-                async with self.log.subscribe(after_seq, created) as subscription:
-                    async for record in subscription:
-                        self.owners.learn(record.event)
-                return  # the log has closed
-            except Gone as gone:
-                # Retention went past us (the log is far ahead): go on from what is left.
-                after_seq = gone.oldest_seq - 1
-            except LogUnavailable:
-                return
-            except Exception:
-                log.exception("the gateway stopped following sandbox owners in the log")
-                return
 
     # -- the handshake --------------------------------------------------------------------
 

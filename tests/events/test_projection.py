@@ -16,6 +16,7 @@ from sandboxd.events.projection import (
     Status,
     apply,
     copy_state,
+    state_from_dict,
     state_to_dict,
 )
 from tests.events.strategies import histories, stamp
@@ -95,11 +96,14 @@ def test_status_after_events(payloads: tuple[ev.Payload, ...], status: Status) -
     assert state.sandboxes["a"].version == changing[-1].seq
 
 
-def test_deleted_sandboxes_leave_the_state() -> None:
+def test_deleted_sandboxes_leave_the_state_but_not_their_owner() -> None:
     state = State()
     for event in _sandbox_events(ev.SandboxDeleted(False)):
         apply(state, event)
     assert state.sandboxes == {}
+    # Their events stay in the log, visible to whoever created them, across snapshots too.
+    assert state.owners == {"a": "alice"}
+    assert state_from_dict(state_to_dict(state)).owners == {"a": "alice"}
 
 
 @pytest.mark.parametrize(
