@@ -88,6 +88,9 @@ def _evolve(record: SandboxRecord, **changes: Any) -> SandboxRecord:
 def _exit_reason(data: ev.SandboxExited) -> str:
     if data.signal is not None:
         return f"the process was killed by signal {data.signal}"
+    if data.exit_code is None:
+        # An adopted process is not the daemon's child: its status is not the daemon's to read.
+        return "the process exited (its exit status is unknown: it was adopted after a restart)"
     return f"the process exited with code {data.exit_code}"
 
 

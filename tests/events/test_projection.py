@@ -130,3 +130,19 @@ def test_seqs_must_increase() -> None:
     apply(state, event)
     with pytest.raises(ProjectionError, match="does not follow"):
         apply(state, event)
+
+
+@pytest.mark.parametrize(
+    ("exited", "reason"),
+    [
+        (ev.SandboxExited(3, None), "the process exited with code 3"),
+        (ev.SandboxExited(None, 9), "the process was killed by signal 9"),
+        (ev.SandboxExited(None, None), "exit status is unknown"),
+    ],
+)
+def test_an_exit_says_why(exited: ev.SandboxExited, reason: str) -> None:
+    state = State()
+    for event in _sandbox_events(ev.ProcessStarted(5, 5, 1.5, ["x"]), exited):
+        apply(state, event)
+    error = state.sandboxes["a"].error
+    assert error is not None and reason in error
