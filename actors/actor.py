@@ -114,6 +114,8 @@ class SandboxActor:
         self.sandbox_id = sandbox_id
         self.spec = spec
         self._ctx = context
+        #: Where the sandbox's stdout and stderr go (a str: every reader of it takes one).
+        self.output_path = str(context.output_dir / f"{sandbox_id}.log")
         self._send, self._receive = trio.open_memory_channel[_Command | _Notice](MAILBOX_SIZE)
         self._handle: process.ProcessHandle | None = None
         self._spawned: process.SpawnedProcess | None = None
@@ -136,10 +138,6 @@ class SandboxActor:
         if record is None:
             raise NotFound(f"sandbox {self.sandbox_id} does not exist")
         return record
-
-    @property
-    def output_path(self) -> Path:
-        return self._ctx.output_dir / f"{self.sandbox_id}.log"
 
     async def command(self, name: str, by: str | None) -> Any:
         reply = _Reply()
@@ -250,7 +248,7 @@ class SandboxActor:
                 plan.command,
                 env=plan.env,
                 cwd=plan.cwd,
-                output_path=str(self.output_path),
+                output_path=self.output_path,
                 output_cap_bytes=self._ctx.output_cap_bytes,
             )
         except OSError as exc:
@@ -388,7 +386,7 @@ class SandboxActor:
             self._cancel_watchers()
             if starting:
                 tail, _ = await trio.to_thread.run_sync(
-                    process.read_output_tail, str(self.output_path), OUTPUT_TAIL_FOR_ERRORS
+                    process.read_output_tail, self.output_path, OUTPUT_TAIL_FOR_ERRORS
                 )
                 await self._fail_start(_exit_reason(status, tail), status.exit_code)
             else:
@@ -503,7 +501,7 @@ def _ensure_directory(path: Path) -> None:
 
 def _remove_sandbox_files(working_dir: Path, actor: SandboxActor) -> None:
     shutil.rmtree(working_dir, ignore_errors=True)
-    for path in (str(actor.output_path), process.rotated_path(str(actor.output_path))):
+    for path in (actor.output_path, process.rotated_path(actor.output_path)):
         Path(path).unlink(missing_ok=True)
 
 

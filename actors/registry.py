@@ -106,7 +106,7 @@ class Registry:
     async def cap_outputs_forever(self) -> None:
         """Keep every sandbox's output within ``output_cap_bytes`` (and its one rotation)."""
         while True:
-            paths = [str(actor.output_path) for actor in self._actors.values()]
+            paths = [actor.output_path for actor in self._actors.values()]
             await trio.to_thread.run_sync(process.cap_outputs, paths, self.config.output_cap_bytes)
             await trio.sleep(OUTPUT_SWEEP_INTERVAL)
 
@@ -303,9 +303,8 @@ class Registry:
         return None if spec is None else spec_info(spec, mask_values=not caller.admin)
 
     def logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> tuple[str, bool]:
-        self._visible_actor(caller, sandbox_id)
-        path = self._context.output_dir / f"{sandbox_id}.log"
-        return process.read_output_tail(str(path), tail_bytes)
+        actor = self._visible_actor(caller, sandbox_id)
+        return process.read_output_tail(actor.output_path, tail_bytes)
 
     # -- commands -----------------------------------------------------------------------
 
