@@ -85,7 +85,9 @@ class Registry:
         self.ports = PortAllocator(*config.port_range)
         self._nursery = nursery
         self._actors: dict[str, SandboxActor] = {}
-        self._starting: set[str] = set()  # ids taken but not yet in the projection
+        #: Ids taken, and by whom, whose sandbox.created is not yet in the projection:
+        #: the limits count them, or concurrent starts could all pass the same check.
+        self._starting: dict[str, str | None] = {}
         self._closed = False
         #: Set in every sandbox's environment: which daemon's sandbox a process is.
         self.marker = str(config.state_dir.resolve())
@@ -135,7 +137,7 @@ class Registry:
             port = self.ports.reserve()
         except PortsExhausted:
             raise LimitExceeded("every port of port_range is in use") from None
-        self._starting.add(sandbox_id)
+        self._starting[sandbox_id] = caller.id
         working_dir = self.config.sandboxes_dir / sandbox_id
         created = ev.SandboxCreated(spec.id, caller.id, str(working_dir), port)
         try:
@@ -147,7 +149,7 @@ class Registry:
             self.ports.release(port)
             raise
         finally:
-            self._starting.discard(sandbox_id)
+            del self._starting[sandbox_id]
         # The key is derived from the created event's seq, so it exists only from here on.
         key = self.keys.key_for(sandbox_id, event.seq)
         self.keys.remember(sandbox_id, event.seq)
@@ -186,6 +188,7 @@ class Registry:
         if caller.id is None:
             return
         mine = sum(1 for r in self.state.sandboxes.values() if r.created_by_user_id == caller.id)
+        mine += sum(1 for owner in self._starting.values() if owner == caller.id)
         if mine >= self.config.max_sandboxes_per_user:
             raise LimitExceeded(
                 f"user {caller.id} has {mine} sandboxes, the limit max_sandboxes_per_user is "

@@ -290,6 +290,24 @@ async def test_limits(tmp_path: Path) -> None:
             await registry.start_sandbox(BOB)
 
 
+async def test_limits_hold_for_starts_fired_at_once(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper, max_sandboxes=5, max_sandboxes_per_user=2) as harness:
+        outcomes: list[object] = []
+
+        async def start(caller: Caller) -> None:
+            try:
+                outcomes.append(await harness.registry.start_sandbox(caller, wait=False))
+            except LimitExceeded as exc:
+                outcomes.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for caller in [ALICE] * 4 + [BOB] * 4:
+                nursery.start_soon(start, caller)
+        started = [o for o in outcomes if not isinstance(o, LimitExceeded)]
+        assert len(started) == 4  # two each: per user, then in total, never one more
+
+
 async def test_ids_conflict_and_users_see_only_their_own(tmp_path: Path) -> None:
     sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
     async with running(tmp_path, sleeper) as harness:
