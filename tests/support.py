@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
+
+from sandboxd.config import UserConfig
+
+#: The users of the daemons the gateway and end-to-end tests run; root is the admin.
+TOKENS = {
+    "alice": "alice-token-0123456789",
+    "bob": "bob-token-0123456789abc",
+    "root": "root-token-0123456789xyz",
+}
+ADMINS = {"root"}
+
+
+def configured_users() -> tuple[UserConfig, ...]:
+    """TOKENS as the daemon's Config holds them."""
+    return tuple(
+        UserConfig(name, hashlib.sha256(token.encode()).hexdigest(), name in ADMINS)
+        for name, token in TOKENS.items()
+    )
+
+
+def users_toml() -> str:
+    """TOKENS as [[users]] tables of a config file."""
+    return "".join(
+        f'[[users]]\nid = "{name}"\ntoken = "{token}"\nadmin = {str(name in ADMINS).lower()}\n'
+        for name, token in TOKENS.items()
+    )
 
 
 async def eventually(

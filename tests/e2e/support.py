@@ -15,7 +15,6 @@ their markers (SANDBOXD_STATE_DIR names the test's own state dir).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -37,23 +36,17 @@ import trio
 from sandboxd.actors import process
 from sandboxd.actors.info import SandboxInfo, sandbox_info
 from sandboxd.cli import main as sandboxd_cli
-from sandboxd.config import Config, SpecConfig, UserConfig
+from sandboxd.config import Config, SpecConfig
 from sandboxd.daemon import run_daemon
 from sandboxd.events import audit, codec
 from sandboxd.events import types as ev
 from sandboxd.events.projection import SandboxRecord, State, apply
 from sandboxd.events.store import StoreConfig, open_store
 from sandboxd.gateway.server import Gateway
-from tests.support import eventually, proc_state
+from tests.support import TOKENS, configured_users, eventually, proc_state, users_toml
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 
-TOKENS = {
-    "root": "root-token-0123456789xyz",
-    "alice": "alice-token-0123456789",
-    "bob": "bob-token-0123456789abc",
-}
-ADMINS = {"root"}
 ROOT = TOKENS["root"]
 
 #: How long a daemon may take to listen (start-up is recovery; the machine has 2 cores
@@ -97,10 +90,6 @@ def daemon_toml(state_dir: Path, port: int, **settings: Any) -> str:
         # A JSON scalar is a TOML scalar.
         return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
-    users = "".join(
-        f'[[users]]\nid = "{name}"\ntoken = "{token}"\nadmin = {str(name in ADMINS).lower()}\n'
-        for name, token in TOKENS.items()
-    )
     return (
         table("server", {"host": "127.0.0.1", "port": port, "state_dir": str(state_dir)})
         + table("sandboxes", sandboxes)
@@ -116,22 +105,18 @@ def daemon_toml(state_dir: Path, port: int, **settings: Any) -> str:
         'health_check_path = "/alive"\n'
         f"health_interval = {AGENT_SPEC.health_interval}\n"
         f"ready_timeout = {AGENT_SPEC.ready_timeout}\n"
-        'inherit_env = ["PATH"]\n' + users
+        'inherit_env = ["PATH"]\n' + users_toml()
     )
 
 
 def make_config(state_dir: Path, **changes: Any) -> Config:
     """The daemon of ``daemon_toml`` as a Config, for one run in this process (port 0)."""
-    users = tuple(
-        UserConfig(name, hashlib.sha256(token.encode()).hexdigest(), name in ADMINS)
-        for name, token in TOKENS.items()
-    )
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
         "state_dir": state_dir,
         "specs": (SLEEP_SPEC, AGENT_SPEC),
-        "users": users,
+        "users": configured_users(),
         "stop_timeout": 2.0,
         "shutdown_grace": 5.0,
         "on_shutdown": "keep",

@@ -20,13 +20,12 @@ import trio
 from sandboxd.events.projection import Status
 from sandboxd.gateway.client import Client, UnavailableError, open_client
 from tests.e2e.support import (
-    TOKENS,
     daemon_process,
     read_log,
     replay,
     verify_log,
 )
-from tests.support import eventually
+from tests.support import TOKENS, eventually
 
 TARGET = {"start": Status.RUNNING, "pause": Status.PAUSED, "resume": Status.RUNNING, "delete": None}
 

@@ -43,7 +43,6 @@ from sandboxd.gateway.client import (
 )
 from tests.e2e.support import (
     ROOT,
-    TOKENS,
     DaemonProcess,
     differences,
     marked_processes,
@@ -52,7 +51,7 @@ from tests.e2e.support import (
     stopped,
     verify_log,
 )
-from tests.support import eventually
+from tests.support import TOKENS, eventually
 
 WORKERS = ("alice", "bob", "alice", "bob")
 LOAD_SECONDS = (0.05, 0.6)  # how long the load runs before the kill

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -26,19 +25,14 @@ from typing import Any
 import attrs
 import trio
 
-from sandboxd.config import Config, SpecConfig, UserConfig
+from sandboxd.config import Config, SpecConfig
 from sandboxd.daemon import run_daemon
 from sandboxd.gateway.server import Gateway
+from tests.support import configured_users, users_toml
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 FALSE = shutil.which("false") or "/bin/false"
 
-TOKENS = {
-    "alice": "alice-token-0123456789",
-    "bob": "bob-token-0123456789abc",
-    "root": "root-token-0123456789xyz",
-}
-ADMINS = {"root"}
 
 #: Specs of cheap children. "sleep" runs at once (no HTTP check); "stuck" never
 #: becomes healthy (nothing listens), so its start waits out ready_timeout;
@@ -63,18 +57,13 @@ SPECS = (
 )
 
 
-def sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def make_config(state_dir: Path, *, port: int = 0, **changes: Any) -> Config:
-    users = tuple(UserConfig(name, sha256(token), name in ADMINS) for name, token in TOKENS.items())
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
         "state_dir": state_dir,
         "specs": SPECS,
-        "users": users,
+        "users": configured_users(),
         "stop_timeout": 2.0,
         "shutdown_grace": 5.0,
         "on_shutdown": "stop",
@@ -99,15 +88,11 @@ def config_toml(state_dir: Path, port: int) -> str:
             f"initial_env = {{ {env} }}\n"
         )
 
-    users = "".join(
-        f'[[users]]\nid = "{name}"\ntoken = "{token}"\nadmin = {str(name in ADMINS).lower()}\n'
-        for name, token in TOKENS.items()
-    )
     return (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = {json.dumps(str(state_dir))}\n'
         '[sandboxes]\non_shutdown = "stop"\nstop_timeout = 2.0\nshutdown_grace = 5.0\n'
         + "".join(spec(s) for s in SPECS)
-        + users
+        + users_toml()
     )
 
 

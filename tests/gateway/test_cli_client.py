@@ -10,7 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from tests.gateway.support import TOKENS, DaemonProcess, env_for_cli, free_port
+from tests.gateway.support import DaemonProcess, env_for_cli, free_port
+from tests.support import TOKENS
 
 ALICE, ROOT = TOKENS["alice"], TOKENS["root"]
 

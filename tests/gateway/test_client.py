@@ -17,7 +17,8 @@ from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.gateway import client as c
 from sandboxd.gateway.client import open_client
-from tests.gateway.support import TOKENS, Daemon, make_config, start_daemon, stop_daemon
+from tests.gateway.support import Daemon, make_config, start_daemon, stop_daemon
+from tests.support import TOKENS
 
 ALICE, BOB, ROOT = TOKENS["alice"], TOKENS["bob"], TOKENS["root"]
 

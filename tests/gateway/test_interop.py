@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.gateway.support import TOKENS, DaemonProcess, Peer
+from tests.gateway.support import DaemonProcess, Peer
+from tests.support import TOKENS
 
 ALICE, BOB, ROOT = TOKENS["alice"], TOKENS["bob"], TOKENS["root"]
 

@@ -17,13 +17,12 @@ from sandboxd.gateway import protocol as p
 from sandboxd.gateway import server
 from sandboxd.gateway.auth import User
 from tests.gateway.support import (
-    TOKENS,
     Daemon,
     masked_frame,
     raw_websocket,
     trio_peer,
 )
-from tests.support import eventually
+from tests.support import TOKENS, eventually
 
 ALICE, ROOT = TOKENS["alice"], TOKENS["root"]
 registry_admin = User(None, admin=True)
