@@ -63,7 +63,7 @@ class SandboxContext:
 
 @attrs.frozen
 class StartPlan:
-    """How to spawn a new sandbox: everything decided before ``sandbox.created``."""
+    """How to spawn a new sandbox: decided by the registry once ``sandbox.created`` is durable."""
 
     command: list[str]
     env: dict[str, str]
@@ -242,8 +242,9 @@ class SandboxActor:
 
     async def _spawn(self, plan: StartPlan) -> None:
         try:
-            await trio.to_thread.run_sync(_fresh_directory, Path(self.record.working_dir))
-            await trio.to_thread.run_sync(_ensure_directory, Path(plan.cwd))
+            await trio.to_thread.run_sync(
+                _prepare_directories, Path(self.record.working_dir), Path(plan.cwd)
+            )
             spawned = await process.spawn(
                 plan.command,
                 env=plan.env,
@@ -488,15 +489,13 @@ def _exit_reason(status: process.ExitStatus, output_tail: str) -> str:
     return how + (": " + " | ".join(lines) if lines else "")
 
 
-def _fresh_directory(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)  # a leftover of an interrupted start: never reuse its files
-    path.mkdir(mode=0o700, parents=True)
-    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
-
-
-def _ensure_directory(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _prepare_directories(working_dir: Path, cwd: Path) -> None:
+    """The sandbox's own fresh directory, and the spec's working_dir if it names one."""
+    if working_dir.exists():
+        shutil.rmtree(working_dir)  # a leftover of an interrupted start: never reuse its files
+    working_dir.mkdir(mode=0o700, parents=True)
+    os.chmod(working_dir, 0o700)  # mkdir's mode is masked by the umask
+    cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def _remove_sandbox_files(working_dir: Path, actor: SandboxActor) -> None:
