@@ -22,7 +22,7 @@ import trio
 
 from sandboxd.actors import health, process
 from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
-from sandboxd.config import SpecConfig
+from sandboxd.actors.specs import SpecConfig
 from sandboxd.events import types as ev
 from sandboxd.events.log import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import attrs
 
-from sandboxd.config import SpecConfig
+from sandboxd.actors.specs import SpecConfig
 from sandboxd.events.projection import SandboxRecord, Status
 from sandboxd.events.types import ExposedUrl
 

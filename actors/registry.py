@@ -36,7 +36,8 @@ from sandboxd.actors.errors import (
 from sandboxd.actors.info import SandboxInfo, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
-from sandboxd.config import Config, SpecConfig
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.log import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status

@@ -63,7 +63,8 @@ from _common import (
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.ports import PortAllocator
 from sandboxd.actors.registry import Registry
-from sandboxd.config import Config, SpecConfig
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.config import Config
 from sandboxd.events.store import open_store
 
 SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_service"

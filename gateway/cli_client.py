@@ -1,6 +1,6 @@
 """The command line's client commands: start, ls, get, pause, resume, rm, logs, events, specs.
 
-sandboxd/cli.py adds them with ``add_client_commands(subparsers)``; each sets
+daemon/cli.py adds them with ``add_client_commands(subparsers)``; each sets
 ``handler`` to its ``run_<cmd>(args) -> int``. Tables by default, ``--json`` for
 JSON. Any error ends the command with one line on stderr and a non-zero exit
 code, never a traceback for a mistake of the user's or a daemon that is down.

@@ -16,7 +16,8 @@ from sandboxd.actors import process
 from sandboxd.actors.errors import Conflict, LimitExceeded, NotFound, StartFailed
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
-from sandboxd.config import Config, SpecConfig
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.events.store import Store, open_store

@@ -35,8 +35,9 @@ import trio
 
 from sandboxd.actors import process
 from sandboxd.actors.info import SandboxInfo, sandbox_info
+from sandboxd.actors.specs import SpecConfig
 from sandboxd.cli import main as sandboxd_cli
-from sandboxd.config import Config, SpecConfig
+from sandboxd.config import Config
 from sandboxd.daemon import run_daemon
 from sandboxd.events import audit, codec
 from sandboxd.events import types as ev

@@ -142,7 +142,7 @@ def test_a_file_size_limit_fails_batches_and_appends_resume(tmp_path: Path) -> N
         [sys.executable, "-c", CHILD, str(directory), str(ROOT)],
         capture_output=True,
         text=True,
-        cwd=tmp_path,  # not the project root, whose sandboxd/ folder would shadow the package
+        cwd=tmp_path,  # not the project root, whose daemon/ folder once shadowed the package
         timeout=60,
     )
     assert done.returncode == 0, done.stderr

@@ -130,7 +130,7 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path / "log"), str(Path(__file__).parents[2])],
         stdout=subprocess.PIPE,
-        cwd=tmp_path,  # not the project root, whose sandboxd/ folder would shadow the package
+        cwd=tmp_path,  # not the project root, whose daemon/ folder once shadowed the package
         text=True,
     )
     assert child.stdout is not None

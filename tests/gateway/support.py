@@ -25,7 +25,8 @@ from typing import Any
 import attrs
 import trio
 
-from sandboxd.config import Config, SpecConfig
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.config import Config
 from sandboxd.daemon import run_daemon
 from sandboxd.gateway.server import Gateway
 from tests.support import configured_users, users_toml

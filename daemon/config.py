@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,12 +16,11 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from sandboxd.events.codec import now_ts
+from sandboxd.actors.specs import PLACEHOLDERS, SpecConfig, default_spec
 
 T = TypeVar("T")
 
 SPEC_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-PLACEHOLDERS = frozenset({"port", "sandbox_id", "working_dir", "session_api_key"})
 
 
 class ConfigError(ValueError):
@@ -32,28 +30,6 @@ class ConfigError(ValueError):
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "sandboxd"
-
-
-@attrs.frozen
-class SpecConfig:
-    id: str
-    command: tuple[str, ...]
-    initial_env: Mapping[str, str] = attrs.Factory(dict)
-    inherit_env: tuple[str, ...] = ("PATH", "HOME", "LANG")
-    working_dir: str = ""
-    health_check_path: str = "/"
-    ready_timeout: float = 30.0
-    health_interval: float = 10.0
-    created_at: str = attrs.Factory(now_ts)
-
-
-def default_spec() -> SpecConfig:
-    """The project's own reference agent server: works with no set-up at all."""
-    return SpecConfig(
-        id="default",
-        command=(sys.executable, "-m", "sandboxd.actors.agent_server", "--port", "{port}"),
-        health_check_path="/alive",
-    )
 
 
 @attrs.frozen
