@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandboxd.events import framing, segments
@@ -250,11 +250,7 @@ def _reopen(directory: Path) -> tuple[int, int, list[ev.Event]]:
     return trio.run(reopen)
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_a_torn_tail_is_cut_to_the_last_whole_record(
     tmp_path_factory: pytest.TempPathFactory, data: st.DataObject

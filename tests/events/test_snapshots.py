@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandboxd.events import segments, snapshots
@@ -179,9 +179,7 @@ async def test_a_leftover_temporary_file_is_ignored_and_cleaned(tmp_path: Path) 
     assert not stale.exists()
 
 
-@settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=20, deadline=None)
 @given(history=histories(max_size=80), every=st.integers(1, 12), chunk=st.integers(1, 7))
 def test_the_state_after_reopening_is_the_live_state(
     tmp_path_factory: pytest.TempPathFactory,
