@@ -656,7 +656,7 @@ def _open_files(
     directory: Path,
 ) -> tuple[list[Segment], int, Recovery, tuple[int, int] | None]:
     """Find the segments, recover the last one, and open it for appending (blocking)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     found = segments.list_segments(directory)
     while found and segments.is_torn_creation(found[-1][1]):
         path = found.pop()[1]

@@ -108,11 +108,13 @@ class DaemonProcess:
     Port 0 in ``config`` is replaced by a free port, which the daemon keeps across
     restarts so that clients reconnect to the same URL. What it prints goes to
     ``root/daemon.log``, each start marked so that ``current_output`` is the last one's.
+    With ``umask`` it runs with that umask instead of this process's.
     """
 
-    def __init__(self, root: Path, config: Config) -> None:
+    def __init__(self, root: Path, config: Config, *, umask: int | None = None) -> None:
         self.root = root
         self.config = config if config.port else attrs.evolve(config, port=free_port())
+        self.umask = umask  # the daemon's, if not this process's
         self.config_path = root / "sandboxd.toml"
         self.config_path.write_text(config_toml(self.config))
         self.log_path = root / "daemon.log"
@@ -145,6 +147,7 @@ class DaemonProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                umask=-1 if self.umask is None else self.umask,
             )
 
     def listening(self) -> bool:
