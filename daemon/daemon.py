@@ -13,7 +13,9 @@ import logging
 import os
 import resource
 import signal
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import trio
 
@@ -24,7 +26,7 @@ from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
 from sandboxd.config import Config
 from sandboxd.events import types as ev
-from sandboxd.events.errors import LogUnavailable
+from sandboxd.events.errors import CorruptLog, LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
 from sandboxd.gateway.server import Gateway
@@ -73,7 +75,7 @@ async def run_daemon(
             retention=config.retention,
         )
         async with (
-            open_store(config.state_dir, store_config) as store,
+            _open_store(config.state_dir, store_config) as store,
             trio.open_nursery() as actors,
         ):
             registry = Registry(
@@ -110,6 +112,25 @@ async def run_daemon(
                 front.cancel_scope.cancel()
             actors.cancel_scope.cancel()
     log.info("sandboxd stopped")
+
+
+@asynccontextmanager
+async def _open_store(state_dir: Path, store_config: StoreConfig) -> AsyncIterator[Store]:
+    """``open_store``, and a damaged log said in one sentence: the daemon does not start on it.
+
+    (Only opening raises ``CorruptLog`` here: readers get theirs, and the tasks
+    of the body would raise theirs inside an exception group.)
+    """
+    try:
+        async with open_store(state_dir, store_config) as store:
+            yield store
+    except CorruptLog as damage:
+        raise DaemonError(
+            f"the event log is damaged at offset {damage.offset} of {damage.path}"
+            f" ({f'seq {damage.seq}: ' if damage.seq is not None else ''}{damage.reason}),"
+            " and the daemon does not start on a damaged log: `sandboxd log verify"
+            f" --state-dir {state_dir}` shows more, and docs/operations.md says what to do"
+        ) from None
 
 
 async def _shut_down(
