@@ -194,10 +194,6 @@ class EventLog:
         return self._head_position
 
     @property
-    def segment_count(self) -> int:
-        return len(self._segments)
-
-    @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 

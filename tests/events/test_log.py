@@ -157,7 +157,7 @@ async def test_segments_roll_over_and_reads_find_any_seq(tmp_path: Path) -> None
         written: list[ev.Event] = []
         for start in range(0, 600, 30):
             written += await _fill(log, 30, start)
-        assert log.segment_count > 10
+        assert len(segments.list_segments(tmp_path)) > 10
         names = sorted(p.name for p in await trio.Path(tmp_path).iterdir())
         firsts = [int(n.removesuffix(".log")) for n in names]
         assert firsts[0] == 1 and firsts == sorted(firsts)
@@ -315,7 +315,7 @@ async def test_a_read_that_reaches_a_damaged_record_gets_what_precedes_it_then_t
     async with open_event_log(tmp_path, segment_bytes=4096) as log:
         for start in range(0, 60, 5):
             await _fill(log, 5, start)
-        assert log.segment_count > 1
+        assert len(segments.list_segments(tmp_path)) > 1
         fifth = (await log.read_records(4, limit=1))[0]
         path = tmp_path / segments.segment_name(1)
         content = bytearray(path.read_bytes())

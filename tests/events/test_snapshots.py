@@ -18,6 +18,7 @@ from sandboxd.events.log import open_event_log
 from sandboxd.events.projection import ProjectionError, state_to_dict
 from sandboxd.events.store import Store, StoreConfig, open_store
 from tests.events.strategies import histories, sample_pending
+from tests.support import eventually
 
 
 async def _fill(store: Store, count: int, start: int = 0) -> None:
@@ -34,8 +35,7 @@ async def test_startup_loads_the_newest_snapshot_and_replays_the_tail(tmp_path: 
     async with open_store(tmp_path, config) as store:
         await _fill(store, 350)
         # The snapshot task runs beside the writer: one is due once 100 events passed.
-        with trio.fail_after(5):
-            await store.wait_for_snapshot(250)
+        await eventually(lambda: store.snapshot_seq >= 250, within=5, what="the third snapshot")
         live = state_to_dict(store.state)
         assert _snapshot_seqs(tmp_path)[-1] >= 250
         assert store.snapshots_written >= 3
