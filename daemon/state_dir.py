@@ -62,8 +62,7 @@ def open_state_dir(state_dir: Path, sandboxes_dir: Path) -> Iterator[None]:
         )
         if tightened:
             logger.warning(
-                "others could read or enter %d %s in the state dir %s (%s); %s private now "
-                "(0700 dirs, 0600 files)",
+                "others could read or enter %d %s in the state dir %s (%s); %s private now",
                 len(tightened),
                 "path" if len(tightened) == 1 else "paths",
                 state_dir,
