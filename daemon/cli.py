@@ -21,6 +21,7 @@ from sandboxd.events.types import EVENT_TYPES
 
 def _serve(args: argparse.Namespace) -> int:
     from sandboxd.daemon import DaemonError, run_daemon
+    from sandboxd.state_dir import StateDirError
 
     try:
         config = load_config(args.config).with_overrides(
@@ -35,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         trio.run(run_daemon, config)
-    except DaemonError as exc:
+    except (DaemonError, StateDirError) as exc:
         print(f"sandboxd: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -1,6 +1,6 @@
 """The daemon's wiring: which parts start in which nursery, in which order.
 
-    state dir lock -> store (log writer, projection) -> actors + recovery
+    state dir (private, locked) -> store (log writer, projection) -> actors + recovery
       -> daemon.started -> gateway ... SIGTERM/SIGINT -> graceful stop
 
 The gateway opens only after recovery, so no client ever sees half-rebuilt
@@ -9,53 +9,34 @@ state; on shutdown it stops first, so no op arrives while actors stop.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import resource
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import trio
 
 from sandboxd import __version__
 from sandboxd.actors.errors import Unavailable
-from sandboxd.actors.keys import SessionKeys
+from sandboxd.actors.keys import SecretFileError, SessionKeys
 from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
 from sandboxd.config import Config
 from sandboxd.events import types as ev
-from sandboxd.events.errors import LogUnavailable
+from sandboxd.events.errors import CorruptLog, LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
 from sandboxd.gateway.server import Gateway
+from sandboxd.state_dir import open_state_dir
 
 log = logging.getLogger("sandboxd")
 
 
 class DaemonError(Exception):
     """The daemon cannot start; the message says why and what to do."""
-
-
-@contextmanager
-def state_dir_lock(state_dir: Path) -> Iterator[None]:
-    """One daemon per state dir: two writers would interleave one log."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DaemonError(
-                f"another sandboxd is running on {state_dir}; stop it or pick another --state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
 
 
 def raise_open_files_limit() -> None:
@@ -77,10 +58,13 @@ async def run_daemon(
     """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
     raise_open_files_limit()
     with (
-        state_dir_lock(config.state_dir),
+        open_state_dir(config.state_dir, config.sandboxes_dir),
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
-        keys = SessionKeys(config.state_dir)
+        try:
+            keys = SessionKeys(config.state_dir)
+        except SecretFileError as exc:
+            raise DaemonError(str(exc)) from None
         if config.users:
             authenticator = Authenticator(config.users)
         else:
@@ -91,7 +75,7 @@ async def run_daemon(
             retention=config.retention,
         )
         async with (
-            open_store(config.state_dir, store_config) as store,
+            _open_store(config.state_dir, store_config) as store,
             trio.open_nursery() as actors,
         ):
             registry = Registry(
@@ -128,6 +112,25 @@ async def run_daemon(
                 front.cancel_scope.cancel()
             actors.cancel_scope.cancel()
     log.info("sandboxd stopped")
+
+
+@asynccontextmanager
+async def _open_store(state_dir: Path, store_config: StoreConfig) -> AsyncIterator[Store]:
+    """``open_store``, and a damaged log said in one sentence: the daemon does not start on it.
+
+    (Only opening raises ``CorruptLog`` here: readers get theirs, and the tasks
+    of the body would raise theirs inside an exception group.)
+    """
+    try:
+        async with open_store(state_dir, store_config) as store:
+            yield store
+    except CorruptLog as damage:
+        raise DaemonError(
+            f"the event log is damaged at offset {damage.offset} of {damage.path}"
+            f" ({f'seq {damage.seq}: ' if damage.seq is not None else ''}{damage.reason}),"
+            " and the daemon does not start on a damaged log: `sandboxd log verify"
+            f" --state-dir {state_dir}` shows more, and docs/operations.md says what to do"
+        ) from None
 
 
 async def _shut_down(

@@ -40,6 +40,12 @@ class CorruptLog(Exception):
         self.seq = seq
         self.reason = reason
 
+    @property
+    def where(self) -> str:
+        """The damaged record in words, without the state dir's path (clients get this)."""
+        seq = f"seq {self.seq}, " if self.seq is not None else ""
+        return f"{seq}offset {self.offset} of segment {self.path.name}"
+
 
 def only_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception inside ``group`` (however nested), else the group itself.

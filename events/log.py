@@ -173,6 +173,7 @@ class EventLog:
         self._subscribers: set[Subscription] = set()
         self._closing = False
         self._closed = False
+        self._damage_reported: set[tuple[Path, int]] = set()
         self.failed_batches = 0
 
     # -- state -----------------------------------------------------------------------
@@ -191,10 +192,6 @@ class EventLog:
     def head_position(self) -> tuple[int, int] | None:
         """(first seq of its segment, offset) of the record at ``head_seq``, if known."""
         return self._head_position
-
-    @property
-    def segment_count(self) -> int:
-        return len(self._segments)
 
     @property
     def subscriber_count(self) -> int:
@@ -482,7 +479,26 @@ class EventLog:
         except FileNotFoundError:
             # Retention removed the segment while we were on our way to it.
             raise Gone(self.oldest_seq) from None
+        except CorruptLog as damage:
+            self._report_damage(damage)
+            raise
         return span.records
+
+    def _report_damage(self, damage: CorruptLog) -> None:
+        """Log a damaged record once: every read that reaches it fails the same way.
+
+        (A range a snapshot covers is not read at start-up, so the daemon can run
+        on a log damaged there; only readers of that range learn of it.) The set
+        of records reported is bounded by the damage on disk.
+        """
+        if (damage.path, damage.offset) in self._damage_reported:
+            return
+        self._damage_reported.add((damage.path, damage.offset))
+        logger.error(
+            "%s; every read that reaches it fails until the log is repaired "
+            "(`sandboxd log verify` shows more; docs/operations.md says what to do)",
+            damage,
+        )
 
     async def read_page(
         self,
@@ -496,7 +512,8 @@ class EventLog:
 
         Scans at most about ``max_scan`` records, so a filter that matches
         little does not hold the caller for long; ``next_after_seq`` says
-        where the scan stopped, to read on from there.
+        where the scan stopped, to read on from there. A damaged record ends
+        the page before it; reading on from there raises ``CorruptLog``.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -509,7 +526,12 @@ class EventLog:
             await trio.lowlevel.checkpoint()
             raise Gone(self.oldest_seq)
         while position < head and scanned < max_scan:
-            history = await self.read_history(position, head)
+            try:
+                history = await self.read_history(position, head)
+            except CorruptLog:
+                if position == after_seq:
+                    raise
+                break  # what came before the damage is this page; the next one raises
             for record in history:
                 position = record.event.seq
                 scanned += 1
@@ -656,7 +678,7 @@ def _open_files(
     directory: Path,
 ) -> tuple[list[Segment], int, Recovery, tuple[int, int] | None]:
     """Find the segments, recover the last one, and open it for appending (blocking)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     found = segments.list_segments(directory)
     while found and segments.is_torn_creation(found[-1][1]):
         path = found.pop()[1]

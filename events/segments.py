@@ -105,7 +105,8 @@ class Segment:
 def create_segment(directory: Path, first_seq: int) -> int:
     """Create a segment file, durable with its directory entry; return a write fd."""
     path = directory / segment_name(first_seq)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    # Private, like every file of the state dir: sandboxes' output is quoted in events.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         write_all(fd, 0, framing.segment_header(first_seq))
         os.fsync(fd)

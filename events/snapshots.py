@@ -112,7 +112,7 @@ def decode_snapshot(blob: bytes, path: Path) -> Snapshot:
 
 def write_snapshot(directory: Path, seq: int, blob: bytes) -> Path:
     """Write a snapshot atomically and durably; return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = directory / snapshot_name(seq)
     temporary = directory / f".{final.name}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

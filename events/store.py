@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -76,9 +76,7 @@ class Store:
         self._last_ts: str | None = None  # ts of the event at state.head_seq
         self._snapshot_seq = 0  # the seq the newest snapshot written or loaded covers
         self._snapshot_due = trio.Event()
-        self._snapshot_written = trio.Event()
         self._snapshotting = trio.Lock()
-        self._on_applied: Callable[[list[Event]], None] | None = None
         self.snapshots_written = 0
 
     @property
@@ -131,8 +129,6 @@ class Store:
         every = self.config.snapshot_every
         if every and state.head_seq - self._snapshot_seq >= every:
             self._snapshot_due.set()
-        if self._on_applied is not None:
-            self._on_applied(events)
 
     async def _rebuild(self) -> None:
         """Newest trustworthy snapshot, then the tail of the log after it."""
@@ -210,11 +206,6 @@ class Store:
         """The seq covered by the newest snapshot written (or loaded at start-up)."""
         return self._snapshot_seq
 
-    async def wait_for_snapshot(self, seq: int) -> None:
-        """Wait until a snapshot covering ``seq`` or later is written (bound it: a cancel scope)."""
-        while self._snapshot_seq < seq:
-            await self._snapshot_written.wait()
-
     async def snapshot(self) -> int:
         """Snapshot the projection now; return the seq it covers."""
         async with self._snapshotting:  # one at a time: prune must not race a write
@@ -231,8 +222,6 @@ class Store:
         )
         self.snapshots_written += 1
         self._snapshot_seq = max(self._snapshot_seq, state.head_seq)
-        self._snapshot_written.set()
-        self._snapshot_written = trio.Event()
         kept = await trio.to_thread.run_sync(
             snapshots.prune, self.snapshot_dir, self.config.snapshots_kept
         )
@@ -265,17 +254,10 @@ def _replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[
 
 
 @asynccontextmanager
-async def open_store(
-    state_dir: Path,
-    config: StoreConfig = StoreConfig(),
-    *,
-    on_applied: Callable[[list[Event]], None] | None = None,
-) -> AsyncIterator[Store]:
+async def open_store(state_dir: Path, config: StoreConfig = StoreConfig()) -> AsyncIterator[Store]:
     """Open the log, rebuild the state, and keep both current until exit.
 
-    ``on_applied`` is called after each durable batch has been folded into
-    ``store.state``, before its appenders are answered. On a clean exit a
-    last snapshot is taken, so the next start-up replays nothing.
+    On a clean exit a last snapshot is taken, so the next start-up replays nothing.
     """
     if config.snapshot_every < 0 or config.snapshots_kept < 1:
         raise ValueError("snapshot_every must be >= 0 and snapshots_kept >= 1")
@@ -290,7 +272,6 @@ async def open_store(
         ) as log:
             store._log = log
             await store._rebuild()
-            store._on_applied = on_applied
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store._snapshot_when_due)
                 yield store

@@ -53,7 +53,7 @@ from sandboxd.actors import errors
 from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.codec import now_ts
-from sandboxd.events.errors import Gone, LogUnavailable
+from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable
 from sandboxd.events.log import Page
 from sandboxd.events.projection import Status
 from sandboxd.events.segments import Record
@@ -126,11 +126,22 @@ def translate(error: Exception) -> p.ProtocolError | None:
             f" {error.oldest_seq}; ask again with after_seq {error.oldest_seq - 1} or later.",
             oldest_seq=error.oldest_seq,
         )
+    if isinstance(error, CorruptLog):
+        return p.ProtocolError(p.ErrorCode.UNAVAILABLE, _damaged(error))
     for cls in type(error).__mro__:
         code = _CODES.get(cls)
         if code is not None:
             return p.ProtocolError(code, str(error))
     return None
+
+
+def _damaged(damage: CorruptLog) -> str:
+    # Not a bug, and nothing the client did: `unavailable`, naming the damage (the
+    # daemon logs it, with its reason, once).
+    return (
+        f"The event log is damaged at {damage.where} and cannot be read there; an operator"
+        " can see more with `sandboxd log verify`."
+    )
 
 
 def _internal() -> p.ProtocolError:
@@ -530,6 +541,8 @@ class _Connection:
                         )
                     except LogUnavailable as exc:
                         reason = f"the event log is unavailable: {exc}"
+                    except CorruptLog as damage:
+                        reason = _damaged(damage)
                     else:
                         reason = "the event log has closed"
                     # Not cut off while sending: everything up to position is passed.

@@ -27,14 +27,6 @@ def configured_users() -> tuple[UserConfig, ...]:
     )
 
 
-def users_toml() -> str:
-    """TOKENS as [[users]] tables of a config file."""
-    return "".join(
-        f'[[users]]\nid = "{name}"\ntoken = "{token}"\nadmin = {str(name in ADMINS).lower()}\n'
-        for name, token in TOKENS.items()
-    )
-
-
 async def eventually(
     condition: Callable[[], bool], *, within: float = 10.0, what: str = "a condition"
 ) -> None:

@@ -1,11 +1,12 @@
 """End-to-end support: a real `sandboxd serve` subprocess, and ways to look behind its back.
 
 The daemon runs as `python -m sandboxd.cli serve --config F`, the way an
-operator runs it, so SIGKILL and SIGTERM are real. Its sandboxes' children are
-`sleep` (no HTTP check: RUNNING as soon as they run), so a test starts one in
-milliseconds. Everything the tests check after a restart is read from the
-outside: the state through the gateway, the log offline from its files (the
-same reader as `sandboxd log dump`), the processes from /proc.
+operator runs it (tests/daemon_process.py), so SIGKILL and SIGTERM are real.
+Its sandboxes' children are `sleep` (no HTTP check: RUNNING as soon as they
+run), so a test starts one in milliseconds. Everything the tests check after a
+restart is read from the outside: the state through the gateway, the log
+offline from its files (the same reader as `sandboxd log dump`), the processes
+from /proc.
 
 Every wait is for a condition, with a deadline. Everything a test starts is
 ended by its own pid: the daemon by the pid of its Popen, the sandboxes by
@@ -18,10 +19,7 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,16 +42,12 @@ from sandboxd.events import types as ev
 from sandboxd.events.projection import SandboxRecord, State, apply
 from sandboxd.events.store import StoreConfig, open_store
 from sandboxd.gateway.server import Gateway
-from tests.support import TOKENS, configured_users, eventually, proc_state, users_toml
+from tests.daemon_process import DaemonProcess, daemon_config
+from tests.support import TOKENS, proc_state
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 
 ROOT = TOKENS["root"]
-
-#: How long a daemon may take to listen (start-up is recovery; the machine has 2 cores
-#: shared with the rest of the suite).
-START_TIMEOUT = 30.0
-
 
 SLEEP_SPEC = SpecConfig(
     id="sleep", command=(SLEEP, "3600"), health_check_path="", inherit_env=("PATH",)
@@ -69,61 +63,9 @@ AGENT_SPEC = SpecConfig(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def daemon_toml(state_dir: Path, port: int, **settings: Any) -> str:
-    """A config for `sandboxd serve`: the users above and two specs, "sleep" and "agent".
-
-    ``settings`` go into [sandboxes] or [log] by name (on_shutdown, snapshot_every, ...).
-    """
-    log_keys = {"segment_bytes", "snapshot_every", "retention"}
-    sandboxes = {"on_shutdown": "keep", "stop_timeout": 2.0, "shutdown_grace": 5.0}
-    log: dict[str, Any] = {}
-    for key, value in settings.items():
-        (log if key in log_keys else sandboxes)[key] = value
-
-    def table(name: str, values: Mapping[str, Any]) -> str:
-        # A JSON scalar is a TOML scalar.
-        return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-
-    return (
-        table("server", {"host": "127.0.0.1", "port": port, "state_dir": str(state_dir)})
-        + table("sandboxes", sandboxes)
-        + (table("log", log) if log else "")
-        + "[[specs]]\n"
-        'id = "sleep"\n'
-        f"command = {json.dumps(list(SLEEP_SPEC.command))}\n"
-        'health_check_path = ""\n'
-        'inherit_env = ["PATH"]\n'
-        "[[specs]]\n"
-        'id = "agent"\n'
-        f"command = {json.dumps(list(AGENT_SPEC.command))}\n"
-        'health_check_path = "/alive"\n'
-        f"health_interval = {AGENT_SPEC.health_interval}\n"
-        f"ready_timeout = {AGENT_SPEC.ready_timeout}\n"
-        'inherit_env = ["PATH"]\n' + users_toml()
-    )
-
-
 def make_config(state_dir: Path, **changes: Any) -> Config:
-    """The daemon of ``daemon_toml`` as a Config, for one run in this process (port 0)."""
-    values: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "state_dir": state_dir,
-        "specs": (SLEEP_SPEC, AGENT_SPEC),
-        "users": configured_users(),
-        "stop_timeout": 2.0,
-        "shutdown_grace": 5.0,
-        "on_shutdown": "keep",
-    }
-    values.update(changes)
-    return Config(**values)
+    """This suite's daemon: the specs above; sandboxes outlive it (on_shutdown "keep")."""
+    return daemon_config(state_dir, (SLEEP_SPEC, AGENT_SPEC), on_shutdown="keep", **changes)
 
 
 @contextlib.asynccontextmanager
@@ -136,110 +78,18 @@ async def daemon_in_process(config: Config) -> AsyncIterator[Gateway]:
         nursery.cancel_scope.cancel()
 
 
-class DaemonProcess:
-    """`sandboxd serve` on ``root/state``, started and stopped (or killed) at will.
-
-    It keeps its port across restarts, so clients reconnect to the same URL.
-    """
-
-    def __init__(self, root: Path, *, state_dir: Path | None = None, **settings: Any) -> None:
-        self.root = root
-        self.state_dir = state_dir or root / "state"
-        self.port = free_port()
-        self.settings = settings
-        self.config_path = root / "sandboxd.toml"
-        self.config_path.write_text(daemon_toml(self.state_dir, self.port, **settings))
-        self.log_path = root / "daemon.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1"
-
-    @property
-    def marker(self) -> str:
-        return str(self.state_dir.resolve())
-
-    def spawn(self) -> None:
-        """Start the process; do not wait for it to listen."""
-        assert not self.alive(), "the daemon is running already"
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"=== start {self.starts}\n".encode())
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "sandboxd.cli", "serve", "--config", str(self.config_path)],
-                # Not the project's root, whose ./sandboxd folder would shadow the package.
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-
-    def current_output(self) -> str:
-        """What the daemon printed since its last start."""
-        return self.output().rsplit(f"=== start {self.starts}\n", 1)[-1]
-
-    async def start(self, within: float = START_TIMEOUT) -> float:
-        """Start and wait until it listens; return the seconds that took."""
-        began = time.monotonic()
-        self.spawn()
-        listening = re.compile(rf"listening on ws://127\.0\.0\.1:{self.port}/v1")
-        process = self.process
-        assert process is not None
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"the daemon exited at start:\n{self.current_output()}")
-            return listening.search(self.current_output()) is not None
-
-        await eventually(up, within=within, what=f"the daemon to listen:\n{self.output()}")
-        return time.monotonic() - began
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    async def terminate(self, within: float = 20.0) -> int:
-        """SIGTERM, and wait until it exits; return its exit code."""
-        process = self.process
-        assert process is not None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        await eventually(lambda: process.poll() is not None, within=within, what="daemon exit")
-        return process.returncode
-
-    def marked(self) -> dict[str, list[psutil.Process]]:
-        return marked_processes(self.state_dir)
-
-    def cleanup(self) -> None:
-        """Kill the daemon, then every process its sandboxes left (by marker and pid)."""
-        self.kill()
-        end_marked(self.state_dir)
-
-
 @contextlib.asynccontextmanager
 async def daemon_process(
     root: Path, *, state_dir: Path | None = None, **settings: Any
 ) -> AsyncIterator[DaemonProcess]:
-    """A started daemon; afterwards it and every sandbox process it made are ended."""
-    daemon = DaemonProcess(root, state_dir=state_dir, **settings)
+    """A started `sandboxd serve` (``settings``: Config fields); afterwards it and every
+    sandbox process it made are ended."""
+    daemon = DaemonProcess(root, make_config(state_dir or root / "state", **settings))
     try:
         await daemon.start()
         yield daemon
     finally:
-        daemon.cleanup()
+        end_daemon(daemon)
     assert "Traceback" not in daemon.output(), daemon.output()
 
 
@@ -260,6 +110,12 @@ def end_marked(state_dir: Path) -> None:
     deadline = time.monotonic() + 10
     while marked_processes(state_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def end_daemon(daemon: DaemonProcess) -> None:
+    """Kill the daemon, then every process its sandboxes left (by marker and pid)."""
+    daemon.kill()
+    end_marked(daemon.state_dir)
 
 
 def stopped(pid: int) -> bool:

@@ -41,10 +41,12 @@ from sandboxd.gateway.client import (
     ConnectionLostError,
     open_client,
 )
+from tests.daemon_process import DaemonProcess
 from tests.e2e.support import (
     ROOT,
-    DaemonProcess,
     differences,
+    end_daemon,
+    make_config,
     marked_processes,
     read_log,
     replay,
@@ -309,7 +311,9 @@ async def test_kill_9_at_random_moments_of_a_mixed_load(tmp_path: Path, rounds: 
     seed = int(os.environ.get("E2E_SEED", time.time_ns() % 1_000_000_007))
     rng = random.Random(seed)
     # Small segments and frequent snapshots: kills land in rolls and snapshot writes too.
-    daemon = DaemonProcess(tmp_path, snapshot_every=25, segment_bytes=16384)
+    daemon = DaemonProcess(
+        tmp_path, make_config(tmp_path / "state", snapshot_every=25, segment_bytes=16384)
+    )
     ledger = Ledger()
     follower = Follower()
     began = time.monotonic()
@@ -348,5 +352,5 @@ async def test_kill_9_at_random_moments_of_a_mixed_load(tmp_path: Path, rounds: 
             f"{follower.resubscribed} resubscriptions (E2E_SEED={seed})"
         )
     finally:
-        daemon.cleanup()
+        end_daemon(daemon)
     assert "Traceback" not in daemon.output(), daemon.output()

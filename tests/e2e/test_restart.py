@@ -36,6 +36,7 @@ from tests.e2e.support import (
     SLEEP,
     append_offline,
     daemon_process,
+    marked_processes,
     raw_subscription,
     read_log,
     seqs_of,
@@ -271,9 +272,7 @@ async def test_operations_a_crash_cut_short_finish_or_undo(tmp_path: Path) -> No
             strays.append(spawn_marked(state_dir, "lost"))
             (state_dir / "sandboxes" / "lost").mkdir()
             (state_dir / "output" / "lost.log").write_text("hello\n")
-            await eventually(
-                lambda: "lost" in daemon.marked() and "half-started" in daemon.marked()
-            )
+            await eventually(lambda: {"lost", "half-started"} <= set(marked_processes(state_dir)))
 
             await daemon.start()
             for stray in strays:
@@ -293,7 +292,7 @@ async def test_operations_a_crash_cut_short_finish_or_undo(tmp_path: Path) -> No
                 error = now["half-started"].error or ""
                 assert "before the sandbox's process was recorded" in error
                 assert "1 leftover processes were ended" in error
-                assert set(daemon.marked()) == {"kept"}
+                assert set(marked_processes(state_dir)) == {"kept"}
                 assert not (state_dir / "sandboxes" / "lost").exists()
                 assert not (state_dir / "output" / "lost.log").exists()
                 # The client's retry of each delete finishes it.

@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandboxd.events import framing, segments
@@ -77,13 +77,13 @@ def test_cut_at_every_byte_of_the_last_three_records(tmp_path: Path) -> None:
         assert path.stat().st_size == recovered.segment.end  # cut back on disk
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@settings(max_examples=60)
 @given(garbage=st.binary(min_size=1, max_size=3000) | st.integers(1, 20000).map(bytes))
 def test_random_or_zeroed_bytes_after_the_last_record_are_cut(
-    tmp_path: Path, garbage: bytes
+    tmp_path_factory: pytest.TempPathFactory, garbage: bytes
 ) -> None:
     data, _ = _segment_bytes(6)
-    path = _write(tmp_path, data + garbage)
+    path = _write(tmp_path_factory.mktemp("segment"), data + garbage)
     recovered = segments.recover_segment(path, 1)
     assert recovered.segment.next_seq == 7
     assert recovered.dropped == len(garbage)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandboxd.events import segments, snapshots
@@ -18,6 +18,7 @@ from sandboxd.events.log import open_event_log
 from sandboxd.events.projection import ProjectionError, state_to_dict
 from sandboxd.events.store import Store, StoreConfig, open_store
 from tests.events.strategies import histories, sample_pending
+from tests.support import eventually
 
 
 async def _fill(store: Store, count: int, start: int = 0) -> None:
@@ -34,8 +35,7 @@ async def test_startup_loads_the_newest_snapshot_and_replays_the_tail(tmp_path: 
     async with open_store(tmp_path, config) as store:
         await _fill(store, 350)
         # The snapshot task runs beside the writer: one is due once 100 events passed.
-        with trio.fail_after(5):
-            await store.wait_for_snapshot(250)
+        await eventually(lambda: store.snapshot_seq >= 250, within=5, what="the third snapshot")
         live = state_to_dict(store.state)
         assert _snapshot_seqs(tmp_path)[-1] >= 250
         assert store.snapshots_written >= 3
@@ -179,9 +179,7 @@ async def test_a_leftover_temporary_file_is_ignored_and_cleaned(tmp_path: Path) 
     assert not stale.exists()
 
 
-@settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=20, deadline=None)
 @given(history=histories(max_size=80), every=st.integers(1, 12), chunk=st.integers(1, 7))
 def test_the_state_after_reopening_is_the_live_state(
     tmp_path_factory: pytest.TempPathFactory,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.daemon_process import DaemonProcess
 from tests.gateway.support import (
     Daemon,
-    DaemonProcess,
     make_config,
     start_daemon,
     stop_daemon,
@@ -27,8 +27,9 @@ async def daemon(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Daemon]
 
 @pytest.fixture(scope="module")
 def daemon_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    running = DaemonProcess(tmp_path_factory.mktemp("daemon"))
-    running.start()
+    root = tmp_path_factory.mktemp("daemon")
+    running = DaemonProcess(root, make_config(root / "state"))
+    running.start_blocking()
     try:
         yield running
     finally:

@@ -1,6 +1,7 @@
 """Test support: a real daemon, in this process (trio tests) or as a subprocess.
 
-Both run the real wiring (sandboxd.daemon.run_daemon) on a fresh state dir,
+Both run the real wiring (sandboxd.daemon.run_daemon) on a fresh state dir (the
+subprocess is tests/daemon_process.py's DaemonProcess of ``make_config``),
 with three users and specs whose children are cheap (`sleep`), so that a test
 starts sandboxes in milliseconds. Waits are for conditions, with deadlines.
 """
@@ -11,12 +12,7 @@ import base64
 import contextlib
 import json
 import os
-import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -29,7 +25,7 @@ from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config
 from sandboxd.daemon import run_daemon
 from sandboxd.gateway.server import Gateway
-from tests.support import configured_users, users_toml
+from tests.daemon_process import daemon_config
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 FALSE = shutil.which("false") or "/bin/false"
@@ -58,43 +54,9 @@ SPECS = (
 )
 
 
-def make_config(state_dir: Path, *, port: int = 0, **changes: Any) -> Config:
-    values: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "state_dir": state_dir,
-        "specs": SPECS,
-        "users": configured_users(),
-        "stop_timeout": 2.0,
-        "shutdown_grace": 5.0,
-        "on_shutdown": "stop",
-    }
-    values.update(changes)
-    return Config(**values)
-
-
-def config_toml(state_dir: Path, port: int) -> str:
-    """The same daemon as make_config, as a file for `sandboxd serve --config`."""
-
-    def spec(s: SpecConfig) -> str:
-        # A JSON string is a TOML basic string.
-        env = ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.initial_env.items())
-        return (
-            "[[specs]]\n"
-            f"id = {json.dumps(s.id)}\n"
-            f"command = {json.dumps(list(s.command))}\n"
-            f"health_check_path = {json.dumps(s.health_check_path)}\n"
-            f"ready_timeout = {s.ready_timeout}\n"
-            f"inherit_env = {json.dumps(list(s.inherit_env))}\n"
-            f"initial_env = {{ {env} }}\n"
-        )
-
-    return (
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = {json.dumps(str(state_dir))}\n'
-        '[sandboxes]\non_shutdown = "stop"\nstop_timeout = 2.0\nshutdown_grace = 5.0\n'
-        + "".join(spec(s) for s in SPECS)
-        + users_toml()
-    )
+def make_config(state_dir: Path, **changes: Any) -> Config:
+    """This suite's daemon: SPECS; its sandboxes are deleted when it stops."""
+    return daemon_config(state_dir, SPECS, on_shutdown="stop", **changes)
 
 
 def url_of(port: int) -> str:
@@ -129,71 +91,7 @@ async def stop_daemon(daemon: Daemon) -> None:
         await daemon.gateway.registry.delete_all()
 
 
-# --- As a subprocess: `sandboxd serve --config F` -------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class DaemonProcess:
-    """`python -m sandboxd.cli serve` on a fresh state dir; its stderr goes to a file."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state_dir = root / "state"
-        self.port = free_port()
-        self.config_path = root / "sandboxd.toml"
-        self.config_path.write_text(config_toml(self.state_dir, self.port))
-        self.log_path = root / "daemon.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return url_of(self.port)
-
-    def start(self, timeout: float = 20.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "sandboxd.cli", "serve", "--config", str(self.config_path)],
-                # Not the project's root, whose ./sandboxd folder would shadow the package.
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(rf"listening on ws://127\.0\.0\.1:{self.port}/v1", self.output()):
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"the daemon exited at start:\n{self.output()}")
-            time.sleep(0.02)
-        raise AssertionError(f"the daemon did not listen within {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+# --- As a subprocess: `sandboxd serve --config F` (tests/daemon_process.py) -----------
 
 
 def state_files(state_dir: Path) -> Iterator[Path]:

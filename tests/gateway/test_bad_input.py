@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from sandboxd.gateway import protocol as p
-from tests.gateway.support import DaemonProcess, Peer, masked_frame
+from tests.daemon_process import DaemonProcess
+from tests.gateway.support import Peer, masked_frame
 from tests.support import TOKENS
 
 ALICE = TOKENS["alice"]

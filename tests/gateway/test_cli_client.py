@@ -10,7 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from tests.gateway.support import DaemonProcess, env_for_cli, free_port
+from tests.daemon_process import DaemonProcess, free_port
+from tests.gateway.support import env_for_cli
 from tests.support import TOKENS
 
 ALICE, ROOT = TOKENS["alice"], TOKENS["root"]

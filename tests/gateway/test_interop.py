@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.gateway.support import DaemonProcess, Peer
+from tests.daemon_process import DaemonProcess
+from tests.gateway.support import Peer, make_config
 from tests.support import TOKENS
 
 ALICE, BOB, ROOT = TOKENS["alice"], TOKENS["bob"], TOKENS["root"]
@@ -368,8 +369,8 @@ def test_events_read_pages(root: Peer) -> None:
 
 
 def test_graceful_shutdown_ends_subscriptions_and_closes_1001(tmp_path: Path) -> None:
-    daemon = DaemonProcess(tmp_path)
-    daemon.start()
+    daemon = DaemonProcess(tmp_path, make_config(tmp_path / "state"))
+    daemon.start_blocking()
     try:
         with Peer(daemon.url, ROOT) as peer:
             sub = peer.call("events.subscribe", after_seq=0)["subscription"]

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.gateway.support import DaemonProcess, Peer, state_files
+from tests.daemon_process import DaemonProcess
+from tests.gateway.support import Peer, state_files
 from tests.support import TOKENS
 
 ALICE, BOB, ROOT = TOKENS["alice"], TOKENS["bob"], TOKENS["root"]

@@ -1,0 +1,225 @@
+"""A real daemon for the gateway and end-to-end suites: its config, its config file, its process.
+
+``daemon_config`` makes the Config a suite's daemon runs (the suite brings its
+specs); ``config_toml`` writes any Config as the file `sandboxd serve --config`
+reads, so a daemon run in this process and one run as a subprocess are the
+same daemon (tests/test_daemon_process.py checks the round trip);
+``DaemonProcess`` runs `python -m sandboxd.cli serve --config F`, the way an
+operator does, so that SIGTERM and SIGKILL are real.
+
+Every wait is for a condition, with a deadline. The daemon is ended by the pid
+of its own Popen; what its sandboxes leave behind is the suite's to end (the
+end-to-end suite does it by their markers).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.config import Config
+from tests.support import configured_users, eventually
+
+#: How long a daemon may take to listen (start-up is recovery; the machine has 2 cores
+#: shared with the rest of the suite).
+START_TIMEOUT = 30.0
+
+#: The keys of [server] and [log]; every other scalar of Config is a key of [sandboxes].
+SERVER_KEYS = ("host", "port", "state_dir")
+LOG_KEYS = ("segment_bytes", "snapshot_every", "retention")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def daemon_config(state_dir: Path, specs: Sequence[SpecConfig], **changes: Any) -> Config:
+    """A daemon on 127.0.0.1 (port 0: any), with the users of tests/support.py and quick stops.
+
+    ``changes`` are Config fields (on_shutdown, snapshot_every, port, ...).
+    """
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "state_dir": state_dir,
+        "specs": tuple(specs),
+        "users": configured_users(),
+        "stop_timeout": 2.0,
+        "shutdown_grace": 5.0,
+    }
+    values.update(changes)
+    return Config(**values)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON scalar (string, number, boolean) is a TOML scalar
+
+
+def _table(header: str, values: Mapping[str, Any]) -> str:
+    return header + "\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in values.items())
+
+
+def config_toml(config: Config) -> str:
+    """``config`` as a config file (spec/config.md): every key written, none left to defaults."""
+    scalars = {
+        field.name: getattr(config, field.name)
+        for field in attrs.fields(Config)
+        if field.name not in ("specs", "users") and getattr(config, field.name) is not None
+    }
+    server = {key: scalars.pop(key) for key in SERVER_KEYS}
+    log = {key: scalars.pop(key) for key in LOG_KEYS}
+    specs = [
+        {f.name: getattr(spec, f.name) for f in attrs.fields(SpecConfig) if f.name != "created_at"}
+        for spec in config.specs
+    ]
+    users = [attrs.asdict(user) for user in config.users]
+    return (
+        _table("[server]", server)
+        + _table("[sandboxes]", scalars)
+        + _table("[log]", log)
+        + "".join(_table("[[specs]]", spec) for spec in specs)
+        + "".join(_table("[[users]]", user) for user in users)
+    )
+
+
+class DaemonProcess:
+    """`sandboxd serve` of ``config`` in ``root``, started and stopped (or killed) at will.
+
+    Port 0 in ``config`` is replaced by a free port, which the daemon keeps across
+    restarts so that clients reconnect to the same URL. What it prints goes to
+    ``root/daemon.log``, each start marked so that ``current_output`` is the last one's.
+    With ``umask`` it runs with that umask instead of this process's.
+    """
+
+    def __init__(self, root: Path, config: Config, *, umask: int | None = None) -> None:
+        self.root = root
+        self.config = config if config.port else attrs.evolve(config, port=free_port())
+        self.umask = umask  # the daemon's, if not this process's
+        self.config_path = root / "sandboxd.toml"
+        self.config_path.write_text(config_toml(self.config))
+        self.log_path = root / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    # -- starting ------------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the process; do not wait for it to listen."""
+        assert not self.alive(), "the daemon is running already"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"=== start {self.starts}\n".encode())
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sandboxd.cli", "serve", "--config", str(self.config_path)],
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                umask=-1 if self.umask is None else self.umask,
+            )
+
+    def listening(self) -> bool:
+        """Whether the process of the last start listens; it must not have exited."""
+        process = self.process
+        assert process is not None, "the daemon was never started"
+        if process.poll() is not None:
+            raise AssertionError(f"the daemon exited at start:\n{self.current_output()}")
+        pattern = rf"listening on ws://127\.0\.0\.1:{self.port}/v1"
+        return re.search(pattern, self.current_output()) is not None
+
+    async def start(self, within: float = START_TIMEOUT) -> float:
+        """Start, and wait until it listens; return the seconds that took."""
+        began = time.monotonic()
+        self.spawn()
+        await eventually(self.listening, within=within, what=f"the daemon to listen on {self.url}")
+        return time.monotonic() - began
+
+    def start_blocking(self, within: float = START_TIMEOUT) -> None:
+        """``start`` for code that runs outside trio (module-scoped fixtures, sync tests)."""
+        self.spawn()
+        deadline = time.monotonic() + within
+        while not self.listening():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the daemon did not listen within {within} s:\n{self.current_output()}"
+                )
+            time.sleep(0.01)
+
+    # -- what it says ----------------------------------------------------------------------
+
+    def output(self) -> str:
+        """Everything the daemon printed, every start."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def current_output(self) -> str:
+        """What the daemon printed since its last start."""
+        return self.output().rsplit(f"=== start {self.starts}\n", 1)[-1]
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    async def terminate(self, within: float = 20.0) -> int:
+        """SIGTERM, and wait until it exits; return its exit code."""
+        process = self.process
+        assert process is not None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        await eventually(lambda: process.poll() is not None, within=within, what="daemon exit")
+        return process.returncode
+
+    def stop(self, within: float = 20.0) -> int:
+        """``terminate`` outside trio; SIGKILL if it overruns. Returns the exit code."""
+        process = self.process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(within)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode

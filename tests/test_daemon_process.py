@@ -1,0 +1,56 @@
+"""The suites' config file says exactly what their Config says (tests/daemon_process.py)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import attrs
+
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.config import Config, parse_config
+from tests.daemon_process import config_toml, daemon_config
+
+
+def without_created_at(config: Config) -> Config:
+    return attrs.evolve(config, specs=tuple(attrs.evolve(s, created_at="") for s in config.specs))
+
+
+def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
+    specs = (
+        SpecConfig(id="plain", command=("sleep", "1")),
+        SpecConfig(
+            id="full",
+            command=("python3", "-c", 'print("{port}")', "{session_api_key}"),
+            initial_env={"A": "1", "WITH SPACE": 'quote " and \\ slash', "UNICODE": "é"},
+            inherit_env=("PATH",),
+            working_dir=str(tmp_path / "shared"),
+            health_check_path="",
+            ready_timeout=2.5,
+            health_interval=0.0,
+        ),
+    )
+    # Every field away from its default, so that a key the writer forgets shows.
+    config = daemon_config(
+        tmp_path / "state",
+        specs,
+        port=4321,
+        base_working_dir=tmp_path / "work",
+        port_range=(31000, 31010),
+        stop_timeout=1.5,
+        max_sandboxes=7,
+        max_sandboxes_per_user=3,
+        on_shutdown="stop",
+        output_cap_bytes=8192,
+        unhealthy_after=5,
+        shutdown_grace=0.5,
+        segment_bytes=4096,
+        snapshot_every=0,
+        retention="snapshots",
+    )
+    defaults = Config()
+    for field in attrs.fields(Config):
+        if field.name != "host":
+            assert getattr(config, field.name) != getattr(defaults, field.name), field.name
+    parsed = parse_config(tomllib.loads(config_toml(config)))
+    assert without_created_at(parsed) == without_created_at(config)
