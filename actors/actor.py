@@ -20,8 +20,10 @@ from typing import Any
 import attrs
 import trio
 
-from sandboxd.actors import health, process
+from sandboxd.actors import health, output, proctree
 from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
+from sandboxd.actors.proctree import ExitStatus, ProcessId, TreeStateTimeout
+from sandboxd.actors.spawn import Child, Launch, spawn
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.events import types as ev
 from sandboxd.events.log import LogUnavailable
@@ -51,7 +53,7 @@ class SandboxContext:
     output_cap_bytes: int
     unhealthy_after: int
     release: Callable[[str, int], None]  # frees (sandbox_id, port) once deleted
-    marker: str  # this daemon's marker (process.DAEMON_MARKER) in every sandbox's environment
+    marker: str  # this daemon's marker (proctree.DAEMON_MARKER) in every sandbox's environment
 
     async def record(self, sandbox_id: str, by: str | None, data: ev.Payload) -> ev.Event:
         """Append an event about a sandbox; return once it is durable and folded."""
@@ -65,9 +67,8 @@ class SandboxContext:
 class StartPlan:
     """How to spawn a new sandbox: decided by the registry once ``sandbox.created`` is durable."""
 
-    command: list[str]
-    env: dict[str, str]
-    cwd: str  # the spec's working_dir, else the sandbox's own fresh directory
+    launch: Launch  # cwd: the spec's working_dir, else the sandbox's own fresh directory
+    command: list[str]  # as the log records it
 
 
 class _Reply:
@@ -117,8 +118,10 @@ class SandboxActor:
         #: Where the sandbox's stdout and stderr go (a str: every reader of it takes one).
         self.output_path = str(context.output_dir / f"{sandbox_id}.log")
         self._send, self._receive = trio.open_memory_channel[_Command | _Notice](MAILBOX_SIZE)
-        self._handle: process.ProcessHandle | None = None
-        self._spawned: process.SpawnedProcess | None = None
+        #: The sandbox's main process, ours or adopted; None while it has none.
+        self._process: ProcessId | None = None
+        #: The same, if this daemon started it: our child, which we reap.
+        self._child: Child | None = None
         self._readiness: trio.CancelScope | None = None
         self._liveness: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -172,8 +175,8 @@ class SandboxActor:
             record = self.record
             if record.pid is not None and record.pgid is not None:
                 assert record.create_time is not None
-                self._handle = process.ProcessHandle(record.pid, record.pgid, record.create_time)
-                nursery.start_soon(self._watch_adopted_exit, self._handle)
+                self._process = ProcessId.from_create_time(record.pid, record.create_time)
+                nursery.start_soon(self._watch_adopted_exit, self._process)
                 if record.status is Status.STARTING:
                     self._start_readiness()
                 else:
@@ -227,7 +230,7 @@ class SandboxActor:
                 raise AssertionError(f"unknown command {command.name}")
         except SandboxError as exc:
             command.reply.fail(exc)
-        except process.TreeStateTimeout as exc:
+        except TreeStateTimeout as exc:
             command.reply.fail(Unavailable(f"sandbox {self.sandbox_id}: {exc}; try again"))
         except Exception as exc:
             log.exception("sandbox %s: %s failed", self.sandbox_id, command.name)
@@ -242,38 +245,37 @@ class SandboxActor:
 
     async def _spawn(self, plan: StartPlan) -> None:
         try:
-            await trio.to_thread.run_sync(
-                _prepare_directories, Path(self.record.working_dir), Path(plan.cwd)
+            fd = await trio.to_thread.run_sync(
+                _prepare,
+                Path(self.record.working_dir),
+                plan,
+                self.output_path,
+                self._ctx.output_cap_bytes,
             )
-            spawned = await process.spawn(
-                plan.command,
-                env=plan.env,
-                cwd=plan.cwd,
-                output_path=self.output_path,
-                output_cap_bytes=self._ctx.output_cap_bytes,
-            )
+            try:
+                child = await spawn(plan.launch, output=fd)
+            finally:
+                os.close(fd)  # the child has its own copy
         except OSError as exc:
-            await self._fail_start(f"cannot run {plan.command[0]!r}: {exc.strerror or exc}", None)
+            await self._fail_start(
+                f"cannot run {plan.launch.command[0]!r}: {exc.strerror or exc}", None
+            )
             return
-        self._spawned = spawned
-        self._handle = spawned.handle
+        self._child = child
+        self._process = child.id
         assert self._nursery is not None
-        self._nursery.start_soon(self._watch_exit, spawned)
+        self._nursery.start_soon(self._watch_exit, child)
         try:
             await self._record(
-                ev.ProcessStarted(
-                    spawned.handle.pid,
-                    spawned.handle.pgid,
-                    spawned.handle.create_time,
-                    plan.command,
-                )
+                # The main process leads its own session: its group is its pid.
+                ev.ProcessStarted(child.id.pid, child.id.pid, child.id.create_time, plan.command)
             )
         except Unavailable:
             # Nothing may run that the log does not know of: undo the spawn.
-            await process.terminate_tree(
-                self._handle, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
+            await proctree.terminate_tree(
+                self._process, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
             )
-            self._handle = None
+            self._process = None
             self.settled.set()
             raise
         self._start_readiness()
@@ -320,13 +322,13 @@ class SandboxActor:
                     reason = f"{failures} health checks in a row got no 200"
                     await self._post(_Notice("unhealthy", reason))
 
-    async def _watch_exit(self, spawned: process.SpawnedProcess) -> None:
-        status = await spawned.wait()
+    async def _watch_exit(self, child: Child) -> None:
+        status = await child.wait()
         await self._post(_Notice("exited", status))
 
-    async def _watch_adopted_exit(self, handle: process.ProcessHandle) -> None:
-        status = await process.wait_for_exit_pidfd(handle)
-        await self._post(_Notice("exited", status or process.ExitStatus(None, None)))
+    async def _watch_adopted_exit(self, adopted: ProcessId) -> None:
+        status = await proctree.wait_for_exit(adopted)
+        await self._post(_Notice("exited", status or ExitStatus(None, None)))
 
     # -- notices ------------------------------------------------------------------------
 
@@ -373,26 +375,26 @@ class SandboxActor:
             self.settled.set()
             self._start_liveness()
         elif notice.name == "ready_timeout" and starting:
-            if self._handle is not None:
-                await process.terminate_tree(
-                    self._handle, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
+            if self._process is not None:
+                await proctree.terminate_tree(
+                    self._process, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
                 )
             await self._fail_start(
                 f"the sandbox did not answer 200 on {self.spec.health_check_path} "
                 f"within {self.spec.ready_timeout:g} s",
                 None,
             )
-        elif notice.name == "exited" and self._handle is not None:
-            status: process.ExitStatus = notice.detail
+        elif notice.name == "exited" and self._process is not None:
+            status: ExitStatus = notice.detail
             self._cancel_watchers()
             if starting:
                 tail, _ = await trio.to_thread.run_sync(
-                    process.read_output_tail, self.output_path, OUTPUT_TAIL_FOR_ERRORS
+                    output.read_output_tail, self.output_path, OUTPUT_TAIL_FOR_ERRORS
                 )
                 await self._fail_start(_exit_reason(status, tail), status.exit_code)
             else:
                 await self._record(ev.SandboxExited(status.exit_code, status.signal))
-            self._handle = None  # only now: if the log refused the event, a retry sees it
+            self._process = None  # only now: if the log refused the event, a retry sees it
         elif notice.name == "unhealthy" and record.status is Status.RUNNING:
             await self._record(ev.SandboxUnhealthy(notice.detail))
         elif notice.name == "healthy" and record.status is Status.ERROR and record.pid is not None:
@@ -407,7 +409,7 @@ class SandboxActor:
             raise
         finally:
             self.settled.set()
-        self._handle = None
+        self._process = None
 
     def _cancel_watchers(self) -> None:
         for scope in (self._readiness, self._liveness):
@@ -418,12 +420,12 @@ class SandboxActor:
 
     async def _pause(self, by: str | None) -> SandboxRecord:
         return await self._move(
-            by, Status.RUNNING, Status.PAUSED, process.pause_tree, process.resume_tree
+            by, Status.RUNNING, Status.PAUSED, proctree.pause_tree, proctree.resume_tree
         )
 
     async def _resume(self, by: str | None) -> SandboxRecord:
         return await self._move(
-            by, Status.PAUSED, Status.RUNNING, process.resume_tree, process.pause_tree
+            by, Status.PAUSED, Status.RUNNING, proctree.resume_tree, proctree.pause_tree
         )
 
     async def _move(
@@ -442,30 +444,30 @@ class SandboxActor:
         record = self.record
         if record.status is target:
             return record
-        if record.status is not source or self._handle is None:
+        if record.status is not source or self._process is None:
             raise Conflict(
                 f"sandbox {record.id} is {record.status}; only a {source} one becomes {target}"
             )
-        await act(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+        await act(self._process, self.sandbox_id, daemon_marker=self._ctx.marker)
         try:
             await self._record(_EVENT_FOR[target], by)
         except Unavailable:
-            await undo(self._handle, self.sandbox_id, daemon_marker=self._ctx.marker)
+            await undo(self._process, self.sandbox_id, daemon_marker=self._ctx.marker)
             raise
         return self.record
 
     async def _delete(self, by: str | None) -> bool:
         record = self.record
         self._cancel_watchers()
-        forced = await process.terminate_tree(
-            self._handle,
+        forced = await proctree.terminate_tree(
+            self._process,
             self.sandbox_id,
             stop_timeout=self._ctx.stop_timeout,
             daemon_marker=self._ctx.marker,
         )
-        if self._spawned is not None:
-            await self._spawned.wait()  # reap our child so no zombie outlives the sandbox
-        self._handle = None
+        if self._child is not None:
+            await self._child.wait()  # reap our child so no zombie outlives the sandbox
+        self._process = None
         await trio.to_thread.run_sync(_remove_sandbox_files, Path(record.working_dir), self)
         await self._record(ev.SandboxDeleted(forced), by)
         self.deleted = True
@@ -480,7 +482,7 @@ _EVENT_FOR: dict[Status, ev.Payload] = {
 }
 
 
-def _exit_reason(status: process.ExitStatus, output_tail: str) -> str:
+def _exit_reason(status: ExitStatus, output_tail: str) -> str:
     if status.signal is not None:
         how = f"the process was killed by signal {status.signal} while starting"
     else:
@@ -489,18 +491,20 @@ def _exit_reason(status: process.ExitStatus, output_tail: str) -> str:
     return how + (": " + " | ".join(lines) if lines else "")
 
 
-def _prepare_directories(working_dir: Path, cwd: Path) -> None:
-    """The sandbox's own fresh directory, and the spec's working_dir if it names one."""
+def _prepare(working_dir: Path, plan: StartPlan, output_path: str, output_cap_bytes: int) -> int:
+    """The sandbox's own fresh directory, the spec's working_dir if it names one, and the
+    descriptor of its output file: everything a spawn needs from the disk, in one thread hop."""
     if working_dir.exists():
         shutil.rmtree(working_dir)  # a leftover of an interrupted start: never reuse its files
     working_dir.mkdir(mode=0o700, parents=True)
     os.chmod(working_dir, 0o700)  # mkdir's mode is masked by the umask
-    cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
+    Path(plan.launch.cwd).mkdir(mode=0o700, parents=True, exist_ok=True)
+    return output.open_for_child(output_path, output_cap_bytes)
 
 
 def _remove_sandbox_files(working_dir: Path, actor: SandboxActor) -> None:
     shutil.rmtree(working_dir, ignore_errors=True)
-    for path in (actor.output_path, process.rotated_path(actor.output_path)):
+    for path in (actor.output_path, output.rotated_path(actor.output_path)):
         Path(path).unlink(missing_ok=True)
 
 
@@ -526,7 +530,7 @@ def build_env(
         SESSION_API_KEY=key,
         OH_SESSION_API_KEYS_0=key,
     )
-    env[process.DAEMON_MARKER] = marker
+    env[proctree.DAEMON_MARKER] = marker
     return env
 
 

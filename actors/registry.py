@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import output
 from sandboxd.actors.actor import (
     Append,
     SandboxActor,
@@ -36,6 +36,7 @@ from sandboxd.actors.errors import (
 from sandboxd.actors.info import SandboxInfo, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
+from sandboxd.actors.spawn import Launch
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config
 from sandboxd.events import types as ev
@@ -110,7 +111,7 @@ class Registry:
         """Keep every sandbox's output within ``output_cap_bytes`` (and its one rotation)."""
         while True:
             paths = [actor.output_path for actor in self._actors.values()]
-            await trio.to_thread.run_sync(process.cap_outputs, paths, self.config.output_cap_bytes)
+            await trio.to_thread.run_sync(output.cap_outputs, paths, self.config.output_cap_bytes)
             await trio.sleep(OUTPUT_SWEEP_INTERVAL)
 
     # -- starting -----------------------------------------------------------------------
@@ -160,10 +161,14 @@ class Registry:
             "working_dir": str(working_dir),
             "session_api_key": key,
         }
+        command = [fill(arg, placeholders) for arg in spec.command]
         plan = StartPlan(
-            command=[fill(arg, placeholders) for arg in spec.command],
-            env=build_env(spec, os.environ, env or {}, placeholders, self.marker),
-            cwd=fill(spec.working_dir, placeholders) if spec.working_dir else str(working_dir),
+            launch=Launch(
+                command=tuple(command),
+                env=build_env(spec, os.environ, env or {}, placeholders, self.marker),
+                cwd=fill(spec.working_dir, placeholders) if spec.working_dir else str(working_dir),
+            ),
+            command=command,
         )
         actor = SandboxActor(sandbox_id, spec, self._context)
         self._actors[sandbox_id] = actor
@@ -308,7 +313,7 @@ class Registry:
 
     def logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> tuple[str, bool]:
         actor = self._visible_actor(caller, sandbox_id)
-        return process.read_output_tail(actor.output_path, tail_bytes)
+        return output.read_output_tail(actor.output_path, tail_bytes)
 
     # -- commands -----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-#: The environment variable every sandbox of a daemon carries (actors/process.py).
+#: The environment variable every sandbox of a daemon carries (actors/proctree.py).
 DAEMON_MARKER = "SANDBOXD_STATE_DIR"
 
 

@@ -12,7 +12,7 @@ import attrs
 import pytest
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import output, proctree
 from sandboxd.actors.errors import Conflict, LimitExceeded, NotFound, StartFailed
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
@@ -55,7 +55,7 @@ class Harness:
         return [e for e in events if e.sandbox_id == sandbox_id]
 
     def marked(self, sandbox_id: str) -> list[int]:
-        found = process.find_marked_processes(self.registry.marker, sandbox_id=sandbox_id)
+        found = proctree.find_marked(self.registry.marker, sandbox_id=sandbox_id)
         return [p.pid for p in found.get(sandbox_id, [])]
 
 
@@ -133,7 +133,7 @@ async def test_the_sandbox_gets_only_the_environment_config_allows(tmp_path: Pat
             "PORT",
             "SESSION_API_KEY",
             "OH_SESSION_API_KEYS_0",
-            process.DAEMON_MARKER,
+            proctree.DAEMON_MARKER,
         }
 
 
@@ -226,11 +226,11 @@ async def test_a_chatty_child_reaches_running_with_its_output_capped(tmp_path: P
         registry = harness.registry
         info = await registry.start_sandbox(ADMIN)
         assert info.status is Status.RUNNING
-        output = registry.config.state_dir / "output" / f"{info.id}.log"
-        rotated = Path(process.rotated_path(str(output)))
+        out = registry.config.state_dir / "output" / f"{info.id}.log"
+        rotated = Path(output.rotated_path(str(out)))
 
         def on_disk() -> int:
-            return output.stat().st_size + rotated.stat().st_size
+            return out.stat().st_size + rotated.stat().st_size
 
         # The cap is enforced by a check that backs off while output is quiet: what
         # the disk holds comes down to the file plus its one rotation, not 100 MB.

@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import psutil
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import proctree
 from sandboxd.actors.info import SandboxInfo, sandbox_info
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.cli import main as sandboxd_cli
@@ -220,7 +219,7 @@ class DaemonProcess:
         await eventually(lambda: process.poll() is not None, within=within, what="daemon exit")
         return process.returncode
 
-    def marked(self) -> dict[str, list[psutil.Process]]:
+    def marked(self) -> dict[str, list[proctree.ProcessId]]:
         return marked_processes(self.state_dir)
 
     def cleanup(self) -> None:
@@ -246,17 +245,18 @@ async def daemon_process(
 # --- Processes ----------------------------------------------------------------------------
 
 
-def marked_processes(state_dir: Path) -> dict[str, list[psutil.Process]]:
+def marked_processes(state_dir: Path) -> dict[str, list[proctree.ProcessId]]:
     """Live processes marked as sandboxes of the daemon on ``state_dir``, by sandbox id."""
-    return process.find_marked_processes(str(state_dir.resolve()))
+    return proctree.find_marked(str(state_dir.resolve()))
 
 
 def end_marked(state_dir: Path) -> None:
     """SIGKILL every process marked for ``state_dir`` (each only if its pid is still it)."""
     for procs in marked_processes(state_dir).values():
         for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()  # psutil checks the pid still holds the process it found
+            if proctree.is_alive(proc):  # the pid still holds the process found
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while marked_processes(state_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -270,8 +270,8 @@ def spawn_marked(state_dir: Path, sandbox_id: str, *argv: str) -> subprocess.Pop
     """A process marked as ``sandbox_id``'s of this daemon, as the actor spawns them."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        process.MARKER_VAR: sandbox_id,
-        process.DAEMON_MARKER: str(state_dir.resolve()),
+        proctree.MARKER_VAR: sandbox_id,
+        proctree.DAEMON_MARKER: str(state_dir.resolve()),
     }
     return subprocess.Popen(
         list(argv) or [SLEEP, "3600"],

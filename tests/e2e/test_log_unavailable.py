@@ -18,7 +18,7 @@ import attrs
 import pytest
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import proctree
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
@@ -70,7 +70,7 @@ async def registry_refusing(
 
 
 def marked(registry: Registry, sandbox_id: str) -> list[int]:
-    found = process.find_marked_processes(registry.marker, sandbox_id=sandbox_id)
+    found = proctree.find_marked(registry.marker, sandbox_id=sandbox_id)
     return [p.pid for p in found.get(sandbox_id, [])]
 
 
