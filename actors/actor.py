@@ -26,7 +26,8 @@ from sandboxd.actors.proctree import ExitStatus, ProcessId, TreeStateTimeout
 from sandboxd.actors.spawn import Child, Launch, spawn
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.events import types as ev
-from sandboxd.events.log import LogUnavailable
+from sandboxd.events.backend import Store
+from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,12 @@ RETRY_MAX_DELAY = 5.0
 RETRY_ATTEMPTS = 100
 OUTPUT_TAIL_FOR_ERRORS = 2048  # bytes of output quoted in a start_failed reason
 
-Append = Callable[[ev.PendingEvent], Awaitable[ev.Event]]
-
 
 @attrs.frozen
 class SandboxContext:
     """What every actor shares with the registry: the log, the state, the config."""
 
-    append: Append
-    state: State
+    store: Store
     output_dir: Path
     stop_timeout: float
     output_cap_bytes: int
@@ -55,10 +53,14 @@ class SandboxContext:
     release: Callable[[str, int], None]  # frees (sandbox_id, port) once deleted
     marker: str  # this daemon's marker (proctree.DAEMON_MARKER) in every sandbox's environment
 
+    @property
+    def state(self) -> State:
+        return self.store.state
+
     async def record(self, sandbox_id: str, by: str | None, data: ev.Payload) -> ev.Event:
         """Append an event about a sandbox; return once it is durable and folded."""
         try:
-            return await self.append(ev.PendingEvent(sandbox_id, by, data))
+            return await self.store.append(ev.PendingEvent(sandbox_id, by, data))
         except LogUnavailable as exc:
             raise Unavailable(f"the event log cannot be written now: {exc}") from None
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 import trio
 
 from sandboxd.actors import output
 from sandboxd.actors.actor import (
-    Append,
     SandboxActor,
     SandboxContext,
     StartPlan,
@@ -40,7 +39,8 @@ from sandboxd.actors.spawn import Launch
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config
 from sandboxd.events import types as ev
-from sandboxd.events.log import LogUnavailable
+from sandboxd.events.backend import Store
+from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ MAX_PAGE = 100
 #: Seconds between checks of every sandbox's output size: one thread hop per sweep for
 #: all sandboxes, where a watcher per sandbox cost a wakeup each (4 % CPU idle at 1,000).
 OUTPUT_SWEEP_INTERVAL = 1.0
-
-AppendMany = Callable[[Sequence[ev.PendingEvent]], Awaitable[list[ev.Event]]]
 
 
 class Caller(Protocol):
@@ -69,19 +67,11 @@ def visible(caller: Caller, record: SandboxRecord) -> bool:
 
 class Registry:
     def __init__(
-        self,
-        config: Config,
-        state: State,
-        append: Append,
-        keys: SessionKeys,
-        nursery: trio.Nursery,
-        *,
-        append_many: AppendMany | None = None,
+        self, config: Config, store: Store, keys: SessionKeys, nursery: trio.Nursery
     ) -> None:
         self.config = config
-        self.state = state
+        self._store = store
         self.keys = keys
-        self._append_many = append_many
         self.specs: dict[str, SpecConfig] = {spec.id: spec for spec in config.specs}
         self.default_spec = config.specs[0]
         self.ports = PortAllocator(*config.port_range)
@@ -96,8 +86,7 @@ class Registry:
         output_dir = config.state_dir / "output"
         output_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._context = SandboxContext(
-            append=append,
-            state=state,
+            store=store,
             output_dir=output_dir,
             stop_timeout=config.stop_timeout,
             output_cap_bytes=config.output_cap_bytes,
@@ -106,6 +95,11 @@ class Registry:
             marker=self.marker,
         )
         nursery.start_soon(self.cap_outputs_forever)
+
+    @property
+    def state(self) -> State:
+        """The projection: every sandbox the log holds (deleted ones are not in it)."""
+        return self._store.state
 
     async def cap_outputs_forever(self) -> None:
         """Keep every sandbox's output within ``output_cap_bytes`` (and its one rotation)."""
@@ -227,17 +221,11 @@ class Registry:
 
     # -- adoption (recovery) ------------------------------------------------------------
 
-    async def record_event(self, sandbox_id: str, data: ev.Payload) -> ev.Event:
-        """Append an event the daemon itself causes (``by`` is null)."""
-        return await self._context.record(sandbox_id, None, data)
-
     async def record_events(self, items: Sequence[tuple[str, ev.Payload]]) -> list[ev.Event]:
         """Append events the daemon itself causes, durable together: one write, one fdatasync."""
         pendings = [ev.PendingEvent(sandbox_id, None, data) for sandbox_id, data in items]
         try:
-            if self._append_many is None:  # one at a time, as every event used to be
-                return [await self._context.append(pending) for pending in pendings]
-            return await self._append_many(pendings)
+            return await self._store.append_many(pendings)
         except LogUnavailable as exc:
             raise Unavailable(f"the event log cannot be written now: {exc}") from None
 

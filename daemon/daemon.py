@@ -94,9 +94,7 @@ async def run_daemon(
             open_store(config.state_dir, store_config) as store,
             trio.open_nursery() as actors,
         ):
-            registry = Registry(
-                config, store.state, store.append, keys, actors, append_many=store.append_many
-            )
+            registry = Registry(config, store, keys, actors)
             try:
                 recovered = (await recover(registry)).rebuilt
                 await store.append(
