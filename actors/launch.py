@@ -7,6 +7,12 @@ the variables of ``inherit_env`` that the daemon has, ``initial_env``, the
 client's extra variables, then the sandbox's own (its id, port and key), and the
 two markers last so that nothing overrides them.
 
+The session key never reaches the log: the command recorded in
+``sandbox.process_started`` has every placeholder filled but
+``{session_api_key}``, which stays as the spec wrote it. The record still says
+exactly what ran (the port, the id and the working dir are in
+``sandbox.created`` too; the key is derived, never stored), without a search
+for the key's value in the arguments, as masking would need.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from sandboxd.actors.proctree import DAEMON_MARKER, MARKER_VAR
 from sandboxd.actors.spawn import Launch
 from sandboxd.actors.specs import SpecConfig
 
-#: The placeholder whose value is a secret.
+#: The placeholder whose value is a secret: filled for the process, never in the record.
 SECRET_PLACEHOLDER = "session_api_key"
 
 
@@ -68,7 +74,8 @@ def plan_start(
         env=build_env(spec, environ, extra_env, placeholders, marker),
         cwd=cwd,
     )
-    return StartPlan(launch, list(launch.command))
+    public = placeholders.values(secret=False)
+    return StartPlan(launch, [fill(arg, public) for arg in spec.command])
 
 
 def build_env(

@@ -339,3 +339,34 @@ async def test_search_pages_newest_first_without_repeats_or_gaps(tmp_path: Path)
         assert [i.id for i in second + third] == ids[::-1][3:]
         assert cursor is None
         assert extra.id not in {i.id for i in second + third}
+
+
+async def test_a_session_key_in_the_command_never_reaches_the_log(tmp_path: Path) -> None:
+    # config.md lets a command use {session_api_key}: the process gets the key, the log
+    # records the placeholder (defect 2 of issue 8: the live key was in the segments).
+    argv = plain(
+        "argv",
+        "-c",
+        "import json, sys, time; json.dump(sys.argv[1:], open('argv.json', 'w')); time.sleep(60)",
+        "--key={session_api_key}",
+        "--port={port}",
+    )
+    async with running(tmp_path, argv) as harness:
+        info = await harness.registry.start_sandbox(ADMIN)
+        key = info.session_api_key
+        assert key
+        written = Path(info.working_dir) / "argv.json"
+        await eventually(lambda: written.exists() and written.read_text().endswith("]"))
+        assert json.loads(written.read_text()) == [f"--key={key}", f"--port={info.port}"]
+
+        started = next(
+            e.data for e in await harness.events_of(info.id) if e.type == "sandbox.process_started"
+        )
+        assert isinstance(started, ev.ProcessStarted)
+        assert started.command[-2:] == ["--key={session_api_key}", f"--port={info.port}"]
+        await harness.store.snapshot()
+        state_dir = harness.registry.config.state_dir
+        files = [p for d in ("events", "snapshots") for p in (state_dir / d).iterdir()]
+        assert any(p.parent.name == "snapshots" for p in files)
+        for path in files:
+            assert key.encode() not in path.read_bytes(), path
