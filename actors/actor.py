@@ -36,6 +36,7 @@ from sandboxd.actors.mailbox import (
     Pause,
     Ready,
     ReadyTimeout,
+    Relaunch,
     Reply,
     Resume,
     Start,
@@ -286,9 +287,10 @@ class SandboxActor:
         try:
             await self._launch()
         except Unavailable as exc:
-            # The spawn was undone; the sandbox (its created event is durable) stays,
-            # so that it can be deleted.
+            # The sandbox (its created event is durable) stays, STARTING, and its
+            # start finishes by itself once the log takes its next event.
             self._answer_start(exc)
+            self._retry_later(Relaunch())
 
     async def _launch(self) -> None:
         """Spawn the planned process and record it, then watch for readiness.
@@ -472,6 +474,8 @@ class SandboxActor:
                 await self._record(ev.SandboxUnhealthy(reason))
             case Healthy() if record.status is Status.ERROR and record.pid is not None:
                 await self._record(ev.SandboxHealthy())
+            case Relaunch() if starting and record.pid is None and self._process is None:
+                await self._launch()
             case _:
                 pass  # no longer applies: the sandbox moved on since it was posted
 

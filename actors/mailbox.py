@@ -138,6 +138,13 @@ class Healthy:
     attempt: int = 0
 
 
-Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy
+@attrs.frozen
+class Relaunch:
+    """Start the process again: the last one was undone because the log refused its event."""
+
+    attempt: int = 0
+
+
+Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Relaunch
 
 Message = Command | Notice

@@ -133,3 +133,20 @@ async def test_a_refused_exit_is_recorded_once_there_is_room(tmp_path: Path) -> 
         log.full = False
         await eventually(lambda: registry.state.sandboxes["s"].status is Status.ERROR, what="ERROR")
         assert registry.state.sandboxes["s"].pid is None
+
+
+async def test_a_refused_process_started_is_retried_until_the_start_finishes(
+    tmp_path: Path,
+) -> None:
+    async with registry_refusing(tmp_path, "sandbox.process_started") as (registry, log):
+        with pytest.raises(Unavailable, match="No space left"):
+            await registry.start_sandbox(Admin(), spec_id="sleep", sandbox_id="s")
+        await eventually(lambda: log.refused >= 3, what="the actor to retry")
+        assert registry.state.sandboxes["s"].pid is None
+        log.full = False  # room again: the next retry starts the process and records it
+        await eventually(
+            lambda: registry.state.sandboxes["s"].status is Status.RUNNING, what="RUNNING"
+        )
+        record = registry.state.sandboxes["s"]
+        assert record.pid is not None
+        assert marked(registry, "s") == [record.pid]  # the undone attempts left nothing
