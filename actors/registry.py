@@ -145,17 +145,27 @@ class Registry:
     def _check_limits(self, caller: Caller) -> None:
         live = len(self._actors)
         if live >= self.config.max_sandboxes:
+            if caller.admin:
+                raise LimitExceeded(
+                    f"{live} sandboxes are live, the limit max_sandboxes is "
+                    f"{self.config.max_sandboxes}"
+                )
+            # Only its own count: how many sandboxes others run is not a user's to know.
             raise LimitExceeded(
-                f"{live} sandboxes are live, the limit max_sandboxes is {self.config.max_sandboxes}"
+                "no room for another sandbox: the daemon's max_sandboxes is reached "
+                f"(you have {self._count_of(caller)})"
             )
         if caller.id is None:
             return
-        mine = sum(1 for actor in self._actors.values() if actor.owner == caller.id)
+        mine = self._count_of(caller)
         if mine >= self.config.max_sandboxes_per_user:
             raise LimitExceeded(
                 f"user {caller.id} has {mine} sandboxes, the limit max_sandboxes_per_user is "
                 f"{self.config.max_sandboxes_per_user}"
             )
+
+    def _count_of(self, caller: Caller) -> int:
+        return sum(1 for actor in self._actors.values() if actor.owner == caller.id)
 
     async def _run_actor(
         self,

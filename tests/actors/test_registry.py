@@ -287,8 +287,16 @@ async def test_limits(tmp_path: Path) -> None:
         with pytest.raises(LimitExceeded, match="max_sandboxes_per_user"):
             await registry.start_sandbox(ALICE)
         await registry.start_sandbox(BOB)
-        with pytest.raises(LimitExceeded, match="max_sandboxes is 3"):
+        told_admin = "3 sandboxes are live, the limit max_sandboxes is 3"
+        with pytest.raises(LimitExceeded, match=told_admin):
+            await registry.start_sandbox(ADMIN)
+        # A user learns about its own sandboxes only: neither how many others run nor the
+        # limit they reach (defect 6c of issue 8).
+        with pytest.raises(LimitExceeded) as refused:
             await registry.start_sandbox(BOB)
+        assert str(refused.value) == (
+            "no room for another sandbox: the daemon's max_sandboxes is reached (you have 1)"
+        )
 
 
 async def test_limits_hold_for_starts_fired_at_once(tmp_path: Path) -> None:
