@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,8 @@ from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.events.store import Store, open_store
-from tests.actors.children.support import child, is_gone, read_pids
+from tests.actors.children.support import child, free_port, is_gone, read_pids
+from tests.actors.test_ports import time_wait_on
 from tests.support import eventually, proc_state
 
 AGENT = SpecConfig(
@@ -378,3 +380,24 @@ async def test_a_session_key_in_the_command_never_reaches_the_log(tmp_path: Path
         assert any(p.parent.name == "snapshots" for p in files)
         for path in files:
             assert key.encode() not in path.read_bytes(), path
+
+
+async def test_a_deleted_sandboxs_port_is_free_while_its_connections_sit_in_time_wait(
+    tmp_path: Path,
+) -> None:
+    # One port: the next sandbox gets it again at once (issue 8, defect 6d).
+    port = free_port()
+    async with running(tmp_path, port_range=(port, port)) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ALICE)
+        assert info.port == port
+        # A client reads a whole answer, which the agent server ends by closing: the
+        # server's side of the connection waits in TIME_WAIT, 60 s, on the sandbox's port.
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET /alive HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while client.recv(4096):
+                pass
+        await registry.delete(ALICE, info.id)
+        assert time_wait_on(port)
+        again = await registry.start_sandbox(ALICE)
+        assert again.port == port and again.status is Status.RUNNING
