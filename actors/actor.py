@@ -70,7 +70,7 @@ class SandboxContext:
 
     store: Store
     keys: SessionKeys
-    output_dir: Path
+    outputs: output.OutputDir
     stop_timeout: float
     output_cap_bytes: int
     unhealthy_after: int
@@ -100,8 +100,8 @@ class SandboxActor:
         #: Who created it: the registry's per-user limit counts actors by it.
         self.owner = owner
         self._ctx = context
-        #: Where the sandbox's stdout and stderr go (a str: every reader of it takes one).
-        self.output_path = str(context.output_dir / f"{sandbox_id}.log")
+        #: Where the sandbox's stdout and stderr go.
+        self.output = context.outputs.file(sandbox_id)
         self._send, self._receive = trio.open_memory_channel[Message](MAILBOX_SIZE)
         #: The sandbox's main process, ours or adopted; None while it has none.
         self._process: ProcessId | None = None
@@ -305,7 +305,7 @@ class SandboxActor:
                 _prepare,
                 Path(self.record.working_dir),
                 Path(plan.launch.cwd),
-                self.output_path,
+                self.output,
                 self._ctx.output_cap_bytes,
             )
             try:
@@ -464,7 +464,7 @@ class SandboxActor:
                 self._cancel_watchers()
                 if starting:
                     tail, _ = await trio.to_thread.run_sync(
-                        output.read_output_tail, self.output_path, OUTPUT_TAIL_FOR_ERRORS
+                        self.output.tail, OUTPUT_TAIL_FOR_ERRORS
                     )
                     await self._fail_start(_exit_reason(status, tail), status.exit_code)
                 else:
@@ -521,9 +521,7 @@ class SandboxActor:
         if self._child is not None:
             await self._child.wait()  # reap our child so no zombie outlives the sandbox
         self._process = None
-        await trio.to_thread.run_sync(
-            _remove_sandbox_files, Path(record.working_dir), self.output_path
-        )
+        await trio.to_thread.run_sync(_remove_sandbox_files, Path(record.working_dir), self.output)
         await self._record(ev.SandboxDeleted(forced), by)
         self._done = True
         self._answer_start(NotFound(f"sandbox {self.sandbox_id} was deleted while it started"))
@@ -547,7 +545,9 @@ def _exit_reason(status: ExitStatus, output_tail: str) -> str:
     return how + (": " + " | ".join(lines) if lines else "")
 
 
-def _prepare(working_dir: Path, cwd: Path, output_path: str, output_cap_bytes: int) -> int:
+def _prepare(
+    working_dir: Path, cwd: Path, output_file: output.OutputFile, output_cap_bytes: int
+) -> int:
     """The sandbox's own fresh directory, the spec's working_dir if it names one, and the
     descriptor of its output file: everything a spawn needs from the disk, in one thread hop."""
     if working_dir.exists():
@@ -555,10 +555,9 @@ def _prepare(working_dir: Path, cwd: Path, output_path: str, output_cap_bytes: i
     working_dir.mkdir(mode=0o700, parents=True)
     os.chmod(working_dir, 0o700)  # mkdir's mode is masked by the umask
     cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return output.open_for_child(output_path, output_cap_bytes)
+    return output_file.open_for_child(output_cap_bytes)
 
 
-def _remove_sandbox_files(working_dir: Path, output_path: str) -> None:
+def _remove_sandbox_files(working_dir: Path, output_file: output.OutputFile) -> None:
     shutil.rmtree(working_dir, ignore_errors=True)
-    for path in (output_path, output.rotated_path(output_path)):
-        Path(path).unlink(missing_ok=True)
+    output_file.remove()

@@ -206,12 +206,9 @@ async def recover(registry: Registry) -> RecoveryReport:
         registry.adopt(state.sandboxes[record.id])
     await trio.lowlevel.checkpoint()
 
-    removed = await trio.to_thread.run_sync(
-        _remove_leftovers,
-        registry.config.sandboxes_dir,
-        registry.config.state_dir / "output",
-        set(state.sandboxes),
-    )
+    live = set(state.sandboxes)
+    removed = await trio.to_thread.run_sync(_remove_leftovers, registry.config.sandboxes_dir, live)
+    removed += await trio.to_thread.run_sync(registry.outputs.remove_unowned, live)
     adopted = sum(1 for v in verdicts if v.main is not None)
     report = RecoveryReport(
         rebuilt=len(records),
@@ -227,8 +224,8 @@ async def recover(registry: Registry) -> RecoveryReport:
     return report
 
 
-def _remove_leftovers(sandboxes_dir: Path, output_dir: Path, live: set[str]) -> int:
-    """Remove working dirs and output files of sandboxes the log does not hold.
+def _remove_leftovers(sandboxes_dir: Path, live: set[str]) -> int:
+    """Remove working dirs of sandboxes the log does not hold.
 
     scandir's entry types come with the listing: no stat per entry, which
     matters with a thousand sandboxes.
@@ -239,13 +236,5 @@ def _remove_leftovers(sandboxes_dir: Path, output_dir: Path, live: set[str]) -> 
             if entry.name not in live and entry.is_dir(follow_symlinks=False):
                 log.warning("removing %s: no sandbox of the log owns it", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
-                removed += 1
-    with contextlib.suppress(FileNotFoundError), os.scandir(output_dir) as entries:
-        for entry in entries:
-            # ID.log, its one rotation ID.log.1 (and a rotation's .tmp); ids have no dot.
-            owner = entry.name.split(".", 1)[0]
-            if owner not in live and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
                 removed += 1
     return removed

@@ -76,12 +76,12 @@ class Registry:
         self._closed = False
         #: Set in every sandbox's environment: which daemon's sandbox a process is.
         self.marker = str(config.state_dir.resolve())
-        output_dir = config.state_dir / "output"
-        output_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: Every sandbox's output file, reached through this directory's descriptor.
+        self.outputs = output.OutputDir(config.state_dir / "output")
         self._context = SandboxContext(
             store=store,
             keys=keys,
-            output_dir=output_dir,
+            outputs=self.outputs,
             stop_timeout=config.stop_timeout,
             output_cap_bytes=config.output_cap_bytes,
             unhealthy_after=config.unhealthy_after,
@@ -99,8 +99,8 @@ class Registry:
     async def cap_outputs_forever(self) -> None:
         """Keep every sandbox's output within ``output_cap_bytes`` (and its one rotation)."""
         while True:
-            paths = [actor.output_path for actor in self._actors.values()]
-            await trio.to_thread.run_sync(output.cap_outputs, paths, self.config.output_cap_bytes)
+            files = [actor.output for actor in self._actors.values()]
+            await trio.to_thread.run_sync(output.cap_outputs, files, self.config.output_cap_bytes)
             await trio.sleep(OUTPUT_SWEEP_INTERVAL)
 
     # -- starting -----------------------------------------------------------------------
@@ -271,7 +271,7 @@ class Registry:
 
     def logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> tuple[str, bool]:
         actor = self._visible_actor(caller, sandbox_id)
-        return output.read_output_tail(actor.output_path, tail_bytes)
+        return actor.output.tail(tail_bytes)
 
     # -- commands -----------------------------------------------------------------------
 

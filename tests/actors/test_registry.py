@@ -401,3 +401,52 @@ async def test_a_deleted_sandboxs_port_is_free_while_its_connections_sit_in_time
         assert time_wait_on(port)
         again = await registry.start_sandbox(ALICE)
         assert again.port == port and again.status is Status.RUNNING
+
+
+#: A sandbox that swaps the name of its own output file (its path is in its environment)
+#: for a link to the file VICTIM names, or for a FIFO, then writes past the cap.
+SWAPPER = """
+import os, sys, time
+out = os.path.join(os.environ["SANDBOXD_STATE_DIR"], "output", os.environ["SANDBOX_ID"] + ".log")
+print("mine", flush=True)
+os.unlink(out)
+how = sys.argv[1]
+if how == "symlink":
+    os.symlink(os.environ["VICTIM"], out)
+elif how == "hardlink":
+    os.link(os.environ["VICTIM"], out)
+else:
+    os.mkfifo(out)
+sys.stdout.write("x" * 20000)
+sys.stdout.flush()
+open("swapped", "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "fifo"])
+async def test_a_sandbox_that_swaps_its_output_file_changes_nothing_the_daemon_reads(
+    tmp_path: Path, how: str
+) -> None:
+    # sandbox.logs and rotation read and truncate the file the daemon made, never what
+    # the name leads to now (issue 8, defect 6e).
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"victim's own data\n" * 1000)  # past the cap too
+    before = victim.read_bytes()
+    swapper = plain("swapper", "-c", SWAPPER, how, initial_env={"VICTIM": str(victim)})
+    async with running(tmp_path, swapper, output_cap_bytes=4096) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        await eventually((Path(info.working_dir) / "swapped").exists)
+        out = registry.config.state_dir / "output" / f"{info.id}.log"
+        rotated = Path(output.rotated_path(str(out)))
+        await eventually(rotated.exists, what="the sweep to rotate the sandbox's own output")
+        with trio.fail_after(5):
+            text, truncated = await trio.to_thread.run_sync(
+                registry.logs, ADMIN, info.id, 100_000, abandon_on_cancel=True
+            )
+        assert truncated and text and set(text) <= set("mine\nx"), text[:200]
+        assert victim.read_bytes() == before
+        await registry.delete(ADMIN, info.id)
+        assert victim.read_bytes() == before
+        assert not out.exists() and not out.is_symlink()

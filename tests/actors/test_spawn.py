@@ -11,7 +11,6 @@ import psutil
 import pytest
 import trio
 
-from sandboxd.actors import output
 from sandboxd.actors.proctree import ExitStatus
 from sandboxd.actors.spawn import Launch, spawn
 from tests.actors.children.support import Sandboxes
@@ -24,8 +23,7 @@ async def test_wait_gives_the_exit_code(sandboxes: Sandboxes) -> None:
     )
     with trio.fail_after(5):
         assert await spawned.wait() == ExitStatus(exit_code=7, signal=None)
-    path = str(sandboxes.output_path(sandbox_id))
-    assert output.read_output_tail(path, 1000) == ("bye\n", False)
+    assert sandboxes.output(sandbox_id).tail(1000) == ("bye\n", False)
 
 
 async def test_wait_gives_the_signal(sandboxes: Sandboxes) -> None:

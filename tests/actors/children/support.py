@@ -48,6 +48,8 @@ class Sandboxes:
         self.daemon_marker = str(base)
         self.spawned: list[Child] = []
         self.ids: list[str] = []
+        self.outputs = output.OutputDir(base)
+        self._output_files: dict[str, output.OutputFile] = {}
 
     def new_id(self) -> str:
         sandbox_id = f"test-{uuid.uuid4().hex[:12]}"
@@ -73,7 +75,7 @@ class Sandboxes:
         """Run ``python ARGS`` as a sandbox's main process."""
         sandbox_id = sandbox_id or self.new_id()
         launch = Launch((sys.executable, *args), env or self.env(sandbox_id), str(self.base))
-        fd = output.open_for_child(str(self.output_path(sandbox_id)), output_cap_bytes)
+        fd = self.output(sandbox_id).open_for_child(output_cap_bytes)
         try:
             spawned = await spawn(launch, output=fd)
         finally:
@@ -98,6 +100,12 @@ class Sandboxes:
         )
         assert await health.wait_until_ready(port, "/alive", timeout=10)
         return spawned, port
+
+    def output(self, sandbox_id: str) -> output.OutputFile:
+        """The sandbox's output file, as its actor holds it: one per sandbox."""
+        if sandbox_id not in self._output_files:
+            self._output_files[sandbox_id] = self.outputs.file(sandbox_id)
+        return self._output_files[sandbox_id]
 
     def output_path(self, sandbox_id: str) -> Path:
         return self.base / f"{sandbox_id}.log"
