@@ -65,6 +65,7 @@ from sandboxd.actors.ports import PortAllocator
 from sandboxd.actors.registry import Registry
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config
+from sandboxd.daemon import raise_open_files_limit
 from sandboxd.events.store import open_store
 
 SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_service"
@@ -217,6 +218,8 @@ async def bench_starts(base: Path, singles: int, rounds: int, concurrent: int) -
 
 
 async def scale_role(args: argparse.Namespace) -> dict[str, Any]:
+    # As the daemon does: each sandbox holds a pidfd and its output file's descriptor.
+    raise_open_files_limit()
     me = psutil.Process()
     n: int = args.n
     state_dir = Path(args.state_dir)
