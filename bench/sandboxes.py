@@ -169,7 +169,7 @@ async def bench_starts(base: Path, singles: int, rounds: int, concurrent: int) -
     out: dict[str, Any] = {"start_ms": [], "raw_ms": [], "conc_s": [], "raw_conc_s": []}
     try:
         async with open_store(state_dir) as store, trio.open_nursery() as nursery:
-            registry = Registry(config, store, SessionKeys(state_dir), nursery)
+            registry = Registry(config, store, SessionKeys.of_state_dir(state_dir), nursery)
 
             async def raw_once(poll: float) -> float:
                 port = raw_ports.reserve()
@@ -227,7 +227,7 @@ async def scale_role(args: argparse.Namespace) -> dict[str, Any]:
     config = registry_config(state_dir, LIGHT, n + 10)
     try:
         async with open_store(state_dir) as store, trio.open_nursery() as nursery:
-            registry = Registry(config, store, SessionKeys(state_dir), nursery)
+            registry = Registry(config, store, SessionKeys.of_state_dir(state_dir), nursery)
             out["rss_mb_empty"] = rss_mb(me)
             ids: list[str] = []
             limiter = trio.CapacityLimiter(50)

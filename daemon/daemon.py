@@ -80,7 +80,7 @@ async def run_daemon(
         state_dir_lock(config.state_dir),
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
-        keys = SessionKeys(config.state_dir)
+        keys = SessionKeys.of_state_dir(config.state_dir)
         if config.users:
             authenticator = Authenticator(config.users)
         else:

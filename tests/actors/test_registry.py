@@ -77,7 +77,7 @@ async def running(tmp_path: Path, *specs: SpecConfig, **config: object) -> Async
     settings.update(config)
     cfg = Config(**settings)  # type: ignore[arg-type]
     async with open_store(cfg.state_dir) as store, trio.open_nursery() as nursery:
-        registry = Registry(cfg, store, SessionKeys(cfg.state_dir), nursery)
+        registry = Registry(cfg, store, SessionKeys.of_state_dir(cfg.state_dir), nursery)
         try:
             yield Harness(registry, store)
         finally:

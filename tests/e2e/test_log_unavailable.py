@@ -80,7 +80,9 @@ async def registry_refusing(
     try:
         async with open_store(config.state_dir) as store, trio.open_nursery() as nursery:
             refusing = Refusing(store, set(types))
-            registry = Registry(config, refusing, SessionKeys(config.state_dir), nursery)
+            registry = Registry(
+                config, refusing, SessionKeys.of_state_dir(config.state_dir), nursery
+            )
             yield registry, refusing
             nursery.cancel_scope.cancel()
     finally:

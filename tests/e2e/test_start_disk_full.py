@@ -129,7 +129,9 @@ async def test_a_start_cut_before_its_process_is_recorded_finishes_once_there_is
         try:
             async with open_store(config.state_dir) as real, trio.open_nursery() as nursery:
                 store = FillingAfterCreated(real, disk)
-                registry = Registry(config, store, SessionKeys(config.state_dir), nursery)
+                registry = Registry(
+                    config, store, SessionKeys.of_state_dir(config.state_dir), nursery
+                )
                 with pytest.raises(Unavailable, match="No space left on device"):
                     await registry.start_sandbox(Admin(), sandbox_id="s")
                 record = registry.state.sandboxes["s"]
