@@ -22,6 +22,17 @@ import psutil
 DAEMON_MARKER = "SANDBOXD_STATE_DIR"
 
 
+def seed_dir() -> Path:
+    """The seed's service (the benchmarks' peer): ``shared/peers/seed_service`` beside the
+    checkout, or beside a folder of worktrees that holds it (the nearest that has it)."""
+    here = Path(__file__).resolve().parent
+    for folder in here.parents:
+        candidate = folder / "shared" / "peers" / "seed_service"
+        if candidate.is_dir():
+            return candidate
+    return here.parents[1] / "shared" / "peers" / "seed_service"  # named in the error then
+
+
 def step(text: str) -> None:
     """Progress, on stderr: stdout is the summary and its last line the JSON."""
     print(text, file=sys.stderr, flush=True)

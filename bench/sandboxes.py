@@ -57,6 +57,7 @@ from _common import (
     print_targets,
     rss_mb,
     run_json_subprocess,
+    seed_dir,
     step,
 )
 
@@ -68,7 +69,7 @@ from sandboxd.config import Config
 from sandboxd.daemon import raise_open_files_limit
 from sandboxd.events.store import open_store
 
-SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_service"
+SEED_DIR = seed_dir()
 TINY_AGENT = SEED_DIR / "tiny_agent.py"
 
 # Ports below Linux's ephemeral range (32768+), so no outgoing connection holds one.
