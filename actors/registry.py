@@ -1,9 +1,11 @@
 """Registry: finds and creates sandbox actors, and owns what sandboxes share.
 
-Ports, limits, ids and session keys are decided here, synchronously, so two
-starts at the same instant can never take the same port or id. Reads (get,
-search) answer from the projection and never probe a process. This is the
-in-process API the gateway exposes.
+Ids, ports and limits are decided here, synchronously, so two starts at the
+same instant can never take the same port or id; each sandbox's actor then owns
+it, from ``sandbox.created`` on. Commands reach an actor through its mailbox
+(``mailbox.py``). Reads (get, search) answer from the projection and never probe
+a process; session keys are derived from it. This is the in-process API the
+gateway exposes.
 """
 
 from __future__ import annotations
