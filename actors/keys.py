@@ -26,20 +26,15 @@ class SecretFileError(Exception):
 class SessionKeys:
     """Derives sandboxes' session keys, and finds the sandbox a key belongs to."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
-        """Read ``STATE_DIR/secret``, creating it (mode 0600) on first use."""
-        self._setup(load_or_create_secret(Path(state_dir) / SECRET_FILE))
-
-    @classmethod
-    def from_secret(cls, secret: bytes) -> SessionKeys:
-        keys = cls.__new__(cls)
-        keys._setup(secret)
-        return keys
-
-    def _setup(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes) -> None:
         self._secret = secret
         self._by_key: dict[str, str] = {}
         self._by_id: dict[str, str] = {}
+
+    @classmethod
+    def of_state_dir(cls, state_dir: str | os.PathLike[str]) -> SessionKeys:
+        """The keys under ``STATE_DIR/secret``, created (mode 0600) on first use."""
+        return cls(load_or_create_secret(Path(state_dir) / SECRET_FILE))
 
     def __repr__(self) -> str:
         return f"<SessionKeys: {len(self._by_id)} sandboxes>"  # never the secret
@@ -76,11 +71,6 @@ class SessionKeys:
         happens only between equal hashes.
         """
         return self._by_key.get(key)
-
-    def verify(self, sandbox_id: str, created_seq: int, key: str) -> bool:
-        """Whether ``key`` is the sandbox's key, compared in constant time."""
-        expected = self.key_for(sandbox_id, created_seq).encode()
-        return hmac.compare_digest(expected, key.encode())
 
 
 def load_or_create_secret(path: Path) -> bytes:

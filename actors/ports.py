@@ -19,7 +19,8 @@ class PortAllocator:
 
     Round-robin rather than lowest-first: a port just released is handed out
     last, so a client still talking to the deleted sandbox on it does not reach
-    the next one, and its old connections have time to leave TIME_WAIT.
+    the next one. A port whose old connections sit in TIME_WAIT counts as free
+    (see ``_bindable``).
     """
 
     def __init__(self, low: int, high: int) -> None:
@@ -75,11 +76,16 @@ class PortAllocator:
 
 
 def _bindable(port: int) -> bool:
-    # A plain bind, without SO_REUSEADDR: it fails not only on a listener but
-    # also on a connection in TIME_WAIT or an outgoing connection's local port.
-    # Stricter than the sandbox's own bind (servers usually set SO_REUSEADDR),
-    # so a port that passes here is one the sandbox can bind.
+    # Bound with SO_REUSEADDR, as servers bind (http.server, trio, uvicorn, nginx all
+    # set it): Linux then lets the bind pass over connections in TIME_WAIT, which a
+    # deleted sandbox's server leaves behind for 60 s, but not over a listener, nor over
+    # a connection whose own socket did not set it (an outgoing connection's local port).
+    # So a port that passes here is one the sandbox's server can bind, and a small
+    # port_range is not used up by the ghosts of deleted sandboxes. (A server that does
+    # not set SO_REUSEADDR cannot bind over TIME_WAIT: round-robin hands a freed port
+    # out last, which keeps that case to a range with no other free port.)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -37,10 +37,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
-import psutil
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import proctree
+from sandboxd.actors.proctree import ProcessId
 from sandboxd.actors.registry import Registry
 from sandboxd.events import types as ev
 from sandboxd.events.projection import SandboxRecord, Status
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 PROMISE_A_PROCESS = frozenset({Status.STARTING, Status.RUNNING, Status.PAUSED})
 #: How many events one append carries (one write and one fdatasync each).
 BATCH = 1024
-
-_STOPPED = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP})
-_GONE = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
 
 
 @attrs.frozen
@@ -83,58 +80,46 @@ class _Verdict:
     """What the survey decided for one sandbox."""
 
     record: SandboxRecord
-    handle: process.ProcessHandle | None  # set: adopt it
-    strays: list[psutil.Process]  # marked processes of this sandbox to end
+    main: ProcessId | None  # set: adopt it
+    strays: list[ProcessId]  # marked processes of this sandbox to end
     fix: str | None = None  # "resume" | "pause": the OS disagrees with the log's pause state
 
 
-def _handle(record: SandboxRecord) -> process.ProcessHandle | None:
-    if record.pid is None or record.pgid is None or record.create_time is None:
+def _main(record: SandboxRecord) -> ProcessId | None:
+    if record.pid is None or record.create_time is None:
         return None
-    return process.ProcessHandle(record.pid, record.pgid, record.create_time)
+    return ProcessId.from_create_time(record.pid, record.create_time)
 
 
-def _statuses(procs: Iterable[psutil.Process]) -> list[str]:
-    found = []
-    for proc in procs:
-        try:
-            found.append(proc.status())
-        except psutil.Error:
-            continue  # gone since the scan
-    return found
-
-
-def _main_status(pid: int) -> list[str]:
-    # Only if the scan found none of its processes (it cleared its environment).
-    try:
-        return _statuses([psutil.Process(pid)])
-    except psutil.Error:
-        return []
+def _states(processes: Iterable[ProcessId]) -> list[str]:
+    """The state letters of those still alive (the same processes: pid and start time)."""
+    return [state for p in processes if (state := proctree.state_of(p)) is not None]
 
 
 def _survey(
     records: list[SandboxRecord], marker: str
-) -> tuple[list[_Verdict], dict[str, list[psutil.Process]]]:
+) -> tuple[list[_Verdict], dict[str, list[ProcessId]]]:
     """Decide every sandbox's fate from one scan of /proc (blocking: run it in a thread).
 
     Returns the verdicts and the marked processes of sandboxes the log does not hold.
     """
-    marked = process.find_marked_processes(marker)
+    marked = proctree.find_marked(marker)
     verdicts = []
     for record in records:
-        handle = _handle(record)
+        main = _main(record)
         procs = marked.pop(record.id, [])
-        if handle is None or not process.is_alive(handle):
+        if main is None or not proctree.is_alive(main):
             # Nothing of it may run on: its process is not the one recorded, or none is.
             verdicts.append(_Verdict(record, None, procs))
             continue
-        live = [s for s in _statuses(procs) or _main_status(handle.pid) if s not in _GONE]
+        # The main process alone if the scan found none (it cleared its environment).
+        live = _states(procs) or _states([main])
         fix = None
-        if record.status is Status.PAUSED and any(s not in _STOPPED for s in live):
+        if record.status is Status.PAUSED and not all(map(proctree.is_stopped, live)):
             fix = "pause"  # a resume cut short, or SIGCONT by hand
-        elif record.status is not Status.PAUSED and any(s in _STOPPED for s in live):
+        elif record.status is not Status.PAUSED and any(map(proctree.is_stopped, live)):
             fix = "resume"  # a pause cut short, or SIGSTOP by hand
-        verdicts.append(_Verdict(record, handle, [], fix))
+        verdicts.append(_Verdict(record, main, [], fix))
     return verdicts, marked
 
 
@@ -148,18 +133,18 @@ def _missing_reason(record: SandboxRecord, strays: int) -> str:
     return reason
 
 
-async def _end(strays: list[psutil.Process]) -> None:
+async def _end(strays: list[ProcessId]) -> None:
     if not strays:
         return
     try:
-        await process.kill_processes(strays)
-    except process.TreeStateTimeout as exc:
+        await proctree.kill_processes(strays)
+    except proctree.TreeStateTimeout as exc:
         # Uninterruptible sleep, typically: they go when the kernel lets them.
         log.warning("stray sandbox processes survived SIGKILL: %s", exc)
 
 
 async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
-    assert verdict.handle is not None
+    assert verdict.main is not None
     record, marker = verdict.record, registry.marker
     log.warning(
         "sandbox %s is %s in the log but %s in the OS: %s its processes to match the log",
@@ -170,10 +155,10 @@ async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
     )
     try:
         if verdict.fix == "pause":
-            await process.pause_tree(verdict.handle, record.id, daemon_marker=marker)
+            await proctree.pause_tree(verdict.main, record.id, daemon_marker=marker)
         else:
-            await process.resume_tree(verdict.handle, record.id, daemon_marker=marker)
-    except process.TreeStateTimeout as exc:
+            await proctree.resume_tree(verdict.main, record.id, daemon_marker=marker)
+    except proctree.TreeStateTimeout as exc:
         log.warning("sandbox %s: %s", record.id, exc)
 
 
@@ -202,8 +187,8 @@ async def recover(registry: Registry) -> RecoveryReport:
     events: list[tuple[str, ev.Payload]] = []
     for verdict in verdicts:
         record = verdict.record
-        if verdict.handle is not None:
-            events.append((record.id, ev.SandboxAdopted(verdict.handle.pid)))
+        if verdict.main is not None:
+            events.append((record.id, ev.SandboxAdopted(verdict.main.pid)))
         elif record.pid is not None or record.status in PROMISE_A_PROCESS:
             reason = _missing_reason(record, len(verdict.strays))
             events.append((record.id, ev.SandboxMissing(reason)))
@@ -221,13 +206,10 @@ async def recover(registry: Registry) -> RecoveryReport:
         registry.adopt(state.sandboxes[record.id])
     await trio.lowlevel.checkpoint()
 
-    removed = await trio.to_thread.run_sync(
-        _remove_leftovers,
-        registry.config.sandboxes_dir,
-        registry.config.state_dir / "output",
-        set(state.sandboxes),
-    )
-    adopted = sum(1 for v in verdicts if v.handle is not None)
+    live = set(state.sandboxes)
+    removed = await trio.to_thread.run_sync(_remove_leftovers, registry.config.sandboxes_dir, live)
+    removed += await trio.to_thread.run_sync(registry.outputs.remove_unowned, live)
+    adopted = sum(1 for v in verdicts if v.main is not None)
     report = RecoveryReport(
         rebuilt=len(records),
         adopted=adopted,
@@ -242,8 +224,8 @@ async def recover(registry: Registry) -> RecoveryReport:
     return report
 
 
-def _remove_leftovers(sandboxes_dir: Path, output_dir: Path, live: set[str]) -> int:
-    """Remove working dirs and output files of sandboxes the log does not hold.
+def _remove_leftovers(sandboxes_dir: Path, live: set[str]) -> int:
+    """Remove working dirs of sandboxes the log does not hold.
 
     scandir's entry types come with the listing: no stat per entry, which
     matters with a thousand sandboxes.
@@ -254,13 +236,5 @@ def _remove_leftovers(sandboxes_dir: Path, output_dir: Path, live: set[str]) -> 
             if entry.name not in live and entry.is_dir(follow_symlinks=False):
                 log.warning("removing %s: no sandbox of the log owns it", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
-                removed += 1
-    with contextlib.suppress(FileNotFoundError), os.scandir(output_dir) as entries:
-        for entry in entries:
-            # ID.log, its one rotation ID.log.1 (and a rotation's .tmp); ids have no dot.
-            owner = entry.name.split(".", 1)[0]
-            if owner not in live and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
                 removed += 1
     return removed

@@ -1,9 +1,11 @@
 """Registry: finds and creates sandbox actors, and owns what sandboxes share.
 
-Ports, limits, ids and session keys are decided here, synchronously, so two
-starts at the same instant can never take the same port or id. Reads (get,
-search) answer from the projection and never probe a process. This is the
-in-process API the gateway exposes.
+Ids, ports and limits are decided here, synchronously, so two starts at the
+same instant can never take the same port or id; each sandbox's actor then owns
+it, from ``sandbox.created`` on. Commands reach an actor through its mailbox
+(``mailbox.py``). Reads (get, search) answer from the projection and never probe
+a process; session keys are derived from it. This is the in-process API the
+gateway exposes.
 """
 
 from __future__ import annotations
@@ -11,20 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 import trio
 
-from sandboxd.actors import process
-from sandboxd.actors.actor import (
-    Append,
-    SandboxActor,
-    SandboxContext,
-    StartPlan,
-    build_env,
-    fill,
-)
+from sandboxd.actors import output
+from sandboxd.actors.actor import SandboxActor, SandboxContext
 from sandboxd.actors.errors import (
     BadRequest,
     Conflict,
@@ -35,11 +30,13 @@ from sandboxd.actors.errors import (
 )
 from sandboxd.actors.info import SandboxInfo, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
+from sandboxd.actors.mailbox import Delete, Pause, Resume, Start
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config
 from sandboxd.events import types as ev
-from sandboxd.events.log import LogUnavailable
+from sandboxd.events.backend import Store
+from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status
 
 log = logging.getLogger(__name__)
@@ -48,8 +45,6 @@ MAX_PAGE = 100
 #: Seconds between checks of every sandbox's output size: one thread hop per sweep for
 #: all sandboxes, where a watcher per sandbox cost a wakeup each (4 % CPU idle at 1,000).
 OUTPUT_SWEEP_INTERVAL = 1.0
-
-AppendMany = Callable[[Sequence[ev.PendingEvent]], Awaitable[list[ev.Event]]]
 
 
 class Caller(Protocol):
@@ -68,49 +63,46 @@ def visible(caller: Caller, record: SandboxRecord) -> bool:
 
 class Registry:
     def __init__(
-        self,
-        config: Config,
-        state: State,
-        append: Append,
-        keys: SessionKeys,
-        nursery: trio.Nursery,
-        *,
-        append_many: AppendMany | None = None,
+        self, config: Config, store: Store, keys: SessionKeys, nursery: trio.Nursery
     ) -> None:
         self.config = config
-        self.state = state
+        self._store = store
         self.keys = keys
-        self._append_many = append_many
         self.specs: dict[str, SpecConfig] = {spec.id: spec for spec in config.specs}
         self.default_spec = config.specs[0]
         self.ports = PortAllocator(*config.port_range)
         self._nursery = nursery
+        #: Every sandbox's actor, from the instant its id is taken to the instant its
+        #: deletion is durable: what the limits count and what ids conflict with.
         self._actors: dict[str, SandboxActor] = {}
-        #: Ids taken, and by whom, whose sandbox.created is not yet in the projection:
-        #: the limits count them, or concurrent starts could all pass the same check.
-        self._starting: dict[str, str | None] = {}
         self._closed = False
         #: Set in every sandbox's environment: which daemon's sandbox a process is.
         self.marker = str(config.state_dir.resolve())
-        output_dir = config.state_dir / "output"
-        output_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: Every sandbox's output file, reached through this directory's descriptor.
+        self.outputs = output.OutputDir(config.state_dir / "output")
         self._context = SandboxContext(
-            append=append,
-            state=state,
-            output_dir=output_dir,
+            store=store,
+            keys=keys,
+            outputs=self.outputs,
             stop_timeout=config.stop_timeout,
             output_cap_bytes=config.output_cap_bytes,
             unhealthy_after=config.unhealthy_after,
             release=self._release,
             marker=self.marker,
+            environ=os.environ,
         )
         nursery.start_soon(self.cap_outputs_forever)
+
+    @property
+    def state(self) -> State:
+        """The projection: every sandbox the log holds (deleted ones are not in it)."""
+        return self._store.state
 
     async def cap_outputs_forever(self) -> None:
         """Keep every sandbox's output within ``output_cap_bytes`` (and its one rotation)."""
         while True:
-            paths = [actor.output_path for actor in self._actors.values()]
-            await trio.to_thread.run_sync(process.cap_outputs, paths, self.config.output_cap_bytes)
+            files = [actor.output for actor in self._actors.values()]
+            await trio.to_thread.run_sync(output.cap_outputs, files, self.config.output_cap_bytes)
             await trio.sleep(OUTPUT_SWEEP_INTERVAL)
 
     # -- starting -----------------------------------------------------------------------
@@ -131,108 +123,81 @@ class Registry:
             raise NotFound(f"spec {spec_id!r} does not exist; spec.list shows the specs")
         if sandbox_id is None:
             sandbox_id = secrets.token_urlsafe(16)
-        elif sandbox_id in self.state.sandboxes or sandbox_id in self._starting:
+        elif sandbox_id in self._actors or sandbox_id in self.state.sandboxes:
             raise Conflict(f"sandbox id {sandbox_id!r} is taken")
         self._check_limits(caller)
         try:
             port = self.ports.reserve()
         except PortsExhausted:
             raise LimitExceeded("every port of port_range is in use") from None
-        self._starting[sandbox_id] = caller.id
-        working_dir = self.config.sandboxes_dir / sandbox_id
-        created = ev.SandboxCreated(spec.id, caller.id, str(working_dir), port)
-        try:
-            # Shielded: a cancelled append may still become durable, and a sandbox the
-            # log holds must get its actor; the append itself is bounded by the disk.
-            with trio.CancelScope(shield=True):
-                event = await self._context.record(sandbox_id, caller.id, created)
-        except BaseException:
-            self.ports.release(port)
-            raise
-        finally:
-            del self._starting[sandbox_id]
-        # The key is derived from the created event's seq, so it exists only from here on.
-        key = self.keys.key_for(sandbox_id, event.seq)
-        self.keys.remember(sandbox_id, event.seq)
-        placeholders = {
-            "port": str(port),
-            "sandbox_id": sandbox_id,
-            "working_dir": str(working_dir),
-            "session_api_key": key,
-        }
-        plan = StartPlan(
-            command=[fill(arg, placeholders) for arg in spec.command],
-            env=build_env(spec, os.environ, env or {}, placeholders, self.marker),
-            cwd=fill(spec.working_dir, placeholders) if spec.working_dir else str(working_dir),
-        )
-        actor = SandboxActor(sandbox_id, spec, self._context)
+        # From the checks to here, no checkpoint: concurrent starts see this one's id,
+        # port and place in the limits. The actor owns the rest, sandbox.created first.
+        actor = SandboxActor(sandbox_id, spec, self._context, owner=caller.id)
         self._actors[sandbox_id] = actor
-        with trio.CancelScope(shield=True):
-            await self._nursery.start(self._run_actor, actor, plan)
-        if wait:
-            await actor.settled.wait()
-            if actor.start_error is not None:
-                raise actor.start_error
-        info = self._info_or_none(sandbox_id)
-        if info is None:  # deleted while starting
-            raise NotFound(f"sandbox {sandbox_id} was deleted while it started")
+        working_dir = str(self.config.sandboxes_dir / sandbox_id)
+        start = Start(caller.id, port, working_dir, dict(env or {}), wait)
+        actor.enqueue(start)
+        with trio.CancelScope(shield=True):  # an actor with its start queued must run
+            await self._nursery.start(self._run_actor, actor, False)
+        info = self._info(await start.reply.receive())
         if wait and info.status is Status.ERROR:
             raise StartFailed(f"sandbox {sandbox_id} did not start: {info.error}", info)
         return info
 
     def _check_limits(self, caller: Caller) -> None:
-        live = len(self.state.sandboxes) + len(self._starting)
+        live = len(self._actors)
         if live >= self.config.max_sandboxes:
+            if caller.admin:
+                raise LimitExceeded(
+                    f"{live} sandboxes are live, the limit max_sandboxes is "
+                    f"{self.config.max_sandboxes}"
+                )
+            # Only its own count: how many sandboxes others run is not a user's to know.
             raise LimitExceeded(
-                f"{live} sandboxes are live, the limit max_sandboxes is {self.config.max_sandboxes}"
+                "no room for another sandbox: the daemon's max_sandboxes is reached "
+                f"(you have {self._count_of(caller)})"
             )
         if caller.id is None:
             return
-        mine = sum(1 for r in self.state.sandboxes.values() if r.created_by_user_id == caller.id)
-        mine += sum(1 for owner in self._starting.values() if owner == caller.id)
+        mine = self._count_of(caller)
         if mine >= self.config.max_sandboxes_per_user:
             raise LimitExceeded(
                 f"user {caller.id} has {mine} sandboxes, the limit max_sandboxes_per_user is "
                 f"{self.config.max_sandboxes_per_user}"
             )
 
+    def _count_of(self, caller: Caller) -> int:
+        return sum(1 for actor in self._actors.values() if actor.owner == caller.id)
+
     async def _run_actor(
         self,
         actor: SandboxActor,
-        plan: StartPlan | None,
+        adopted: bool,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # A failing actor is logged and contained: it never takes its siblings down.
         try:
-            if plan is None:
-                await actor.run_adopted(task_status=task_status)
-            else:
-                await actor.run_new(plan, task_status=task_status)
+            await actor.run(adopted=adopted, task_status=task_status)
         except Exception:
             log.exception("sandbox %s: its actor failed", actor.sandbox_id)
         finally:
-            actor.settled.set()
             if self._actors.get(actor.sandbox_id) is actor:
                 del self._actors[actor.sandbox_id]
 
     def _release(self, sandbox_id: str, port: int) -> None:
+        """The sandbox is gone (deleted, or its creation refused): its id, port and key are free."""
         self.ports.release(port)
         self.keys.forget(sandbox_id)
+        self._actors.pop(sandbox_id, None)
 
     # -- adoption (recovery) ------------------------------------------------------------
-
-    async def record_event(self, sandbox_id: str, data: ev.Payload) -> ev.Event:
-        """Append an event the daemon itself causes (``by`` is null)."""
-        return await self._context.record(sandbox_id, None, data)
 
     async def record_events(self, items: Sequence[tuple[str, ev.Payload]]) -> list[ev.Event]:
         """Append events the daemon itself causes, durable together: one write, one fdatasync."""
         pendings = [ev.PendingEvent(sandbox_id, None, data) for sandbox_id, data in items]
         try:
-            if self._append_many is None:  # one at a time, as every event used to be
-                return [await self._context.append(pending) for pending in pendings]
-            return await self._append_many(pendings)
+            return await self._store.append_many(pendings)
         except LogUnavailable as exc:
             raise Unavailable(f"the event log cannot be written now: {exc}") from None
 
@@ -245,9 +210,9 @@ class Registry:
         spec = self.specs.get(record.spec_id) or self.default_spec
         self.ports.claim(record.port)
         self.keys.remember(record.id, record.created_seq)
-        actor = SandboxActor(record.id, spec, self._context)
+        actor = SandboxActor(record.id, spec, self._context, owner=record.created_by_user_id)
         self._actors[record.id] = actor
-        self._nursery.start_soon(self._run_actor, actor, None)
+        self._nursery.start_soon(self._run_actor, actor, True)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -308,7 +273,7 @@ class Registry:
 
     def logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> tuple[str, bool]:
         actor = self._visible_actor(caller, sandbox_id)
-        return process.read_output_tail(actor.output_path, tail_bytes)
+        return actor.output.tail(tail_bytes)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -320,20 +285,15 @@ class Registry:
         return actor
 
     async def pause(self, caller: Caller, sandbox_id: str) -> SandboxInfo:
-        record: SandboxRecord = await self._visible_actor(caller, sandbox_id).command(
-            "pause", caller.id
-        )
+        record = await self._visible_actor(caller, sandbox_id).ask(Pause(caller.id))
         return self._info(record)
 
     async def resume(self, caller: Caller, sandbox_id: str) -> SandboxInfo:
-        record: SandboxRecord = await self._visible_actor(caller, sandbox_id).command(
-            "resume", caller.id
-        )
+        record = await self._visible_actor(caller, sandbox_id).ask(Resume(caller.id))
         return self._info(record)
 
     async def delete(self, caller: Caller, sandbox_id: str) -> bool:
-        deleted: bool = await self._visible_actor(caller, sandbox_id).command("delete", caller.id)
-        return deleted
+        return await self._visible_actor(caller, sandbox_id).ask(Delete(caller.id))
 
     async def delete_all(self) -> None:
         """Stop every sandbox (``on_shutdown = "stop"``), concurrently."""

@@ -18,8 +18,19 @@ from typing import Any
 
 import psutil
 
-#: The environment variable every sandbox of a daemon carries (actors/process.py).
+#: The environment variable every sandbox of a daemon carries (actors/proctree.py).
 DAEMON_MARKER = "SANDBOXD_STATE_DIR"
+
+
+def seed_dir() -> Path:
+    """The seed's service (the benchmarks' peer): ``shared/peers/seed_service`` beside the
+    checkout, or beside a folder of worktrees that holds it (the nearest that has it)."""
+    here = Path(__file__).resolve().parent
+    for folder in here.parents:
+        candidate = folder / "shared" / "peers" / "seed_service"
+        if candidate.is_dir():
+            return candidate
+    return here.parents[1] / "shared" / "peers" / "seed_service"  # named in the error then
 
 
 def step(text: str) -> None:

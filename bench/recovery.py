@@ -50,13 +50,13 @@ from typing import Any
 
 import psutil
 import trio
-from _common import emit_json, kill_marked, machine, print_targets, step
+from _common import emit_json, kill_marked, machine, print_targets, seed_dir, step
 
 from sandboxd.events import types as ev
 from sandboxd.events.store import StoreConfig, open_store
 from sandboxd.gateway.client import open_client
 
-SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_service"
+SEED_DIR = seed_dir()
 TOKEN = "bench-admin-token-0123456789"
 SANDBOX_PORTS = (12000, 13999)  # below the ephemeral range: no outgoing connection takes one
 SEED_PORTS = (14000, 15999)  # a block of 10 per seed sandbox, from a random start

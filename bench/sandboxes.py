@@ -57,6 +57,7 @@ from _common import (
     print_targets,
     rss_mb,
     run_json_subprocess,
+    seed_dir,
     step,
 )
 
@@ -65,9 +66,10 @@ from sandboxd.actors.ports import PortAllocator
 from sandboxd.actors.registry import Registry
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config
+from sandboxd.daemon import raise_open_files_limit
 from sandboxd.events.store import open_store
 
-SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_service"
+SEED_DIR = seed_dir()
 TINY_AGENT = SEED_DIR / "tiny_agent.py"
 
 # Ports below Linux's ephemeral range (32768+), so no outgoing connection holds one.
@@ -168,7 +170,7 @@ async def bench_starts(base: Path, singles: int, rounds: int, concurrent: int) -
     out: dict[str, Any] = {"start_ms": [], "raw_ms": [], "conc_s": [], "raw_conc_s": []}
     try:
         async with open_store(state_dir) as store, trio.open_nursery() as nursery:
-            registry = Registry(config, store.state, store.append, SessionKeys(state_dir), nursery)
+            registry = Registry(config, store, SessionKeys.of_state_dir(state_dir), nursery)
 
             async def raw_once(poll: float) -> float:
                 port = raw_ports.reserve()
@@ -217,6 +219,8 @@ async def bench_starts(base: Path, singles: int, rounds: int, concurrent: int) -
 
 
 async def scale_role(args: argparse.Namespace) -> dict[str, Any]:
+    # As the daemon does: each sandbox holds a pidfd and its output file's descriptor.
+    raise_open_files_limit()
     me = psutil.Process()
     n: int = args.n
     state_dir = Path(args.state_dir)
@@ -224,7 +228,7 @@ async def scale_role(args: argparse.Namespace) -> dict[str, Any]:
     config = registry_config(state_dir, LIGHT, n + 10)
     try:
         async with open_store(state_dir) as store, trio.open_nursery() as nursery:
-            registry = Registry(config, store.state, store.append, SessionKeys(state_dir), nursery)
+            registry = Registry(config, store, SessionKeys.of_state_dir(state_dir), nursery)
             out["rss_mb_empty"] = rss_mb(me)
             ids: list[str] = []
             limiter = trio.CapacityLimiter(50)

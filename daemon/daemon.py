@@ -62,7 +62,7 @@ async def run_daemon(
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
         try:
-            keys = SessionKeys(config.state_dir)
+            keys = SessionKeys.of_state_dir(config.state_dir)
         except SecretFileError as exc:
             raise DaemonError(str(exc)) from None
         if config.users:
@@ -78,9 +78,7 @@ async def run_daemon(
             _open_store(config.state_dir, store_config) as store,
             trio.open_nursery() as actors,
         ):
-            registry = Registry(
-                config, store.state, store.append, keys, actors, append_many=store.append_many
-            )
+            registry = Registry(config, store, keys, actors)
             try:
                 recovered = (await recover(registry)).rebuilt
                 await store.append(

@@ -37,6 +37,7 @@ from sandboxd.events.projection import (
     step,
 )
 from sandboxd.events.segments import Segment, iter_segment
+from sandboxd.events.subscriptions import Filter, Subscription
 from sandboxd.events.types import Event, PendingEvent
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,18 @@ class Store:
     def log(self) -> EventLog:
         assert self._log is not None, "the store is not open"
         return self._log
+
+    # -- reading: the log's own (``backend.Store`` names these five) ---------------------
+
+    async def read(
+        self, after_seq: int, limit: int = 1000, event_filter: Filter = None
+    ) -> list[Event]:
+        return await self.log.read(after_seq, limit, event_filter)
+
+    def subscribe(
+        self, after_seq: int | None, event_filter: Filter = None, *, buffer: int | None = None
+    ) -> Subscription:
+        return self.log.subscribe(after_seq, event_filter, buffer=buffer)
 
     # -- appending, checked -------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import trio
 
-from sandboxd.actors import health, process
+from sandboxd.actors import health
+from sandboxd.actors.proctree import ExitStatus
 from tests.actors.children.support import Sandboxes, free_port
 
 Request = tuple[str, str, dict[str, str], bytes | None]  # method, path, headers, body
@@ -104,9 +105,9 @@ async def test_no_port_at_all_is_a_usage_error(sandboxes: Sandboxes) -> None:
 async def test_sigterm_stops_it_cleanly_and_it_says_one_line(sandboxes: Sandboxes) -> None:
     spawned, port = await sandboxes.agent_server()
     await get(port, "/alive")
-    os.kill(spawned.handle.pid, signal.SIGTERM)
+    os.kill(spawned.id.pid, signal.SIGTERM)
     with trio.fail_after(5):
-        assert await spawned.wait() == process.ExitStatus(exit_code=0, signal=None)
+        assert await spawned.wait() == ExitStatus(exit_code=0, signal=None)
     log = sandboxes.output_path(sandboxes.ids[-1]).read_text()
     assert log == f"agent_server listening on http://127.0.0.1:{port}\n"
     assert not await health.probe(port, "/alive", timeout=1)

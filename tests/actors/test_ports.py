@@ -46,8 +46,9 @@ async def test_fifty_concurrent_reservations_get_distinct_free_ports() -> None:
     assert len(set(got)) == 50
     assert all(LOW <= port <= HIGH for port in got)
     assert ports.reserved == frozenset(got)
-    for port in got:  # each one could really be bound
+    for port in got:  # each one could really be bound, as a server binds
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
 
 
@@ -110,3 +111,63 @@ def test_a_bad_range_is_refused() -> None:
         PortAllocator(0, 100)
     with pytest.raises(ValueError):
         PortAllocator(65000, 70000)
+
+
+def time_wait_on(port: int) -> bool:
+    """Whether a TCP connection with local port ``port`` sits in TIME_WAIT (proc(5): st 06)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            local, state = line.split()[1], line.split()[3]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "06":
+                return True
+    return False
+
+
+def leave_time_wait(port: int) -> None:
+    """A connection to a server on ``port`` that the server closes first: TIME_WAIT on ``port``."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+    accepted.close()  # the server's side closes first, so its side waits
+    assert client.recv(1) == b""  # its FIN arrived
+    client.close()
+
+
+def test_a_port_whose_old_connections_sit_in_time_wait_is_free() -> None:
+    # A deleted sandbox's server leaves its closed connections in TIME_WAIT for 60 s:
+    # the port is free for a new server (they set SO_REUSEADDR), and the check says so
+    # (issue 8, defect 6d).
+    ports = PortAllocator(LOW, HIGH)
+    port = ports.reserve()
+    ports.release(port)
+    leave_time_wait(port)
+    assert time_wait_on(port)
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the check did: refused while TIME_WAIT lasts
+    assert PortAllocator(port, port).reserve() == port
+    with socket.socket() as server:  # and a server can have it, as the check promised
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+
+def test_a_port_held_by_a_listener_or_a_connection_is_not_free(listener: int) -> None:
+    # SO_REUSEADDR lets Linux bind over TIME_WAIT, but not over a listener, nor over a
+    # connection whose socket did not set it itself (an outgoing connection's port).
+    with pytest.raises(PortsExhausted):
+        PortAllocator(listener, listener).reserve()
+    with socket.socket() as outgoing:
+        # A port of the range that no connection holds, not even in TIME_WAIT.
+        for port in range(LOW, HIGH + 1):
+            try:
+                outgoing.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        outgoing.connect(("127.0.0.1", listener))
+        with pytest.raises(PortsExhausted):
+            PortAllocator(port, port).reserve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ import attrs
 import pytest
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import output, proctree
 from sandboxd.actors.errors import Conflict, LimitExceeded, NotFound, StartFailed
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
@@ -21,7 +22,8 @@ from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.events.store import Store, open_store
-from tests.actors.children.support import child, is_gone, read_pids
+from tests.actors.children.support import child, free_port, is_gone, read_pids
+from tests.actors.test_ports import time_wait_on
 from tests.support import eventually, proc_state
 
 AGENT = SpecConfig(
@@ -55,7 +57,7 @@ class Harness:
         return [e for e in events if e.sandbox_id == sandbox_id]
 
     def marked(self, sandbox_id: str) -> list[int]:
-        found = process.find_marked_processes(self.registry.marker, sandbox_id=sandbox_id)
+        found = proctree.find_marked(self.registry.marker, sandbox_id=sandbox_id)
         return [p.pid for p in found.get(sandbox_id, [])]
 
 
@@ -75,7 +77,7 @@ async def running(tmp_path: Path, *specs: SpecConfig, **config: object) -> Async
     settings.update(config)
     cfg = Config(**settings)  # type: ignore[arg-type]
     async with open_store(cfg.state_dir) as store, trio.open_nursery() as nursery:
-        registry = Registry(cfg, store.state, store.append, SessionKeys(cfg.state_dir), nursery)
+        registry = Registry(cfg, store, SessionKeys.of_state_dir(cfg.state_dir), nursery)
         try:
             yield Harness(registry, store)
         finally:
@@ -133,7 +135,7 @@ async def test_the_sandbox_gets_only_the_environment_config_allows(tmp_path: Pat
             "PORT",
             "SESSION_API_KEY",
             "OH_SESSION_API_KEYS_0",
-            process.DAEMON_MARKER,
+            proctree.DAEMON_MARKER,
         }
 
 
@@ -226,11 +228,11 @@ async def test_a_chatty_child_reaches_running_with_its_output_capped(tmp_path: P
         registry = harness.registry
         info = await registry.start_sandbox(ADMIN)
         assert info.status is Status.RUNNING
-        output = registry.config.state_dir / "output" / f"{info.id}.log"
-        rotated = Path(process.rotated_path(str(output)))
+        out = registry.config.state_dir / "output" / f"{info.id}.log"
+        rotated = Path(output.rotated_path(str(out)))
 
         def on_disk() -> int:
-            return output.stat().st_size + rotated.stat().st_size
+            return out.stat().st_size + rotated.stat().st_size
 
         # The cap is enforced by a check that backs off while output is quiet: what
         # the disk holds comes down to the file plus its one rotation, not 100 MB.
@@ -287,8 +289,16 @@ async def test_limits(tmp_path: Path) -> None:
         with pytest.raises(LimitExceeded, match="max_sandboxes_per_user"):
             await registry.start_sandbox(ALICE)
         await registry.start_sandbox(BOB)
-        with pytest.raises(LimitExceeded, match="max_sandboxes is 3"):
+        told_admin = "3 sandboxes are live, the limit max_sandboxes is 3"
+        with pytest.raises(LimitExceeded, match=told_admin):
+            await registry.start_sandbox(ADMIN)
+        # A user learns about its own sandboxes only: neither how many others run nor the
+        # limit they reach (defect 6c of issue 8).
+        with pytest.raises(LimitExceeded) as refused:
             await registry.start_sandbox(BOB)
+        assert str(refused.value) == (
+            "no room for another sandbox: the daemon's max_sandboxes is reached (you have 1)"
+        )
 
 
 async def test_limits_hold_for_starts_fired_at_once(tmp_path: Path) -> None:
@@ -339,3 +349,104 @@ async def test_search_pages_newest_first_without_repeats_or_gaps(tmp_path: Path)
         assert [i.id for i in second + third] == ids[::-1][3:]
         assert cursor is None
         assert extra.id not in {i.id for i in second + third}
+
+
+async def test_a_session_key_in_the_command_never_reaches_the_log(tmp_path: Path) -> None:
+    # config.md lets a command use {session_api_key}: the process gets the key, the log
+    # records the placeholder (defect 2 of issue 8: the live key was in the segments).
+    argv = plain(
+        "argv",
+        "-c",
+        "import json, sys, time; json.dump(sys.argv[1:], open('argv.json', 'w')); time.sleep(60)",
+        "--key={session_api_key}",
+        "--port={port}",
+    )
+    async with running(tmp_path, argv) as harness:
+        info = await harness.registry.start_sandbox(ADMIN)
+        key = info.session_api_key
+        assert key
+        written = Path(info.working_dir) / "argv.json"
+        await eventually(lambda: written.exists() and written.read_text().endswith("]"))
+        assert json.loads(written.read_text()) == [f"--key={key}", f"--port={info.port}"]
+
+        started = next(
+            e.data for e in await harness.events_of(info.id) if e.type == "sandbox.process_started"
+        )
+        assert isinstance(started, ev.ProcessStarted)
+        assert started.command[-2:] == ["--key={session_api_key}", f"--port={info.port}"]
+        await harness.store.snapshot()
+        state_dir = harness.registry.config.state_dir
+        files = [p for d in ("events", "snapshots") for p in (state_dir / d).iterdir()]
+        assert any(p.parent.name == "snapshots" for p in files)
+        for path in files:
+            assert key.encode() not in path.read_bytes(), path
+
+
+async def test_a_deleted_sandboxs_port_is_free_while_its_connections_sit_in_time_wait(
+    tmp_path: Path,
+) -> None:
+    # One port: the next sandbox gets it again at once (issue 8, defect 6d).
+    port = free_port()
+    async with running(tmp_path, port_range=(port, port)) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ALICE)
+        assert info.port == port
+        # A client reads a whole answer, which the agent server ends by closing: the
+        # server's side of the connection waits in TIME_WAIT, 60 s, on the sandbox's port.
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET /alive HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while client.recv(4096):
+                pass
+        await registry.delete(ALICE, info.id)
+        assert time_wait_on(port)
+        again = await registry.start_sandbox(ALICE)
+        assert again.port == port and again.status is Status.RUNNING
+
+
+#: A sandbox that swaps the name of its own output file (its path is in its environment)
+#: for a link to the file VICTIM names, or for a FIFO, then writes past the cap.
+SWAPPER = """
+import os, sys, time
+out = os.path.join(os.environ["SANDBOXD_STATE_DIR"], "output", os.environ["SANDBOX_ID"] + ".log")
+print("mine", flush=True)
+os.unlink(out)
+how = sys.argv[1]
+if how == "symlink":
+    os.symlink(os.environ["VICTIM"], out)
+elif how == "hardlink":
+    os.link(os.environ["VICTIM"], out)
+else:
+    os.mkfifo(out)
+sys.stdout.write("x" * 20000)
+sys.stdout.flush()
+open("swapped", "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "fifo"])
+async def test_a_sandbox_that_swaps_its_output_file_changes_nothing_the_daemon_reads(
+    tmp_path: Path, how: str
+) -> None:
+    # sandbox.logs and rotation read and truncate the file the daemon made, never what
+    # the name leads to now (issue 8, defect 6e).
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"victim's own data\n" * 1000)  # past the cap too
+    before = victim.read_bytes()
+    swapper = plain("swapper", "-c", SWAPPER, how, initial_env={"VICTIM": str(victim)})
+    async with running(tmp_path, swapper, output_cap_bytes=4096) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        await eventually((Path(info.working_dir) / "swapped").exists)
+        out = registry.config.state_dir / "output" / f"{info.id}.log"
+        rotated = Path(output.rotated_path(str(out)))
+        await eventually(rotated.exists, what="the sweep to rotate the sandbox's own output")
+        with trio.fail_after(5):
+            text, truncated = await trio.to_thread.run_sync(
+                registry.logs, ADMIN, info.id, 100_000, abandon_on_cancel=True
+            )
+        assert truncated and text and set(text) <= set("mine\nx"), text[:200]
+        assert victim.read_bytes() == before
+        await registry.delete(ADMIN, info.id)
+        assert victim.read_bytes() == before
+        assert not out.exists() and not out.is_symlink()

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import psutil
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import proctree
 from sandboxd.actors.info import SandboxInfo, sandbox_info
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.cli import main as sandboxd_cli
@@ -96,17 +96,18 @@ async def daemon_process(
 # --- Processes ----------------------------------------------------------------------------
 
 
-def marked_processes(state_dir: Path) -> dict[str, list[psutil.Process]]:
+def marked_processes(state_dir: Path) -> dict[str, list[proctree.ProcessId]]:
     """Live processes marked as sandboxes of the daemon on ``state_dir``, by sandbox id."""
-    return process.find_marked_processes(str(state_dir.resolve()))
+    return proctree.find_marked(str(state_dir.resolve()))
 
 
 def end_marked(state_dir: Path) -> None:
     """SIGKILL every process marked for ``state_dir`` (each only if its pid is still it)."""
     for procs in marked_processes(state_dir).values():
         for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()  # psutil checks the pid still holds the process it found
+            if proctree.is_alive(proc):  # the pid still holds the process found
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while marked_processes(state_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -126,8 +127,8 @@ def spawn_marked(state_dir: Path, sandbox_id: str, *argv: str) -> subprocess.Pop
     """A process marked as ``sandbox_id``'s of this daemon, as the actor spawns them."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        process.MARKER_VAR: sandbox_id,
-        process.DAEMON_MARKER: str(state_dir.resolve()),
+        proctree.MARKER_VAR: sandbox_id,
+        proctree.DAEMON_MARKER: str(state_dir.resolve()),
     }
     return subprocess.Popen(
         list(argv) or [SLEEP, "3600"],

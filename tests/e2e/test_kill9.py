@@ -31,7 +31,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import proctree
 from sandboxd.actors.info import SandboxInfo
 from sandboxd.events import types as ev
 from sandboxd.events.projection import State, Status
@@ -233,9 +233,9 @@ def check_processes(daemon: DaemonProcess, state: State) -> None:
         if record.pid is None:
             assert not procs, record
             continue
-        assert record.pgid is not None and record.create_time is not None
-        handle = process.ProcessHandle(record.pid, record.pgid, record.create_time)
-        assert process.is_alive(handle), f"{record.id} was adopted but its process is gone"
+        assert record.create_time is not None
+        main = proctree.ProcessId.from_create_time(record.pid, record.create_time)
+        assert proctree.is_alive(main), f"{record.id} was adopted but its process is gone"
         states = {p.pid: stopped(p.pid) for p in procs}
         if record.status is Status.PAUSED:
             assert all(states.values()), f"{record.id} is PAUSED, its processes: {states}"

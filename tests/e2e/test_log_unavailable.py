@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,14 +18,16 @@ import attrs
 import pytest
 import trio
 
-from sandboxd.actors import process
+from sandboxd.actors import proctree
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
 from sandboxd.events import types as ev
+from sandboxd.events.backend import Predicate, Store
 from sandboxd.events.errors import LogUnavailable
-from sandboxd.events.projection import Status
+from sandboxd.events.projection import State, Status
 from sandboxd.events.store import open_store
+from sandboxd.events.subscriptions import Subscription
 from tests.e2e.support import end_marked, make_config
 from tests.support import eventually
 
@@ -37,21 +39,37 @@ class Admin:
 
 
 class Refusing:
-    """The store's append, refusing events of the given types while ``full`` is set."""
+    """The real store, refusing events of the given types while ``full`` is set."""
 
-    def __init__(self, append: object, types: set[str]) -> None:
-        self._append = append
+    def __init__(self, store: Store, types: set[str]) -> None:
+        self._store = store
         self.types = types
         self.full = True
         self.refused = 0
 
-    async def __call__(self, pending: ev.PendingEvent) -> ev.Event:
+    @property
+    def state(self) -> State:
+        return self._store.state
+
+    async def append(self, pending: ev.PendingEvent) -> ev.Event:
         if self.full and pending.data.TYPE in self.types:
             self.refused += 1
             await trio.lowlevel.checkpoint()
             raise LogUnavailable("the log could not write: [Errno 28] No space left on device")
-        event: ev.Event = await self._append(pending)  # type: ignore[operator]
-        return event
+        return await self._store.append(pending)
+
+    async def append_many(self, pendings: Sequence[ev.PendingEvent]) -> list[ev.Event]:
+        return [await self.append(pending) for pending in pendings]
+
+    async def read(
+        self, after_seq: int, limit: int = 1000, event_filter: Predicate = None
+    ) -> list[ev.Event]:
+        return await self._store.read(after_seq, limit, event_filter)
+
+    def subscribe(
+        self, after_seq: int | None, event_filter: Predicate = None, *, buffer: int | None = None
+    ) -> Subscription:
+        return self._store.subscribe(after_seq, event_filter, buffer=buffer)
 
 
 @asynccontextmanager
@@ -61,16 +79,18 @@ async def registry_refusing(
     config = make_config(tmp_path / "state")
     try:
         async with open_store(config.state_dir) as store, trio.open_nursery() as nursery:
-            append = Refusing(store.append, set(types))
-            registry = Registry(config, store.state, append, SessionKeys(config.state_dir), nursery)
-            yield registry, append
+            refusing = Refusing(store, set(types))
+            registry = Registry(
+                config, refusing, SessionKeys.of_state_dir(config.state_dir), nursery
+            )
+            yield registry, refusing
             nursery.cancel_scope.cancel()
     finally:
         end_marked(config.state_dir)
 
 
 def marked(registry: Registry, sandbox_id: str) -> list[int]:
-    found = process.find_marked_processes(registry.marker, sandbox_id=sandbox_id)
+    found = proctree.find_marked(registry.marker, sandbox_id=sandbox_id)
     return [p.pid for p in found.get(sandbox_id, [])]
 
 
@@ -115,3 +135,20 @@ async def test_a_refused_exit_is_recorded_once_there_is_room(tmp_path: Path) -> 
         log.full = False
         await eventually(lambda: registry.state.sandboxes["s"].status is Status.ERROR, what="ERROR")
         assert registry.state.sandboxes["s"].pid is None
+
+
+async def test_a_refused_process_started_is_retried_until_the_start_finishes(
+    tmp_path: Path,
+) -> None:
+    async with registry_refusing(tmp_path, "sandbox.process_started") as (registry, log):
+        with pytest.raises(Unavailable, match="No space left"):
+            await registry.start_sandbox(Admin(), spec_id="sleep", sandbox_id="s")
+        await eventually(lambda: log.refused >= 3, what="the actor to retry")
+        assert registry.state.sandboxes["s"].pid is None
+        log.full = False  # room again: the next retry starts the process and records it
+        await eventually(
+            lambda: registry.state.sandboxes["s"].status is Status.RUNNING, what="RUNNING"
+        )
+        record = registry.state.sandboxes["s"]
+        assert record.pid is not None
+        assert marked(registry, "s") == [record.pid]  # the undone attempts left nothing

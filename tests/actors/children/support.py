@@ -1,10 +1,10 @@
 """Test support: start sandbox-like processes as the actor does, and always clean up.
 
 Every process gets its own session, /dev/null as stdin, an output file and the
-markers in its environment, exactly as :func:`sandboxd.actors.process.spawn`
-gives them; each test uses fresh sandbox ids, so teardown can end everything a
-test started (by its group while unreaped, by its marker otherwise) and never
-anything else.
+markers in its environment, exactly as the actor gives them through
+:func:`sandboxd.actors.spawn.spawn`; each test uses fresh sandbox ids, so
+teardown can end everything a test started (by its group while unreaped, by its
+marker otherwise) and never anything else.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import psutil
 import trio
 
-from sandboxd.actors import health, process
+from sandboxd.actors import health, output, proctree
 from sandboxd.actors.ports import PortAllocator
+from sandboxd.actors.spawn import Child, Launch, spawn
 from tests.support import proc_state
 
 #: Ports for servers the tests start: below Linux's ephemeral range (32768+),
@@ -46,8 +46,10 @@ class Sandboxes:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.daemon_marker = str(base)
-        self.spawned: list[process.SpawnedProcess] = []
+        self.spawned: list[Child] = []
         self.ids: list[str] = []
+        self.outputs = output.OutputDir(base)
+        self._output_files: dict[str, output.OutputFile] = {}
 
     def new_id(self) -> str:
         sandbox_id = f"test-{uuid.uuid4().hex[:12]}"
@@ -58,8 +60,8 @@ class Sandboxes:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONDONTWRITEBYTECODE": "1",
-            process.MARKER_VAR: sandbox_id,
-            process.DAEMON_MARKER: self.daemon_marker,
+            proctree.MARKER_VAR: sandbox_id,
+            proctree.DAEMON_MARKER: self.daemon_marker,
             **extra,
         }
 
@@ -69,22 +71,21 @@ class Sandboxes:
         sandbox_id: str | None = None,
         env: dict[str, str] | None = None,
         output_cap_bytes: int = 1 << 20,
-    ) -> process.SpawnedProcess:
+    ) -> Child:
         """Run ``python ARGS`` as a sandbox's main process."""
         sandbox_id = sandbox_id or self.new_id()
-        spawned = await process.spawn(
-            [sys.executable, *args],
-            env=env or self.env(sandbox_id),
-            cwd=str(self.base),
-            output_path=str(self.base / f"{sandbox_id}.log"),
-            output_cap_bytes=output_cap_bytes,
-        )
+        launch = Launch((sys.executable, *args), env or self.env(sandbox_id), str(self.base))
+        fd = self.output(sandbox_id).open_for_child(output_cap_bytes)
+        try:
+            spawned = await spawn(launch, output=fd)
+        finally:
+            os.close(fd)
         self.spawned.append(spawned)
         return spawned
 
     async def agent_server(
         self, *args: str, port: int | None = None, key: str | None = "test-key", **env: str
-    ) -> tuple[process.SpawnedProcess, int]:
+    ) -> tuple[Child, int]:
         """Start the reference agent server; return once it answers on ``port``.
 
         ``port`` (a free one if None) is given as PORT unless ``env`` says otherwise.
@@ -100,6 +101,12 @@ class Sandboxes:
         assert await health.wait_until_ready(port, "/alive", timeout=10)
         return spawned, port
 
+    def output(self, sandbox_id: str) -> output.OutputFile:
+        """The sandbox's output file, as its actor holds it: one per sandbox."""
+        if sandbox_id not in self._output_files:
+            self._output_files[sandbox_id] = self.outputs.file(sandbox_id)
+        return self._output_files[sandbox_id]
+
     def output_path(self, sandbox_id: str) -> Path:
         return self.base / f"{sandbox_id}.log"
 
@@ -108,12 +115,11 @@ class Sandboxes:
             # returncode None: alive and not reaped, so its pgid is still its own.
             if spawned.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(spawned.handle.pgid, signal.SIGKILL)
+                    os.killpg(spawned.id.pid, signal.SIGKILL)
         for sandbox_id in self.ids:
-            for procs in process.find_marked_processes(sandbox_id=sandbox_id).values():
-                for proc in procs:
-                    with contextlib.suppress(psutil.Error):
-                        proc.kill()  # psutil checks the pid was not reused
+            for procs in proctree.find_marked(sandbox_id=sandbox_id).values():
+                # kill_processes checks each pid still holds the process found.
+                await proctree.kill_processes(procs)
         with trio.fail_after(5):
             for spawned in self.spawned:
                 await spawned.wait()

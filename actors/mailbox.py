@@ -1,0 +1,150 @@
+"""What a sandbox actor is told: commands, which someone waits on, and notices, which no one does.
+
+Each message is a frozen class, dispatched by the actor with ``match``. A
+command carries the ``Reply`` its sender waits on; the actor answers every
+command through it, the start too, even when the answer comes later than the
+command's turn in the mailbox (a start waits for readiness while the actor goes
+on serving a pause or a delete). Notices come from the actor's own watchers
+(readiness, liveness, the exit watch) and from its retries; ``attempt`` counts
+how many times the event a notice leads to could not be recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Generic, Protocol, TypeVar
+
+import attrs
+import outcome
+import trio
+
+from sandboxd.actors.proctree import ExitStatus, ProcessId
+from sandboxd.events.projection import SandboxRecord
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """Where a command's outcome goes back to the task that sent it: answered once."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._outcome: outcome.Outcome[T] | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self._outcome is not None
+
+    def send(self, value: T) -> None:
+        self._answer(outcome.Value(value))
+
+    def fail(self, error: BaseException) -> None:
+        self._answer(outcome.Error(error))
+
+    def _answer(self, result: outcome.Outcome[T]) -> None:
+        if self._outcome is None:  # the first answer stands
+            self._outcome = result
+            self._done.set()
+
+    async def receive(self) -> T:
+        await self._done.wait()
+        assert self._outcome is not None
+        return self._outcome.unwrap()
+
+
+class Asked(Protocol[T]):
+    """A command: something with a reply to wait on."""
+
+    @property
+    def reply(self) -> Reply[T]: ...
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class Start:
+    """Create the sandbox (``sandbox.created``) and start its process.
+
+    Answered with the record once ``sandbox.created`` is durable if not
+    ``wait``; else once the start has an outcome: RUNNING, or ERROR with
+    ``sandbox.start_failed``. ``port`` and ``working_dir`` are the registry's
+    decisions, made before the actor exists so that no two sandboxes get the same.
+    """
+
+    by: str | None
+    port: int
+    working_dir: str
+    env: Mapping[str, str]
+    wait: bool
+    reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
+
+
+@attrs.frozen(eq=False)
+class Pause:
+    by: str | None
+    reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
+
+
+@attrs.frozen(eq=False)
+class Resume:
+    by: str | None
+    reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
+
+
+@attrs.frozen(eq=False)
+class Delete:
+    by: str | None
+    reply: Reply[bool] = attrs.field(factory=Reply, repr=False)
+
+
+Command = Start | Pause | Resume | Delete
+
+
+# --- notices -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Ready:
+    """The health check answered 200 (or the spec has none)."""
+
+    attempt: int = 0
+
+
+@attrs.frozen
+class ReadyTimeout:
+    """No 200 within the spec's ready_timeout."""
+
+    attempt: int = 0
+
+
+@attrs.frozen
+class Exited:
+    """The main process ``process`` ended."""
+
+    process: ProcessId
+    status: ExitStatus
+    attempt: int = 0
+
+
+@attrs.frozen
+class Unhealthy:
+    reason: str
+    attempt: int = 0
+
+
+@attrs.frozen
+class Healthy:
+    attempt: int = 0
+
+
+@attrs.frozen
+class Relaunch:
+    """Start the process again: the last one was undone because the log refused its event."""
+
+    attempt: int = 0
+
+
+Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Relaunch
+
+Message = Command | Notice

@@ -1,0 +1,310 @@
+"""A sandbox's output on disk: the file its processes write, capped with one rotation, and its tail.
+
+Each sandbox's stdout and stderr go to ``STATE_DIR/output/ID.log``; once it is
+over ``output_cap_bytes``, its newest bytes move to ``ID.log.1`` (the one
+rotation) and it starts again from empty.
+
+A sandbox can name these files: its environment says where the state dir is,
+and its processes run as the daemon's user (until each sandbox has a user of
+its own, issue 15, nothing the daemon's user can reach by name is out of a
+sandbox's reach). So the daemon never trusts a name to lead where it did:
+
+- it opens ``ID.log`` itself and keeps that descriptor: the child gets a copy
+  as its stdout and stderr, and capping and reading go through the daemon's
+  copy, never through the name again while the daemon runs. A sandbox that
+  replaces the name (with a symlink to another file, a hard link, a FIFO)
+  changes nothing the daemon reads, truncates or lets grow past the cap;
+- a name is opened only relative to the output directory's own descriptor,
+  held from start-up, and never followed if it is a symbolic link (O_NOFOLLOW);
+  what it opens is taken only if it is a regular file with one link, owned by
+  the daemon's user (fstat), else refused: unread, untruncated, and replaced at
+  the sandbox's next spawn. A restarted daemon reopens output files this way.
+
+Everything here blocks (a stat, a copy of at most the cap): callers run it in a
+worker thread. Each file has a lock, so the sweep, a reader and a delete never
+act on one descriptor at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import threading
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_OPEN = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class OutputDir:
+    """``STATE_DIR/output``, held open from start-up: every output file is reached through it.
+
+    If the directory is later renamed or replaced by a link, the daemon still
+    acts in the directory it made, never in one a link leads to.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise OSError(
+                    exc.errno,
+                    f"{path} is not a directory but a link to one: the daemon makes it itself; "
+                    "remove the link and start again",
+                ) from None
+            raise
+        # Closed with the object: one directory for the daemon's life, a few in tests.
+        weakref.finalize(self, os.close, self.fd)
+
+    def file(self, sandbox_id: str) -> OutputFile:
+        return OutputFile(self, f"{sandbox_id}.log")
+
+    def remove_unowned(self, live: set[str]) -> int:
+        """Remove the output files (and links, FIFOs...) of sandboxes not in ``live``.
+
+        ``ID.log``, its rotation ``ID.log.1`` and a rotation's ``.tmp``: ids
+        have no dot. Names are unlinked, never followed.
+        """
+        removed = 0
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if entry.name.split(".", 1)[0] in live or entry.is_dir(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=self.fd)
+                removed += 1
+        return removed
+
+
+class OutputFile:
+    """One sandbox's ``ID.log`` and ``ID.log.1``, through the daemon's own descriptor."""
+
+    def __init__(self, directory: OutputDir, name: str) -> None:
+        self._dir = directory
+        self.name = name
+        self.rotated_name = rotated_path(name)
+        self._tmp_name = self.rotated_name + ".tmp"
+        #: Where the file is, for people and tests; the daemon itself never opens it by this.
+        self.path = directory.path / name
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._removed = False
+        self._refused = False  # a warning once, not once a sweep
+
+    def open_for_child(self, cap_bytes: int) -> int:
+        """A descriptor of the output file for a new process of the sandbox (the caller
+        closes it once the child has its copy).
+
+        Opened with O_APPEND, which is what makes capping safe while the child
+        keeps writing. Output left by an earlier process of this sandbox counts
+        against the cap too. A name the daemon cannot trust is replaced.
+        """
+        with self._lock:
+            if self._removed:
+                raise FileNotFoundError(errno.ENOENT, "the sandbox's output is removed", self.name)
+            fd = self._open(create=True)
+            assert fd is not None
+            self._cap(fd, cap_bytes)
+            return os.dup(fd)
+
+    def cap(self, cap_bytes: int) -> bool:
+        """Rotate the output once it is over ``cap_bytes``; return True if it did.
+
+        The newest ``cap_bytes`` bytes are copied to ``ID.log.1`` (the older
+        rotation is replaced) and the file is truncated to zero. The child
+        keeps its descriptor: because it was opened with O_APPEND, its next
+        write lands at the new end, offset 0, instead of leaving a sparse hole
+        the size of the old file. Bytes written between the last copy and the
+        truncation (a few microseconds) are lost: the price of never making the
+        child wait. On disk a sandbox's output then stays under about twice the
+        cap, plus what the child writes between two calls.
+        """
+        with self._lock:
+            fd = self._open(create=False)
+            return fd is not None and self._cap(fd, cap_bytes)
+
+    def tail(self, tail_bytes: int) -> tuple[str, bool]:
+        """The last ``tail_bytes`` bytes of the output, and whether there was more.
+
+        Reads the rotated part first, then the current file. ``truncated`` is
+        True when older output exists that is not returned (more on disk, or a
+        rotation already dropped some). Invalid UTF-8 is replaced, and a
+        character cut in half by the tail's start is dropped rather than shown
+        as garbage.
+        """
+        with self._lock:
+            fd = self._open(create=False)
+            rotated = self._open_rotated()
+            try:
+                if tail_bytes <= 0:
+                    size = 0 if fd is None else os.fstat(fd).st_size
+                    return "", size > 0 or rotated is not None
+                current, current_more = (b"", False) if fd is None else _read_tail(fd, tail_bytes)
+                older = b""
+                if rotated is not None and len(current) < tail_bytes:
+                    older, _ = _read_tail(rotated, tail_bytes - len(current))
+            finally:
+                if rotated is not None:
+                    os.close(rotated)
+        data = older + current
+        # A rotation always drops the start of the output (it only keeps the newest
+        # cap bytes), so if .1 exists something older is gone.
+        truncated = current_more or rotated is not None
+        if truncated:
+            data = _drop_partial_utf8_start(data)
+        return data.decode("utf-8", errors="replace"), truncated
+
+    def remove(self) -> None:
+        """Close the daemon's descriptor and remove both names (never following them)."""
+        with self._lock:
+            self._removed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            for name in (self.name, self.rotated_name, self._tmp_name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self._dir.fd)
+
+    # -- under the lock -------------------------------------------------------------
+
+    def _open(self, *, create: bool) -> int | None:
+        """The daemon's descriptor of the output file, opening it by name if it has none."""
+        if self._removed:
+            return None
+        if self._fd is not None:
+            return self._fd
+        fd = _open_trusted(self.name, self._dir.fd, _OPEN)
+        if fd is None and create:
+            # Absent, or a name the daemon cannot trust: a fresh file in its place.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self._dir.fd)
+            fd = os.open(self.name, _OPEN | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._dir.fd)
+        if fd is None:
+            if not self._refused and _exists(self.name, self._dir.fd):
+                self._refused = True
+                log.warning(
+                    "%s is not a regular file of the daemon's (a link, or another kind of "
+                    "file): its output is not read, and the sandbox's next start replaces it",
+                    self.path,
+                )
+            return None
+        os.set_blocking(fd, True)  # O_NONBLOCK only kept the open itself from waiting
+        self._fd = fd
+        self._refused = False
+        return fd
+
+    def _open_rotated(self) -> int | None:
+        return _open_trusted(self.rotated_name, self._dir.fd, _READ)
+
+    def _cap(self, fd: int, cap_bytes: int) -> bool:
+        if os.fstat(fd).st_size <= cap_bytes:
+            return False
+        dir_fd = self._dir.fd
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp_name, dir_fd=dir_fd)  # a rotation cut short, or planted
+        dst = os.open(
+            self._tmp_name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dir_fd,
+        )
+        try:
+            end = os.fstat(fd).st_size
+            pos = max(0, end - cap_bytes)
+            # Catch up a few times with what the child appended while we copied,
+            # so that the loss window shrinks to the gap before ftruncate.
+            for _ in range(3):
+                pos = _copy_range(fd, dst, pos, end)
+                end = os.fstat(fd).st_size
+                if end <= pos:
+                    break
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(dst)
+        # rename replaces whatever the name is (a link included) and never follows it.
+        os.replace(self._tmp_name, self.rotated_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return True
+
+
+def rotated_path(output_path: str) -> str:
+    """Where the one rotation of the output at ``output_path`` is kept."""
+    return output_path + ".1"
+
+
+def cap_outputs(files: Iterable[OutputFile], cap_bytes: int) -> int:
+    """Rotate every one of ``files`` that has grown past ``cap_bytes``; return how many.
+
+    Blocking (an fstat per file, a copy per rotation): the registry calls it
+    from a worker thread once per sweep, for every sandbox at once.
+    """
+    return sum(output.cap(cap_bytes) for output in files)
+
+
+def _open_trusted(name: str, dir_fd: int, flags: int) -> int | None:
+    """``name`` in the directory, if it is a regular file of ours with one link; else None."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        # ELOOP: a symbolic link; ENXIO, EACCES...: something that is no file of ours.
+        log.debug("not opening output %s: %s", name, exc)
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+        return fd
+    os.close(fd)
+    return None
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _copy_range(src: int, dst: int, pos: int, end: int) -> int:
+    while pos < end:
+        chunk = os.pread(src, min(1 << 20, end - pos), pos)
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view) :]
+        pos += len(chunk)
+    return pos
+
+
+def _read_tail(fd: int, n: int) -> tuple[bytes, bool]:
+    size = os.fstat(fd).st_size
+    start = max(0, size - n)
+    parts = []
+    pos = start
+    while pos < size:
+        chunk = os.pread(fd, size - pos, pos)
+        if not chunk:  # truncated under us by a rotation
+            break
+        parts.append(chunk)
+        pos += len(chunk)
+    return b"".join(parts), start > 0
+
+
+def _drop_partial_utf8_start(data: bytes) -> bytes:
+    # A UTF-8 character is at most 4 bytes: at most 3 continuation bytes
+    # (0b10xxxxxx) can precede the first whole character.
+    i = 0
+    while i < 3 and i < len(data) and data[i] & 0xC0 == 0x80:
+        i += 1
+    return data[i:]
