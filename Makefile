@@ -3,10 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The strict editable install links each module by name: a module added or removed
+# needs the install again, so the stamp depends on the list of modules too.
+MODULES := $(VENV)/.modules
+MODULE_LIST := $(sort $(wildcard daemon/*.py daemon/*/*.py events/*.py actors/*.py gateway/*.py gateway/*/*.py))
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench clean FORCE
 
-$(STAMP): pyproject.toml
+$(MODULES): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(MODULE_LIST)' | cmp -s - $@ || echo '$(MODULE_LIST)' > $@
+
+$(STAMP): pyproject.toml $(MODULES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --config-settings editable_mode=strict -e '.[test]'
