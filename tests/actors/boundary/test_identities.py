@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import trio
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from sandboxd.actors.boundary_settings import SANDBOXES_KEYS, parse_boundary_settings
 from sandboxd.actors.identities import (
     DEFAULT_UID_RANGE,
     Accounts,
@@ -228,3 +230,35 @@ async def test_holders_finds_processes_and_files_of_a_uid(harness: Harness) -> N
         assert identity.uid not in await trio.to_thread.run_sync(holders, {identity.uid})
     finally:
         leftover.unlink(missing_ok=True)
+
+
+# -- the [sandboxes] keys together, as config.py will call them ----------------------------
+
+
+def test_boundary_settings_from_a_config_file() -> None:
+    raw = tomllib.loads(
+        '[sandboxes]\ncgroup = "off"\nrun_as = "dynamic"\nuid_range = [700000, 700999]\n'
+        "max_sandboxes = 10\n"
+    )["sandboxes"]
+    settings = parse_boundary_settings("sandboxes", raw, max_sandboxes=10, euid=0, accounts=NOBODY)
+    assert settings.cgroup == "off"
+    assert settings.run_as.kind == "dynamic" and settings.run_as.uid_range == (700000, 700999)
+    default = parse_boundary_settings("sandboxes", {}, max_sandboxes=10, euid=1000)
+    assert default.cgroup == "auto" and default.run_as.kind == "daemon"
+
+
+BAD = {
+    "cgroup": 1,
+    "run_as": "",
+    "uid_range": [3, 1],
+    "allow_existing_uids": "no",
+}
+
+
+@pytest.mark.parametrize("name", SANDBOXES_KEYS)
+def test_each_boundary_key_is_read_and_named(name: str) -> None:
+    assert set(BAD) == set(SANDBOXES_KEYS)
+    with pytest.raises(ValueError, match=rf"^sandboxes\.{name} "):
+        parse_boundary_settings(
+            "sandboxes", {name: BAD[name]}, max_sandboxes=10, euid=0, accounts=NOBODY
+        )
