@@ -420,12 +420,14 @@ class CgroupBoundary:
         v2_wanted = sorted(layout.v2_controllers)
         enabled = _enable_controllers(layout.tree, v2_wanted, leaf=f"{name}-daemon", notes=notes)
         parent = os.path.join(layout.tree, name)
-        _mkdir(parent)
-        enabled = _enable_controllers(parent, enabled, leaf=None, notes=notes)
+        made = _mkdir(parent)
         if not os.path.exists(os.path.join(parent, "cgroup.freeze")):
+            if made:
+                _rmdir(parent)
             raise CgroupError(
                 f"{parent} has no cgroup.freeze: the cgroup boundary needs Linux 5.2 or later"
             )
+        enabled = _enable_controllers(parent, enabled, leaf=None, notes=notes)
         for controller in enabled:
             controllers[controller] = parent
         for directory, names in layout.v1_dirs.items():
