@@ -23,12 +23,14 @@ Why it is built this way (measured on Linux 6.18, this project's CI machine):
   before ``preexec_fn`` in CPython 3.11, and the order here (cgroups, rlimits
   as root, then no_new_privs, then the ids) is the one that works on every
   kernel.
-- ``preexec_fn`` makes CPython fork instead of vfork: that is the whole cost
-  (bench/boundary.py: about 1.7 ms more than a raw spawn for a 25 MB daemon,
-  about 3 ms at 85 MB; the cgroup writes and id changes themselves take
-  microseconds). The alternatives cost more: a helper exec (setpriv, a shell)
-  is a whole extra exec, and clone3(CLONE_INTO_CGROUP) cannot run Python in
-  the child.
+- ``preexec_fn`` makes CPython fork instead of vfork: that is the whole cost,
+  and it grows with the daemon's memory (measured on a quiet machine: 1.8 ms
+  over a raw spawn for a 25 MB parent, 2.6 ms at 60 MB, and far more on a
+  loaded one; the cgroup writes and id changes take microseconds). The fork
+  server (actors/forkserver.py) forks from a small process instead, for about
+  1 ms whatever the daemon's size: docs/boundary.md has the numbers. A helper
+  exec (a shell, then setpriv) costs two more execs and cannot set every
+  rlimit; clone3(CLONE_INTO_CGROUP) cannot run Python in the child.
 
 ``preexec_fn`` runs in a child forked from a multi-threaded process (the
 daemon's trio worker threads), which Python documents as unsafe: a lock held

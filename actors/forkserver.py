@@ -3,12 +3,13 @@
 Why: a child that must join its cgroups and drop to its uid between fork and
 exec needs code run in the child, and CPython then forks instead of vforking
 (actors/confine.py). Fork copies the page tables of the forking process: on
-this project's VMs, measured with bench/boundary.py, that costs about 2.5 ms
-over a raw spawn for a 60 MB daemon on a quiet machine and up to 8 ms on a
-loaded one, and it grows with the daemon's memory. Forking from a process of a
-few megabytes instead costs about 1 ms over the raw spawn, whatever the
-daemon's size, and the server is single-threaded, so its child can run Python
-before exec with none of the hazards of ``preexec_fn`` in a threaded daemon.
+this project's VMs that costs 2.6 ms over a raw spawn for a 60 MB daemon on a
+quiet machine and 6-22 ms on a loaded one (bench/boundary.py), growing with the
+daemon's memory. Forking from this 12 MB server instead costs about 1 ms over
+the raw spawn on a quiet machine (3.7-6.9 ms loaded), whatever the daemon's
+size (docs/boundary.md). And the server is single-threaded, so its child can
+run Python before exec with none of the hazards of ``preexec_fn`` in a
+threaded daemon.
 
 The price: a sandbox's main process is the server's child, not the daemon's.
 The server reaps it and sends its exit status back (:meth:`ServedProcess.wait`

@@ -67,10 +67,6 @@ class RunAs:
     def isolated_from_daemon(self) -> bool:
         return self.kind != "daemon"
 
-    def fixed_identity(self) -> Identity | None:
-        """The identity every sandbox shares (user), or None (daemon's own, or dynamic)."""
-        return self.identity
-
 
 @attrs.frozen
 class Accounts:
