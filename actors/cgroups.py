@@ -313,7 +313,9 @@ class SandboxCgroup:
 
         ``cgroup.kill`` where the kernel has it (one write, atomic against forks).
         Otherwise: freeze, SIGKILL each member (a frozen task still dies of
-        SIGKILL, and cannot fork), wait, thaw.
+        SIGKILL, and cannot fork), and again every 50 ms until cgroup.procs is
+        empty (should the freeze not have taken: a task in uninterruptible
+        sleep), then thaw.
         """
         with trio.move_on_after(timeout):
             if self._has_kill:
@@ -321,10 +323,13 @@ class SandboxCgroup:
                 await self.wait_empty()
                 return
             with contextlib.suppress(CgroupTimeout):
-                await self.freeze(timeout=timeout / 2)
+                await self.freeze(timeout=min(1.0, timeout / 2))
             try:
-                self.signal(signal.SIGKILL)
-                await self.wait_empty()
+                while True:
+                    self.signal(signal.SIGKILL)
+                    with trio.move_on_after(0.05):
+                        await self.wait_empty()
+                        break
             finally:
                 _write(os.path.join(self.tree_dir, "cgroup.freeze"), "0")
             return
