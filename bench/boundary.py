@@ -13,9 +13,6 @@ Measured in one run, each against its raw reference:
   (target <= 5 ms). Measured with the bench process as it is, and again grown
   with touched memory to ``--rss-mb`` (default 60: the daemon's RSS target),
   since fork, unlike vfork, costs in proportion to the parent's memory.
-- spawn_served_ms_p50: the same confined start through the fork server (a
-  small single-threaded process that forks the child; actors/forkserver.py);
-  served_overhead_ms_p50 its difference from the raw spawn.
 - cgroup_create_ms_p50 / cgroup_remove_ms_p50: a sandbox's cgroups made (with
   limits) and removed, per sandbox.
 - pause_ms_p99_tree50: freeze of a 50-process tree until the kernel confirms
@@ -48,13 +45,12 @@ from typing import Any
 import trio
 from _common import emit_json, machine, median, percentile, print_targets, step
 
-from sandboxd.actors.boundary import discover
-from sandboxd.actors.cgroups import CgroupBoundary, SandboxCgroup
-from sandboxd.actors.confine import Confinement, open_confined_process
-from sandboxd.actors.forkserver import ForkServer
-from sandboxd.actors.identities import Identity, UidPool
-from sandboxd.actors.limits import Limits
-from sandboxd.actors.workdirs import make_base_dir, remove_tree
+from sandboxd.actors.boundary.cgroups import CgroupBoundary, SandboxCgroup
+from sandboxd.actors.boundary.confine import Confinement, open_confined_process
+from sandboxd.actors.boundary.discovery import discover
+from sandboxd.actors.boundary.identities import Identity, UidPool
+from sandboxd.actors.boundary.limits import Limits
+from sandboxd.actors.boundary.workdirs import make_base_dir, remove_tree
 
 TRUE = "/usr/bin/true"
 SLEEP = "/usr/bin/sleep"
@@ -72,11 +68,9 @@ async def spawn_round(
     cwd: str,
     out: int,
     rounds: int,
-    server: ForkServer,
-) -> tuple[list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float]]:
     raw: list[float] = []
     confined: list[float] = []
-    served: list[float] = []
     confinement = Confinement(
         cgroup_procs=cgroup.procs_files(), identity=identity, rlimits=((6, 4096),)
     )
@@ -99,44 +93,33 @@ async def spawn_round(
         )
         await process.wait()
         confined.append((time.perf_counter() - started) * 1e3)
-        started = time.perf_counter()
-        child = await server.spawn(
-            [TRUE], confinement=confinement, env=ENV, cwd=cwd, stdout=out, stderr=out
-        )
-        await child.wait()
-        served.append((time.perf_counter() - started) * 1e3)
-    return raw, confined, served
+    return raw, confined
 
 
 async def bench_spawn(
-    boundary: CgroupBoundary, cwd: str, rounds: int, rss_target_mb: int, server: ForkServer
+    boundary: CgroupBoundary, cwd: str, rounds: int, rss_target_mb: int
 ) -> dict[str, Any]:
     cgroup = boundary.create("bench-spawn", Limits(pids_max=64))
     identity = Identity(UIDS[0], UIDS[0])
     out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     results: dict[str, Any] = {}
     try:
-        await spawn_round(cgroup, identity, cwd, out, 5, server)  # warm-up: threads, page cache
-        raw, confined, served = await spawn_round(cgroup, identity, cwd, out, rounds, server)
+        await spawn_round(cgroup, identity, cwd, out, 5)  # warm-up: threads, page cache
+        raw, confined = await spawn_round(cgroup, identity, cwd, out, rounds)
         results["bench_rss_mb"] = rss_mb()
         results["spawn_raw_ms_p50"] = median(raw)
         results["spawn_confined_ms_p50"] = median(confined)
         results["spawn_confined_ms_p99"] = percentile(confined, 99)
         results["start_overhead_ms_p50"] = median(confined) - median(raw)
-        results["spawn_served_ms_p50"] = median(served)
-        results["spawn_served_ms_p99"] = percentile(served, 99)
-        results["served_overhead_ms_p50"] = median(served) - median(raw)
         step(f"  grown to {rss_target_mb} MB of RSS (the daemon's target) ...")
         ballast = bytearray(max(0, int((rss_target_mb - rss_mb()) * 2**20)))
         for i in range(0, len(ballast), 4096):
             ballast[i] = 1
-        raw, confined, served = await spawn_round(cgroup, identity, cwd, out, rounds, server)
+        raw, confined = await spawn_round(cgroup, identity, cwd, out, rounds)
         results["grown_rss_mb"] = rss_mb()
         results["spawn_raw_ms_p50_grown"] = median(raw)
         results["spawn_confined_ms_p50_grown"] = median(confined)
         results["start_overhead_ms_p50_grown"] = median(confined) - median(raw)
-        results["spawn_served_ms_p50_grown"] = median(served)
-        results["served_overhead_ms_p50_grown"] = median(served) - median(raw)
         del ballast
     finally:
         os.close(out)
@@ -288,11 +271,9 @@ async def run(quick: bool, rss_target_mb: int) -> dict[str, Any]:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(boundary.run)
-            server = ForkServer()
-            await nursery.start(server.run)
-            step("spawn: raw vs confined in-process vs through the fork server ...")
+            step("spawn: raw vs confined ...")
             rounds = 30 if quick else 200
-            results |= await bench_spawn(boundary, str(base), rounds, rss_target_mb, server)
+            results |= await bench_spawn(boundary, str(base), rounds, rss_target_mb)
             step("cgroup create and remove ...")
             results |= await bench_create_remove(boundary, 50 if quick else 300)
             step("pause of a 50-process tree ...")
@@ -330,10 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         f" ms, confined {r['spawn_confined_ms_p50_grown']:.2f} ms"
     )
     print(
-        f"  through the fork server: {r['spawn_served_ms_p50']:.2f} ms; at RSS"
-        f" {r['grown_rss_mb']:.0f} MB: {r['spawn_served_ms_p50_grown']:.2f} ms"
-    )
-    print(
         f"  cgroups per sandbox: create {r['cgroup_create_ms_p50']:.2f} ms, remove"
         f" {r['cgroup_remove_ms_p50']:.2f} ms"
     )
@@ -348,14 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     delete_target = 3.0 * r["deleted"] / 1000
     overhead, grown = r["start_overhead_ms_p50"], r["start_overhead_ms_p50_grown"]
-    served, served_grown = r["served_overhead_ms_p50"], r["served_overhead_ms_p50_grown"]
     pause = r["pause_ms_p99_tree50"]
     print_targets(
         [
             ("start_overhead_ms_p50", overhead, "<= 5 ms", overhead <= 5),
             ("start_overhead_ms_p50_grown", grown, "<= 5 ms", grown <= 5),
-            ("served_overhead_ms_p50", served, "<= 5 ms", served <= 5),
-            ("served_overhead_ms_p50_grown", served_grown, "<= 5 ms", served_grown <= 5),
             ("pause_ms_p99_tree50", pause, "<= 20 ms", pause <= 20),
             (
                 "delete_all_s",

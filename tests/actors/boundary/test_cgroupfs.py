@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.actors.cgroupfs import (
+from sandboxd.actors.boundary.cgroupfs import (
     CgroupMount,
     EventsState,
     cpu_quota_usec,

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandboxd.actors.boundary import Layout
-from sandboxd.actors.cgroupfs import parse_flat_keyed, sandbox_dir_name
-from sandboxd.actors.cgroups import CgroupBoundary, CgroupError, SandboxCgroup
-from sandboxd.actors.identities import UidPool
-from sandboxd.actors.limits import Limits
+from sandboxd.actors.boundary.cgroupfs import parse_flat_keyed, sandbox_dir_name
+from sandboxd.actors.boundary.cgroups import CgroupBoundary, CgroupError, SandboxCgroup
+from sandboxd.actors.boundary.discovery import Layout
+from sandboxd.actors.boundary.identities import UidPool
+from sandboxd.actors.boundary.limits import Limits
 from tests.actors.boundary.conftest import (
     PYTHON,
     TEST_UIDS,

@@ -13,8 +13,7 @@ import trio
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sandboxd.actors.boundary_settings import SANDBOXES_KEYS, parse_boundary_settings
-from sandboxd.actors.identities import (
+from sandboxd.actors.boundary.identities import (
     DEFAULT_UID_RANGE,
     Accounts,
     Identity,
@@ -23,6 +22,7 @@ from sandboxd.actors.identities import (
     holders,
     parse_run_as,
 )
+from sandboxd.actors.boundary.settings import SANDBOXES_KEYS, parse_boundary_settings
 from tests.actors.boundary.conftest import PYTHON, Harness
 
 NOBODY = Accounts(users=[("root", 0), ("nobody", 65534)], groups=[("root", 0)])

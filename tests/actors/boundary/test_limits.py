@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.actors.limits import (
+from sandboxd.actors.boundary.limits import (
     Limits,
     LimitsNotEnforceable,
     format_bytes,

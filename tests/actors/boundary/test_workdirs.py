@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.actors.identities import Identity
-from sandboxd.actors.workdirs import (
+from sandboxd.actors.boundary.identities import Identity
+from sandboxd.actors.boundary.workdirs import (
     FS_APPEND_FL,
     FS_IMMUTABLE_FL,
     FS_IOC_GETFLAGS,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import attrs
 
-from sandboxd.actors.identities import Identity
+from sandboxd.actors.boundary.identities import Identity
 
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602

@@ -5,7 +5,7 @@ cgroups are, the flat "key value" files the kernel keeps in every cgroup
 (cgroup.events, cpu.stat, memory.events, memory.oom_control), the names this
 daemon gives its cgroups, and the values it writes into limit files of either
 version. Everything here is a pure function of its arguments: the I/O lives in
-:mod:`sandboxd.actors.boundary` and :mod:`sandboxd.actors.cgroups`.
+:mod:`sandboxd.actors.boundary.discovery` and :mod:`sandboxd.actors.boundary.cgroups`.
 """
 
 from __future__ import annotations

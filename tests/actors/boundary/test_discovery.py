@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sandboxd.actors.boundary import Layout, discover, parse_cgroup_setting
-from sandboxd.actors.cgroups import open_boundary
+from sandboxd.actors.boundary.cgroups import open_boundary
+from sandboxd.actors.boundary.discovery import Layout, discover, parse_cgroup_setting
 from tests.actors.boundary.test_cgroupfs import HYBRID_CGROUP, HYBRID_MOUNTINFO
 
 PURE_V2_MOUNTINFO = (

@@ -12,10 +12,10 @@ So:
   (the whole tree at once: no race with a tree that keeps forking, unlike
   SIGSTOP);
 - gone: ``populated 0`` in ``cgroup.events``, noticed by one inotify watcher
-  for all sandboxes (actors/cgroup_events.py).
+  for all sandboxes (boundary/events.py).
 
 Limits and usage come from the controllers the layout names (v2, or the v1
-hierarchies of the hybrid layout): see actors/boundary.py. Every file here is
+hierarchies of the hybrid layout): see boundary/discovery.py. Every file here is
 kernfs, held in memory: reads and writes take microseconds, so they run on the
 event loop, not in threads.
 
@@ -41,9 +41,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from sandboxd.actors.boundary import BoundaryMode, Discovery, Layout, discover
-from sandboxd.actors.cgroup_events import CgroupEventsWatcher, Watch
-from sandboxd.actors.cgroupfs import (
+from sandboxd.actors.boundary.cgroupfs import (
     CPU_PERIOD_USEC,
     cpu_quota_usec,
     daemon_dir_name,
@@ -53,7 +51,9 @@ from sandboxd.actors.cgroupfs import (
     sandbox_id_of,
     v2_cpu_max,
 )
-from sandboxd.actors.limits import Limits
+from sandboxd.actors.boundary.discovery import BoundaryMode, Discovery, Layout, discover
+from sandboxd.actors.boundary.events import CgroupEventsWatcher, Watch
+from sandboxd.actors.boundary.limits import Limits
 
 
 class CgroupError(Exception):

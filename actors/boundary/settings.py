@@ -7,7 +7,7 @@
     allow_existing_uids = false  # ... unless this is true
 
 and, per spec (``[[specs]]``), ``memory_max``, ``pids_max``, ``cpu_max`` and
-``limits_required`` (actors/limits.py). Every error is a ValueError whose
+``limits_required`` (boundary/limits.py). Every error is a ValueError whose
 message names the key; config.py turns it into its ConfigError as it is.
 """
 
@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import attrs
 
-from sandboxd.actors.boundary import parse_cgroup_setting
-from sandboxd.actors.identities import Accounts, RunAs, parse_run_as
+from sandboxd.actors.boundary.discovery import parse_cgroup_setting
+from sandboxd.actors.boundary.identities import Accounts, RunAs, parse_run_as
 
 #: The [sandboxes] keys read here; config.py lets them through its unknown-key check.
 SANDBOXES_KEYS = ("cgroup", "run_as", "uid_range", "allow_existing_uids")

@@ -1,0 +1,101 @@
+"""The sandbox boundary: what holds a sandbox's processes together, and apart from the rest.
+
+One job per module (docs/boundary.md):
+
+- ``cgroupfs``: the cgroup filesystem's texts, sans-IO;
+- ``discovery``: which boundary this host allows (cgroup2, cgroup1, markers);
+- ``cgroups``: the daemon's parent cgroups and each sandbox's;
+- ``events``: one inotify descriptor for every sandbox's ``cgroup.events``;
+- ``limits``: ``memory_max``, ``pids_max``, ``cpu_max``, and how each is enforced;
+- ``confine``: the spawn primitive that starts a child inside its boundary;
+- ``identities``: ``run_as``, the uid pool, what still holds a uid;
+- ``workdirs``: working dirs private to their uid, removed whatever was done to them;
+- ``settings``: the ``[sandboxes]`` keys of all this, for the config.
+
+The public names are re-exported here.
+"""
+
+from sandboxd.actors.boundary.cgroupfs import daemon_dir_name, sandbox_dir_name, sandbox_id_of
+from sandboxd.actors.boundary.cgroups import (
+    BoundaryInForce,
+    CgroupBoundary,
+    CgroupError,
+    CgroupTimeout,
+    SandboxCgroup,
+    Usage,
+    open_boundary,
+)
+from sandboxd.actors.boundary.confine import Confinement, ConfinementError, open_confined_process
+from sandboxd.actors.boundary.discovery import (
+    BoundaryMode,
+    Discovery,
+    Layout,
+    discover,
+    parse_cgroup_setting,
+)
+from sandboxd.actors.boundary.events import CgroupEventsWatcher
+from sandboxd.actors.boundary.identities import (
+    Identity,
+    RunAs,
+    UidPool,
+    UidPoolExhausted,
+    holders,
+    parse_run_as,
+)
+from sandboxd.actors.boundary.limits import (
+    Enforcement,
+    Limits,
+    LimitsNotEnforceable,
+    format_bytes,
+    parse_limits,
+    plan_limits,
+)
+from sandboxd.actors.boundary.settings import BoundarySettings, parse_boundary_settings
+from sandboxd.actors.boundary.workdirs import (
+    RemoveError,
+    make_base_dir,
+    make_working_dir,
+    remove_tree,
+    unreachable,
+)
+
+__all__ = [
+    "BoundaryInForce",
+    "BoundaryMode",
+    "BoundarySettings",
+    "CgroupBoundary",
+    "CgroupError",
+    "CgroupEventsWatcher",
+    "CgroupTimeout",
+    "Confinement",
+    "ConfinementError",
+    "Discovery",
+    "Enforcement",
+    "Identity",
+    "Layout",
+    "Limits",
+    "LimitsNotEnforceable",
+    "RemoveError",
+    "RunAs",
+    "SandboxCgroup",
+    "UidPool",
+    "UidPoolExhausted",
+    "Usage",
+    "daemon_dir_name",
+    "discover",
+    "format_bytes",
+    "holders",
+    "make_base_dir",
+    "make_working_dir",
+    "open_boundary",
+    "open_confined_process",
+    "parse_boundary_settings",
+    "parse_cgroup_setting",
+    "parse_limits",
+    "parse_run_as",
+    "plan_limits",
+    "remove_tree",
+    "sandbox_dir_name",
+    "sandbox_id_of",
+    "unreachable",
+]
