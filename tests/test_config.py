@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tomllib
@@ -11,7 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sandboxd.config import Config, ConfigError, load_config, parse_config
+from sandboxd.config import Config, ConfigError, default_state_dir, load_config, parse_config
 
 
 def parse(text: str) -> Config:
@@ -26,6 +27,20 @@ def test_no_file_is_the_embedded_default(tmp_path: Path) -> None:
     assert config.sandboxes_dir == config.state_dir / "sandboxes"
     # Every key is optional: an empty file is the default (but for the spec's created_at).
     assert attrs.evolve(parse(""), specs=config.specs) == config
+
+
+def test_the_default_state_dir_is_the_systems_for_root_and_the_users_otherwise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    if os.geteuid() == 0:
+        # Outside /root (0700): sandboxes under uids of their own reach their working dirs.
+        assert default_state_dir() == Path("/var/lib/sandboxd")
+    # A user's own (as root, this branch can only be reached by pretending).
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert default_state_dir() == tmp_path / "sandboxd"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert default_state_dir() == Path.home() / ".local" / "state" / "sandboxd"
 
 
 def test_a_full_file() -> None:
