@@ -1,7 +1,8 @@
 """The daemon's wiring: which parts start in which nursery, in which order.
 
-    state dir (private, locked) -> store (log writer, projection) -> actors + recovery
-      -> daemon.started -> gateway ... SIGTERM/SIGINT -> graceful stop
+    state dir (private, locked) -> boundary (cgroups, uids) -> store (log writer,
+      projection) -> actors + recovery -> daemon.started -> gateway -> READY=1
+      ... SIGTERM/SIGINT -> graceful stop
 
 The gateway opens only after recovery, so no client ever sees half-rebuilt
 state; on shutdown it stops first, so no op arrives while actors stop.
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import trio
 
-from sandboxd import __version__
+from sandboxd import __version__, sdnotify
+from sandboxd.actors.boundary.cgroups import CgroupError
+from sandboxd.actors.boundary.in_force import Boundary, open_boundary
+from sandboxd.actors.boundary.workdirs import unreachable
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SecretFileError, SessionKeys
 from sandboxd.actors.recovery import recover
@@ -52,15 +56,55 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _open_boundary(config: Config) -> Boundary:
+    """The boundary the config asks for, or a DaemonError saying in one sentence why not."""
+    try:
+        return open_boundary(
+            config.boundary_settings,
+            state_dir=config.state_dir,
+            max_sandboxes=config.max_sandboxes,
+        )
+    except ValueError as exc:  # run_as: the user is gone, the range now overlaps accounts
+        raise DaemonError(str(exc)) from None
+    except CgroupError as exc:
+        raise DaemonError(
+            f"sandboxes.cgroup = {str(config.cgroup)!r} cannot be used: {exc}"
+        ) from None
+
+
+def _check_reachable(config: Config, boundary: Boundary) -> None:
+    """Sandboxes under uids of their own must reach their working dirs: else no start."""
+    if not boundary.run_as.isolated_from_daemon:
+        return
+    blocked = unreachable(config.sandboxes_dir)
+    if blocked is not None:
+        raise DaemonError(
+            f"sandboxes.base_working_dir {config.sandboxes_dir} is out of reach of the "
+            f"sandboxes' own uids: {blocked}; set sandboxes.base_working_dir (or "
+            "server.state_dir) to a place every user may pass through, such as /var/lib/sandboxd"
+        )
+
+
 async def run_daemon(
     config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
     raise_open_files_limit()
+    boundary = _open_boundary(config)
+    try:
+        await _run(config, boundary, task_status)
+    finally:
+        boundary.close()
+    log.info("sandboxd stopped")
+
+
+async def _run(config: Config, boundary: Boundary, task_status: trio.TaskStatus[Gateway]) -> None:
+    shared = boundary.run_as.isolated_from_daemon
     with (
-        open_state_dir(config.state_dir, config.sandboxes_dir),
+        open_state_dir(config.state_dir, config.sandboxes_dir, shared=shared),
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
+        _check_reachable(config, boundary)
         try:
             keys = SessionKeys.of_state_dir(config.state_dir)
         except SecretFileError as exc:
@@ -78,7 +122,8 @@ async def run_daemon(
             _open_store(config.state_dir, store_config) as store,
             trio.open_nursery() as actors,
         ):
-            registry = Registry(config, store, keys, actors)
+            await actors.start(boundary.run)
+            registry = Registry(config, store, keys, actors, boundary)
             try:
                 recovered = (await recover(registry)).rebuilt
                 await store.append(
@@ -94,6 +139,8 @@ async def run_daemon(
             async with trio.open_nursery() as front:
                 gateway = Gateway(config, registry, store.log, authenticator)
                 await front.start(gateway.serve)
+                for line in boundary.describe():
+                    log.info("%s", line)
                 log.info(
                     "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",
                     __version__,
@@ -103,13 +150,22 @@ async def run_daemon(
                     recovered,
                 )
                 task_status.started(gateway)
+                _tell_systemd("READY=1")
                 async for signum in signals:
                     reason = f"received {signal.Signals(signum).name}"
                     break
+                _tell_systemd("STOPPING=1")
                 await _shut_down(config, registry, gateway, store, reason)
                 front.cancel_scope.cancel()
             actors.cancel_scope.cancel()
-    log.info("sandboxd stopped")
+
+
+def _tell_systemd(state: str) -> None:
+    """sd_notify, when systemd runs the daemon (Type=notify); a failure is only logged."""
+    try:
+        sdnotify.notify(state)
+    except (OSError, ValueError) as exc:
+        log.warning("could not tell systemd %s: %s", state, exc)
 
 
 @asynccontextmanager

@@ -10,20 +10,21 @@ One job per module (docs/boundary.md):
 - ``confine``: the spawn primitive that starts a child inside its boundary;
 - ``identities``: ``run_as``, the uid pool, what still holds a uid;
 - ``workdirs``: working dirs private to their uid, removed whatever was done to them;
-- ``settings``: the ``[sandboxes]`` keys of all this, for the config.
+- ``settings``: the ``[sandboxes]`` keys of all this, for the config;
+- ``trees``: one sandbox's tree on the boundary in force (its cgroup, or its markers);
+- ``in_force``: the daemon's boundary: trees, identities and limits together.
 
 The public names are re-exported here.
 """
 
 from sandboxd.actors.boundary.cgroupfs import daemon_dir_name, sandbox_dir_name, sandbox_id_of
 from sandboxd.actors.boundary.cgroups import (
-    BoundaryInForce,
     CgroupBoundary,
     CgroupError,
     CgroupTimeout,
     SandboxCgroup,
     Usage,
-    open_boundary,
+    remove_daemon_cgroups,
 )
 from sandboxd.actors.boundary.confine import Confinement, ConfinementError, open_confined_process
 from sandboxd.actors.boundary.discovery import (
@@ -42,6 +43,7 @@ from sandboxd.actors.boundary.identities import (
     holders,
     parse_run_as,
 )
+from sandboxd.actors.boundary.in_force import Boundary, open_boundary
 from sandboxd.actors.boundary.limits import (
     Enforcement,
     Limits,
@@ -51,6 +53,7 @@ from sandboxd.actors.boundary.limits import (
     plan_limits,
 )
 from sandboxd.actors.boundary.settings import BoundarySettings, parse_boundary_settings
+from sandboxd.actors.boundary.trees import SandboxTree
 from sandboxd.actors.boundary.workdirs import (
     RemoveError,
     make_base_dir,
@@ -60,7 +63,7 @@ from sandboxd.actors.boundary.workdirs import (
 )
 
 __all__ = [
-    "BoundaryInForce",
+    "Boundary",
     "BoundaryMode",
     "BoundarySettings",
     "CgroupBoundary",
@@ -78,6 +81,7 @@ __all__ = [
     "RemoveError",
     "RunAs",
     "SandboxCgroup",
+    "SandboxTree",
     "UidPool",
     "UidPoolExhausted",
     "Usage",
@@ -94,6 +98,7 @@ __all__ = [
     "parse_limits",
     "parse_run_as",
     "plan_limits",
+    "remove_daemon_cgroups",
     "remove_tree",
     "sandbox_dir_name",
     "sandbox_id_of",

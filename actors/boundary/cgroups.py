@@ -35,6 +35,7 @@ import contextlib
 import errno
 import os
 import signal
+import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from sandboxd.actors.boundary.cgroupfs import (
     sandbox_id_of,
     v2_cpu_max,
 )
-from sandboxd.actors.boundary.discovery import BoundaryMode, Discovery, Layout, discover
+from sandboxd.actors.boundary.discovery import BoundaryMode, Layout
 from sandboxd.actors.boundary.events import CgroupEventsWatcher, Watch
 from sandboxd.actors.boundary.limits import Limits
 
@@ -505,6 +506,10 @@ class CgroupBoundary:
         self._open[sandbox_id] = cgroup
         return cgroup
 
+    def members(self, sandbox_id: str) -> list[int]:
+        """The processes in a sandbox's tree now (none if it has no cgroup); no watch needed."""
+        return _procs(self._dirs_for(sandbox_id)[0])
+
     def sandbox_ids(self) -> list[str]:
         """Every sandbox that has a cgroup (or a piece of one) under this daemon's parents."""
         found: set[str] = set()
@@ -595,38 +600,45 @@ def _enable_controllers(
     return out
 
 
-@attrs.frozen
-class BoundaryInForce:
-    """The boundary the daemon runs with: its mode, why, and the cgroups if any."""
+def remove_daemon_cgroups(layout: Layout, *, state_dir: Path | str, timeout: float = 10.0) -> int:
+    """Kill every process in a daemon's sandbox cgroups and remove them, its parents too.
 
-    mode: BoundaryMode
-    reason: str
-    cgroups: CgroupBoundary | None
-
-    @property
-    def controllers(self) -> frozenset[str]:
-        return frozenset(self.cgroups.controllers) if self.cgroups else frozenset()
-
-
-def open_boundary(
-    setting: str | Path, *, state_dir: Path | str, discovery: Discovery | None = None
-) -> BoundaryInForce:
-    """Discover the boundary for ``setting`` and make this daemon's cgroups.
-
-    With "auto", a host where the cgroups cannot be made falls back to markers
-    and the reason says why. With a path, that is an error (CgroupError): the
-    operator asked for cgroups there.
+    Blocking, and it polls: for tests and benchmarks, which end what a daemon
+    (even one killed with SIGKILL) left, and for an operator removing a daemon
+    for good. Returns how many sandbox cgroups there were. Raises CgroupError
+    if processes remain after ``timeout`` seconds.
     """
-    if setting not in ("auto", "off") and not isinstance(setting, Path):
-        setting = Path(setting)
-    found = discovery or discover(setting)  # type: ignore[arg-type]  # narrowed above
-    if found.layout is None:
-        return BoundaryInForce("markers", found.reason, None)
+    name = daemon_dir_name(os.path.realpath(state_dir))
+    parents = [os.path.join(layout.tree, name)]
+    parents += [os.path.join(d, name) for d in layout.v1_dirs]
+    tree_parent = parents[0]
+    found = 0
+    deadline = time.monotonic() + timeout
     try:
-        cgroups = CgroupBoundary.open(found.layout, state_dir=state_dir)
-    except CgroupError as exc:
-        if isinstance(setting, Path):
-            raise
-        return BoundaryInForce("markers", f"cgroups unavailable: {exc}", None)
-    reason = "; ".join([found.reason, *cgroups.notes])
-    return BoundaryInForce(cgroups.mode, reason, cgroups)
+        children = sorted(n for n in os.listdir(tree_parent) if sandbox_id_of(n) is not None)
+    except FileNotFoundError:
+        children = []
+    for child in children:
+        found += 1
+        directory = os.path.join(tree_parent, child)
+        kill = os.path.join(directory, "cgroup.kill")
+        while pids := _procs(directory):
+            if os.path.exists(kill):
+                _write(kill, "1")
+            else:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                _write(os.path.join(directory, "cgroup.freeze"), "0")
+            if time.monotonic() > deadline:
+                raise CgroupError(f"{directory} still holds processes {pids[:20]}")
+            time.sleep(0.01)
+    for parent in parents:
+        try:
+            names = [n for n in os.listdir(parent) if sandbox_id_of(n) is not None]
+        except FileNotFoundError:
+            continue
+        for child in names:
+            _rmdir(os.path.join(parent, child))
+        _rmdir(parent)
+    return found

@@ -78,6 +78,15 @@ class SandboxTree:
         except CgroupTimeout as exc:
             raise TreeStateTimeout("not ended after SIGKILL", exc.pids) from None
 
+    async def kill(self) -> None:
+        """SIGKILL every member of its cgroup now (recovery: what the log never recorded)."""
+        if self.cgroup is None:
+            return  # under markers, recovery ends marked processes itself
+        try:
+            await self.cgroup.kill()
+        except CgroupTimeout as exc:
+            raise TreeStateTimeout("not ended after SIGKILL", exc.pids) from None
+
     async def wait_gone(self) -> None:
         """Once the main process has ended: return when the rest of the tree has too.
 
