@@ -187,6 +187,11 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
     async with trio_peer(daemon.url, ALICE) as peer, trio.open_nursery() as nursery:
         await peer.send({"id": "in-flight", "op": "sandbox.start", "spec_id": "stuck"})
         await eventually(lambda: gateway._in_flight == 1, what="the start in flight")
+        # Its process started (it waits for health now): a child forked meanwhile holds a
+        # copy of the listening socket until it execs, and a connection landing in those
+        # few ms would be queued, then reset, instead of refused.
+        sandboxes = gateway.registry.state.sandboxes
+        await eventually(lambda: any(r.pid for r in sandboxes.values()), what="its process")
         drained = trio.Event()
 
         async def drain() -> None:
