@@ -50,16 +50,16 @@ from trio_websocket import (
 
 from sandboxd import __version__
 from sandboxd.actors import errors
+from sandboxd.actors.visibility import knows_sandbox_id, sees_event
 from sandboxd.config import Config
-from sandboxd.events import types as ev
 from sandboxd.events.codec import now_ts
 from sandboxd.events.errors import Gone, LogUnavailable
 from sandboxd.events.log import Page
-from sandboxd.events.projection import Status
+from sandboxd.events.projection import State, Status
 from sandboxd.events.segments import Record
-from sandboxd.events.subscriptions import CaughtUp, Filter, Subscription
+from sandboxd.events.subscriptions import CaughtUp, EventFilter, Filter, Subscription
 from sandboxd.gateway import protocol as p
-from sandboxd.gateway.auth import Authenticator, User, can_see, check_path, token_from_handshake
+from sandboxd.gateway.auth import Authenticator, User, check_path, token_from_handshake
 
 if TYPE_CHECKING:
     from sandboxd.actors.registry import Registry
@@ -142,36 +142,15 @@ def _internal() -> p.ProtocolError:
 # --- Who may see what -------------------------------------------------------------------
 
 
-class Owners:
-    """Who created a sandbox, live or deleted: the projection keeps every owner.
-
-    Unknown means invisible to anyone but an admin: the safe side.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self._owners = registry.state.owners
-
-    def visible_to(self, user: User, sandbox_id: str) -> bool:
-        return sandbox_id in self._owners and can_see(user, self._owners[sandbox_id])
-
-
 def event_filter(
-    owners: Owners, user: User, sandbox_id: str | None, types: list[str] | None
-) -> Callable[[ev.Event], bool]:
-    """The predicate of a subscription or a read: the request's filter and the user's view."""
-    wanted = frozenset(types) if types else None
-
-    def matches(event: ev.Event) -> bool:
-        if wanted is not None and event.type not in wanted:
-            return False
-        if sandbox_id is not None and event.sandbox_id != sandbox_id:
-            return False
-        if user.admin:
-            return True
-        # A user sees the events of its own sandboxes; daemon.* events are nobody's.
-        return event.sandbox_id is not None and owners.visible_to(user, event.sandbox_id)
-
-    return matches
+    state: State, user: User, sandbox_id: str | None, types: list[str] | None
+) -> EventFilter:
+    """The filter of a subscription or a read: the request's own, and the user's view."""
+    return EventFilter(
+        sandbox_ids=None if sandbox_id is None else frozenset({sandbox_id}),
+        types=frozenset(types) if types else None,
+        visible=None if user.admin else partial(sees_event, user, state),
+    )
 
 
 # --- The server -------------------------------------------------------------------------
@@ -191,7 +170,6 @@ class Gateway:
         self.registry = registry
         self.log = event_log
         self.authenticator = authenticator
-        self.owners = Owners(registry)
         self.started_at = now_ts()
         #: The bound port, once serve() has started (the config's may be 0).
         self.port = config.port
@@ -635,7 +613,8 @@ async def _server_info(c: _Connection, q: p.ServerInfo) -> _Result:
 
 
 def _check_sandbox_filter(c: _Connection, sandbox_id: str | None) -> None:
-    if sandbox_id is not None and not c.gateway.owners.visible_to(c.user, sandbox_id):
+    state = c.gateway.registry.state
+    if sandbox_id is not None and not knows_sandbox_id(c.user, state, sandbox_id):
         raise p.ProtocolError(
             p.ErrorCode.NOT_FOUND, f"'sandbox_id' {sandbox_id} names no sandbox visible to you."
         )
@@ -650,7 +629,7 @@ async def _subscribe(c: _Connection, q: p.EventsSubscribe) -> _Result:
             " unsubscribe from one first.",
         )
     head_seq = c.gateway.log.head_seq
-    matches = event_filter(c.gateway.owners, c.user, q.sandbox_id, q.types)
+    matches = event_filter(c.gateway.registry.state, c.user, q.sandbox_id, q.types)
     # Absent after_seq: what comes after the head_seq of the reply.
     subscription = c.gateway.log.subscribe(
         head_seq if q.after_seq is None else q.after_seq, matches
@@ -674,7 +653,7 @@ async def _unsubscribe(c: _Connection, q: p.EventsUnsubscribe) -> _Result:
 
 async def _read(c: _Connection, q: p.EventsRead) -> _Result:
     _check_sandbox_filter(c, q.sandbox_id)
-    matches = event_filter(c.gateway.owners, c.user, q.sandbox_id, q.types)
+    matches = event_filter(c.gateway.registry.state, c.user, q.sandbox_id, q.types)
     page = await c.gateway.log.read_page(q.after_seq, limit=q.limit, event_filter=matches)
     return {
         "events": [_raw_event(record) for record in page.records],
