@@ -13,9 +13,10 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from sandboxd.events import types as ev
+from sandboxd.gateway import connection, ops
 from sandboxd.gateway import protocol as p
-from sandboxd.gateway import server
 from sandboxd.gateway.auth import User
+from sandboxd.gateway.errors import translate
 from tests.gateway.support import (
     Daemon,
     masked_frame,
@@ -80,7 +81,7 @@ async def test_a_failing_handler_is_internal_and_contained(
 
     monkeypatch.setattr(daemon.gateway.registry, "get", broken)
     async with trio_peer(daemon.url, ALICE) as peer, trio_peer(daemon.url, ROOT) as other:
-        with caplog.at_level(logging.ERROR, logger="sandboxd.gateway.server"):
+        with caplog.at_level(logging.ERROR, logger="sandboxd.gateway.ops"):
             reply = await peer.request("sandbox.get", sandbox_id="x")
         assert reply["error"]["code"] == "internal"
         assert "registry" not in reply["error"]["message"]  # no internals on the wire
@@ -119,15 +120,15 @@ async def test_subscriptions_caught_up_once_and_unsubscribe(daemon: Daemon) -> N
 
 async def test_subscription_limit_per_connection(daemon: Daemon) -> None:
     async with trio_peer(daemon.url, ROOT) as peer:
-        for _ in range(server.MAX_SUBSCRIPTIONS):
+        for _ in range(ops.MAX_SUBSCRIPTIONS):
             await peer.call("events.subscribe")
         reply = await peer.request("events.subscribe")
         assert reply["error"]["code"] == "limit_exceeded"
 
 
 async def test_a_silent_client_is_pinged_then_closed(daemon: Daemon) -> None:
-    daemon.gateway.ping_interval = 0.2
-    daemon.gateway.ping_timeout = 0.3
+    daemon.gateway.timeouts.ping_interval = 0.2
+    daemon.gateway.timeouts.ping_timeout = 0.3
     stream = await raw_websocket(daemon.gateway.port, ALICE)
     got = b""
     with trio.fail_after(5):
@@ -136,15 +137,15 @@ async def test_a_silent_client_is_pinged_then_closed(daemon: Daemon) -> None:
             got += await stream.receive_some(4096)
     assert got[:1] == b"\x89", "a ping first"
     code = got[got.index(b"\x88") + 2 :][:2]
-    assert int.from_bytes(code, "big") == server.CLOSE_NO_PONG
+    assert int.from_bytes(code, "big") == connection.CLOSE_NO_PONG
     await stream.send_all(masked_frame(0x8, code))  # the close is answered, as a client must
-    await eventually(lambda: not daemon.gateway._connections, what="the connection closed")
+    await eventually(lambda: daemon.gateway.connection_count == 0, what="the connection closed")
     await stream.aclose()
 
 
 async def test_a_client_that_answers_pings_stays(daemon: Daemon) -> None:
-    daemon.gateway.ping_interval = 0.1
-    daemon.gateway.ping_timeout = 0.5
+    daemon.gateway.timeouts.ping_interval = 0.1
+    daemon.gateway.timeouts.ping_timeout = 0.5
     async with trio_peer(daemon.url, ALICE) as peer:
         await trio.sleep(0.8)  # several ping intervals of silence: the point of the test
         assert (await peer.call("server.info"))["user"] == "alice"
@@ -153,8 +154,8 @@ async def test_a_client_that_answers_pings_stays(daemon: Daemon) -> None:
 async def test_a_client_that_stops_reading_is_closed_and_slows_no_one(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon.gateway.send_timeout = 1.0
-    monkeypatch.setattr(server, "CLOSE_TIMEOUT", 0.5)  # it will not answer the close either
+    daemon.gateway.timeouts.send_timeout = 1.0
+    daemon.gateway.timeouts.close = 0.5  # it will not answer the close either
     log = daemon.gateway.log
     big = "x" * 50_000
     async with trio_peer(daemon.url, ROOT) as reader:
@@ -176,7 +177,7 @@ async def test_a_client_that_stops_reading_is_closed_and_slows_no_one(
         assert seqs == list(range(head + 1, head + count + 1))
         # The stuck one is closed once it has taken nothing for send_timeout.
         await eventually(
-            lambda: len(daemon.gateway._connections) == 1, within=15, what="the stalled one closed"
+            lambda: daemon.gateway.connection_count == 1, within=15, what="the stalled one closed"
         )
         assert log.subscriber_count == 1  # the reader's: the stalled one's went with it
         await stalled.aclose()
@@ -186,7 +187,7 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
     gateway = daemon.gateway
     async with trio_peer(daemon.url, ALICE) as peer, trio.open_nursery() as nursery:
         await peer.send({"id": "in-flight", "op": "sandbox.start", "spec_id": "stuck"})
-        await eventually(lambda: gateway._in_flight == 1, what="the start in flight")
+        await eventually(lambda: gateway.requests.in_flight == 1, what="the start in flight")
         drained = trio.Event()
 
         async def drain() -> None:
@@ -194,7 +195,7 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
             drained.set()
 
         nursery.start_soon(drain)
-        await eventually(lambda: gateway._draining, what="draining")
+        await eventually(lambda: gateway.draining, what="draining")
         refused = await peer.request("server.info")
         assert refused["error"]["code"] == "unavailable"
         with pytest.raises(HandshakeError):  # the listener is closed: refused
@@ -235,18 +236,18 @@ def test_errors_are_translated_once_by_name() -> None:
         (errors.Unavailable("u"), "unavailable"),
         (LogUnavailable("the disk is full"), "unavailable"),
     ):
-        translated = server.translate(exc)
+        translated = translate(exc)
         assert translated is not None and translated.code == code
         assert translated.message == str(exc)
-    gone = server.translate(Gone(42))
+    gone = translate(Gone(42))
     assert gone is not None and gone.code == "gone" and gone.extra == {"oldest_seq": 42}
     sandbox = object()
-    failed = server.translate(errors.StartFailed("it exited", sandbox))  # type: ignore[arg-type]
+    failed = translate(errors.StartFailed("it exited", sandbox))  # type: ignore[arg-type]
     assert failed is not None and failed.code == "start_failed"
     assert failed.extra == {"sandbox": sandbox}
     # Anything else is a bug: the caller logs it and answers `internal`.
-    assert server.translate(RuntimeError("bug")) is None
-    assert server.translate(errors.SandboxError("no such code")) is None
+    assert translate(RuntimeError("bug")) is None
+    assert translate(errors.SandboxError("no such code")) is None
 
 
 async def test_an_op_runs_to_its_end_when_its_client_leaves(daemon: Daemon) -> None:
@@ -274,7 +275,7 @@ async def test_a_peer_that_ignores_the_close_frame_is_dropped(
 ) -> None:
     # trio-websocket refuses a frame over the limit with 1009 and then waits on
     # the peer; the gateway closes the stream itself, CLOSE_TIMEOUT later.
-    monkeypatch.setattr(server, "CLOSE_TIMEOUT", 0.2)
+    daemon.gateway.timeouts.close = 0.2
     stream = await raw_websocket(daemon.gateway.port, ALICE)
     await stream.send_all(masked_frame(0x1, b'"' + b"x" * (1 << 20) + b'"'))
     got = b""
@@ -282,5 +283,5 @@ async def test_a_peer_that_ignores_the_close_frame_is_dropped(
         while chunk := await stream.receive_some(65536):  # never answering the close
             got += chunk
     assert got[:1] == b"\x88" and int.from_bytes(got[2:4], "big") == 1009
-    await eventually(lambda: not daemon.gateway._connections, what="the connection forgotten")
+    await eventually(lambda: daemon.gateway.connection_count == 0, what="the connection forgotten")
     await stream.aclose()
