@@ -97,6 +97,40 @@ class Requests:
         await self._idle.wait()
 
 
+class GuardedStream(trio.abc.Stream):
+    """A connection's transport, which sends nothing more after a send was cut short.
+
+    A ``send_all`` cancelled partway (the writer's send timeout, a ping's) may
+    leave a frame cut in half on the wire: whatever followed it, a close frame
+    included, would reach the peer as garbage, and trio's streams are in an
+    unknown state then anyway. So the next send fails as a broken stream, which
+    trio-websocket takes for an abrupt close, and the connection is dropped.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.torn = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.torn:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError("an earlier send was cut short")
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            self.torn = True
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class _GoingAway:
     """Queued after the last frame of a connection that shut_down closes."""
 

@@ -33,7 +33,7 @@ from sandboxd.events.codec import now_ts
 from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, check_path, token_from_handshake
-from sandboxd.gateway.connection import Connection, Requests, Timeouts
+from sandboxd.gateway.connection import Connection, GuardedStream, Requests, Timeouts
 
 if TYPE_CHECKING:
     from sandboxd.actors.registry import Registry
@@ -141,12 +141,12 @@ class Gateway:
                     with trio.move_on_after(HANDSHAKE_TIMEOUT):
                         request = await wrap_server_stream(
                             websocket,
-                            stream,
+                            GuardedStream(stream),
                             message_queue_size=RECEIVE_QUEUE_FRAMES,
                             max_message_size=p.MAX_FRAME_BYTES,
                         )
                     if request is not None:
-                        await self._handle(request)
+                        await self._handle(request, stream)
                 except ConnectionClosed:
                     pass  # the peer left
                 # The peer has this long to finish the closing handshake.
@@ -157,7 +157,7 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, stream: trio.abc.Stream) -> None:
         user: User | None = None
         ws: WebSocketConnection | None = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
@@ -176,7 +176,7 @@ class Gateway:
             timeouts=self.timeouts,
         )
         self._connections.add(connection)
-        log.debug("%s: opened from %s", connection.name, ws.remote)
+        log.debug("%s: opened from %s", connection.name, _peer(stream))
         try:
             await connection.run()
         finally:
@@ -199,3 +199,10 @@ class Gateway:
             await request.reject(503, body=b"sandboxd is shutting down\n")
             return None
         return user
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, trio.SocketStream):
+        host, port, *_ = stream.socket.getpeername()
+        return f"{host}:{port}"
+    return repr(stream)
