@@ -267,8 +267,12 @@ def _connect_error(exc: BaseException, url: str) -> ConnectError | None:
     if isinstance(exc, ConnectionRejected):
         if exc.status_code == 401:
             return AuthenticationError(f"sandboxd at {url} refused the token (HTTP 401)", url)
+        # The body says why (404: the path; 429: too many connections of this user).
+        why = (exc.body or b"").decode("utf-8", "replace").strip()
         return ConnectError(
-            f"sandboxd at {url} refused the connection (HTTP {exc.status_code})", url
+            f"sandboxd at {url} refused the connection (HTTP {exc.status_code}"
+            + (f": {why})" if why else ")"),
+            url,
         )
     if isinstance(exc, OSError | HandshakeError | ConnectionClosed):
         return ConnectError(f"cannot reach sandboxd at {url}: {exc or type(exc).__name__}", url)

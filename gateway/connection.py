@@ -8,9 +8,9 @@ trio worker:
   parses them (protocol.py, no I/O) and starts a task per request, which
   the ``answer`` given to the connection turns into a reply frame;
 - one writer is the only task that sends: every reply and subscription frame
-  goes through one bounded queue, so a client that stops reading holds at
-  most that queue and 64 pending replies, and a connection that stays
-  unwritable for ``send_timeout`` is closed;
+  goes through one queue bounded in frames and in bytes (budget.py), so a
+  client that stops reading holds at most that queue, and a connection that
+  stays unwritable for ``send_timeout`` is closed;
 - the keepalive pings a connection that has said nothing for
   ``ping_interval`` and closes it if no pong comes within ``ping_timeout``
   (trio-websocket has no keepalive of its own);
@@ -20,16 +20,19 @@ trio worker:
   else.
 
 What the ops use of a connection is its public API: ``user``, ``name``,
-``subscription_count``, ``open_subscription`` and ``close_subscription``.
+``subscription_count``, ``open_subscription``, ``close_subscription`` and
+``read_slots``, the tokens a request or a subscription holds while it has
+history or output in hand (so the subscriptions and reads of a client that
+does not read hold READ_SLOTS pages between them, not one each).
 Every failure is caught where it happens: an exception escaping one
 connection would take the listener and every other connection down with it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -42,17 +45,25 @@ from sandboxd.events.subscriptions import CaughtUp, Subscription
 from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
+from sandboxd.gateway.budget import ByteBudget
 
 log = logging.getLogger(__name__)
 
-#: Frames the writer's queue holds; a full queue makes subscriptions stop pulling.
+#: Frames the writer's queue holds, and the bytes they may take together (one frame
+#: bigger than that goes alone); a full queue makes subscriptions stop pulling.
 SEND_QUEUE_FRAMES: Final = 256
+SEND_QUEUE_BYTES: Final = 1 << 20
+#: Requests and subscriptions of one connection that may have history or output in
+#: hand at once: each holds at most a page of the log (events.log.READ_BYTES of
+#: stored records, about four times that decoded) or one reply.
+READ_SLOTS: Final = 2
 #: Close codes beyond protocol.md's: a client that stopped reading, one that did not pong.
 CLOSE_NOT_READING: Final = 1008
 CLOSE_NO_PONG: Final = 1011
 
-#: Run once the reply a request's answer made is queued (a subscription's pump starts
-#: then, so that no frame of it comes before the reply that names it).
+#: Run once the reply a request's answer made is queued, or given up on (a subscription's
+#: pump starts then, so that no frame of it comes before the reply that names it; a read
+#: gives back its read slot, having held it until its reply counted against the budget).
 Then = Callable[[], None] | None
 #: Turns one request of a connection into the frame of its reply; never raises.
 Answer = Callable[["Connection", p.Request], Awaitable[tuple[str, Then]]]
@@ -166,7 +177,12 @@ class Connection:
         self._answer = answer
         self._requests = requests
         self._timeouts = timeouts
-        self._send, self._outbox = trio.open_memory_channel[str | _GoingAway](SEND_QUEUE_FRAMES)
+        self._send, self._outbox = trio.open_memory_channel[tuple[str | _GoingAway, int]](
+            SEND_QUEUE_FRAMES
+        )
+        #: The bytes of the frames queued and not yet written.
+        self.budget = ByteBudget(SEND_QUEUE_BYTES)
+        self.read_slots = trio.CapacityLimiter(READ_SLOTS)
         self._in_flight = 0
         self._pumps: dict[str, _Pump] = {}
         self._pump_ids = itertools.count(1)
@@ -288,9 +304,11 @@ class Connection:
     async def _serve(self, request: p.Request) -> None:
         try:
             frame, then = await self._answer(self, request)
-            await self._queue(frame)
-            if then is not None:
-                then()
+            try:
+                await self._queue(frame)
+            finally:
+                if then is not None:
+                    then()
         except Exception:
             log.exception("%s: the reply to %s failed", self.name, request.op)
         finally:
@@ -301,13 +319,22 @@ class Connection:
 
     async def _queue(self, frame: str | _GoingAway) -> None:
         # Blocks while the queue is full: the client is not reading, so we stop
-        # reading it too, which pushes back on it through TCP.
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._send.send(frame)
+        # reading it too, which pushes back on it through TCP. What a frame holds
+        # is its size in memory, which for a str of wide characters is more than
+        # its length.
+        size = 0 if isinstance(frame, _GoingAway) else sys.getsizeof(frame)
+        await self.budget.take(size)
+        try:
+            await self._send.send((frame, size))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.budget.give_back(size)
+        except BaseException:
+            self.budget.give_back(size)
+            raise
 
     async def _writer(self) -> None:
         async with self._outbox:
-            async for frame in self._outbox:
+            async for frame, size in self._outbox:
                 if isinstance(frame, _GoingAway):
                     # Every frame queued before it is out: now the close frame.
                     await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
@@ -318,6 +345,8 @@ class Connection:
                         await self.ws.send_message(frame)
                     except ConnectionClosed:
                         break
+                    finally:
+                        self.budget.give_back(size)
                 if waited.cancelled_caught:
                     log.warning("%s: closed, it took no data for %.0f s", self.name, timeout)
                     await self._close(CLOSE_NOT_READING, "the client stopped reading")

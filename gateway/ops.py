@@ -42,7 +42,13 @@ class EventLog(Protocol):
     @property
     def head_seq(self) -> int: ...
 
-    def subscribe(self, after_seq: int | None, event_filter: Filter = None) -> Subscription: ...
+    def subscribe(
+        self,
+        after_seq: int | None,
+        event_filter: Filter = None,
+        *,
+        gate: trio.CapacityLimiter | None = None,
+    ) -> Subscription: ...
 
     async def read_page(
         self, after_seq: int, *, limit: int = 1000, event_filter: Filter = None
@@ -120,11 +126,16 @@ async def _delete(s: Services, c: Connection, q: p.SandboxDelete) -> _Result:
 
 
 async def _logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
-    # Reading a file: off the event loop.
-    data, truncated = await trio.to_thread.run_sync(
-        s.registry.logs, c.user, q.sandbox_id, q.tail_bytes
-    )
-    return {"data": data, "truncated": truncated}, None
+    release = await _take_read_slot(c)
+    try:
+        # Reading a file: off the event loop.
+        data, truncated = await trio.to_thread.run_sync(
+            s.registry.logs, c.user, q.sandbox_id, q.tail_bytes
+        )
+    except BaseException:
+        release()
+        raise
+    return {"data": data, "truncated": truncated}, release
 
 
 # -- specs and the server -------------------------------------------------------------------
@@ -176,8 +187,11 @@ async def _subscribe(s: Services, c: Connection, q: p.EventsSubscribe) -> _Resul
             " unsubscribe from one first.",
         )
     head_seq = s.log.head_seq
-    # Absent after_seq: what comes after the head_seq of the reply.
-    subscription = s.log.subscribe(head_seq if q.after_seq is None else q.after_seq, matches)
+    # Absent after_seq: what comes after the head_seq of the reply. Records in
+    # hand only with one of the connection's read slots: see connection.py.
+    subscription = s.log.subscribe(
+        head_seq if q.after_seq is None else q.after_seq, matches, gate=c.read_slots
+    )
     sub_id, start = c.open_subscription(subscription)
     return {"subscription": sub_id, "head_seq": head_seq}, start
 
@@ -193,13 +207,26 @@ async def _unsubscribe(s: Services, c: Connection, q: p.EventsUnsubscribe) -> _R
 
 async def _read(s: Services, c: Connection, q: p.EventsRead) -> _Result:
     matches = _event_filter(s.registry.state, c.user, q.sandbox_id, q.types)
-    page = await s.log.read_page(q.after_seq, limit=q.limit, event_filter=matches)
+    release = await _take_read_slot(c)
+    try:
+        page = await s.log.read_page(q.after_seq, limit=q.limit, event_filter=matches)
+    except BaseException:
+        release()
+        raise
     return {
         # The stored records, spliced in as they are: they carry "v", the schema
         # version, beside the fields of protocol.md (docs/protocol.md says so).
         "events": [orjson.Fragment(record.raw) for record in page.records],
         "next_after_seq": page.next_after_seq,
-    }, None
+    }, release
+
+
+async def _take_read_slot(c: Connection) -> Callable[[], None]:
+    """One of the connection's read slots, held until the reply is queued: what gives it
+    back. A connection's reads and subscriptions thus hold READ_SLOTS pages at most."""
+    borrower = object()
+    await c.read_slots.acquire_on_behalf_of(borrower)
+    return partial(c.read_slots.release_on_behalf_of, borrower)
 
 
 _CHANGES_STATE: Final = frozenset(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -69,6 +70,8 @@ class Gateway:
         self.requests = Requests()
         self._services = ops.Services(registry, event_log, self.started_at)
         self._connections: set[Connection] = set()
+        #: Connections open or being opened, per user id: max_connections_per_user.
+        self._per_user: Counter[str | None] = Counter()
         self._connection_numbers = itertools.count(1)
         self._listening: trio.CancelScope | None = None
 
@@ -160,12 +163,20 @@ class Gateway:
     async def _handle(self, request: WebSocketRequest, stream: trio.abc.Stream) -> None:
         user: User | None = None
         ws: WebSocketConnection | None = None
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            user = await self._admit(request)
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                user = await self._admit(request)
+                if user is not None:
+                    ws = await request.accept()
+            if user is not None and ws is not None:
+                await self._run(ws, user, stream)
+        finally:
             if user is not None:
-                ws = await request.accept()
-        if user is None or ws is None:
-            return
+                self._per_user[user.id] -= 1
+                if not self._per_user[user.id]:
+                    del self._per_user[user.id]
+
+    async def _run(self, ws: WebSocketConnection, user: User, stream: trio.abc.Stream) -> None:
         number = next(self._connection_numbers)
         connection = Connection(
             ws,
@@ -184,6 +195,7 @@ class Gateway:
             log.debug("%s: closed (%s)", connection.name, ws.closed)
 
     async def _admit(self, request: WebSocketRequest) -> User | None:
+        """The user of an acceptable handshake, counted against its connections; else None."""
         if not check_path(request.path):
             await request.reject(404, body=b"sandboxd speaks its protocol at /v1\n")
             return None
@@ -198,6 +210,17 @@ class Gateway:
         if self.draining:
             await request.reject(503, body=b"sandboxd is shutting down\n")
             return None
+        # Counted before any await: of two handshakes at once, one may be the last.
+        limit = self.config.max_connections_per_user
+        if self._per_user[user.id] >= limit:
+            who = "the admin" if user.id is None else f"user {user.id}"
+            await request.reject(
+                429,
+                body=f"{who} has {limit} connections open, the limit max_connections_per_user"
+                f" is {limit}; close one first\n".encode(),
+            )
+            return None
+        self._per_user[user.id] += 1
         return user
 
 

@@ -97,6 +97,14 @@ class Harness:
 
     async def raw(self, token: str, *, lockstep: bool = False) -> trio.abc.Stream:
         """A websocket handshake by hand; then the stream is the test's, to misbehave on."""
+        stream, response = await self.handshake(token, lockstep=lockstep)
+        assert response.startswith(b"HTTP/1.1 101"), response
+        return stream
+
+    async def handshake(
+        self, token: str, *, lockstep: bool = False
+    ) -> tuple[trio.abc.Stream, bytes]:
+        """A websocket handshake by hand: the stream, and the response (with a refusal's body)."""
         stream = self.listener.connect(lockstep=lockstep)
         key = base64.b64encode(os.urandom(16)).decode()
         await stream.send_all(
@@ -109,8 +117,10 @@ class Harness:
         response = b""
         while b"\r\n\r\n" not in response:
             response += await stream.receive_some(1)  # not a byte past the response
-        assert response.startswith(b"HTTP/1.1 101"), response
-        return stream
+        if not response.startswith(b"HTTP/1.1 101"):
+            while chunk := await stream.receive_some():  # a refusal: its body, to the end
+                response += chunk
+        return stream, response
 
 
 @contextlib.asynccontextmanager

@@ -115,6 +115,25 @@ async def test_connecting_errors(daemon: Daemon) -> None:
             pass
 
 
+async def test_a_connection_beyond_the_user_s_limit_is_refused_saying_why(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path / "state", max_connections_per_user=2)
+    daemon = await start_daemon(nursery, config)
+    async with open_client(daemon.url, ALICE) as client:
+        async with client.subscribe() as events:
+            await events.open()  # the subscription's own connection: the second
+            with pytest.raises(c.ConnectError) as refused:
+                async with open_client(daemon.url, ALICE):
+                    pass
+            assert not isinstance(refused.value, c.AuthenticationError)
+            assert "HTTP 429" in refused.value.message
+            assert "the limit max_connections_per_user is 2" in refused.value.message
+        async with open_client(daemon.url, BOB) as bob:  # a limit per user
+            assert (await bob.server_info()).user == "bob"
+    await stop_daemon(daemon)
+
+
 async def test_errors_inside_the_block_come_out_unwrapped(daemon: Daemon) -> None:
     with pytest.raises(c.NotFoundError):
         async with open_client(daemon.url, ALICE) as client:

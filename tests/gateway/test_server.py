@@ -7,8 +7,10 @@ are the real defaults, 20 s pings and 30 s send timeouts, and take no real time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from sandboxd.gateway import connection, ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.errors import translate
-from tests.gateway.harness import Harness
+from tests.gateway.harness import Harness, open_harness
 from tests.gateway.support import masked_frame
 from tests.support import TOKENS, eventually
 
@@ -183,6 +185,38 @@ async def test_subscription_limit_per_connection(
             await peer.call("events.subscribe")
         reply = await peer.request("events.subscribe")
         assert reply["error"]["code"] == "limit_exceeded"
+
+
+async def test_a_user_s_connections_are_capped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        open_harness(tmp_path / "state", max_connections_per_user=3) as harness,
+        contextlib.AsyncExitStack() as alices,
+    ):
+        peers = [await alices.enter_async_context(harness.peer(ALICE)) for _ in range(3)]
+        stream, refused = await harness.handshake(ALICE)
+        assert refused.startswith(b"HTTP/1.1 429 "), refused
+        assert refused.endswith(
+            b"user alice has 3 connections open, the limit max_connections_per_user is 3;"
+            b" close one first\n"
+        )
+        await stream.aclose()
+        async with harness.peer(ROOT) as root:  # another user's are another count
+            assert (await root.call("server.info"))["user"] == "root"
+        # One closed, one may open.
+        await peers[0].ws.aclose()
+        await eventually(lambda: harness.gateway.connection_count == 2, what="the one closed")
+        async with harness.peer(ALICE) as alice:
+            assert (await alice.call("server.info"))["user"] == "alice"
+        # The refusals counted nothing: all three places are free again.
+        for peer in peers[1:]:
+            await peer.ws.aclose()
+        await eventually(lambda: harness.gateway.connection_count == 0, what="all closed")
+        async with contextlib.AsyncExitStack() as again:
+            for _ in range(3):
+                peer = await again.enter_async_context(harness.peer(ALICE))
+                assert (await peer.call("server.info"))["user"] == "alice"
 
 
 # --- Silent and slow clients, on virtual time ---------------------------------------------
