@@ -57,9 +57,6 @@ SEND_QUEUE_BYTES: Final = 1 << 20
 #: hand at once: each holds at most a page of the log (events.log.READ_BYTES of
 #: stored records, about four times that decoded) or one reply.
 READ_SLOTS: Final = 2
-#: Close codes beyond protocol.md's: a client that stopped reading, one that did not pong.
-CLOSE_NOT_READING: Final = 1008
-CLOSE_NO_PONG: Final = 1011
 
 #: Run once the reply a request's answer made is queued, or given up on (a subscription's
 #: pump starts then, so that no frame of it comes before the reply that names it; a read
@@ -349,7 +346,7 @@ class Connection:
                         self.budget.give_back(size)
                 if waited.cancelled_caught:
                     log.warning("%s: closed, it took no data for %.0f s", self.name, timeout)
-                    await self._close(CLOSE_NOT_READING, "the client stopped reading")
+                    await self._close(p.CLOSE_NOT_READING, "the client stopped reading")
                     return
         # The connection is gone: nothing can be said on it any more.
         if self._nursery is not None:
@@ -369,7 +366,7 @@ class Connection:
                     return
             if waited.cancelled_caught:
                 log.info("%s: closed, no pong within %.0f s", self.name, timeout)
-                await self._close(CLOSE_NO_PONG, "no pong")
+                await self._close(p.CLOSE_NO_PONG, "no pong")
                 return
             self._last_heard = trio.current_time()
 

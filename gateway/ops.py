@@ -110,7 +110,7 @@ async def _batch_get(s: Services, c: Connection, q: p.SandboxBatchGet) -> _Resul
 async def _search(s: Services, c: Connection, q: p.SandboxSearch) -> _Result:
     status = None if q.status is None else Status(q.status)
     items, next_page_id = s.registry.search(c.user, page_id=q.page_id, limit=q.limit, status=status)
-    return {"items": items, "next_page_id": next_page_id}, None
+    return p.SearchPage(items, next_page_id), None
 
 
 async def _pause(s: Services, c: Connection, q: p.SandboxPause) -> _Result:
@@ -135,7 +135,7 @@ async def _logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
     except BaseException:
         release()
         raise
-    return {"data": data, "truncated": truncated}, release
+    return p.Logs(data, truncated), release
 
 
 # -- specs and the server -------------------------------------------------------------------
@@ -150,14 +150,15 @@ async def _spec_get(s: Services, c: Connection, q: p.SpecGet) -> _Result:
 
 
 async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
-    return {
-        "version": __version__,
-        "protocol": 1,
-        "user": c.user.id,
-        "admin": c.user.admin,
-        "head_seq": s.log.head_seq,
-        "started_at": s.started_at,
-    }, None
+    details = p.ServerDetails(
+        version=__version__,
+        protocol=1,
+        user=c.user.id,
+        admin=c.user.admin,
+        head_seq=s.log.head_seq,
+        started_at=s.started_at,
+    )
+    return details, None
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ async def _subscribe(s: Services, c: Connection, q: p.EventsSubscribe) -> _Resul
         head_seq if q.after_seq is None else q.after_seq, matches, gate=c.read_slots
     )
     sub_id, start = c.open_subscription(subscription)
-    return {"subscription": sub_id, "head_seq": head_seq}, start
+    return p.Subscribed(sub_id, head_seq), start
 
 
 async def _unsubscribe(s: Services, c: Connection, q: p.EventsUnsubscribe) -> _Result:
@@ -213,12 +214,10 @@ async def _read(s: Services, c: Connection, q: p.EventsRead) -> _Result:
     except BaseException:
         release()
         raise
-    return {
-        # The stored records, spliced in as they are: they carry "v", the schema
-        # version, beside the fields of protocol.md (docs/protocol.md says so).
-        "events": [orjson.Fragment(record.raw) for record in page.records],
-        "next_after_seq": page.next_after_seq,
-    }, release
+    # The stored records, spliced in as they are: they carry "v", the schema
+    # version, beside the fields of protocol.md (docs/protocol.md says so).
+    events = [orjson.Fragment(record.raw) for record in page.records]
+    return p.EventPage(events, page.next_after_seq), release
 
 
 async def _take_read_slot(c: Connection) -> Callable[[], None]:

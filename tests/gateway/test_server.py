@@ -19,7 +19,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed
 
 from sandboxd.events import types as ev
-from sandboxd.gateway import connection, ops
+from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.errors import translate
@@ -236,7 +236,7 @@ async def test_a_silent_client_is_pinged_then_closed(
     waited = trio.current_time() - began
     assert timeouts.ping_interval + timeouts.ping_timeout <= waited < 41, waited
     close = got[got.index(b"\x88") :]
-    assert close_code(close) == connection.CLOSE_NO_PONG
+    assert close_code(close) == p.CLOSE_NO_PONG
     await stream.send_all(masked_frame(0x8, close[2:4]))  # answered, as a client must
     await eventually(lambda: harness.gateway.connection_count == 0, what="the connection closed")
     await stream.aclose()
