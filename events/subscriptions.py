@@ -48,10 +48,11 @@ from sandboxd.events.types import Event
 
 @attrs.frozen
 class EventFilter:
-    """Which events a reader wants; ``None`` means any.
+    """Which events a reader wants; ``None`` means any. The one filter of reads and
+    subscriptions: the gateway builds one per request.
 
-    ``visible`` is the gateway's per-user check (a user sees only the events of
-    the sandboxes it created); it must be cheap and must not block.
+    ``visible`` is the reader's view (the gateway's is actors/visibility.py's
+    ``sees_event`` for the user); it must be cheap and must not block.
     """
 
     sandbox_ids: frozenset[str] | None = None
