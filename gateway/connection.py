@@ -5,7 +5,7 @@ trio worker:
 
 - the reader takes frames off trio-websocket's queue at once (while that
   queue is full trio-websocket answers neither pings nor close frames),
-  parses them (protocol.py, no I/O) and starts a task per request, which
+  parses them (protocol/, no I/O) and starts a task per request, which
   the ``answer`` given to the connection turns into a reply frame;
 - one writer is the only task that sends: every reply and subscription frame
   goes through one queue bounded in frames and in bytes (budget.py), so a
@@ -55,7 +55,7 @@ SEND_QUEUE_FRAMES: Final = 256
 SEND_QUEUE_BYTES: Final = 1 << 20
 #: Requests and subscriptions of one connection that may have history or output in
 #: hand at once: each holds at most a page of the log (events.log.READ_BYTES of
-#: stored records, about four times that decoded) or one reply.
+#: stored records, about five times that decoded) or one reply.
 READ_SLOTS: Final = 2
 
 #: Run once the reply a request's answer made is queued, or given up on (a subscription's
