@@ -31,6 +31,13 @@ class ByteBudget:
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
 
+    def try_take(self, size: int) -> bool:
+        """Hold ``size`` bytes if they fit now and no one waits before; else False."""
+        if self._waiting or not self._fits(size):
+            return False
+        self._add(size)
+        return True
+
     async def take(self, size: int) -> None:
         """Wait until ``size`` bytes fit, then hold them (give them back with ``give_back``)."""
         if not self._waiting and self._fits(size):

@@ -320,6 +320,21 @@ class Connection:
         # is its size in memory, which for a str of wide characters is more than
         # its length.
         size = 0 if isinstance(frame, _GoingAway) else sys.getsizeof(frame)
+        # With room, the frame is queued before this task yields, as a memory
+        # channel's send does: a pump woken with an event queues it in the same
+        # scheduling batch, before a shutdown starting beside it can cut it off.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.budget.try_take(size):
+            try:
+                self._send.send_nowait((frame, size))
+            except trio.WouldBlock:
+                self.budget.give_back(size)  # full in frames: wait below, in turn
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self.budget.give_back(size)
+                return
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
         await self.budget.take(size)
         try:
             await self._send.send((frame, size))

@@ -70,6 +70,16 @@ async def test_a_cancelled_take_holds_nothing_and_blocks_no_one(
     assert got == [10] and budget.held == 100
 
 
+def test_try_take_never_waits_and_never_jumps_the_queue() -> None:
+    budget = ByteBudget(100)
+    assert budget.try_take(60) and budget.held == 60
+    assert not budget.try_take(50)  # does not fit
+    assert budget.try_take(40) and budget.held == 100
+    budget.give_back(100)
+    assert budget.try_take(500)  # alone, it goes
+    assert not budget.try_take(1)
+
+
 def test_a_budget_holds_something() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ByteBudget(0)

@@ -345,13 +345,19 @@ async def test_close_all_ends_subscriptions_then_closes_1001(
     harness: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with harness.peer(ROOT) as peer:
-        sub = (await peer.call("events.subscribe", after_seq=0))["subscription"]
-        await peer.sub_frames(sub, lambda f: bool(f.get("caught_up")))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(harness.gateway.close_all)
+        subs = [(await peer.call("events.subscribe", after_seq=0))["subscription"]]
+        await peer.sub_frames(subs[0], lambda f: bool(f.get("caught_up")))
+        subs += [(await peer.call("events.subscribe"))["subscription"] for _ in range(15)]
+        # As the daemon stops: its last event, then close_all at once. The event
+        # was published before the pumps are cut: each delivers it, then `ended`.
+        pending = ev.PendingEvent(None, None, ev.DaemonStopping("received SIGTERM"))
+        stopping = await harness.gateway.log.append(pending)  # type: ignore[attr-defined]
+        await harness.gateway.close_all()
+        for sub in subs:
             frames = await peer.sub_frames(sub, lambda f: bool(f.get("ended")))
+            assert frames[-2].get("event", {}).get("seq") == stopping.seq, (sub, frames[-2:])
             assert frames[-1]["reason"] == "shutdown"
-            assert frames[-1]["last_seq"] == harness.gateway.log.head_seq
-            with pytest.raises(ConnectionClosed) as closed:
-                await peer.recv()
-            assert closed.value.reason.code == p.CLOSE_GOING_AWAY
+            assert frames[-1]["last_seq"] == stopping.seq == harness.gateway.log.head_seq
+        with pytest.raises(ConnectionClosed) as closed:
+            await peer.recv()
+        assert closed.value.reason.code == p.CLOSE_GOING_AWAY
