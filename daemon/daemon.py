@@ -29,7 +29,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
-from sandboxd.gateway.server import Gateway
+from sandboxd.gateway.server import Gateway, Listeners
 from sandboxd.state_dir import open_state_dir
 
 log = logging.getLogger("sandboxd")
@@ -53,9 +53,16 @@ def raise_open_files_limit() -> None:
 
 
 async def run_daemon(
-    config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    listeners: Listeners | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
+    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway.
+
+    The gateway serves ``listeners`` if given (tests pass in-memory ones), else TCP
+    on config.host and config.port.
+    """
     raise_open_files_limit()
     with (
         open_state_dir(config.state_dir, config.sandboxes_dir),
@@ -93,7 +100,7 @@ async def run_daemon(
                 ) from None
             async with trio.open_nursery() as front:
                 gateway = Gateway(config, registry, store.log, authenticator)
-                await front.start(gateway.serve)
+                await front.start(gateway.serve, listeners)
                 log.info(
                     "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",
                     __version__,

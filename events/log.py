@@ -446,11 +446,13 @@ class EventLog:
         segment.index_seqs = found.segment.index_seqs
         segment.index_offsets = found.segment.index_offsets
 
-    async def read_history(self, after_seq: int, until_seq: int) -> list[Record]:
+    async def read_history(
+        self, after_seq: int, until_seq: int, max_bytes: int = READ_BYTES
+    ) -> list[Record]:
         """Some durable records from ``after_seq + 1`` on, none past ``until_seq``.
 
         At least one when ``after_seq < until_seq <= head_seq``; at most about
-        ``READ_BYTES`` of them. The subscriptions' and ``read_page``'s step.
+        ``max_bytes`` of them. The subscriptions' and ``read_page``'s step.
         """
         if after_seq + 1 < self.oldest_seq:
             await trio.lowlevel.checkpoint()
@@ -472,7 +474,7 @@ class EventLog:
                 offset,
                 at,
                 segment.end,
-                READ_BYTES,
+                max_bytes,
                 after_seq,
                 until_seq,
             )
@@ -605,11 +607,15 @@ class EventLog:
         event_filter: Filter = None,
         *,
         buffer: int | None = None,
+        page_bytes: int = READ_BYTES,
+        gate: trio.CapacityLimiter | None = None,
     ) -> Subscription:
         """Every matching event with seq above ``after_seq``, once, in order, history then live.
 
         ``after_seq=None`` means only what comes next. Raises ``Gone`` if
-        ``after_seq`` is older than the retained log.
+        ``after_seq`` is older than the retained log. ``buffer`` bounds the
+        live buffer (events), ``page_bytes`` each history read, and ``gate``
+        when records may be in hand (see subscriptions.py).
         """
         if self._closing:
             raise LogUnavailable("the log is closed")
@@ -619,7 +625,9 @@ class EventLog:
         if start + 1 < self.oldest_seq:
             raise Gone(self.oldest_seq)
         limit = self._subscriber_buffer if buffer is None else buffer
-        subscription = Subscription(self, start, event_filter, limit)
+        subscription = Subscription(
+            self, start, event_filter, limit, page_bytes=page_bytes, gate=gate
+        )
         self._subscribers.add(subscription)
         return subscription
 

@@ -188,6 +188,11 @@ class Store:
     async def _distrust(self, snapshot: snapshots.Snapshot) -> str | None:
         """Why the log does not back this snapshot up, or None if it does."""
         log = self.log
+        if snapshot.format < snapshots.FORMAT_VERSION and log.oldest_seq <= 1:
+            return (
+                f"it is in snapshot format {snapshot.format}, which knows only each sandbox's"
+                " last owner; the whole log is replayed instead"
+            )
         if snapshot.seq == 0:
             return None
         if snapshot.seq < log.oldest_seq:

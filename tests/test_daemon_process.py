@@ -35,6 +35,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         tmp_path / "state",
         specs,
         port=4321,
+        max_connections_per_user=9,
         base_working_dir=tmp_path / "work",
         port_range=(31000, 31010),
         stop_timeout=1.5,
