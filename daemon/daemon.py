@@ -30,6 +30,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
+from sandboxd.gateway.metrics import Metrics
 from sandboxd.gateway.server import Gateway
 
 log = logging.getLogger("sandboxd")
@@ -90,10 +91,16 @@ async def run_daemon(
             snapshot_every=config.snapshot_every,
             retention=config.retention,
         )
+        metrics = Metrics(
+            specs=[spec.id for spec in config.specs], per_sandbox=config.metrics_per_sandbox
+        )
         async with (
-            open_store(config.state_dir, store_config) as store,
+            open_store(config.state_dir, store_config, on_applied=metrics.observe_events) as store,
             trio.open_nursery() as actors,
         ):
+            # Counted from the first event of this run on: recovery's come next.
+            metrics.watch_log(store.state, store.log)
+            store.log.on_synced = metrics.observe_sync
             registry = Registry(
                 config, store.state, store.append, keys, actors, append_many=store.append_many
             )
@@ -110,7 +117,7 @@ async def run_daemon(
                     "free some space (or fix the disk) and start again"
                 ) from None
             async with trio.open_nursery() as front:
-                gateway = Gateway(config, registry, store.log, authenticator)
+                gateway = Gateway(config, registry, store.log, authenticator, metrics=metrics)
                 await front.start(gateway.serve)
                 log.info(
                     "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",

@@ -28,6 +28,7 @@ import bisect
 import functools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -174,6 +175,9 @@ class EventLog:
         self._closing = False
         self._closed = False
         self.failed_batches = 0
+        # Metrics hook (issue 13): called with the seconds each batch's write and
+        # fdatasync took, timed in the thread that does them.
+        self.on_synced: Callable[[float], None] | None = None
 
     # -- state -----------------------------------------------------------------------
 
@@ -199,6 +203,19 @@ class EventLog:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
+
+    # Metrics hook (issue 13): read at scrape time.
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the segment files the log holds, up to their durable ends."""
+        return sum(segment.end for segment in self._segments)
+
+    @property
+    def subscriber_lag(self) -> int:
+        """Events the slowest subscriber has yet to pass: head_seq minus its position."""
+        # 0 when none lags (a subscription may start past the head).
+        return max([0, *(self._head_seq - s.position for s in self._subscribers)])
 
     # -- appending ---------------------------------------------------------------------
 
@@ -347,7 +364,9 @@ class EventLog:
             active = self._active
         offset = active.end
         try:
-            await _in_thread(segments.append_durably, self._fd, offset, batch.data)
+            seconds = await _in_thread(
+                _timed, segments.append_durably, self._fd, offset, batch.data
+            )
         except OSError:
             try:
                 await _in_thread(segments.cut_back, self._fd, offset)
@@ -355,6 +374,8 @@ class EventLog:
                 logger.error("could not cut the segment back after a failed write: %s", exc)
                 self._needs_cut = True
             raise
+        if self.on_synced is not None:
+            self.on_synced(seconds)
 
     async def _roll(self, first_seq: int) -> None:
         """Start a new segment; the old one is complete and durable."""
@@ -650,6 +671,13 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def _uncancellable(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
+
+
+def _timed(fn: Callable[..., object], *args: Any) -> float:
+    """Call ``fn(*args)``; return the seconds it took."""
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
 
 
 def _open_files(

@@ -60,6 +60,10 @@ from sandboxd.events.segments import Record
 from sandboxd.events.subscriptions import CaughtUp, Filter, Subscription
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, can_see, check_path, token_from_handshake
+from sandboxd.gateway.front_door import FrontDoor
+from sandboxd.gateway.metrics import INVALID_OP, OK, Metrics
+from sandboxd.gateway.routes import Routes
+from sandboxd.gateway.static import load_dashboard
 
 if TYPE_CHECKING:
     from sandboxd.actors.registry import Registry
@@ -186,6 +190,8 @@ class Gateway:
         registry: Registry,
         event_log: EventLog,
         authenticator: Authenticator,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -206,6 +212,19 @@ class Gateway:
         self._idle = trio.Event()
         self._idle.set()
         self._listening: trio.CancelScope | None = None
+        # HTTP hook (issue 13): the front door answers HTTP on the same port and hands
+        # websocket upgrades to _handle_stream; the metrics count every reply.
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_gateway(self)
+        routes = Routes(
+            load_dashboard(), authenticator, self.metrics, metrics_public=config.metrics_public
+        )
+        self._front_door = FrontDoor(routes, self._handle_stream)
+
+    @property
+    def connection_count(self) -> int:
+        """Open websocket connections (a metric)."""
+        return len(self._connections)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on config.host:config.port until cancelled; started() once listening."""
@@ -222,7 +241,7 @@ class Gateway:
                     await listening.start(
                         partial(
                             trio.serve_listeners,
-                            self._handle_stream,
+                            self._front_door.handle,  # HTTP hook (issue 13): routes each stream
                             listeners,
                             handler_nursery=connections,
                         )
@@ -247,7 +266,7 @@ class Gateway:
 
     # -- the handshake --------------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _handle_stream(self, stream: trio.abc.HalfCloseableStream) -> None:
         # One TCP connection: the handshake, the websocket, and the stream closed
         # in the end whatever happened (see the module's docstring).
         try:
@@ -396,12 +415,14 @@ class _Connection:
         try:
             request = p.parse_request(message)
         except p.RequestError as bad:
+            self.gateway.metrics.count_request(INVALID_OP, bad.code)  # metrics hook (issue 13)
             await self._reply(p.encode_error(bad.request_id, bad))
             return
         if self.gateway._draining:
             refusal = p.ProtocolError(
                 p.ErrorCode.UNAVAILABLE, "The daemon is shutting down and takes no new requests."
             )
+            self.gateway.metrics.count_request(request.op, refusal.code)  # metrics hook (issue 13)
             await self._reply(p.encode_error(request.id, refusal))
             return
         if self._in_flight >= p.MAX_IN_FLIGHT:
@@ -410,6 +431,7 @@ class _Connection:
                 f"{p.MAX_IN_FLIGHT} requests are already in flight on this connection;"
                 " wait for their replies before sending more.",
             )
+            self.gateway.metrics.count_request(request.op, refusal.code)  # metrics hook (issue 13)
             await self._reply(p.encode_error(request.id, refusal))
             return
         self._in_flight += 1
@@ -428,13 +450,16 @@ class _Connection:
                 with trio.CancelScope(shield=type(request.params) in _CHANGES_STATE):
                     result, after = await handler(self, request.params)
                 frame = p.encode_ok(request.id, result)
+                code: str = OK
             except Exception as exc:
                 error = translate(exc)
                 if error is None:
                     log.exception("%s: %s failed", self.name, request.op)
                     error = _internal()
                 frame = p.encode_error(request.id, error)
+                code = error.code
                 after = None
+            self.gateway.metrics.count_request(request.op, code)  # metrics hook (issue 13)
             await self._reply(frame)
             if after is not None:
                 after()
