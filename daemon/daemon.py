@@ -120,8 +120,11 @@ async def run_daemon(
                 gateway = Gateway(config, registry, store.log, authenticator, metrics=metrics)
                 await front.start(gateway.serve)
                 log.info(
-                    "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",
+                    "sandboxd %s listening on ws://%s:%d/v1, dashboard at http://%s:%d/"
+                    " (state in %s, %d sandboxes recovered)",
                     __version__,
+                    config.host,
+                    gateway.port,
                     config.host,
                     gateway.port,
                     config.state_dir,
