@@ -135,8 +135,10 @@ class Metrics:
                 self.starts.labels(spec, outcome)
             for reason in EXIT_REASONS:
                 self.exits.labels(spec, reason)
+        # The children of (op, code), so that a reply costs a dict lookup and an inc.
+        self._requests: dict[tuple[str, str], Counter] = {}
         for op in p.OPS:
-            self.requests.labels(op, OK)
+            self.count_request(op, OK, 0)
         prometheus_client.ProcessCollector(registry=r)
         r.register(_ScrapeTime(self))
 
@@ -179,9 +181,12 @@ class Metrics:
         """One batch written and fdatasynced (the log's ``on_synced``)."""
         self.fsync_duration.observe(seconds)
 
-    def count_request(self, op: str, code: str) -> None:
+    def count_request(self, op: str, code: str, amount: int = 1) -> None:
         """One reply: ``op`` must be an op of protocol.md or INVALID_OP."""
-        self.requests.labels(op, code).inc()
+        child = self._requests.get((op, code))
+        if child is None:
+            child = self._requests[op, code] = self.requests.labels(op, code)
+        child.inc(amount)
 
     # -- exposition ----------------------------------------------------------------------
 

@@ -27,6 +27,9 @@ The TCP listener is trio's own and each stream is wrapped by trio-websocket
 here (``wrap_server_stream``) rather than by its ``serve_websocket``: that one
 keeps a connection open after refusing a frame over the size limit, until the
 peer sends again, where here the stream is closed at most CLOSE_TIMEOUT later.
+Every stream first passes the front door (front_door.py), which reads its
+request head: plain HTTP is answered there, and an upgrade comes here with the
+bytes read replayed.
 """
 
 from __future__ import annotations
