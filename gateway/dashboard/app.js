@@ -128,10 +128,11 @@ async function connect() {
   try {
     await start(client, current);
   } catch (error) {
-    if (!current()) return;
-    if (error.code !== "disconnected") toast(`Loading failed: ${error.message}`);
+    // A dropped connection has called onLost already; anything else closes it, and the
+    // close reconnects.
+    if (!current() || error.code === "disconnected") return;
+    toast(`Loading failed: ${error.message}`, "error");
     client.close();
-    onLost("The connection failed while loading.");
   }
 }
 

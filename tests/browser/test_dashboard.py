@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selenium.webdriver.support.ui import Select
+
 from sandboxd.events import types as ev
 from tests.browser.support import Browser
 from tests.e2e.support import append_offline, daemon_process, read_log
@@ -58,6 +60,29 @@ async def test_a_sandbox_started_elsewhere_appears_running_within_1_s(
         link = browser.find(f"{row} td.urls a")
         assert link.get_attribute("href") == started["exposed_urls"][0]["url"] + "/"
         assert browser.text("#count-RUNNING") == "1"
+
+        # The event list, filtered by type, then by sandbox.
+        def shown() -> list[tuple[str, str | None]]:
+            return [
+                (t, s)
+                for t, s in browser.js(
+                    "return [...document.querySelectorAll('#events li')]"
+                    ".map(li => [li.dataset.type, li.querySelector('.sid')?.textContent ?? null])"
+                )
+            ]
+
+        await eventually(lambda: len(shown()) == 4, what="daemon.started and three events")
+        Select(browser.find("#event-type")).select_by_value("sandbox.running")
+        assert shown() == [("sandbox.running", started["id"])]
+        Select(browser.find("#event-type")).select_by_value("")
+        browser.find("#event-sandbox").send_keys(started["id"][:6])
+        assert [t for t, _ in shown()] == [
+            "sandbox.running",
+            "sandbox.process_started",
+            "sandbox.created",
+        ]
+        browser.find("#event-sandbox").send_keys("no-such-sandbox")
+        assert shown() == []
 
 
 async def test_pause_resume_and_delete_from_the_page(browser: Browser, tmp_path: Path) -> None:
