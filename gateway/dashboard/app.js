@@ -167,6 +167,7 @@ async function start(client, current) {
   page.retry = RETRY_FIRST;
   showBanner("");
   setConn("live", "Live");
+  tick(); // the charts now, not at the next second
 }
 
 async function subscribe(client, after) {
@@ -259,6 +260,12 @@ async function loadSandboxes(client, current) {
   performance.mark("sandboxes-rendered", {
     detail: { rows: found.length, fetchMs: rendering - started, renderMs: performance.now() - rendering },
   });
+  // And once the browser has laid the rows out and painted them.
+  requestAnimationFrame(() =>
+    setTimeout(() =>
+      performance.mark("sandboxes-painted", { detail: { ms: performance.now() - rendering } }),
+    ),
+  );
   flushDirty(); // what changed while the table loaded
 }
 

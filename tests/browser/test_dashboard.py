@@ -270,16 +270,22 @@ async def test_1000_sandboxes_render_in_under_1_s_and_rows_update_in_place(
         rows = browser.rows()
         assert len(rows) == 1001 and rows[live["id"]] == "RUNNING"
         assert next(iter(rows)) == live["id"]  # newest first
+        await eventually(
+            lambda: browser.js("return performance.getEntriesByName('sandboxes-painted').length"),
+            what="the rows painted",
+        )
         mark = browser.js(
             "const m = performance.getEntriesByName('sandboxes-rendered')[0];"
-            " return {at: m.startTime, ...m.detail}"
+            " const p = performance.getEntriesByName('sandboxes-painted')[0];"
+            " return {at: m.startTime, paintedMs: p.detail.ms, ...m.detail}"
         )
-        # The table itself: 1,001 rows built and laid out in under a second (measured in
-        # the page, from the last search reply to the rows in the DOM). The whole load,
-        # page and 11 search round trips included, gets a generous bound: this machine's
-        # two cores are shared with the rest of the suite.
+        # The table itself: 1,001 rows built, laid out and painted in under a second,
+        # measured in the page from the last search reply to the first frame after the
+        # rows are in the DOM (here about 20-40 ms to build them). The whole load, the
+        # page and 11 search round trips included (here about 0.3-0.5 s), gets a generous
+        # bound: this machine's two cores are shared with the rest of the suite.
         assert mark["rows"] == 1001
-        assert mark["renderMs"] < 1000, mark
+        assert mark["renderMs"] < 1000 and mark["paintedMs"] < 1000, mark
         assert mark["at"] < 10_000, mark
 
         # Live changes update the rows in place: the same element, its status redrawn.
