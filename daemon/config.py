@@ -58,6 +58,8 @@ class Config:
     segment_bytes: int = 64 << 20
     snapshot_every: int = 10_000
     retention: Literal["all", "snapshots"] = "all"
+    metrics_public: bool = False  # GET /metrics without the admin token
+    metrics_per_sandbox: bool = False  # series labelled by sandbox id (unbounded)
     specs: tuple[SpecConfig, ...] = attrs.Factory(lambda: (default_spec(),))
     users: tuple[UserConfig, ...] = ()
 
@@ -174,6 +176,8 @@ _SERVER = {
     "port": _listen_port,
     "state_dir": _path,
     "max_connections_per_user": _count,
+    "metrics_public": lambda k, v: _expect(k, v, bool, "true or false"),
+    "metrics_per_sandbox": lambda k, v: _expect(k, v, bool, "true or false"),
 }
 _SANDBOXES = {
     "base_working_dir": _path,

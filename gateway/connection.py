@@ -46,6 +46,7 @@ from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.budget import ByteBudget
+from sandboxd.gateway.metrics import INVALID_OP
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,14 @@ READ_SLOTS: Final = 2
 #: gives back its read slot, having held it until its reply counted against the budget).
 Then = Callable[[], None] | None
 #: Turns one request of a connection into the frame of its reply; never raises.
-Answer = Callable[["Connection", p.Request], Awaitable[tuple[str, Then]]]
+#: The reply frame to a request, its code ("ok" or the error's), and what to run once queued.
+Answer = Callable[["Connection", p.Request], Awaitable[tuple[str, str, Then]]]
+#: Told of every reply, by op ("invalid" for a frame that is no request) and code: the metrics.
+CountReply = Callable[[str, str], None]
+
+
+def _count_nothing(op: str, code: str) -> None:
+    pass
 
 
 @attrs.define
@@ -167,11 +175,13 @@ class Connection:
         answer: Answer,
         requests: Requests,
         timeouts: Timeouts,
+        count_reply: CountReply = _count_nothing,
     ) -> None:
         self.ws = ws
         self.user = user
         self.name = name
         self._answer = answer
+        self._count_reply = count_reply
         self._requests = requests
         self._timeouts = timeouts
         self._send, self._outbox = trio.open_memory_channel[tuple[str | _GoingAway, int]](
@@ -285,13 +295,18 @@ class Connection:
         try:
             request = p.parse_request(message)
         except p.RequestError as bad:
+            # Not the op the frame names: a client must not choose the metrics' labels.
+            self._count_reply(INVALID_OP, bad.code)
             await self._queue(p.encode_error(bad.request_id, bad))
             return
+        refusal = None
         if self._requests.refusing:
-            await self._queue(p.encode_error(request.id, errors.shutting_down()))
-            return
-        if self._in_flight >= p.MAX_IN_FLIGHT:
-            await self._queue(p.encode_error(request.id, errors.busy()))
+            refusal = errors.shutting_down()
+        elif self._in_flight >= p.MAX_IN_FLIGHT:
+            refusal = errors.busy()
+        if refusal is not None:
+            self._count_reply(request.op, refusal.code)
+            await self._queue(p.encode_error(request.id, refusal))
             return
         self._in_flight += 1
         self._requests.begin()
@@ -300,7 +315,8 @@ class Connection:
 
     async def _serve(self, request: p.Request) -> None:
         try:
-            frame, then = await self._answer(self, request)
+            frame, code, then = await self._answer(self, request)
+            self._count_reply(request.op, code)
             try:
                 await self._queue(frame)
             finally:

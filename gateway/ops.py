@@ -26,6 +26,7 @@ from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.connection import Connection, Then
+from sandboxd.gateway.metrics import OK
 
 if TYPE_CHECKING:
     from sandboxd.actors.registry import Registry
@@ -67,8 +68,8 @@ class Services:
 
 async def answer(
     services: Services, connection: Connection, request: p.Request
-) -> tuple[str, Then]:
-    """The reply frame to ``request``, and what to run once it is queued."""
+) -> tuple[str, str, Then]:
+    """The reply frame to ``request``, its code, and what to run once it is queued."""
     try:
         handler = _HANDLERS[type(request.params)]
         # An op that changes state, once taken, runs to its end even if the client
@@ -76,13 +77,13 @@ async def answer(
         # event durable that no one acted on.
         with trio.CancelScope(shield=type(request.params) in _CHANGES_STATE):
             result, then = await handler(services, connection, request.params)
-        return p.encode_ok(request.id, result), then
+        return p.encode_ok(request.id, result), OK, then
     except Exception as exc:
         error = errors.translate(exc)
         if error is None:
             log.exception("%s: %s failed", connection.name, request.op)
             error = errors.internal()
-        return p.encode_error(request.id, error), None
+        return p.encode_error(request.id, error), error.code, None
 
 
 _Result = tuple[object, Then]

@@ -10,6 +10,10 @@ Each stream is wrapped by trio-websocket here (``wrap_server_stream``) rather
 than by its ``serve_websocket``: that one keeps a connection open after
 refusing a frame over the size limit, until the peer sends again, where here
 the stream is closed at most ``Timeouts.close`` later.
+
+Every stream first passes the front door (front_door.py), which reads its
+request head: plain HTTP (``/metrics``, the dashboard) is answered there, and
+an upgrade comes here with the bytes read replayed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, check_path, token_from_handshake
 from sandboxd.gateway.connection import Connection, GuardedStream, Requests, Timeouts
+from sandboxd.gateway.front_door import FrontDoor
+from sandboxd.gateway.metrics import Metrics
+from sandboxd.gateway.routes import Routes
+from sandboxd.gateway.static import load_dashboard
 
 if TYPE_CHECKING:
     from sandboxd.actors.registry import Registry
@@ -58,6 +66,8 @@ class Gateway:
         registry: Registry,
         event_log: ops.EventLog,
         authenticator: Authenticator,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -74,6 +84,13 @@ class Gateway:
         self._per_user: Counter[str | None] = Counter()
         self._connection_numbers = itertools.count(1)
         self._listening: trio.CancelScope | None = None
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_gateway(self)
+        routes = Routes(
+            load_dashboard(), authenticator, self.metrics, metrics_public=config.metrics_public
+        )
+        # HTTP on the same port: the front door answers it and hands upgrades on.
+        self._front_door = FrontDoor(routes, self._handle_stream)
 
     @property
     def draining(self) -> bool:
@@ -108,7 +125,7 @@ class Gateway:
                     await listening.start(
                         partial(
                             trio.serve_listeners,
-                            self._handle_stream,
+                            self._front_door.handle,
                             list(listeners),
                             handler_nursery=connections,
                         )
@@ -183,6 +200,7 @@ class Gateway:
             user,
             f"connection {number} ({user.id or 'admin'})",
             answer=partial(ops.answer, self._services),
+            count_reply=self.metrics.count_request,
             requests=self.requests,
             timeouts=self.timeouts,
         )

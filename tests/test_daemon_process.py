@@ -36,6 +36,8 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         specs,
         port=4321,
         max_connections_per_user=9,
+        metrics_public=True,
+        metrics_per_sandbox=True,
         base_working_dir=tmp_path / "work",
         port_range=(31000, 31010),
         stop_timeout=1.5,

@@ -8,11 +8,12 @@ starts sandboxes in milliseconds. Waits are for conditions, with deadlines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,17 @@ class TrioPeer:
                 if until(frame):
                     return got
             self.frames.append(await self.recv())
+
+
+@contextlib.asynccontextmanager
+async def trio_peer(url: str, token: str) -> AsyncIterator[TrioPeer]:
+    """A websocket of trio-websocket's, speaking frames as the tests write them."""
+    from trio_websocket import open_websocket_url
+
+    async with open_websocket_url(
+        url, extra_headers=[(b"Authorization", f"Bearer {token}".encode())]
+    ) as ws:
+        yield TrioPeer(ws)
 
 
 def masked_frame(opcode: int, payload: bytes) -> bytes:
