@@ -1,6 +1,6 @@
 """The daemon's wiring: which parts start in which nursery, in which order.
 
-    state dir (private, locked) -> boundary (cgroups, uids) -> store (log writer,
+    boundary (cgroups, uids) -> state dir (private, locked) -> store (log writer,
       projection) -> actors + recovery -> daemon.started -> gateway -> READY=1
       ... SIGTERM/SIGINT -> graceful stop
 
@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -33,7 +33,8 @@ from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
-from sandboxd.gateway.server import Gateway
+from sandboxd.gateway.metrics import Metrics
+from sandboxd.gateway.server import Gateway, Listeners
 from sandboxd.state_dir import open_state_dir
 
 log = logging.getLogger("sandboxd")
@@ -67,9 +68,8 @@ def _open_boundary(config: Config) -> Boundary:
     except ValueError as exc:  # run_as: the user is gone, the range now overlaps accounts
         raise DaemonError(str(exc)) from None
     except CgroupError as exc:
-        raise DaemonError(
-            f"sandboxes.cgroup = {str(config.cgroup)!r} cannot be used: {exc}"
-        ) from None
+        setting = str(config.cgroup)
+        raise DaemonError(f"sandboxes.cgroup = {setting!r} cannot be used: {exc}") from None
 
 
 def _check_reachable(config: Config, boundary: Boundary) -> None:
@@ -86,19 +86,32 @@ def _check_reachable(config: Config, boundary: Boundary) -> None:
 
 
 async def run_daemon(
-    config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    listeners: Listeners | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
+    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway.
+
+    The gateway serves ``listeners`` if given (tests pass in-memory ones), else TCP
+    on config.host and config.port.
+    """
     raise_open_files_limit()
     boundary = _open_boundary(config)
     try:
-        await _run(config, boundary, task_status)
+        await _run(config, boundary, listeners, task_status)
     finally:
         boundary.close()
     log.info("sandboxd stopped")
 
 
-async def _run(config: Config, boundary: Boundary, task_status: trio.TaskStatus[Gateway]) -> None:
+async def _run(
+    config: Config,
+    boundary: Boundary,
+    listeners: Listeners | None,
+    task_status: trio.TaskStatus[Gateway],
+) -> None:
+    # Sandboxes under uids of their own pass through the state dir to their working dirs.
     shared = boundary.run_as.isolated_from_daemon
     with (
         open_state_dir(config.state_dir, config.sandboxes_dir, shared=shared),
@@ -118,10 +131,16 @@ async def _run(config: Config, boundary: Boundary, task_status: trio.TaskStatus[
             snapshot_every=config.snapshot_every,
             retention=config.retention,
         )
+        metrics = Metrics(
+            specs=[spec.id for spec in config.specs], per_sandbox=config.metrics_per_sandbox
+        )
         async with (
-            _open_store(config.state_dir, store_config) as store,
+            _open_store(config.state_dir, store_config, metrics.observe_events) as store,
             trio.open_nursery() as actors,
         ):
+            # Counted from the first event of this run on: recovery's come next.
+            metrics.watch_log(store.state, store.log)
+            store.log.on_synced = metrics.observe_sync
             await actors.start(boundary.run)
             registry = Registry(config, store, keys, actors, boundary)
             try:
@@ -137,13 +156,16 @@ async def _run(config: Config, boundary: Boundary, task_status: trio.TaskStatus[
                     "free some space (or fix the disk) and start again"
                 ) from None
             async with trio.open_nursery() as front:
-                gateway = Gateway(config, registry, store.log, authenticator)
-                await front.start(gateway.serve)
+                gateway = Gateway(config, registry, store.log, authenticator, metrics=metrics)
+                await front.start(gateway.serve, listeners)
                 for line in boundary.describe():
                     log.info("%s", line)
                 log.info(
-                    "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",
+                    "sandboxd %s listening on ws://%s:%d/v1, dashboard at http://%s:%d/"
+                    " (state in %s, %d sandboxes recovered)",
                     __version__,
+                    config.host,
+                    gateway.port,
                     config.host,
                     gateway.port,
                     config.state_dir,
@@ -169,14 +191,16 @@ def _tell_systemd(state: str) -> None:
 
 
 @asynccontextmanager
-async def _open_store(state_dir: Path, store_config: StoreConfig) -> AsyncIterator[Store]:
+async def _open_store(
+    state_dir: Path, store_config: StoreConfig, on_applied: Callable[[list[ev.Event]], None]
+) -> AsyncIterator[Store]:
     """``open_store``, and a damaged log said in one sentence: the daemon does not start on it.
 
     (Only opening raises ``CorruptLog`` here: readers get theirs, and the tasks
     of the body would raise theirs inside an exception group.)
     """
     try:
-        async with open_store(state_dir, store_config) as store:
+        async with open_store(state_dir, store_config, on_applied=on_applied) as store:
             yield store
     except CorruptLog as damage:
         raise DaemonError(

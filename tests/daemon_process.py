@@ -43,17 +43,12 @@ from sandboxd.actors.boundary.in_force import Boundary, open_boundary
 from sandboxd.actors.boundary.limits import Limits
 from sandboxd.actors.boundary.workdirs import make_base_dir, remove_tree
 from sandboxd.actors.specs import SpecConfig, python_for_sandboxes
-from sandboxd.config import Config
+from sandboxd.config import SECTION_KEYS, Config
 from tests.support import configured_users, eventually
 
 #: How long a daemon may take to listen (start-up is recovery; the machine has 2 cores
 #: shared with the rest of the suite).
 START_TIMEOUT = 30.0
-
-#: The keys of [server] and [log]; every other scalar of Config is a key of [sandboxes].
-SERVER_KEYS = ("host", "port", "state_dir")
-LOG_KEYS = ("segment_bytes", "snapshot_every", "retention")
-
 
 #: The Python sandboxes run: one every uid can execute (/usr/bin/python3 here).
 SANDBOX_PYTHON = python_for_sandboxes()
@@ -163,8 +158,8 @@ def config_toml(config: Config) -> str:
         for field in attrs.fields(Config)
         if field.name not in ("specs", "users") and getattr(config, field.name) is not None
     }
-    server = {key: scalars.pop(key) for key in SERVER_KEYS}
-    log = {key: scalars.pop(key) for key in LOG_KEYS}
+    server = {key: scalars.pop(key) for key in SECTION_KEYS["server"] if key in scalars}
+    log = {key: scalars.pop(key) for key in SECTION_KEYS["log"] if key in scalars}
     specs = [_spec_table(spec) for spec in config.specs]
     users = [attrs.asdict(user) for user in config.users]
     return (
