@@ -23,7 +23,8 @@ import attrs
 import trio
 
 from sandboxd.actors import health, output, proctree
-from sandboxd.actors.boundary.cgroups import CgroupError, Usage
+from sandboxd.actors.boundary.cgroupfs import Usage
+from sandboxd.actors.boundary.cgroups import CgroupError
 from sandboxd.actors.boundary.confine import Confinement, ConfinementError
 from sandboxd.actors.boundary.identities import Identity
 from sandboxd.actors.boundary.in_force import Boundary

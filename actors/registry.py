@@ -16,11 +16,12 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
+import attrs
 import trio
 
 from sandboxd.actors import output
 from sandboxd.actors.actor import SandboxActor, SandboxContext
-from sandboxd.actors.boundary.cgroups import Usage
+from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.boundary.identities import holders
 from sandboxd.actors.boundary.in_force import Boundary, UidPoolExhausted
 from sandboxd.actors.boundary.trees import SandboxTree
@@ -32,7 +33,7 @@ from sandboxd.actors.errors import (
     StartFailed,
     Unavailable,
 )
-from sandboxd.actors.info import SandboxInfo, SpecInfo, sandbox_info, spec_info
+from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.mailbox import Delete, Pause, Resume, Start
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
@@ -273,11 +274,16 @@ class Registry:
         record = self.state.sandboxes.get(sandbox_id)
         return None if record is None else self._info(record)
 
-    def get(self, caller: Caller, sandbox_id: str) -> SandboxInfo | None:
+    def get(self, caller: Caller, sandbox_id: str, *, usage: bool = False) -> SandboxInfo | None:
+        """The sandbox's info; with ``usage``, what its cgroup has used too (sandbox.get)."""
         record = self.state.sandboxes.get(sandbox_id)
         if record is None or not visible(caller, record):
             return None
-        return self._info(record)
+        info = self._info(record)
+        actor = self._actors.get(sandbox_id)
+        if usage and actor is not None:
+            info = attrs.evolve(info, usage=actor.usage())
+        return info
 
     def batch_get(self, caller: Caller, sandbox_ids: list[str]) -> list[SandboxInfo | None]:
         return [self.get(caller, sandbox_id) for sandbox_id in sandbox_ids]
@@ -320,6 +326,27 @@ class Registry:
         NotFound if no such sandbox is visible to ``caller``.
         """
         return self._visible_actor(caller, sandbox_id).usage()
+
+    async def stats(self, caller: Caller, sandbox_ids: list[str]) -> list[SandboxUsage | None]:
+        """sandbox.stats: each sandbox's usage, or None where none is visible; in order.
+
+        The sandboxes are looked up here, their cgroups read in a worker thread: up to
+        100 x 4 small kernfs reads, 4-18 ms measured, not to be spent on the event loop.
+        """
+        actors = [
+            self._actors.get(i)
+            if (r := self.state.sandboxes.get(i)) and visible(caller, r)
+            else None
+            for i in sandbox_ids
+        ]
+
+        def read() -> list[SandboxUsage | None]:
+            return [
+                None if actor is None else SandboxUsage(actor.sandbox_id, actor.usage())
+                for actor in actors
+            ]
+
+        return await trio.to_thread.run_sync(read)
 
     def specs_for(self, caller: Caller) -> list[SpecInfo]:
         return [spec_info(s, mask_values=not caller.admin) for s in self.specs.values()]

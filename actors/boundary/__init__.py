@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sandboxd.actors.boundary.cgroupfs import (
+        Usage,
         daemon_dir_name,
         sandbox_dir_name,
         sandbox_id_of,
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
         CgroupError,
         CgroupTimeout,
         SandboxCgroup,
-        Usage,
         remove_daemon_cgroups,
     )
     from sandboxd.actors.boundary.confine import (
@@ -87,7 +87,7 @@ _WHERE = {
     "CgroupError": "cgroups",
     "CgroupTimeout": "cgroups",
     "SandboxCgroup": "cgroups",
-    "Usage": "cgroups",
+    "Usage": "cgroupfs",
     "remove_daemon_cgroups": "cgroups",
     "Confinement": "confine",
     "ConfinementError": "confine",

@@ -232,6 +232,19 @@ def parse_events(text: str) -> EventsState:
     return EventsState(populated=values.get("populated", 0) == 1, frozen=values.get("frozen") == 1)
 
 
+@attrs.frozen
+class Usage:
+    """What a sandbox's cgroup has used: CPU time so far, memory now, processes now.
+
+    None where the host has no controller to say it. (Here, with the files it is
+    read from, so that the protocol's SandboxInfo can carry it without trio.)
+    """
+
+    cpu_seconds: float | None
+    memory_bytes: int | None
+    pids: int
+
+
 def parse_procs(text: str) -> list[int]:
     """The pids of a cgroup.procs file (one per line)."""
     return [int(line) for line in text.split()]

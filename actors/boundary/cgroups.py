@@ -39,11 +39,11 @@ import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-import attrs
 import trio
 
 from sandboxd.actors.boundary.cgroupfs import (
     CPU_PERIOD_USEC,
+    Usage,
     cpu_quota_usec,
     daemon_dir_name,
     parse_flat_keyed,
@@ -67,18 +67,6 @@ class CgroupTimeout(CgroupError):
     def __init__(self, message: str, pids: list[int]) -> None:
         self.pids = pids
         super().__init__(f"{message}: pids {pids[:20]}{' ...' if len(pids) > 20 else ''}")
-
-
-@attrs.frozen
-class Usage:
-    """What a sandbox's cgroup has used: CPU time so far, memory now, processes now.
-
-    None where the host has no controller to say it.
-    """
-
-    cpu_seconds: float | None
-    memory_bytes: int | None
-    pids: int
 
 
 # -- small file helpers: one syscall each, errors with the path --------------------------

@@ -19,7 +19,8 @@ from __future__ import annotations
 import signal
 
 from sandboxd.actors import proctree
-from sandboxd.actors.boundary.cgroups import CgroupTimeout, SandboxCgroup, Usage
+from sandboxd.actors.boundary.cgroupfs import Usage
+from sandboxd.actors.boundary.cgroups import CgroupTimeout, SandboxCgroup
 from sandboxd.actors.proctree import ProcessId, TreeStateTimeout
 
 
