@@ -49,14 +49,6 @@ def plain(spec_id: str, *command: str, **changes: Any) -> SpecConfig:
     return attrs.evolve(spec, **changes)
 
 
-@pytest.fixture(params=["auto", "off"], ids=["cgroup", "markers"])
-def cgroup(request: pytest.FixtureRequest) -> str:
-    """The boundary a tree test runs on: ``sandboxes.cgroup`` "auto" (a cgroup per sandbox,
-    where the host allows it) or "off" (the markers fallback)."""
-    setting: str = request.param
-    return setting
-
-
 @attrs.frozen
 class Caller:
     id: str | None
@@ -107,6 +99,9 @@ async def running(tmp_path: Path, *specs: SpecConfig, **config: object) -> Async
             await nursery.start(boundary.run)
             keys = SessionKeys.of_state_dir(cfg.state_dir)
             registry = Registry(cfg, store, keys, nursery, boundary)
+            # As the daemon's start-up does: uids something still holds (an earlier test's
+            # processes not yet reaped, files in /tmp) are not handed out again.
+            await registry.hold_unknown_uids()
             try:
                 yield Harness(registry, store)
             finally:

@@ -29,7 +29,7 @@ from sandboxd.events.store import open_store
 from sandboxd.events.subscriptions import Subscription
 from tests.daemon_process import boundary_for
 from tests.e2e.support import make_config
-from tests.support import end_sandboxes, eventually, sandbox_pids
+from tests.support import end_sandboxes, eventually, ids_of, sandbox_pids
 
 
 @attrs.frozen
@@ -154,3 +154,6 @@ async def test_a_refused_process_started_is_retried_until_the_start_finishes(
         record = registry.state.sandboxes["s"]
         assert record.pid is not None
         assert marked(registry, "s") == [record.pid]  # the undone attempts left nothing
+        # Started again, it keeps the uid it was created with.
+        if registry.boundary.own_uids:
+            assert record.uid is not None and ids_of(record.pid) == ({record.uid}, {record.uid})
