@@ -361,6 +361,9 @@ class SandboxActor:
         self._process = child.id
         self._oom_before = tree.oom_kills()
         self._nursery.start_soon(self._watch_exit, child, tree)
+        # Probing may begin while its event is written: RUNNING is recorded only once this
+        # handler is done (the actor takes one message at a time), so after process_started.
+        self._start_readiness()
         main = child.id
         try:
             # The main process leads its own session: its group is its pid.
@@ -374,10 +377,10 @@ class SandboxActor:
                 )
             )
         except Unavailable:
+            self._cancel_watchers()
             await tree.terminate(main, stop_timeout=0)
             self._process = None
             raise
-        self._start_readiness()
 
     def _answer_start(self, result: SandboxRecord | BaseException) -> None:
         """Answer the start waiting for its outcome, if one is."""
@@ -490,7 +493,7 @@ class SandboxActor:
         """Record what a watcher saw, if it still applies to the sandbox as it is now."""
         starting = record.status is Status.STARTING
         match notice:
-            case Ready() if starting:
+            case Ready() if starting and record.pid is not None:
                 url = f"http://127.0.0.1:{record.port}"
                 try:
                     await self._record(ev.SandboxRunning([ev.ExposedUrl("AGENT_SERVER", url)]))

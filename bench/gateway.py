@@ -52,7 +52,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -66,10 +65,11 @@ import trio
 from _common import (
     Histogram,
     Target,
+    bench_base,
     cpu_seconds,
     emit_json,
     end_group,
-    kill_marked,
+    end_sandboxes,
     machine,
     percentile,
     print_targets,
@@ -185,7 +185,7 @@ class Daemon:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
         end_group(self.proc)
-        kill_marked(self.state_dir)
+        end_sandboxes(self.state_dir)
         self._log.close()
 
 
@@ -940,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
         rtt_block=200 if quick else 1000,
         rtt_blocks=3 if quick else 5,
     )
-    base = Path(tempfile.mkdtemp(prefix="sandboxd-bench-gw-", dir=args.dir))
+    base = bench_base("sandboxd-bench-gw-", args.dir)
     print(f"sandboxd gateway benchmark ({'quick' if quick else 'full'} run)")
     print(f"  {machine()}")
     print(f"  daemon state in {base}; {plan}")
