@@ -108,6 +108,7 @@ port_range = [{low}, {high}]
 max_sandboxes = 100000
 max_sandboxes_per_user = 100000
 stop_timeout = 2
+uid_range = [600000, 700000]  # as root, a uid per sandbox: as many as max_sandboxes
 
 [[specs]]
 id = "light"

@@ -23,11 +23,13 @@ import trio
 from sandboxd import __version__, sdnotify
 from sandboxd.actors.boundary.cgroups import CgroupError
 from sandboxd.actors.boundary.in_force import Boundary, open_boundary
+from sandboxd.actors.boundary.limits import LimitsNotEnforceable
 from sandboxd.actors.boundary.workdirs import unreachable
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SecretFileError, SessionKeys
 from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
+from sandboxd.actors.specs import not_runnable_by_others
 from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, LogUnavailable
@@ -160,6 +162,7 @@ async def _run(
                 await front.start(gateway.serve, listeners)
                 for line in boundary.describe():
                     log.info("%s", line)
+                _say_what_specs_get(config, boundary)
                 log.info(
                     "sandboxd %s listening on ws://%s:%d/v1, dashboard at http://%s:%d/"
                     " (state in %s, %d sandboxes recovered)",
@@ -180,6 +183,26 @@ async def _run(
                 await _shut_down(config, registry, gateway, store, reason)
                 front.cancel_scope.cancel()
             actors.cancel_scope.cancel()
+
+
+def _say_what_specs_get(config: Config, boundary: Boundary) -> None:
+    """Per spec, how its limits are enforced here (or that its starts will be refused),
+    and whether a sandbox's uid can run its program at all: said once, at start-up."""
+    for spec in config.specs:
+        if spec.limits.set_keys():
+            try:
+                notes = boundary.enforcement(spec.limits).notes
+            except LimitsNotEnforceable as exc:
+                log.warning("spec %s: its starts will fail: %s", spec.id, exc)
+            else:
+                log.info("spec %s: %s", spec.id, "; ".join(notes))
+        program = spec.command[0]
+        if boundary.run_as.isolated_from_daemon and os.path.isabs(program):
+            blocked = not_runnable_by_others(program)
+            if blocked is not None:
+                log.warning(
+                    "spec %s: its sandboxes' uids cannot run %s: %s", spec.id, program, blocked
+                )
 
 
 def _tell_systemd(state: str) -> None:
