@@ -1,12 +1,14 @@
 """What clients see of a sandbox and of a spec: the protocol's SandboxInfo and SandboxSpecInfo.
 
-Built from the projection's record plus the session key, which is derived, never stored.
+Built from the projection's record plus the session key, which is derived, never stored;
+and, for ``sandbox.get`` and ``sandbox.stats`` only, what its cgroup has used.
 """
 
 from __future__ import annotations
 
 import attrs
 
+from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.events.projection import SandboxRecord, Status
 from sandboxd.events.types import ExposedUrl
@@ -27,9 +29,22 @@ class SandboxInfo:
     working_dir: str
     error: str | None
     version: int
+    #: Read from its cgroup for sandbox.get only (null in search and batch_get: four
+    #: file reads per sandbox would break search's bound), null under markers.
+    usage: Usage | None = None
 
 
-def sandbox_info(record: SandboxRecord, session_api_key: str) -> SandboxInfo:
+@attrs.frozen
+class SandboxUsage:
+    """One sandbox's usage, as sandbox.stats gives it (``usage`` null under markers)."""
+
+    id: str
+    usage: Usage | None
+
+
+def sandbox_info(
+    record: SandboxRecord, session_api_key: str, usage: Usage | None = None
+) -> SandboxInfo:
     running = record.status is Status.RUNNING
     return SandboxInfo(
         id=record.id,
@@ -45,6 +60,7 @@ def sandbox_info(record: SandboxRecord, session_api_key: str) -> SandboxInfo:
         working_dir=record.working_dir,
         error=record.error,
         version=record.version,
+        usage=usage,
     )
 
 

@@ -68,13 +68,15 @@ class Start:
 
     Answered with the record once ``sandbox.created`` is durable if not
     ``wait``; else once the start has an outcome: RUNNING, or ERROR with
-    ``sandbox.start_failed``. ``port`` and ``working_dir`` are the registry's
-    decisions, made before the actor exists so that no two sandboxes get the same.
+    ``sandbox.start_failed``. ``port``, ``working_dir`` and ``uid`` (None: the
+    daemon's own) are the registry's decisions, made before the actor exists so
+    that no two sandboxes get the same.
     """
 
     by: str | None
     port: int
     working_dir: str
+    uid: int | None
     env: Mapping[str, str]
     wait: bool
     reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)

@@ -52,7 +52,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -66,10 +65,11 @@ import trio
 from _common import (
     Histogram,
     Target,
+    bench_base,
     cpu_seconds,
     emit_json,
     end_group,
-    kill_marked,
+    end_sandboxes,
     machine,
     percentile,
     print_targets,
@@ -108,6 +108,7 @@ port_range = [{low}, {high}]
 max_sandboxes = 100000
 max_sandboxes_per_user = 100000
 stop_timeout = 2
+uid_range = [600000, 700000]  # as root, a uid per sandbox: as many as max_sandboxes
 
 [[specs]]
 id = "light"
@@ -185,7 +186,7 @@ class Daemon:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
         end_group(self.proc)
-        kill_marked(self.state_dir)
+        end_sandboxes(self.state_dir)
         self._log.close()
 
 
@@ -940,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         rtt_block=200 if quick else 1000,
         rtt_blocks=3 if quick else 5,
     )
-    base = Path(tempfile.mkdtemp(prefix="sandboxd-bench-gw-", dir=args.dir))
+    base = bench_base("sandboxd-bench-gw-", args.dir)
     print(f"sandboxd gateway benchmark ({'quick' if quick else 'full'} run)")
     print(f"  {machine()}")
     print(f"  daemon state in {base}; {plan}")

@@ -16,6 +16,13 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
+from sandboxd.actors.boundary.identities import DEFAULT_UID_RANGE
+from sandboxd.actors.boundary.limits import Limits, parse_cpu, parse_memory, parse_pids
+from sandboxd.actors.boundary.settings import (
+    SANDBOXES_KEYS,
+    BoundarySettings,
+    parse_boundary_settings,
+)
 from sandboxd.actors.specs import PLACEHOLDERS, SpecConfig, default_spec
 
 T = TypeVar("T")
@@ -27,9 +34,24 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key."""
 
 
+#: Where a daemon run by root keeps its state: a system service's place, outside /root
+#: (mode 0700), so that sandboxes under uids of their own can reach their working dirs.
+SYSTEM_STATE_DIR = Path("/var/lib/sandboxd")
+
+
 def default_state_dir() -> Path:
+    """/var/lib/sandboxd for root; else ``$XDG_STATE_HOME/sandboxd`` or ~/.local/state/sandboxd.
+
+    The daemon and the CLI both call it, so `sandboxd ls` finds the admin token
+    wherever `sandboxd serve` made it for the same user.
+    """
+    if os.geteuid() == 0:
+        return SYSTEM_STATE_DIR
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "sandboxd"
+
+
+DEFAULT_MAX_SANDBOXES = 1000
 
 
 @attrs.frozen
@@ -48,9 +70,14 @@ class Config:
     base_working_dir: Path | None = None  # None: STATE_DIR/sandboxes
     port_range: tuple[int, int] = (30000, 39999)
     stop_timeout: float = 10.0
-    max_sandboxes: int = 1000
+    max_sandboxes: int = DEFAULT_MAX_SANDBOXES
     max_sandboxes_per_user: int = 100
     on_shutdown: Literal["keep", "stop"] = "keep"
+    # The boundary (docs/boundary.md), kept as written; see boundary_settings.
+    cgroup: Literal["auto", "off"] | Path = "auto"
+    run_as: str | None = None  # None: "dynamic" when the daemon is root, else "daemon"
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    allow_existing_uids: bool = False
     # The project's own keys (docs/operations.md):
     output_cap_bytes: int = 8 << 20  # per sandbox, before its one rotation
     unhealthy_after: int = 3  # failed liveness probes in a row before ERROR
@@ -66,6 +93,10 @@ class Config:
     @property
     def sandboxes_dir(self) -> Path:
         return self.base_working_dir or self.state_dir / "sandboxes"
+
+    @property
+    def boundary_settings(self) -> BoundarySettings:
+        return BoundarySettings(self.cgroup, self.run_as, self.uid_range, self.allow_existing_uids)
 
     def with_overrides(
         self, *, state_dir: Path | None = None, host: str | None = None, port: int | None = None
@@ -152,6 +183,20 @@ def _check_placeholders(key: str, text: str) -> None:
             raise ConfigError(f"{key} has an unknown placeholder {{{name}}}; known: {known}")
 
 
+def _from_value_error(parse: Callable[[str, Any], T]) -> Callable[[str, Any], T]:
+    """A parser of the boundary modules (ValueError naming the key), raising ConfigError."""
+
+    def check(key: str, value: Any) -> T:
+        try:
+            return parse(key, value)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    return check
+
+
 def _table(key: str, raw: Any, checks: Mapping[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
     table = _expect(key, raw, dict, "a table")
     unknown = sorted(set(table) - set(checks))
@@ -189,6 +234,8 @@ _SANDBOXES = {
     "output_cap_bytes": lambda k, v: _count(k, v, minimum=4096),
     "unhealthy_after": _count,
     "shutdown_grace": lambda k, v: _number(k, v, minimum=0),
+    # Checked together by parse_boundary_settings, once the table's other keys are known.
+    **{name: lambda k, v: v for name in SANDBOXES_KEYS},
 }
 _LOG = {
     "segment_bytes": lambda k, v: _count(k, v, minimum=4096),
@@ -210,7 +257,13 @@ _SPEC = {
     "health_check_path": lambda k, v: _expect(k, v, str, "a path such as /health, or empty"),
     "ready_timeout": lambda k, v: _number(k, v, minimum=0, allow_min=False),
     "health_interval": lambda k, v: _number(k, v, minimum=0),
+    "memory_max": _from_value_error(parse_memory),
+    "pids_max": _from_value_error(parse_pids),
+    "cpu_max": _from_value_error(parse_cpu),
+    "limits_required": lambda k, v: _expect(k, v, bool, "true or false"),
 }
+#: The spec keys that make its Limits.
+_LIMIT_KEYS = ("memory_max", "pids_max", "cpu_max")
 _USER = {
     "id": lambda k, v: _expect(k, v, str, "a string"),
     "token": lambda k, v: _expect(k, v, str, "a string"),
@@ -232,7 +285,11 @@ def _spec(key: str, raw: Any) -> SpecConfig:
     path = fields.get("health_check_path", "/")
     if path and not path.startswith("/"):
         raise ConfigError(f"{key}.health_check_path must start with / (or be empty), not {path!r}")
-    return SpecConfig(**fields)
+    limits = Limits(
+        **{name: fields.pop(name) for name in _LIMIT_KEYS if name in fields},
+        required=fields.pop("limits_required", False),
+    )
+    return SpecConfig(**fields, limits=limits)
 
 
 def _user(key: str, raw: Any) -> UserConfig:
@@ -262,6 +319,15 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     values: dict[str, Any] = {}
     values |= _table("server", raw.get("server", {}), _SERVER)
     values |= _table("sandboxes", raw.get("sandboxes", {}), _SANDBOXES)
+    try:
+        boundary = parse_boundary_settings(
+            "sandboxes",
+            raw.get("sandboxes", {}),
+            max_sandboxes=values.get("max_sandboxes", DEFAULT_MAX_SANDBOXES),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    values |= attrs.asdict(boundary, recurse=False)
     values |= _table("log", raw.get("log", {}), _LOG)
     if "specs" in raw:
         specs_raw = _expect("specs", raw["specs"], list, "an array of tables ([[specs]])")

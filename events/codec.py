@@ -179,6 +179,28 @@ for _cls in PAYLOAD_TYPES:
     )
 
 
+# -- upcasters: old records, read as the current version -------------------------------
+
+
+def _v1_to_v2(record: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added optional fields only (the sandbox's uid, why it exited): absent, null."""
+    data = record.get("data")
+    if type(data) is dict:
+        data = dict(data)
+        for name in _ADDED_IN_V2.get(record.get("type"), ()):  # type: ignore[arg-type]
+            data.setdefault(name, None)
+    return {**record, "data": data, "v": 2}
+
+
+_ADDED_IN_V2: dict[str, tuple[str, ...]] = {
+    "sandbox.created": ("uid",),
+    "sandbox.process_started": ("uid",),
+    "sandbox.exited": ("reason", "memory_max"),
+}
+for _cls in PAYLOAD_TYPES:
+    upcaster(_cls.TYPE, 1)(_v1_to_v2)
+
+
 def decode(raw: bytes | memoryview) -> Event:
     try:
         record = orjson.loads(raw)
@@ -214,6 +236,8 @@ def _upcast(record: dict[str, Any]) -> dict[str, Any]:
     version, event_type = record.get("v"), record.get("type")
     while version != SCHEMA_VERSION:
         lift = _upcasters.get((event_type, version))  # type: ignore[arg-type]
+        if lift is None and event_type not in _structure:
+            raise DecodeError(f"unknown event type {event_type!r}")
         if lift is None:
             raise DecodeError(
                 f"no upcaster for {event_type!r} records of schema version {version!r}"

@@ -56,6 +56,7 @@ class SandboxRecord:
     command: tuple[str, ...] = ()
     exposed_urls: tuple[ev.ExposedUrl, ...] = ()
     error: str | None = None
+    uid: int | None = None  # the sandbox's own uid (sandbox.created); None: the daemon's
 
     @property
     def has_process(self) -> bool:
@@ -107,12 +108,24 @@ def _evolve(record: SandboxRecord, **changes: Any) -> SandboxRecord:
 
 
 def _exit_reason(data: ev.SandboxExited) -> str:
+    if data.reason == "oom":
+        limit = "" if data.memory_max is None else f" (limit {_size(data.memory_max)})"
+        return f"killed: out of memory{limit}"
     if data.signal is not None:
         return f"the process was killed by signal {data.signal}"
     if data.exit_code is None:
         # An adopted process is not the daemon's child: its status is not the daemon's to read.
         return "the process exited (its exit status is unknown: it was adopted after a restart)"
     return f"the process exited with code {data.exit_code}"
+
+
+def _size(size: int) -> str:
+    # The words of actors/boundary/limits.format_bytes (events import nothing of actors).
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            value = size / factor
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
@@ -133,6 +146,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             version=event.seq,
             port=data.port,
             working_dir=data.working_dir,
+            uid=data.uid,
         )
     if record is None:
         raise ProjectionError(
@@ -141,6 +155,8 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
     changed: dict[str, Any] = {"updated_at": event.ts, "version": event.seq}
     match data:
         case ev.ProcessStarted(pid=pid, pgid=pgid, create_time=create_time, command=command):
+            if data.uid is not None:
+                changed["uid"] = data.uid
             return _evolve(
                 record,
                 pid=pid,

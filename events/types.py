@@ -14,7 +14,9 @@ import attrs
 
 #: The version of the payload schemas written by this code. A record of an
 #: older version is decoded through an upcaster (see ``codec.upcaster``).
-SCHEMA_VERSION = 1
+#: 2: ``sandbox.created`` and ``sandbox.process_started`` gained ``uid``,
+#: ``sandbox.exited`` gained ``reason`` and ``memory_max`` (all optional).
+SCHEMA_VERSION = 2
 
 
 @attrs.frozen
@@ -30,6 +32,8 @@ class SandboxCreated:
     created_by_user_id: str | None
     working_dir: str
     port: int
+    #: The uid the sandbox runs under, its own for its whole life; None: the daemon's.
+    uid: int | None = None
 
 
 @attrs.frozen
@@ -39,6 +43,7 @@ class ProcessStarted:
     pgid: int
     create_time: float
     command: list[str]
+    uid: int | None = None  # the uid the process runs as; None: the daemon's
 
 
 @attrs.frozen
@@ -80,6 +85,9 @@ class SandboxExited:
     TYPE: ClassVar[str] = "sandbox.exited"
     exit_code: int | None
     signal: int | None
+    #: "oom": the OOM killer ended it (its cgroup's memory limit was reached).
+    reason: str | None = None
+    memory_max: int | None = None  # with reason "oom": the limit in force, in bytes
 
 
 @attrs.frozen

@@ -50,6 +50,7 @@ from sandboxd.gateway.protocol import (
     MalformedFrameError,
     NotFoundError,
     SandboxInfo,
+    SandboxUsage,
     SearchPage,
     ServerDetails,
     SpecInfo,
@@ -79,6 +80,7 @@ __all__ = [
     "MalformedFrameError",
     "NotFoundError",
     "SandboxInfo",
+    "SandboxUsage",
     "SearchPage",
     "ServerDetails",
     "SpecInfo",
@@ -313,6 +315,10 @@ class Client:
 
     async def batch_get(self, sandbox_ids: list[str]) -> list[SandboxInfo | None]:
         return await self.call(calls.batch_get(sandbox_ids))
+
+    async def stats(self, sandbox_ids: list[str]) -> list[SandboxUsage | None]:
+        """Each sandbox's usage (its cgroup's CPU, memory, processes), in the same order."""
+        return await self.call(calls.stats(sandbox_ids))
 
     async def search(
         self, *, page_id: str | None = None, limit: int = 100, status: str | None = None

@@ -101,11 +101,16 @@ async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
 
 
 async def _get(s: Services, c: Connection, q: p.SandboxGet) -> _Result:
-    return s.registry.get(c.user, q.sandbox_id), None
+    # With its usage: four small reads of its cgroup (search and batch_get leave it out).
+    return s.registry.get(c.user, q.sandbox_id, usage=True), None
 
 
 async def _batch_get(s: Services, c: Connection, q: p.SandboxBatchGet) -> _Result:
     return s.registry.batch_get(c.user, q.sandbox_ids), None
+
+
+async def _stats(s: Services, c: Connection, q: p.SandboxStats) -> _Result:
+    return await s.registry.stats(c.user, q.sandbox_ids), None
 
 
 async def _search(s: Services, c: Connection, q: p.SandboxSearch) -> _Result:
@@ -151,6 +156,7 @@ async def _spec_get(s: Services, c: Connection, q: p.SpecGet) -> _Result:
 
 
 async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
+    boundary = s.registry.boundary
     details = p.ServerDetails(
         version=__version__,
         protocol=1,
@@ -158,6 +164,9 @@ async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
         admin=c.user.admin,
         head_seq=s.log.head_seq,
         started_at=s.started_at,
+        boundary=boundary.mode,
+        isolation=boundary.isolation,
+        limits=boundary.limits_in_force(),
     )
     return details, None
 
@@ -237,6 +246,7 @@ _HANDLERS: Final[dict[type[p.Params], _Handler]] = {
     p.SandboxStart: _start,
     p.SandboxGet: _get,
     p.SandboxBatchGet: _batch_get,
+    p.SandboxStats: _stats,
     p.SandboxSearch: _search,
     p.SandboxPause: _pause,
     p.SandboxResume: _resume,

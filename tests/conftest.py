@@ -8,9 +8,13 @@ CI=true pytest               # Hypothesis's "ci" profile (below); .ci/run sets i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.daemon_process import STATE_DIRS, remove_reachable_dirs
+from tests.support import end_sandboxes
 
 DEFAULT_ROUNDS = 30
 
@@ -39,3 +43,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="cut the log at every byte of its last three records, not only the last one",
     )
+
+
+@pytest.fixture(autouse=True)
+def _end_what_daemons_left() -> Iterator[None]:
+    """After each test, every daemon it configured (tests/daemon_process.py) has no sandbox
+    process and no cgroup left, whatever the test did or failed to do. (A daemon shared by
+    a module's tests was configured before: its fixture ends it.)"""
+    before = len(STATE_DIRS)
+    yield
+    for state_dir in STATE_DIRS[before:]:
+        end_sandboxes(state_dir)
+    del STATE_DIRS[before:]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_working_dirs() -> Iterator[None]:
+    """The reachable dirs the session's sandboxes had their working dirs in, removed at its end."""
+    yield
+    remove_reachable_dirs()

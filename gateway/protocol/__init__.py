@@ -10,8 +10,8 @@ is a thin layer around it.
     _errors      error codes; ProtocolError (the server's), ClientError and one
                  subclass per code (a client's)
     _requests    one frozen class per op; parse_request, encode_request
-    _results     what the ops answer: SandboxInfo, SpecInfo, SearchPage, Logs,
-                 ServerDetails, Subscribed, EventPage; decode_event
+    _results     what the ops answer: SandboxInfo, SandboxUsage, SpecInfo, SearchPage,
+                 Logs, ServerDetails, Subscribed, EventPage; decode_event
     _frames      the server's frames: encode_* on its side, parse_frame on a client's
     calls        one Call per op for clients: its request, and its typed result
     _converter   the one cattrs converter of these types
@@ -68,6 +68,7 @@ from sandboxd.gateway.protocol._requests import (
     SandboxResume,
     SandboxSearch,
     SandboxStart,
+    SandboxStats,
     ServerInfo,
     SpecGet,
     SpecList,
@@ -78,10 +79,12 @@ from sandboxd.gateway.protocol._results import (
     EventPage,
     Logs,
     SandboxInfo,
+    SandboxUsage,
     SearchPage,
     ServerDetails,
     SpecInfo,
     Subscribed,
+    Usage,
     decode_event,
 )
 from sandboxd.gateway.protocol._transport import (
@@ -141,6 +144,8 @@ __all__ = [
     "SandboxResume",
     "SandboxSearch",
     "SandboxStart",
+    "SandboxStats",
+    "SandboxUsage",
     "SearchPage",
     "ServerDetails",
     "ServerInfo",
@@ -151,6 +156,7 @@ __all__ = [
     "Subscribed",
     "UnavailableError",
     "UnknownOpError",
+    "Usage",
     "calls",
     "converter",
     "decode_event",

@@ -122,6 +122,12 @@ class SandboxBatchGet:
 
 
 @attrs.frozen
+class SandboxStats:
+    OP: ClassVar[str] = "sandbox.stats"
+    sandbox_ids: list[str] = attrs.field(validator=_sandbox_ids)
+
+
+@attrs.frozen
 class SandboxSearch:
     OP: ClassVar[str] = "sandbox.search"
     page_id: str | None = None
@@ -197,6 +203,7 @@ Params = (
     SandboxStart
     | SandboxGet
     | SandboxBatchGet
+    | SandboxStats
     | SandboxSearch
     | SandboxPause
     | SandboxResume

@@ -36,6 +36,7 @@ from sandboxd.gateway.protocol._requests import (
     SandboxResume,
     SandboxSearch,
     SandboxStart,
+    SandboxStats,
     ServerInfo,
     SpecGet,
     SpecList,
@@ -45,6 +46,7 @@ from sandboxd.gateway.protocol._results import (
     EventPage,
     Logs,
     SandboxInfo,
+    SandboxUsage,
     SearchPage,
     ServerDetails,
     SpecInfo,
@@ -149,6 +151,11 @@ def get(sandbox_id: str) -> Call[SandboxInfo | None]:
 def batch_get(sandbox_ids: list[str]) -> Call[list[SandboxInfo | None]]:
     params = _params(SandboxBatchGet, sandbox_ids=list(sandbox_ids))
     return Call(params, _as(list[SandboxInfo | None]))
+
+
+def stats(sandbox_ids: list[str]) -> Call[list[SandboxUsage | None]]:
+    params = _params(SandboxStats, sandbox_ids=list(sandbox_ids))
+    return Call(params, _as(list[SandboxUsage | None]))
 
 
 def search(

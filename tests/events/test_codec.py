@@ -36,7 +36,7 @@ def test_the_record_has_the_wire_name_and_version() -> None:
         "sandbox_id": "a",
         "by": None,
         "data": {},
-        "v": 1,
+        "v": 2,
     }
 
 
@@ -69,6 +69,37 @@ def test_bad_records_are_refused(change: dict[str, object], message: str) -> Non
     assert decode(orjson.dumps(GOOD)).seq == 3
     with pytest.raises(DecodeError, match=message):
         decode(orjson.dumps({**GOOD, **change}))
+
+
+#: Version 1 records of the types version 2 added fields to (and one it did not), as written.
+V1_RECORDS = [
+    ("sandbox.created", {"spec_id": "s", "created_by_user_id": "u", "working_dir": "/", "port": 1}),
+    ("sandbox.process_started", {"pid": 5, "pgid": 5, "create_time": 1.5, "command": ["x"]}),
+    ("sandbox.exited", {"exit_code": None, "signal": 9}),
+    ("sandbox.paused", {}),
+]
+
+
+@pytest.mark.parametrize(("event_type", "data"), V1_RECORDS, ids=[t for t, _ in V1_RECORDS])
+def test_version_1_records_read_as_version_2_with_the_new_fields_null(
+    event_type: str, data: dict[str, object]
+) -> None:
+    record = {"v": 1, "seq": 3, "ts": "t", "type": event_type, "sandbox_id": "a", "by": None}
+    event = decode(orjson.dumps({**record, "data": data}))
+    added = set(event_to_dict(event)["data"]) - set(data)
+    assert (
+        added
+        == {
+            "sandbox.created": {"uid"},
+            "sandbox.process_started": {"uid"},
+            "sandbox.exited": {"reason", "memory_max"},
+            "sandbox.paused": set(),
+        }[event_type]
+    )
+    assert all(event_to_dict(event)["data"][name] is None for name in added)
+    # Written again, it is a version 2 record that reads back the same.
+    assert orjson.loads(encode(event))["v"] == ev.SCHEMA_VERSION == 2
+    assert decode(encode(event)) == event
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\x00\x00", b"null"])

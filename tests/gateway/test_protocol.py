@@ -29,6 +29,7 @@ from sandboxd.gateway.protocol import (
     SandboxResume,
     SandboxSearch,
     SandboxStart,
+    SandboxStats,
     ServerInfo,
     SpecGet,
     SpecList,
@@ -48,6 +49,7 @@ SIGNATURES: dict[str, dict[str, str]] = {
     "sandbox.start": {"spec_id": "str?", "sandbox_id": "str?", "env": "env?", "wait": "bool?"},
     "sandbox.get": {"sandbox_id": "str"},
     "sandbox.batch_get": {"sandbox_ids": "strs"},
+    "sandbox.stats": {"sandbox_ids": "strs"},
     "sandbox.search": {"page_id": "str?", "limit": "int?", "status": "str?"},
     "sandbox.pause": {"sandbox_id": "str"},
     "sandbox.resume": {"sandbox_id": "str"},
@@ -143,6 +145,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
     ),
     SandboxGet: st.builds(SandboxGet, sandbox_ids),
     SandboxBatchGet: st.builds(SandboxBatchGet, st.lists(sandbox_ids, max_size=100)),
+    SandboxStats: st.builds(SandboxStats, st.lists(sandbox_ids, max_size=100)),
     SandboxSearch: st.builds(
         SandboxSearch,
         page_id=st.none() | st.text(max_size=8),

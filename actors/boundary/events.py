@@ -18,7 +18,7 @@ from collections.abc import Callable
 import trio
 from inotify_simple import INotify, flags
 
-from sandboxd.actors.cgroupfs import EventsState, parse_events
+from sandboxd.actors.boundary.cgroupfs import EventsState, parse_events
 
 _IN_Q_OVERFLOW = 0x4000  # events were lost: every watch is woken to re-read its file
 
