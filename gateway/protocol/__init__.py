@@ -14,6 +14,8 @@ is a thin layer around it.
                  ServerDetails, Subscribed, EventPage; decode_event
     _frames      the server's frames: encode_* on its side, parse_frame on a client's
     calls        one Call per op for clients: its request, and its typed result
+    _exchanges   a client's requests in flight on one connection, by id
+    _resume      a client's subscription across connections, and its reconnect policy
     _converter   the one cattrs converter of these types
 """
 
@@ -38,8 +40,13 @@ from sandboxd.gateway.protocol._errors import (
     StartFailedError,
     UnavailableError,
     UnknownOpError,
+    closed,
     error_from_reply,
+    not_a_url,
+    refused,
+    unreachable,
 )
+from sandboxd.gateway.protocol._exchanges import Exchanges
 from sandboxd.gateway.protocol._frames import (
     CaughtUpFrame,
     EndedFrame,
@@ -84,16 +91,26 @@ from sandboxd.gateway.protocol._results import (
     Subscribed,
     decode_event,
 )
+from sandboxd.gateway.protocol._resume import (
+    SUBSCRIBE_ID,
+    Ended,
+    Resumption,
+    gave_up,
+    reconnect_delays,
+    worth_retrying,
+)
 from sandboxd.gateway.protocol._transport import (
     CLOSE_GOING_AWAY,
     CLOSE_NO_PONG,
     CLOSE_NOT_READING,
     CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED,
+    CONNECT_TIMEOUT,
     MAX_FRAME_BYTES,
     MAX_IN_FLIGHT,
+    MAX_REPLY_BYTES,
 )
-from sandboxd.gateway.protocol.calls import Call
+from sandboxd.gateway.protocol.calls import Call, Unchecked
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -101,9 +118,12 @@ __all__ = [
     "CLOSE_NO_PONG",
     "CLOSE_TOO_BIG",
     "CLOSE_UNSUPPORTED",
+    "CONNECT_TIMEOUT",
     "MAX_FRAME_BYTES",
     "MAX_IN_FLIGHT",
+    "MAX_REPLY_BYTES",
     "OPS",
+    "SUBSCRIBE_ID",
     "AuthenticationError",
     "BadRequestError",
     "BusyError",
@@ -113,6 +133,7 @@ __all__ = [
     "ConflictError",
     "ConnectError",
     "ConnectionLostError",
+    "Ended",
     "EndedFrame",
     "ErrorCode",
     "EventFrame",
@@ -120,6 +141,7 @@ __all__ = [
     "EventsRead",
     "EventsSubscribe",
     "EventsUnsubscribe",
+    "Exchanges",
     "Frame",
     "GoneError",
     "InternalError",
@@ -132,6 +154,7 @@ __all__ = [
     "Reply",
     "Request",
     "RequestError",
+    "Resumption",
     "SandboxBatchGet",
     "SandboxDelete",
     "SandboxGet",
@@ -150,8 +173,10 @@ __all__ = [
     "StartFailedError",
     "Subscribed",
     "UnavailableError",
+    "Unchecked",
     "UnknownOpError",
     "calls",
+    "closed",
     "converter",
     "decode_event",
     "encode_caught_up",
@@ -161,6 +186,12 @@ __all__ = [
     "encode_ok",
     "encode_request",
     "error_from_reply",
+    "gave_up",
+    "not_a_url",
     "parse_frame",
     "parse_request",
+    "reconnect_delays",
+    "refused",
+    "unreachable",
+    "worth_retrying",
 ]

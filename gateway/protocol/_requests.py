@@ -15,7 +15,7 @@ rules before it leaves.
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -383,3 +383,8 @@ def encode_request(request: Request) -> str:
     is left out, which protocol.md says means the same."""
     params = {k: v for k, v in converter.unstructure(request.params).items() if v is not None}
     return orjson.dumps({"id": request.id, "op": request.op, **params}).decode()
+
+
+def encode_unchecked(request_id: str | int, op: str, params: Mapping[str, Any]) -> str:
+    """The frame of any op, its params sent as given: for ops a client does not know yet."""
+    return orjson.dumps({"id": request_id, "op": op, **params}).decode()

@@ -40,6 +40,7 @@ from sandboxd.gateway.protocol._requests import (
     SpecGet,
     SpecList,
     encode_request,
+    encode_unchecked,
 )
 from sandboxd.gateway.protocol._results import (
     EventPage,
@@ -57,10 +58,18 @@ P = TypeVar("P", bound=Params)
 
 
 @attrs.frozen
+class Unchecked:
+    """The params of any op, as given: sent without a check, for ops this code does not know."""
+
+    OP: str
+    values: Mapping[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen
 class Call(Generic[T]):
     """One op's request, and the decoder of its result."""
 
-    params: Params
+    params: Params | Unchecked
     decode: Callable[[Any], T]
 
     @property
@@ -69,6 +78,8 @@ class Call(Generic[T]):
 
     def encode(self, request_id: str | int) -> str:
         """The request's frame."""
+        if isinstance(self.params, Unchecked):
+            return encode_unchecked(request_id, self.op, self.params.values)
         return encode_request(Request(request_id, self.op, self.params))
 
     def result(self, reply: Reply) -> T:
@@ -218,3 +229,15 @@ def read_events(
         EventsRead, after_seq=after_seq, limit=limit, sandbox_id=sandbox_id, types=types
     )
     return Call(params, _event_page)
+
+
+# --- Anything else ------------------------------------------------------------------------
+
+
+def unchecked(op: str, params: Mapping[str, Any] | None = None) -> Call[Any]:
+    """Any op with any params, unchecked: its result is the reply's JSON as it came."""
+    return Call(Unchecked(op, dict(params or {})), _as_is)
+
+
+def _as_is(result: Any) -> Any:
+    return result

@@ -17,6 +17,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.gateway import client as c
 from sandboxd.gateway.client import open_client
+from sandboxd.gateway.protocol import _resume as resume
 from tests.gateway.support import Daemon, make_config, start_daemon, stop_daemon
 from tests.support import TOKENS
 
@@ -286,8 +287,8 @@ async def test_subscribe_from_now_resumes_from_where_it_began(daemon: Daemon, pr
 async def test_subscription_gives_up_after_its_retries(
     daemon: Daemon, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(c, "RECONNECT_ATTEMPTS", 3)
-    monkeypatch.setattr(c, "RECONNECT_FIRST_DELAY", 0.01)
+    monkeypatch.setattr(resume, "RECONNECT_ATTEMPTS", 3)
+    monkeypatch.setattr(resume, "RECONNECT_FIRST_DELAY", 0.01)
     async with open_client(proxy.url, ROOT) as client, client.subscribe(after_seq=0) as events:
         await events.__anext__()
         proxy.stop_listening()
