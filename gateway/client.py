@@ -16,10 +16,10 @@ event exactly once, in order.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 from trio_websocket import (
@@ -54,7 +54,6 @@ from sandboxd.gateway.protocol import (
     StartFailedError,
     UnavailableError,
     UnknownOpError,
-    calls,
     decode_event,
     error_from_reply,
 )
@@ -197,8 +196,8 @@ class _Pending:
         self.reply: p.Reply | None = None
 
 
-class Client:
-    """Made by open_client; each method is one op of protocol.md (protocol.calls)."""
+class Client(p.ClientOps):
+    """Made by open_client; each method is one op of protocol.md (protocol.ClientOps)."""
 
     def __init__(self, nursery: trio.Nursery, ws: WebSocketConnection, url: str, token: str):
         self._nursery = nursery
@@ -208,6 +207,11 @@ class Client:
         self._exchanges: p.Exchanges[_Pending] = p.Exchanges()
         self._slots = trio.Semaphore(p.MAX_IN_FLIGHT)
         self._lost: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether requests can no longer be sent: closed, or the connection was lost."""
+        return self._lost is not None or self._ws.closed is not None
 
     async def aclose(self) -> None:
         with trio.move_on_after(2):
@@ -254,83 +258,6 @@ class Client:
                 )
         return call.result(pending.reply)
 
-    async def request(self, op: str, params: Mapping[str, Any] | None = None) -> Any:
-        """Any op, unchecked: its result as JSON, or the error of its reply raised."""
-        return await self.call(calls.unchecked(op, params))
-
-    # -- sandboxes ----------------------------------------------------------------------
-
-    async def start(
-        self,
-        *,
-        spec_id: str | None = None,
-        sandbox_id: str | None = None,
-        env: Mapping[str, str] | None = None,
-        wait: bool = True,
-    ) -> SandboxInfo:
-        return await self.call(
-            calls.start(spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait)
-        )
-
-    async def get(self, sandbox_id: str) -> SandboxInfo | None:
-        return await self.call(calls.get(sandbox_id))
-
-    async def batch_get(self, sandbox_ids: list[str]) -> list[SandboxInfo | None]:
-        return await self.call(calls.batch_get(sandbox_ids))
-
-    async def search(
-        self, *, page_id: str | None = None, limit: int = 100, status: str | None = None
-    ) -> SearchPage:
-        return await self.call(calls.search(page_id=page_id, limit=limit, status=status))
-
-    async def search_all(self, *, status: str | None = None) -> AsyncIterator[SandboxInfo]:
-        """Every visible sandbox, newest first, page by page."""
-        page_id: str | None = None
-        while True:
-            page = await self.search(page_id=page_id, status=status)
-            for item in page.items:
-                yield item
-            if page.next_page_id is None:
-                return
-            page_id = page.next_page_id
-
-    async def pause(self, sandbox_id: str) -> SandboxInfo:
-        return await self.call(calls.pause(sandbox_id))
-
-    async def resume(self, sandbox_id: str) -> SandboxInfo:
-        return await self.call(calls.resume(sandbox_id))
-
-    async def delete(self, sandbox_id: str) -> bool:
-        return await self.call(calls.delete(sandbox_id))
-
-    async def logs(self, sandbox_id: str, *, tail_bytes: int = 65536) -> Logs:
-        return await self.call(calls.logs(sandbox_id, tail_bytes=tail_bytes))
-
-    # -- specs and the server -----------------------------------------------------------
-
-    async def specs(self) -> list[SpecInfo]:
-        return await self.call(calls.spec_list())
-
-    async def spec(self, spec_id: str) -> SpecInfo | None:
-        return await self.call(calls.spec_get(spec_id))
-
-    async def server_info(self) -> ServerDetails:
-        return await self.call(calls.server_info())
-
-    # -- events -------------------------------------------------------------------------
-
-    async def read_events(
-        self,
-        after_seq: int,
-        *,
-        limit: int = 1000,
-        sandbox_id: str | None = None,
-        types: list[str] | None = None,
-    ) -> EventPage[Event]:
-        return await self.call(
-            calls.read_events(after_seq, limit=limit, sandbox_id=sandbox_id, types=types)
-        )
-
     def subscribe(
         self,
         after_seq: int | None = None,
@@ -342,9 +269,8 @@ class Client:
 
         Use as ``async with client.subscribe(...) as events: async for event in events``.
         """
-        params = calls.subscribe(after_seq, sandbox_id=sandbox_id, types=types).params
-        assert isinstance(params, p.EventsSubscribe)  # checked now, sent on each (re)connect
-        return Subscription(self._nursery, self.url, self._token, p.Resumption(params))
+        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types)
+        return Subscription(self._nursery, self.url, self._token, resumption)
 
 
 class Subscription:

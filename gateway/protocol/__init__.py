@@ -14,12 +14,14 @@ is a thin layer around it.
                  ServerDetails, Subscribed, EventPage; decode_event
     _frames      the server's frames: encode_* on its side, parse_frame on a client's
     calls        one Call per op for clients: its request, and its typed result
+    _client_ops  every op as a typed method over an abstract call: both clients' API
     _exchanges   a client's requests in flight on one connection, by id
     _resume      a client's subscription across connections, and its reconnect policy
     _converter   the one cattrs converter of these types
 """
 
 from sandboxd.gateway.protocol import calls
+from sandboxd.gateway.protocol._client_ops import ClientOps
 from sandboxd.gateway.protocol._converter import converter
 from sandboxd.gateway.protocol._errors import (
     AuthenticationError,
@@ -130,6 +132,7 @@ __all__ = [
     "Call",
     "CaughtUpFrame",
     "ClientError",
+    "ClientOps",
     "ConflictError",
     "ConnectError",
     "ConnectionLostError",

@@ -98,6 +98,19 @@ class Resumption:
         self.reconnects = 0
         self._subscription: str | None = None
 
+    @classmethod
+    def of(
+        cls,
+        after_seq: int | None = None,
+        *,
+        sandbox_id: str | None = None,
+        types: list[str] | None = None,
+    ) -> Resumption:
+        """A subscription's memory, its params checked now (they are sent on each connect)."""
+        params = subscribe(after_seq, sandbox_id=sandbox_id, types=types).params
+        assert isinstance(params, EventsSubscribe)
+        return cls(params)
+
     def subscribe_call(self) -> Call[Subscribed]:
         """The request to send on a fresh connection (as SUBSCRIBE_ID): after the last seq."""
         if self.head_seq is not None:
