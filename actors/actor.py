@@ -258,7 +258,8 @@ class SandboxActor:
     # -- starting -----------------------------------------------------------------------
 
     async def _start(self, start: Start) -> None:
-        created = ev.SandboxCreated(self.spec.id, start.by, start.working_dir, start.port)
+        # Whose it is (an admin may start one for another user) and who did it (``by``).
+        created = ev.SandboxCreated(self.spec.id, self.owner, start.working_dir, start.port)
         try:
             event = await self._record(created, start.by)
         except Exception as exc:

@@ -49,9 +49,11 @@ class ClientOps(ABC):
         sandbox_id: str | None = None,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
+        owner: str | None = None,
     ) -> SandboxInfo:
+        """``owner`` (admins only): the user the sandbox is started for, and belongs to."""
         return await self.call(
-            calls.start(spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait)
+            calls.start(spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait, owner=owner)
         )
 
     async def get(self, sandbox_id: str) -> SandboxInfo | None:
@@ -61,20 +63,34 @@ class ClientOps(ABC):
         return await self.call(calls.batch_get(sandbox_ids))
 
     async def search(
-        self, *, page_id: str | None = None, limit: int = 100, status: str | None = None
+        self,
+        *,
+        page_id: str | None = None,
+        limit: int = 100,
+        status: str | None = None,
+        owner: str | None = None,
     ) -> SearchPage:
-        return await self.call(calls.search(page_id=page_id, limit=limit, status=status))
+        """``owner`` (admins only): that user's sandboxes alone."""
+        return await self.call(
+            calls.search(page_id=page_id, limit=limit, status=status, owner=owner)
+        )
 
-    async def search_all(self, *, status: str | None = None) -> AsyncIterator[SandboxInfo]:
+    async def search_all(
+        self, *, status: str | None = None, owner: str | None = None
+    ) -> AsyncIterator[SandboxInfo]:
         """Every visible sandbox, newest first, page by page."""
         page_id: str | None = None
         while True:
-            page = await self.search(page_id=page_id, status=status)
+            page = await self.search(page_id=page_id, status=status, owner=owner)
             for item in page.items:
                 yield item
             if page.next_page_id is None:
                 return
             page_id = page.next_page_id
+
+    async def find_by_session_key(self, session_api_key: str) -> SandboxInfo | None:
+        """The RUNNING sandbox whose session key this is, if this user sees it."""
+        return await self.call(calls.find_by_session_key(session_api_key))
 
     async def pause(self, sandbox_id: str) -> SandboxInfo:
         return await self.call(calls.pause(sandbox_id))

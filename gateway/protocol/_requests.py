@@ -97,6 +97,20 @@ def _env(_: object, attribute: "attrs.Attribute[Any]", value: dict[str, str] | N
             raise _bad(f"'{attribute.name}[{_show(key)}]' must not contain a NUL character.")
 
 
+def _owner(_: object, attribute: "attrs.Attribute[Any]", value: str | None) -> None:
+    # A user id of the admin's own choosing (an OpenHands user, say): any printable text.
+    if value is not None and not (1 <= len(value) <= 256 and value.isprintable()):
+        raise _bad(
+            f"'{attribute.name}' must be a user id of 1 to 256 printable characters,"
+            f" not {_show(value)}."
+        )
+
+
+def _session_key(_: object, attribute: "attrs.Attribute[Any]", value: str) -> None:
+    if not 1 <= len(value) <= 256:
+        raise _bad(f"'{attribute.name}' must be 1 to 256 characters, not {len(value)}.")
+
+
 # --- One frozen class per op; ``OP`` is its stable wire name.
 
 
@@ -107,6 +121,8 @@ class SandboxStart:
     sandbox_id: str | None = attrs.field(default=None, validator=_sandbox_id)
     env: dict[str, str] | None = attrs.field(default=None, validator=_env)
     wait: bool = True
+    #: Admins only: the user the sandbox is started for, and belongs to.
+    owner: str | None = attrs.field(default=None, validator=_owner)
 
 
 @attrs.frozen
@@ -127,6 +143,14 @@ class SandboxSearch:
     page_id: str | None = None
     limit: int = attrs.field(default=100, validator=_between(1, 100))
     status: str | None = attrs.field(default=None, validator=_status)
+    #: Admins only: the sandboxes of this user alone.
+    owner: str | None = attrs.field(default=None, validator=_owner)
+
+
+@attrs.frozen
+class SandboxFindBySessionKey:
+    OP: ClassVar[str] = "sandbox.find_by_session_key"
+    session_api_key: str = attrs.field(validator=_session_key, repr=False)
 
 
 @attrs.frozen
@@ -198,6 +222,7 @@ Params = (
     | SandboxGet
     | SandboxBatchGet
     | SandboxSearch
+    | SandboxFindBySessionKey
     | SandboxPause
     | SandboxResume
     | SandboxDelete

@@ -30,6 +30,7 @@ from sandboxd.gateway.protocol._requests import (
     Request,
     SandboxBatchGet,
     SandboxDelete,
+    SandboxFindBySessionKey,
     SandboxGet,
     SandboxLogs,
     SandboxPause,
@@ -142,6 +143,7 @@ def start(
     sandbox_id: str | None = None,
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    owner: str | None = None,
 ) -> Call[SandboxInfo]:
     params = _params(
         SandboxStart,
@@ -149,6 +151,7 @@ def start(
         sandbox_id=sandbox_id,
         env=None if env is None else dict(env),
         wait=wait,
+        owner=owner,
     )
     return Call(params, _as(SandboxInfo))
 
@@ -163,10 +166,19 @@ def batch_get(sandbox_ids: list[str]) -> Call[list[SandboxInfo | None]]:
 
 
 def search(
-    *, page_id: str | None = None, limit: int = 100, status: str | None = None
+    *,
+    page_id: str | None = None,
+    limit: int = 100,
+    status: str | None = None,
+    owner: str | None = None,
 ) -> Call[SearchPage]:
-    params = _params(SandboxSearch, page_id=page_id, limit=limit, status=status)
+    params = _params(SandboxSearch, page_id=page_id, limit=limit, status=status, owner=owner)
     return Call(params, _as(SearchPage))
+
+
+def find_by_session_key(session_api_key: str) -> Call[SandboxInfo | None]:
+    params = _params(SandboxFindBySessionKey, session_api_key=session_api_key)
+    return Call(params, _optional(SandboxInfo))
 
 
 def pause(sandbox_id: str) -> Call[SandboxInfo]:

@@ -115,6 +115,30 @@ async def test_one_exception_per_code(daemon: Daemon, open_client: OpenClient) -
         assert isinstance(error.value, c.NotFoundError) and error.value.message
 
 
+async def test_an_admin_acts_for_a_user_and_finds_sandboxes_by_session_key(
+    daemon: Daemon, open_client: OpenClient
+) -> None:
+    async with open_client(daemon.url, ROOT) as root, open_client(daemon.url, ALICE) as alice:
+        info = await root.start(spec_id="sleep", owner="oh-user-7")
+        assert info.created_by_user_id == "oh-user-7" and info.session_api_key
+        assert (await root.search(owner="oh-user-7")).items == [info]
+        assert [s.id async for s in root.search_all(owner="oh-user-7")] == [info.id]
+        assert await alice.get(info.id) is None
+        assert await root.find_by_session_key(info.session_api_key) == info
+        assert await alice.find_by_session_key(info.session_api_key) is None
+        own = await alice.start(spec_id="sleep")
+        assert own.session_api_key
+        assert await alice.find_by_session_key(own.session_api_key) == own
+        await alice.pause(own.id)
+        assert await alice.find_by_session_key(own.session_api_key) is None  # RUNNING only
+        with pytest.raises(c.BadRequestError, match="'owner' may be given by an admin only"):
+            await alice.start(spec_id="sleep", owner="oh-user-7")
+        with pytest.raises(c.BadRequestError, match="'owner' may be given by an admin only"):
+            await alice.search(owner="alice")
+        with pytest.raises(c.BadRequestError, match="'session_api_key'"):
+            await alice.find_by_session_key("")
+
+
 async def test_connecting_errors(daemon: Daemon, open_client: OpenClient) -> None:
     with pytest.raises(c.AuthenticationError):
         async with open_client(daemon.url, "wrong-token-0123456789"):
