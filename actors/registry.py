@@ -87,6 +87,7 @@ class Registry:
             release=self._release,
             marker=self.marker,
             environ=os.environ,
+            url_host=config.url_host,
         )
         nursery.start_soon(self.cap_outputs_forever)
 
@@ -129,15 +130,22 @@ class Registry:
             raise Conflict(f"sandbox id {sandbox_id!r} is taken")
         self._check_limits(caller, creator)
         try:
-            port = self.ports.reserve()
+            ports = self.ports.reserve_many(len(spec.ports))
         except PortsExhausted:
-            raise LimitExceeded("every port of port_range is in use") from None
+            raise LimitExceeded(
+                f"port_range has not {len(spec.ports)} free ports for spec {spec.id}"
+                if len(spec.ports) > 1
+                else "every port of port_range is in use"
+            ) from None
         # From the checks to here, no checkpoint: concurrent starts see this one's id,
         # port and place in the limits. The actor owns the rest, sandbox.created first.
         actor = SandboxActor(sandbox_id, spec, self._context, owner=creator)
         self._actors[sandbox_id] = actor
         working_dir = str(self.config.sandboxes_dir / sandbox_id)
-        start = Start(caller.id, port, working_dir, dict(env or {}), wait)
+        named = tuple(
+            ev.NamedPort(name, port) for name, port in zip(spec.ports, ports, strict=True)
+        )
+        start = Start(caller.id, named, working_dir, dict(env or {}), wait)
         actor.enqueue(start)
         with trio.CancelScope(shield=True):  # an actor with its start queued must run
             await self._nursery.start(self._run_actor, actor, False)
@@ -189,9 +197,10 @@ class Registry:
             if self._actors.get(actor.sandbox_id) is actor:
                 del self._actors[actor.sandbox_id]
 
-    def _release(self, sandbox_id: str, port: int) -> None:
-        """The sandbox is gone (deleted, or its creation refused): its id, port and key are free."""
-        self.ports.release(port)
+    def _release(self, sandbox_id: str, ports: Sequence[int]) -> None:
+        """The sandbox is gone (deleted, or never created): its id, ports and key are free."""
+        for port in ports:
+            self.ports.release(port)
         self.keys.forget(sandbox_id)
         self._actors.pop(sandbox_id, None)
 
@@ -212,7 +221,8 @@ class Registry:
         before then wait in its mailbox.
         """
         spec = self.specs.get(record.spec_id) or self.default_spec
-        self.ports.claim(record.port)
+        for named in record.named_ports:
+            self.ports.claim(named.port)
         self.keys.remember(record.id, record.created_seq)
         actor = SandboxActor(record.id, spec, self._context, owner=record.created_by_user_id)
         self._actors[record.id] = actor

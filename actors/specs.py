@@ -5,6 +5,7 @@ The config file fills them (daemon/config.py validates every key); the actors ru
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 
@@ -12,8 +13,15 @@ import attrs
 
 from sandboxd.events.codec import now_ts
 
-#: The placeholders a spec's command and initial_env values may use.
+#: The placeholders a spec's command and initial_env values may use; besides these,
+#: ``{port_NAME}`` for each of its named ports (``{port}`` is the first).
 PLACEHOLDERS = frozenset({"port", "sandbox_id", "working_dir", "session_api_key"})
+#: A named port's placeholder is ``{port_NAME}``.
+PORT_PLACEHOLDER_PREFIX = "port_"
+#: What a port may be called: a name that ``SANDBOX_PORT_<NAME>`` and ``{port_NAME}`` can carry.
+PORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: The ports a spec names when it names none: the one its health check asks, the agent server's.
+DEFAULT_PORTS = ("AGENT_SERVER",)
 
 
 @attrs.frozen
@@ -26,7 +34,14 @@ class SpecConfig:
     health_check_path: str = "/"
     ready_timeout: float = 30.0
     health_interval: float = 10.0
+    #: The named ports each sandbox gets, each its own: the first is health-checked, is
+    #: ``{port}`` and ``PORT``; every one is ``{port_NAME}`` and ``SANDBOX_PORT_NAME``.
+    ports: tuple[str, ...] = DEFAULT_PORTS
     created_at: str = attrs.Factory(now_ts)
+
+    def placeholders(self) -> frozenset[str]:
+        """The placeholders its command and initial_env may use."""
+        return PLACEHOLDERS | {PORT_PLACEHOLDER_PREFIX + name for name in self.ports}
 
 
 def default_spec() -> SpecConfig:

@@ -56,10 +56,19 @@ class SandboxRecord:
     command: tuple[str, ...] = ()
     exposed_urls: tuple[ev.ExposedUrl, ...] = ()
     error: str | None = None
+    #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
+    #: named ports (see ``named_ports``).
+    ports: tuple[ev.NamedPort, ...] = ()
 
     @property
     def has_process(self) -> bool:
         return self.pid is not None
+
+    @property
+    def named_ports(self) -> tuple[ev.NamedPort, ...]:
+        """Every port it holds, by name: one created before named ports held ``port`` alone,
+        the agent server's."""
+        return self.ports or (ev.NamedPort("AGENT_SERVER", self.port),)
 
 
 class Incarnation(NamedTuple):
@@ -133,6 +142,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             version=event.seq,
             port=data.port,
             working_dir=data.working_dir,
+            ports=tuple(data.ports or ()),
         )
     if record is None:
         raise ProjectionError(

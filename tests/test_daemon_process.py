@@ -28,6 +28,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
             health_check_path="",
             ready_timeout=2.5,
             health_interval=0.0,
+            ports=("AGENT_SERVER", "VSCODE"),
         ),
     )
     # Every field away from its default, so that a key the writer forgets shows.
@@ -36,6 +37,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         specs,
         port=4321,
         max_connections_per_user=9,
+        url_host="sandboxes.example.com",
         base_working_dir=tmp_path / "work",
         port_range=(31000, 31010),
         stop_timeout=1.5,

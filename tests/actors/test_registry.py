@@ -125,7 +125,7 @@ async def test_the_sandbox_gets_only_the_environment_config_allows(tmp_path: Pat
         assert env["GREETING"] == f"hi {info.id}"
         assert env["EXTRA"] == "1"
         assert env["SESSION_API_KEY"] == env["OH_SESSION_API_KEYS_0"]
-        assert env["PORT"] == str(info.port)
+        assert env["PORT"] == env["SANDBOX_PORT_AGENT_SERVER"] == str(info.port)
         # LC_CTYPE is Python's own doing in the child (PEP 538), not the daemon's.
         assert set(env) - {"LC_CTYPE"} == {
             "PATH",
@@ -133,6 +133,7 @@ async def test_the_sandbox_gets_only_the_environment_config_allows(tmp_path: Pat
             "EXTRA",
             "SANDBOX_ID",
             "PORT",
+            "SANDBOX_PORT_AGENT_SERVER",
             "SESSION_API_KEY",
             "OH_SESSION_API_KEYS_0",
             proctree.DAEMON_MARKER,
