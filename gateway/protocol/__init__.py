@@ -83,6 +83,7 @@ from sandboxd.gateway.protocol._requests import (
     SpecList,
     encode_request,
     parse_request,
+    valid_sandbox_id,
 )
 from sandboxd.gateway.protocol._results import (
     EventPage,
@@ -198,5 +199,6 @@ __all__ = [
     "reconnect_delays",
     "refused",
     "unreachable",
+    "valid_sandbox_id",
     "worth_retrying",
 ]

@@ -45,6 +45,11 @@ _STATUSES = frozenset(Status)
 _Validator = Callable[[object, "attrs.Attribute[Any]", Any], None]
 
 
+def valid_sandbox_id(value: str) -> bool:
+    """Whether ``value`` can be a sandbox's id at all (``[A-Za-z0-9_-]{1,64}``)."""
+    return _SANDBOX_ID.fullmatch(value) is not None
+
+
 def _check_sandbox_id(name: str, value: str) -> None:
     if not _SANDBOX_ID.fullmatch(value):
         raise _bad(f"'{name}' must be 1 to 64 letters, digits, '_' or '-', not {_show(value)}.")
