@@ -15,6 +15,7 @@ import trio
 
 from sandboxd.actors import output, proctree
 from sandboxd.actors.errors import BadRequest, Conflict, LimitExceeded, NotFound, StartFailed
+from sandboxd.actors.info import SandboxInfo
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
 from sandboxd.actors.specs import SpecConfig
@@ -258,6 +259,29 @@ async def test_fifty_sandboxes_started_at_once_get_distinct_ports(tmp_path: Path
                 nursery.start_soon(start)
         assert len({i.port for i in infos}) == 50
         assert all(i.status is Status.RUNNING for i in infos)
+
+
+async def test_named_ports_of_starts_fired_at_once_are_all_distinct(tmp_path: Path) -> None:
+    sleeper = plain(
+        "sleeper", "-c", "import time; time.sleep(60)", ports=("AGENT_SERVER", "VSCODE", "W")
+    )
+    async with running(tmp_path, sleeper, url_host="sandboxes.test") as harness:
+        registry = harness.registry
+        infos: list[SandboxInfo] = []
+
+        async def start() -> None:
+            infos.append(await registry.start_sandbox(ADMIN))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(start)
+        urls = [url for info in infos for url in info.exposed_urls or ()]
+        assert len(urls) == 60 and len({url.port for url in urls}) == 60
+        assert all(url.url == f"http://sandboxes.test:{url.port}" for url in urls)
+        assert registry.ports.reserved == {url.port for url in urls}
+        for info in infos:
+            await registry.delete(ADMIN, info.id)
+        assert registry.ports.reserved == frozenset()
 
 
 async def test_pause_resume_and_delete_fired_together_end_in_one_state(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine
@@ -406,6 +408,21 @@ def test_an_unknown_kind_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OH_SANDBOX_KIND", "SandboxdSandboxServiceInjektor")
     with pytest.raises(ValueError, match="Unknown kind 'SandboxdSandboxServiceInjektor'"):
         oh_config.config_from_env()
+
+
+def test_openhands_is_imported_by_the_adapter_alone(tmp_path: Path) -> None:
+    # sandboxd never imports OpenHands; its adapter, without it, says what it needs.
+    check = (
+        "import sys, sandboxd, sandboxd.aio, sandboxd.integrations;"
+        " assert 'openhands' not in sys.modules and 'pydantic' not in sys.modules\n"
+        "try:\n    import sandboxd.integrations.openhands\n"
+        "except ImportError as exc:\n    print(exc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "runs inside an OpenHands app server (Python 3.12+" in done.stdout
 
 
 def test_the_adapter_runs_against_this_stand_in(tmp_path: Path) -> None:
