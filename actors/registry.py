@@ -133,7 +133,8 @@ class Registry:
             ports = self.ports.reserve_many(len(spec.ports))
         except PortsExhausted:
             raise LimitExceeded(
-                f"port_range has not {len(spec.ports)} free ports for spec {spec.id}"
+                f"port_range has fewer than {len(spec.ports)} free ports, which spec"
+                f" {spec.id} needs"
                 if len(spec.ports) > 1
                 else "every port of port_range is in use"
             ) from None

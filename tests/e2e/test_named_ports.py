@@ -101,7 +101,10 @@ async def test_named_ports_are_each_the_sandbox_s_and_survive_a_crash(tmp_path: 
             other = await client.start(spec_id="named")
             assert other.exposed_urls is not None
             assert not {url.port for url in other.exposed_urls} & set(ports.values())
-            with pytest.raises(LimitExceededError, match="port_range has not 3 free ports"):
+            with pytest.raises(
+                LimitExceededError,
+                match="port_range has fewer than 3 free ports, which spec named needs",
+            ):
                 await client.start(spec_id="named")
             # A delete frees every port of the sandbox, and only then.
             assert await client.delete(info.id)
