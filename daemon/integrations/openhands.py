@@ -431,6 +431,7 @@ class _StatusWatch:
         await asyncio.shield(self._subscribed)
 
     async def _follow(self, subscribed: asyncio.Future[None]) -> None:
+        ended: p.ClientError | None = None
         try:
             async with self._client.subscribe(types=STATUS_EVENTS) as events:
                 await events.open()
@@ -438,12 +439,19 @@ class _StatusWatch:
                 async for event in events:
                     for changed in self._waiting.get(event.sandbox_id or "", ()):
                         changed.set()
-            self.failure = "the connection to sandboxd closed"
         except p.ClientError as exc:
-            self.failure = exc.message
-            if not subscribed.done():
-                subscribed.set_exception(exc)
+            ended = exc
+        except Exception as exc:  # a bug: logged, and the waits told
+            log.exception("the status watch of %s failed", self._client.url)
+            ended = p.ConnectionLostError(f"the status watch failed: {exc!r}")
         finally:
+            # Closed, cancelled (aclose) or failed: no wait may wait for it any longer.
+            if ended is None:
+                ended = p.ConnectionLostError("the connection to sandboxd closed")
+            self.failure = ended.message
+            if not subscribed.done():
+                subscribed.set_exception(ended)
+                subscribed.add_done_callback(_retrieved)  # even if no wait is there to see it
             for waiting in self._waiting.values():
                 for changed in waiting:
                     changed.set()  # they look again, and see the failure
@@ -453,6 +461,10 @@ class _StatusWatch:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    future.exception()
 
 
 # --- One connection per process -------------------------------------------------------------

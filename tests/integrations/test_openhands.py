@@ -326,6 +326,34 @@ def test_wait_for_sandbox_running_follows_the_event_stream(daemon: DaemonProcess
     run(scenario)
 
 
+def test_a_wait_ends_when_its_connection_does(daemon: DaemonProcess) -> None:
+    user = new_user()
+
+    async def scenario() -> None:
+        service = await service_for(daemon, user)
+        stuck = await service.client.start(spec_id="stuck", wait=False, owner=user)
+        waiting = asyncio.create_task(
+            service.wait_for_sandbox_running(stuck.id, timeout=30, poll_interval=60)
+        )
+        watch = adapter._StatusWatch.of(service.client)
+
+        def watching() -> bool:
+            subscribed = watch._subscribed
+            return subscribed is not None and subscribed.done() and stuck.id in watch._waiting
+
+        async with asyncio.timeout(10):  # until it waits on the live stream
+            while not watching():  # noqa: ASYNC110  # no event says so: a deadline bounds it
+                await asyncio.sleep(0.005)
+        assert not waiting.done()
+        began = time.monotonic()
+        await adapter.close_shared_clients()  # an app server's shutdown, or a lost daemon
+        with pytest.raises(SandboxError, match="sandboxd"):
+            await waiting
+        assert time.monotonic() - began < 5  # at once, not at its timeout
+
+    run(scenario)
+
+
 # --- Chosen by OH_SANDBOX_KIND, built per request -------------------------------------------
 
 
