@@ -221,13 +221,17 @@ class SandboxActor:
             case Pause(by=by, reply=reply):
                 await self._answer(
                     reply,
-                    self._move(by, Status.RUNNING, Status.PAUSED, SandboxTree.pause, _resume),
+                    self._move(
+                        by, Status.RUNNING, Status.PAUSED, SandboxTree.pause, SandboxTree.resume
+                    ),
                     "pause",
                 )
             case Resume(by=by, reply=reply):
                 await self._answer(
                     reply,
-                    self._move(by, Status.PAUSED, Status.RUNNING, _resume, SandboxTree.pause),
+                    self._move(
+                        by, Status.PAUSED, Status.RUNNING, SandboxTree.resume, SandboxTree.pause
+                    ),
                     "resume",
                 )
             case Delete(by=by, reply=delete_reply):
@@ -611,10 +615,6 @@ class SandboxActor:
         self._answer_start(NotFound(f"sandbox {self.sandbox_id} was deleted while it started"))
         self._ctx.release(self.sandbox_id, [named.port for named in record.named_ports])
         return True
-
-
-async def _resume(tree: SandboxTree, root: ProcessId) -> None:
-    await tree.resume(root)
 
 
 #: What records a move of the whole tree into a status (see ``SandboxActor._move``).

@@ -78,8 +78,8 @@ class RecoveryReport:
     rebuilt: int  # sandboxes the log holds (not deleted), each with an actor again
     adopted: int  # found alive, watched again
     missing: int  # newly marked MISSING
-    resumed: int  # RUNNING in the log, stopped in the OS: SIGCONT
-    paused: int  # PAUSED in the log, running in the OS: SIGSTOP
+    resumed: int  # RUNNING in the log, frozen or stopped in the OS: thawed, SIGCONT
+    paused: int  # PAUSED in the log, running in the OS: frozen (markers: SIGSTOP) again
     strays_ended: int  # processes (cgroup members or marked) that no live sandbox owned
     leftovers_removed: int  # working dirs and output files that no sandbox owned
     seconds: float

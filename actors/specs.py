@@ -5,6 +5,7 @@ The config file fills them (daemon/config.py validates every key); the actors ru
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import stat
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import attrs
 
-from sandboxd.actors import agent_server
 from sandboxd.actors.boundary.limits import Limits
 from sandboxd.actors.boundary.workdirs import unreachable
 from sandboxd.events.codec import now_ts
@@ -107,7 +107,10 @@ def default_spec() -> SpecConfig:
     script's own directory, on its import path), not as ``-m sandboxd...``,
     which would need the daemon's own environment.
     """
-    script = os.path.realpath(agent_server.__file__)
+    # Found, not imported: http.server would cost the daemon a megabyte it never uses.
+    found = importlib.util.find_spec("sandboxd.actors.agent_server")
+    assert found is not None and found.origin is not None
+    script = os.path.realpath(found.origin)
     return SpecConfig(
         id="default",
         command=(python_for_sandboxes(), "-I", script, "--port", "{port}"),

@@ -93,7 +93,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     for name, run, text in (
         ("get", run_get, "show one sandbox"),
-        ("pause", run_pause, "pause a sandbox (SIGSTOP its processes)"),
+        ("pause", run_pause, "pause a sandbox (freeze every process of its tree)"),
         ("resume", run_resume, "resume a paused sandbox"),
         ("rm", run_rm, "delete a sandbox: its processes and working dir"),
     ):

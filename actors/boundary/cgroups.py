@@ -133,6 +133,9 @@ def _procs(directory: str) -> list[int]:
 class SandboxCgroup:
     """The cgroups of one sandbox: its v2 directory (the tree) and its controllers' dirs."""
 
+    # One per sandbox: slots keep a thousand of them small (the daemon's RSS budget).
+    __slots__ = ("_has_kill", "_watch", "controller_dirs", "limits", "sandbox_id", "tree_dir")
+
     def __init__(
         self,
         sandbox_id: str,

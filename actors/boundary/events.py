@@ -26,6 +26,8 @@ _IN_Q_OVERFLOW = 0x4000  # events were lost: every watch is woken to re-read its
 class Watch:
     """The cgroup.events file of one cgroup, and a way to wait for a state of it."""
 
+    __slots__ = ("_changed", "path", "wd")  # one per sandbox
+
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "cgroup.events")
         self.wd: int | None = None

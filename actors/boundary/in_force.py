@@ -103,9 +103,13 @@ class Boundary:
         return SandboxTree(sandbox_id, cgroup=None, marker=self.marker)
 
     async def remove_tree(self, tree: SandboxTree) -> None:
-        """The sandbox is deleted: kill what is left of its tree and remove its cgroups."""
-        if self.cgroups is not None and tree.cgroup is not None:
-            await self.cgroups.remove(tree.cgroup)
+        """The sandbox is deleted: kill what is left of its tree and remove its cgroups
+        (one it has even if its tree was found by markers: recovery made it)."""
+        if self.cgroups is None:
+            return
+        cgroup = tree.cgroup or self.cgroups.adopt(tree.sandbox_id)
+        if cgroup is not None:
+            await self.cgroups.remove(cgroup)
 
     def sandboxes_with_cgroups(self) -> list[str]:
         return self.cgroups.sandbox_ids() if self.cgroups is not None else []

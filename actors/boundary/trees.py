@@ -27,6 +27,8 @@ from sandboxd.actors.proctree import ProcessId, TreeStateTimeout
 class SandboxTree:
     """The processes of one sandbox: its cgroup's members, or its marked processes."""
 
+    __slots__ = ("_marker", "cgroup", "sandbox_id")  # one per sandbox
+
     def __init__(self, sandbox_id: str, *, cgroup: SandboxCgroup | None, marker: str) -> None:
         self.sandbox_id = sandbox_id
         #: None under the markers boundary.

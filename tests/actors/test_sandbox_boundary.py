@@ -21,7 +21,9 @@ import trio
 
 from sandboxd.actors import registry as registry_module
 from sandboxd.actors.boundary.limits import Limits
+from sandboxd.actors.boundary.workdirs import unreachable
 from sandboxd.actors.errors import StartFailed
+from sandboxd.actors.specs import default_spec, not_runnable_by_others, python_for_sandboxes
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from tests.actors.boundary.conftest import program
@@ -257,6 +259,23 @@ async def test_each_sandbox_runs_under_its_own_uid_which_drains_before_reuse(
         await eventually(lambda: uid not in pool.draining, what="the uid to drain")
         again = await registry.start_sandbox(ADMIN)
         assert registry.state.sandboxes[again.id].uid not in uids
+
+
+async def test_the_default_spec_runs_with_isolation_on(tmp_path: Path) -> None:
+    # The reference agent server by its path, with an interpreter every uid can run:
+    # the daemon's own venv python lives under /root (0700), out of a sandbox's reach.
+    spec = attrs.evolve(default_spec(), health_interval=0)
+    assert spec.command[0] == python_for_sandboxes() and spec.command[1] == "-I"
+    assert not_runnable_by_others(spec.command[0]) is None
+    script = spec.command[2]  # read by the interpreter: reachable and readable by others
+    assert unreachable(script) is None and os.stat(script).st_mode & 0o004
+    async with running(tmp_path, spec) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ADMIN)
+        assert info.status is Status.RUNNING and info.pid is not None
+        uid = registry.state.sandboxes[info.id].uid
+        if harness.isolated:
+            assert uid is not None and ids_of(info.pid) == ({uid}, {uid})
 
 
 # -- limits without a controller -----------------------------------------------------------

@@ -17,6 +17,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -25,7 +26,13 @@ from sandboxd.actors.boundary.discovery import discover
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.events import types as ev
 from sandboxd.gateway.client import open_client
-from tests.daemon_process import SANDBOX_PYTHON, DaemonProcess, daemon_config, reachable_dir
+from tests.daemon_process import (
+    SANDBOX_PYTHON,
+    DaemonProcess,
+    config_toml,
+    daemon_config,
+    reachable_dir,
+)
 from tests.e2e.support import (
     SLEEP_SPEC,
     daemon_process,
@@ -237,3 +244,34 @@ async def test_after_kill_9_sandboxes_are_adopted_by_cgroup_keeping_their_uids(
             assert ids_of(fresh.pid)[0].isdisjoint(uids["running"] | uids["held"])
             assert await client.delete(running.id) is True
             assert proc_state(running.pid or 0) in (None, "Z")
+
+
+async def test_a_sandbox_started_without_cgroups_is_adopted_on_markers_and_deleted(
+    tmp_path: Path,
+) -> None:
+    # A daemon on markers (cgroup = "off", or a version before the boundary) leaves a
+    # sandbox running; the next one runs with cgroups and finds its process outside any.
+    layout = discover().layout
+    if layout is None:
+        pytest.skip("no cgroup boundary here")
+    async with daemon_process(tmp_path, cgroup="off") as daemon:
+        async with open_client(daemon.url, "root-token-0123456789xyz") as client:
+            before = await client.start(spec_id="sleep", sandbox_id="old")
+        assert before.pid is not None
+        daemon.kill()
+        daemon.config = attrs.evolve(daemon.config, cgroup="auto")
+        daemon.config_path.write_text(config_toml(daemon.config))
+        await daemon.start()
+        assert "runs outside any cgroup" in daemon.current_output()
+        async with open_client(daemon.url, "root-token-0123456789xyz") as client:
+            assert (await client.server_info()).boundary != "markers"
+            now = await client.get("old")
+            assert now is not None and now.pid == before.pid and now.status.value == "RUNNING"
+            await client.pause("old")  # through its markers: SIGSTOP
+            assert paused(before.pid)
+            assert await client.delete("old") is True
+        await eventually(lambda: proc_state(before.pid or 0) in (None, "Z"), what="it ended")
+        # Nothing of it is left in the daemon's cgroups either.
+        assert not (
+            Path(discover().layout.tree, daemon_marker(daemon.state_dir)) / "sb-old"
+        ).exists()  # type: ignore[union-attr]
