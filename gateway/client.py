@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import TypeVar
 
 import trio
@@ -275,7 +274,7 @@ class Client(p.ClientOps):
         return Subscription(self._nursery, self.url, self._token, resumption)
 
 
-class Subscription:
+class Subscription(p.SubscriptionOps):
     """An event stream that survives dropped connections; made by Client.subscribe.
 
     Where it is in the log, and what to send on each connection, is
@@ -293,39 +292,6 @@ class Subscription:
         #: Set once the server said history is sent and the stream is live.
         self.caught_up = trio.Event()
         self._closed = False
-
-    @property
-    def last_seq(self) -> int | None:
-        """The seq to resume after: the last delivered, else where the stream began."""
-        return self._resumption.last_seq
-
-    @property
-    def head_seq(self) -> int | None:
-        """The head_seq of the first subscribe reply (None until connected)."""
-        return self._resumption.head_seq
-
-    @property
-    def reconnects(self) -> int:
-        return self._resumption.reconnects
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def open(self) -> None:
-        """Connect and subscribe now (iterating does it on demand): ``head_seq`` is then set."""
-        if self._ws is None and not self._closed:
-            await self._reconnect()
 
     async def aclose(self) -> None:
         self._closed = True

@@ -21,7 +21,7 @@ is a thin layer around it.
 """
 
 from sandboxd.gateway.protocol import calls
-from sandboxd.gateway.protocol._client_ops import ClientOps
+from sandboxd.gateway.protocol._client_ops import ClientOps, SubscriptionOps
 from sandboxd.gateway.protocol._converter import converter
 from sandboxd.gateway.protocol._errors import (
     AuthenticationError,
@@ -183,6 +183,7 @@ __all__ = [
     "SpecList",
     "StartFailedError",
     "Subscribed",
+    "SubscriptionOps",
     "UnavailableError",
     "Unchecked",
     "UnknownOpError",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 from sandboxd.events.types import Event
 from sandboxd.gateway.protocol import calls
@@ -26,6 +27,7 @@ from sandboxd.gateway.protocol._results import (
     ServerDetails,
     SpecInfo,
 )
+from sandboxd.gateway.protocol._resume import Resumption
 
 T = TypeVar("T")
 
@@ -144,3 +146,52 @@ class ClientOps(ABC):
     ) -> Any:
         """Events with seq > after_seq (None: from now on), on a connection of their own,
         resumed across drops (``Resumption``); the transport's async iterator of ``Event``s."""
+
+
+class SubscriptionOps(ABC):
+    """What both clients' subscriptions are, but for their I/O: where the stream is
+    (``Resumption``'s), the async context and iterator protocols, and ``open``. A
+    transport supplies ``_reconnect``, ``aclose`` and ``__anext__``."""
+
+    _resumption: Resumption
+    _ws: object | None
+    _closed: bool
+
+    @property
+    def last_seq(self) -> int | None:
+        """The seq to resume after: the last delivered, else where the stream began."""
+        return self._resumption.last_seq
+
+    @property
+    def head_seq(self) -> int | None:
+        """The head_seq of the first subscribe reply (None until connected)."""
+        return self._resumption.head_seq
+
+    @property
+    def reconnects(self) -> int:
+        return self._resumption.reconnects
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def open(self) -> None:
+        """Connect and subscribe now (iterating does it on demand): ``head_seq`` is then set."""
+        if self._ws is None and not self._closed:
+            await self._reconnect()
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    @abstractmethod
+    async def _reconnect(self) -> None: ...
