@@ -36,7 +36,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --config-settings editable_mode=strict -e '.[test,bench]'
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 clean:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -82,12 +82,13 @@ class SandboxContext:
     stop_timeout: float
     output_cap_bytes: int
     unhealthy_after: int
-    #: Frees (sandbox_id, port) once the sandbox is gone: deleted, or never created; and its
-    #: uid, which drains until nothing runs or remains under it.
-    release: Callable[[str, int], None]
+    #: Frees (sandbox_id, its ports) once the sandbox is gone: deleted, or never created;
+    #: and its uid, which drains until nothing runs or remains under it.
+    release: Callable[[str, Sequence[int]], None]
     #: Its tree (cgroup or markers), who it runs as, how its limits are enforced.
     boundary: Boundary
     environ: Mapping[str, str]  # the daemon's environment, which a spec's inherit_env draws on
+    url_host: str = "127.0.0.1"  # the host of the URLs a running sandbox exposes
 
     @property
     def state(self) -> State:
@@ -287,22 +288,31 @@ class SandboxActor:
     # -- starting -----------------------------------------------------------------------
 
     async def _start(self, start: Start) -> None:
+        # Whose it is (an admin may start one for another user) and who did it (``by``).
         created = ev.SandboxCreated(
-            self.spec.id, start.by, start.working_dir, start.port, uid=start.uid
+            self.spec.id,
+            self.owner,
+            start.working_dir,
+            start.port,
+            uid=start.uid,
+            ports=list(start.ports),
         )
         try:
             event = await self._record(created, start.by)
         except Exception as exc:
-            # Never created: the actor ends, and its id and port are free again.
+            # Never created: the actor ends, and its id and ports are free again.
             start.reply.fail(exc)
             self._done = True
-            self._ctx.release(self.sandbox_id, start.port)
+            self._ctx.release(self.sandbox_id, [named.port for named in start.ports])
             return
         # The key is derived from the created event's seq, so it exists only from here on.
         keys = self._ctx.keys
         keys.remember(self.sandbox_id, event.seq)
         placeholders = Placeholders(
-            start.port, self.sandbox_id, start.working_dir, keys.key_for(self.sandbox_id, event.seq)
+            start.ports,
+            self.sandbox_id,
+            start.working_dir,
+            keys.key_for(self.sandbox_id, event.seq),
         )
         boundary = self._ctx.boundary
         self._identity = boundary.identity(start.uid)
@@ -498,9 +508,13 @@ class SandboxActor:
         starting = record.status is Status.STARTING
         match notice:
             case Ready() if starting and record.pid is not None:
-                url = f"http://127.0.0.1:{record.port}"
+                host = self._ctx.url_host
+                urls = [
+                    ev.ExposedUrl(named.name, f"http://{host}:{named.port}", named.port)
+                    for named in record.named_ports
+                ]
                 try:
-                    await self._record(ev.SandboxRunning([ev.ExposedUrl("AGENT_SERVER", url)]))
+                    await self._record(ev.SandboxRunning(urls))
                 except Unavailable as exc:
                     self._answer_start(exc)  # the waiting start is answered `unavailable`
                     raise
@@ -599,7 +613,7 @@ class SandboxActor:
         await self._record(ev.SandboxDeleted(forced), by)
         self._done = True
         self._answer_start(NotFound(f"sandbox {self.sandbox_id} was deleted while it started"))
-        self._ctx.release(self.sandbox_id, record.port)
+        self._ctx.release(self.sandbox_id, [named.port for named in record.named_ports])
         return True
 
 

@@ -52,7 +52,7 @@ def sandbox_info(
         sandbox_spec_id=record.spec_id,
         status=record.status,
         session_api_key=session_api_key if running else None,
-        exposed_urls=list(record.exposed_urls) if running else None,
+        exposed_urls=_exposed_urls(record) if running else None,
         created_at=record.created_at,
         updated_at=record.updated_at,
         pid=record.pid,
@@ -64,6 +64,15 @@ def sandbox_info(
     )
 
 
+def _exposed_urls(record: SandboxRecord) -> list[ExposedUrl]:
+    """Each with its port: a URL recorded before named ports has the port of its name."""
+    ports = {named.name: named.port for named in record.named_ports}
+    return [
+        url if url.port is not None else attrs.evolve(url, port=ports.get(url.name, record.port))
+        for url in record.exposed_urls
+    ]
+
+
 @attrs.frozen
 class SpecInfo:
     id: str
@@ -73,6 +82,8 @@ class SpecInfo:
     health_check_path: str
     ready_timeout: float
     created_at: str
+    #: Its named ports, the health-checked one first (an extension of protocol.md).
+    ports: list[str] = attrs.Factory(lambda: ["AGENT_SERVER"])
 
 
 def spec_info(spec: SpecConfig, *, mask_values: bool) -> SpecInfo:
@@ -85,4 +96,5 @@ def spec_info(spec: SpecConfig, *, mask_values: bool) -> SpecInfo:
         health_check_path=spec.health_check_path,
         ready_timeout=spec.ready_timeout,
         created_at=spec.created_at,
+        ports=list(spec.ports),
     )

@@ -103,6 +103,7 @@ class Registry:
             release=self._release,
             boundary=boundary,
             environ=os.environ,
+            url_host=config.url_host,
         )
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
@@ -154,9 +155,14 @@ class Registry:
         sandbox_id: str | None = None,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
+        owner: str | None = None,
     ) -> SandboxInfo:
+        """``owner``: an admin's start for that user, whose sandbox it then is (its
+        ``created_by_user_id``, who sees it, whose limit it counts against)."""
         if self._closed:
             raise Unavailable("the daemon is shutting down and starts no sandbox")
+        _admin_only(caller, "owner", owner)
+        creator = caller.id if owner is None else owner
         spec = self.specs.get(spec_id or self.default_spec.id)
         if spec is None:
             raise NotFound(f"spec {spec_id!r} does not exist; spec.list shows the specs")
@@ -164,22 +170,31 @@ class Registry:
             sandbox_id = secrets.token_urlsafe(16)
         elif sandbox_id in self._actors or sandbox_id in self.state.sandboxes:
             raise Conflict(f"sandbox id {sandbox_id!r} is taken")
-        self._check_limits(caller)
+        self._check_limits(caller, creator)
         try:
-            port = self.ports.reserve()
+            ports = self.ports.reserve_many(len(spec.ports))
         except PortsExhausted:
-            raise LimitExceeded("every port of port_range is in use") from None
+            raise LimitExceeded(
+                f"port_range has fewer than {len(spec.ports)} free ports, which spec"
+                f" {spec.id} needs"
+                if len(spec.ports) > 1
+                else "every port of port_range is in use"
+            ) from None
         try:
             uid = self.boundary.allocate_uid(sandbox_id)
         except UidPoolExhausted as exc:
-            self.ports.release(port)
+            for port in ports:
+                self.ports.release(port)
             raise LimitExceeded(str(exc)) from None
         # From the checks to here, no checkpoint: concurrent starts see this one's id,
-        # port, uid and place in the limits. The actor owns the rest, sandbox.created first.
-        actor = SandboxActor(sandbox_id, spec, self._context, owner=caller.id)
+        # ports, uid and place in the limits. The actor owns the rest, sandbox.created first.
+        actor = SandboxActor(sandbox_id, spec, self._context, owner=creator)
         self._actors[sandbox_id] = actor
         working_dir = str(self.config.sandboxes_dir / sandbox_id)
-        start = Start(caller.id, port, working_dir, uid, dict(env or {}), wait)
+        named = tuple(
+            ev.NamedPort(name, port) for name, port in zip(spec.ports, ports, strict=True)
+        )
+        start = Start(caller.id, named, working_dir, uid, dict(env or {}), wait)
         actor.enqueue(start)
         with trio.CancelScope(shield=True):  # an actor with its start queued must run
             await self._nursery.start(self._run_actor, actor, False)
@@ -188,7 +203,9 @@ class Registry:
             raise StartFailed(f"sandbox {sandbox_id} did not start: {info.error}", info)
         return info
 
-    def _check_limits(self, caller: Caller) -> None:
+    def _check_limits(self, caller: Caller, owner: str | None) -> None:
+        """The limits for a sandbox ``caller`` starts for ``owner`` (itself, unless an admin
+        gave one): the total, then the owner's own (none for the embedded admin)."""
         live = len(self._actors)
         if live >= self.config.max_sandboxes:
             if caller.admin:
@@ -199,19 +216,19 @@ class Registry:
             # Only its own count: how many sandboxes others run is not a user's to know.
             raise LimitExceeded(
                 "no room for another sandbox: the daemon's max_sandboxes is reached "
-                f"(you have {self._count_of(caller)})"
+                f"(you have {self._count_of(caller.id)})"
             )
-        if caller.id is None:
+        if owner is None:
             return
-        mine = self._count_of(caller)
+        mine = self._count_of(owner)
         if mine >= self.config.max_sandboxes_per_user:
             raise LimitExceeded(
-                f"user {caller.id} has {mine} sandboxes, the limit max_sandboxes_per_user is "
+                f"user {owner} has {mine} sandboxes, the limit max_sandboxes_per_user is "
                 f"{self.config.max_sandboxes_per_user}"
             )
 
-    def _count_of(self, caller: Caller) -> int:
-        return sum(1 for actor in self._actors.values() if actor.owner == caller.id)
+    def _count_of(self, owner: str | None) -> int:
+        return sum(1 for actor in self._actors.values() if actor.owner == owner)
 
     async def _run_actor(
         self,
@@ -229,10 +246,11 @@ class Registry:
             if self._actors.get(actor.sandbox_id) is actor:
                 del self._actors[actor.sandbox_id]
 
-    def _release(self, sandbox_id: str, port: int) -> None:
-        """The sandbox is gone (deleted, or its creation refused): its id, port and key are
+    def _release(self, sandbox_id: str, ports: Sequence[int]) -> None:
+        """The sandbox is gone (deleted, or its creation refused): its id, ports and key are
         free, and its uid drains until nothing runs or remains under it."""
-        self.ports.release(port)
+        for port in ports:
+            self.ports.release(port)
         self.keys.forget(sandbox_id)
         self._actors.pop(sandbox_id, None)
         if self.boundary.release_uid(sandbox_id) is not None:
@@ -256,7 +274,8 @@ class Registry:
         caller's next checkpoint); commands sent before then wait in its mailbox.
         """
         spec = self.specs.get(record.spec_id) or self.default_spec
-        self.ports.claim(record.port)
+        for named in record.named_ports:
+            self.ports.claim(named.port)
         self.keys.remember(record.id, record.created_seq)
         self.boundary.assign_uid(record.id, record.uid)
         actor = SandboxActor(
@@ -269,10 +288,6 @@ class Registry:
 
     def _info(self, record: SandboxRecord) -> SandboxInfo:
         return sandbox_info(record, self.keys.key_for(record.id, record.created_seq))
-
-    def _info_or_none(self, sandbox_id: str) -> SandboxInfo | None:
-        record = self.state.sandboxes.get(sandbox_id)
-        return None if record is None else self._info(record)
 
     def get(self, caller: Caller, sandbox_id: str, *, usage: bool = False) -> SandboxInfo | None:
         """The sandbox's info; with ``usage``, what its cgroup has used too (sandbox.get)."""
@@ -288,9 +303,17 @@ class Registry:
     def batch_get(self, caller: Caller, sandbox_ids: list[str]) -> list[SandboxInfo | None]:
         return [self.get(caller, sandbox_id) for sandbox_id in sandbox_ids]
 
-    def get_by_session_key(self, key: str) -> SandboxInfo | None:
+    def get_by_session_key(self, caller: Caller, key: str) -> SandboxInfo | None:
+        """The sandbox whose session key ``key`` is, while RUNNING (the only status in which
+        its key is shown) and visible to ``caller``; else None. One dict lookup and one
+        constant-time comparison (``SessionKeys.sandbox_for``), however many sandboxes run."""
         sandbox_id = self.keys.sandbox_for(key)
-        return None if sandbox_id is None else self._info_or_none(sandbox_id)
+        if sandbox_id is None:
+            return None
+        record = self.state.sandboxes.get(sandbox_id)
+        if record is None or record.status is not Status.RUNNING or not visible(caller, record):
+            return None
+        return self._info(record)
 
     def search(
         self,
@@ -299,14 +322,21 @@ class Registry:
         page_id: str | None = None,
         limit: int = MAX_PAGE,
         status: Status | None = None,
+        owner: str | None = None,
     ) -> tuple[list[SandboxInfo], str | None]:
         """Newest first. The cursor is the creation seq of the last item given, so paging
-        while sandboxes come and go neither repeats nor skips one that existed throughout."""
+        while sandboxes come and go neither repeats nor skips one that existed throughout.
+        ``owner`` (admins only): that user's sandboxes alone."""
+        _admin_only(caller, "owner", owner)
         before = _parse_cursor(page_id)
         page: list[SandboxRecord] = []
         next_page_id = None
         for record in self._newest_first(before):
-            if not visible(caller, record) or (status is not None and record.status is not status):
+            if (
+                not visible(caller, record)
+                or (status is not None and record.status is not status)
+                or (owner is not None and record.created_by_user_id != owner)
+            ):
                 continue
             if len(page) == limit:
                 next_page_id = str(page[-1].created_seq)
@@ -402,6 +432,11 @@ class Registry:
 class _Daemon:
     id: str | None = None
     admin: bool = True
+
+
+def _admin_only(caller: Caller, name: str, value: str | None) -> None:
+    if value is not None and not caller.admin:
+        raise BadRequest(f"'{name}' may be given by an admin only; a user's sandboxes are its own")
 
 
 def _parse_cursor(page_id: str | None) -> int | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import stat
 import sys
 from collections.abc import Mapping
@@ -18,11 +19,18 @@ from sandboxd.actors.boundary.limits import Limits
 from sandboxd.actors.boundary.workdirs import unreachable
 from sandboxd.events.codec import now_ts
 
-#: The placeholders a spec's command and initial_env values may use.
+#: The placeholders a spec's command and initial_env values may use; besides these,
+#: ``{port_NAME}`` for each of its named ports (``{port}`` is the first).
 PLACEHOLDERS = frozenset({"port", "sandbox_id", "working_dir", "session_api_key"})
 #: The system's interpreter: what a sandbox's uid runs when the daemon's own python is
 #: out of its reach (a virtualenv or pyenv under /root, mode 0700).
 SYSTEM_PYTHON = "/usr/bin/python3"
+#: A named port's placeholder is ``{port_NAME}``.
+PORT_PLACEHOLDER_PREFIX = "port_"
+#: What a port may be called: a name that ``SANDBOX_PORT_<NAME>`` and ``{port_NAME}`` can carry.
+PORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: The ports a spec names when it names none: the one its health check asks, the agent server's.
+DEFAULT_PORTS = ("AGENT_SERVER",)
 
 
 @attrs.frozen
@@ -36,7 +44,14 @@ class SpecConfig:
     ready_timeout: float = 30.0
     health_interval: float = 10.0
     limits: Limits = attrs.Factory(Limits)  # memory_max, pids_max, cpu_max, limits_required
+    #: The named ports each sandbox gets, each its own: the first is health-checked, is
+    #: ``{port}`` and ``PORT``; every one is ``{port_NAME}`` and ``SANDBOX_PORT_NAME``.
+    ports: tuple[str, ...] = DEFAULT_PORTS
     created_at: str = attrs.Factory(now_ts)
+
+    def placeholders(self) -> frozenset[str]:
+        """The placeholders its command and initial_env may use."""
+        return PLACEHOLDERS | {PORT_PLACEHOLDER_PREFIX + name for name in self.ports}
 
 
 def not_runnable_by_others(path: str | Path) -> str | None:

@@ -23,11 +23,19 @@ from sandboxd.actors.boundary.settings import (
     BoundarySettings,
     parse_boundary_settings,
 )
-from sandboxd.actors.specs import PLACEHOLDERS, SpecConfig, default_spec
+from sandboxd.actors.specs import (
+    DEFAULT_PORTS,
+    PLACEHOLDERS,
+    PORT_NAME,
+    PORT_PLACEHOLDER_PREFIX,
+    SpecConfig,
+    default_spec,
+)
 
 T = TypeVar("T")
 
 SPEC_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEFAULT_PORT_RANGE = (30000, 39999)
 
 
 class ConfigError(ValueError):
@@ -67,8 +75,9 @@ class Config:
     port: int = 8765
     state_dir: Path = attrs.Factory(default_state_dir)
     max_connections_per_user: int = 16  # open websockets per user (docs/operations.md)
+    url_host: str = "127.0.0.1"  # the host written into sandboxes' exposed URLs
     base_working_dir: Path | None = None  # None: STATE_DIR/sandboxes
-    port_range: tuple[int, int] = (30000, 39999)
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     stop_timeout: float = 10.0
     max_sandboxes: int = DEFAULT_MAX_SANDBOXES
     max_sandboxes_per_user: int = 100
@@ -176,11 +185,49 @@ def _env(key: str, value: Any) -> dict[str, str]:
     return dict(table)
 
 
-def _check_placeholders(key: str, text: str) -> None:
+def _check_placeholders(key: str, text: str, ports: tuple[str, ...], ports_key: str) -> None:
     for name in re.findall(r"\{([^{}]*)\}", text):
-        if name not in PLACEHOLDERS:
-            known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
-            raise ConfigError(f"{key} has an unknown placeholder {{{name}}}; known: {known}")
+        if name in PLACEHOLDERS:
+            continue
+        if name.startswith(PORT_PLACEHOLDER_PREFIX):
+            port = name.removeprefix(PORT_PLACEHOLDER_PREFIX)
+            if port not in ports:
+                raise ConfigError(
+                    f"{key} has the placeholder {{{name}}}, but {ports_key} has no port {port}"
+                    f" (it has: {', '.join(ports)})"
+                )
+            continue
+        known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+        raise ConfigError(
+            f"{key} has an unknown placeholder {{{name}}}; known: {known}, and"
+            f" {{{PORT_PLACEHOLDER_PREFIX}NAME}} for each name of {ports_key}"
+        )
+
+
+def _port_names(key: str, value: Any) -> tuple[str, ...]:
+    names = _strings(key, value)
+    if not names:
+        raise ConfigError(f"{key} must name at least one port (the first is health-checked)")
+    for i, name in enumerate(names):
+        if not PORT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{key}[{i}] must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit,"
+                f" not {name!r}"
+            )
+        if name in names[:i]:
+            raise ConfigError(f"{key} names the port {name} twice")
+    return names
+
+
+def _url_host(key: str, value: Any) -> str:
+    host = _expect(key, value, str, "a host name or address")
+    # What goes between "http://" and ":PORT": a name, an IPv4 address, or [an IPv6 one].
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]", host):
+        raise ConfigError(
+            f"{key} must be a host name, an IPv4 address or a bracketed IPv6 address"
+            f" such as [::1], not {host!r}"
+        )
+    return host
 
 
 def _from_value_error(parse: Callable[[str, Any], T]) -> Callable[[str, Any], T]:
@@ -223,6 +270,7 @@ _SERVER = {
     "max_connections_per_user": _count,
     "metrics_public": lambda k, v: _expect(k, v, bool, "true or false"),
     "metrics_per_sandbox": lambda k, v: _expect(k, v, bool, "true or false"),
+    "url_host": _url_host,
 }
 _SANDBOXES = {
     "base_working_dir": _path,
@@ -261,6 +309,7 @@ _SPEC = {
     "pids_max": _from_value_error(parse_pids),
     "cpu_max": _from_value_error(parse_cpu),
     "limits_required": lambda k, v: _expect(k, v, bool, "true or false"),
+    "ports": _port_names,
 }
 #: The spec keys that make its Limits.
 _LIMIT_KEYS = ("memory_max", "pids_max", "cpu_max")
@@ -278,10 +327,11 @@ def _spec(key: str, raw: Any) -> SpecConfig:
         raise ConfigError(f"{key}.id must be 1 to 64 of A-Z a-z 0-9 _ . -")
     if not fields.get("command"):
         raise ConfigError(f"{key}.command must be a non-empty list of strings")
+    ports: tuple[str, ...] = fields.get("ports", DEFAULT_PORTS)
     for i, arg in enumerate(fields["command"]):
-        _check_placeholders(f"{key}.command[{i}]", arg)
+        _check_placeholders(f"{key}.command[{i}]", arg, ports, f"{key}.ports")
     for name, value in fields.get("initial_env", {}).items():
-        _check_placeholders(f"{key}.initial_env.{name}", value)
+        _check_placeholders(f"{key}.initial_env.{name}", value, ports, f"{key}.ports")
     path = fields.get("health_check_path", "/")
     if path and not path.startswith("/"):
         raise ConfigError(f"{key}.health_check_path must start with / (or be empty), not {path!r}")
@@ -339,6 +389,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         if duplicate is not None:
             raise ConfigError(f"specs has two specs with id {duplicate!r}")
         values["specs"] = specs
+    low, high = values.get("port_range", DEFAULT_PORT_RANGE)
+    for i, spec in enumerate(values.get("specs", ())):
+        if len(spec.ports) > high - low + 1:
+            raise ConfigError(
+                f"specs[{i}].ports names {len(spec.ports)} ports, more than"
+                f" sandboxes.port_range [{low}, {high}] holds ({high - low + 1})"
+            )
     if "users" in raw:
         users_raw = _expect("users", raw["users"], list, "an array of tables ([[users]])")
         users = tuple(_user(f"users[{i}]", u) for i, u in enumerate(users_raw))

@@ -9,6 +9,12 @@ Decoding is strict: an unknown type, a missing or unknown field, or a wrong
 type raises ``DecodeError`` unless an upcaster for the record's version is
 registered. The bytes are also what subscribers receive, so the gateway
 forwards them without encoding an event twice.
+
+How a payload may change (docs/events.md, "Changing an event"): a new field
+with a default, which records written before it lack, keeps the schema
+version (such a field may be absent, and decodes to its default); anything
+else (a required field, a field renamed, removed or meaning something else)
+raises ``SCHEMA_VERSION`` and registers an upcaster from the version before.
 """
 
 from __future__ import annotations
@@ -152,15 +158,20 @@ def _record_checker(cls: type[Any]) -> Callable[[Any], Any]:
     fields = attrs.fields(cls)
     names = tuple(f.name for f in fields)
     wanted = frozenset(names)
+    # Fields with a default were added later: older records lack them (see the docstring).
+    required = frozenset(f.name for f in fields if f.default is attrs.NOTHING)
     checks = tuple((f.name, _checker(f.type)) for f in fields)
 
     def check_record(v: Any) -> Any:
         if type(v) is not dict:
             raise _Invalid(f"expected an object, got {v!r}")
-        if v.keys() != wanted:
-            missing, unknown = sorted(wanted - v.keys()), sorted(v.keys() - wanted)
+        keys = v.keys()
+        if keys == wanted:  # every record this version writes: the replay's hot path
+            return cls(*[check(v[name]) for name, check in checks])
+        if not required <= keys <= wanted:
+            missing, unknown = sorted(required - keys), sorted(keys - wanted)
             raise _Invalid(f"missing fields {missing}, unknown fields {unknown}")
-        return cls(*[check(v[name]) for name, check in checks])
+        return cls(**{name: check(v[name]) for name, check in checks if name in v})
 
     return check_record
 
@@ -183,7 +194,8 @@ for _cls in PAYLOAD_TYPES:
 
 
 def _v1_to_v2(record: dict[str, Any]) -> dict[str, Any]:
-    """Version 2 added optional fields only (the sandbox's uid, why it exited): absent, null."""
+    """Version 2 added optional fields only (the sandbox's uid and named ports, why it
+    exited): absent, null."""
     data = record.get("data")
     if type(data) is dict:
         data = dict(data)
@@ -193,7 +205,7 @@ def _v1_to_v2(record: dict[str, Any]) -> dict[str, Any]:
 
 
 _ADDED_IN_V2: dict[str, tuple[str, ...]] = {
-    "sandbox.created": ("uid",),
+    "sandbox.created": ("uid", "ports"),
     "sandbox.process_started": ("uid",),
     "sandbox.exited": ("reason", "memory_max"),
 }

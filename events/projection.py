@@ -57,10 +57,19 @@ class SandboxRecord:
     exposed_urls: tuple[ev.ExposedUrl, ...] = ()
     error: str | None = None
     uid: int | None = None  # the sandbox's own uid (sandbox.created); None: the daemon's
+    #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
+    #: named ports (see ``named_ports``).
+    ports: tuple[ev.NamedPort, ...] = ()
 
     @property
     def has_process(self) -> bool:
         return self.pid is not None
+
+    @property
+    def named_ports(self) -> tuple[ev.NamedPort, ...]:
+        """Every port it holds, by name: one created before named ports held ``port`` alone,
+        the agent server's."""
+        return self.ports or (ev.NamedPort("AGENT_SERVER", self.port),)
 
 
 class Incarnation(NamedTuple):
@@ -147,6 +156,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             port=data.port,
             working_dir=data.working_dir,
             uid=data.uid,
+            ports=tuple(data.ports or ()),
         )
     if record is None:
         raise ProjectionError(

@@ -23,6 +23,16 @@ SCHEMA_VERSION = 2
 class ExposedUrl:
     name: str
     url: str
+    #: Absent from records older than named ports (then it is the port of that name).
+    port: int | None = None
+
+
+@attrs.frozen
+class NamedPort:
+    """One of a sandbox's ports, by the name its spec gave it (``AGENT_SERVER``, ``VSCODE``)."""
+
+    name: str
+    port: int
 
 
 @attrs.frozen
@@ -31,7 +41,10 @@ class SandboxCreated:
     spec_id: str
     created_by_user_id: str | None
     working_dir: str
-    port: int
+    port: int  # the first of ``ports``: the one health-checked
+    #: Every port the sandbox holds, in the spec's order; absent from records older than
+    #: named ports, which held ``port`` alone (as AGENT_SERVER).
+    ports: list[NamedPort] | None = None
     #: The uid the sandbox runs under, its own for its whole life; None: the daemon's.
     uid: int | None = None
 

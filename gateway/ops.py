@@ -95,7 +95,7 @@ _Handler = Callable[[Services, Connection, Any], Awaitable[_Result]]
 
 async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
     info = await s.registry.start_sandbox(
-        c.user, spec_id=q.spec_id, sandbox_id=q.sandbox_id, env=q.env, wait=q.wait
+        c.user, spec_id=q.spec_id, sandbox_id=q.sandbox_id, env=q.env, wait=q.wait, owner=q.owner
     )
     return info, None
 
@@ -115,8 +115,14 @@ async def _stats(s: Services, c: Connection, q: p.SandboxStats) -> _Result:
 
 async def _search(s: Services, c: Connection, q: p.SandboxSearch) -> _Result:
     status = None if q.status is None else Status(q.status)
-    items, next_page_id = s.registry.search(c.user, page_id=q.page_id, limit=q.limit, status=status)
+    items, next_page_id = s.registry.search(
+        c.user, page_id=q.page_id, limit=q.limit, status=status, owner=q.owner
+    )
     return p.SearchPage(items, next_page_id), None
+
+
+async def _find_by_session_key(s: Services, c: Connection, q: p.SandboxFindBySessionKey) -> _Result:
+    return s.registry.get_by_session_key(c.user, q.session_api_key), None
 
 
 async def _pause(s: Services, c: Connection, q: p.SandboxPause) -> _Result:
@@ -248,6 +254,7 @@ _HANDLERS: Final[dict[type[p.Params], _Handler]] = {
     p.SandboxBatchGet: _batch_get,
     p.SandboxStats: _stats,
     p.SandboxSearch: _search,
+    p.SandboxFindBySessionKey: _find_by_session_key,
     p.SandboxPause: _pause,
     p.SandboxResume: _resume,
     p.SandboxDelete: _delete,

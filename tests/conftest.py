@@ -7,8 +7,10 @@ CI=true pytest               # Hypothesis's "ci" profile (below); .ci/run sets i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -55,6 +57,25 @@ def _end_what_daemons_left() -> Iterator[None]:
     for state_dir in STATE_DIRS[before:]:
         end_sandboxes(state_dir)
     del STATE_DIRS[before:]
+
+
+def _daemon_cgroups() -> set[Path]:
+    """Every daemon's parent cgroup on this machine (``sandboxd-<hash>``), in every hierarchy."""
+    root = Path("/sys/fs/cgroup")
+    patterns = ("*/sandboxd-*", "*/*/sandboxd-*", "*/*/*/sandboxd-*")
+    return {path for pattern in patterns for path in root.glob(pattern) if path.is_dir()}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_daemon_cgroups() -> Iterator[None]:
+    """A net under the per-test cleanup: a daemon cgroup the session made and left empty
+    (a test whose daemon was not made by daemon_config) is removed at its end."""
+    before = _daemon_cgroups()
+    yield
+    for parent in _daemon_cgroups() - before:
+        for path in sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # busy: something still runs there
+                path.rmdir()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -94,6 +94,13 @@ def test_a_full_file() -> None:
         ("[[users]]\nid = 'a'\ntoken = 'short'", "users[0].token"),
         ("[[users]]\nid = 'a'\ntoken_sha256 = 'nothex'", "users[0].token_sha256"),
         ("[surprise]\nx = 1", "surprise"),
+        ("[server]\nurl_host = 'a b'", "server.url_host"),
+        ("[server]\nurl_host = 'http://x'", "server.url_host"),
+        ("[server]\nurl_host = '::1'", "server.url_host"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = []", "specs[0].ports"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 1]", "specs[0].ports[1]"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', '9x']", "specs[0].ports[1]"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A-B']", "specs[0].ports[0]"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_key(text: str, named: str) -> None:
@@ -169,6 +176,56 @@ def test_limits_of_a_spec() -> None:
     limits = config.specs[0].limits
     assert (limits.memory_max, limits.pids_max, limits.cpu_max) == (512 << 20, 100, 1.5)
     assert limits.required
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['AGENT_SERVER', 'VSCODE', 'VSCODE']",
+            "specs[0].ports names the port VSCODE twice",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a', '--vscode={port_VSCODE}']",
+            "specs[0].command[1] has the placeholder {port_VSCODE}, but specs[0].ports has no"
+            " port VSCODE (it has: AGENT_SERVER)",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 'B']\n"
+            "initial_env = { W = '{port_W}' }",
+            "specs[0].initial_env.W has the placeholder {port_W}, but specs[0].ports has no"
+            " port W (it has: A, B)",
+        ),
+        (
+            "[sandboxes]\nport_range = [30000, 30002]\n"
+            "[[specs]]\nid = 'ok'\ncommand = ['a']\nports = ['A', 'B', 'C']\n"
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 'B', 'C', 'D']",
+            "specs[1].ports names 4 ports, more than sandboxes.port_range [30000, 30002] holds (3)",
+        ),
+    ],
+)
+def test_named_ports_are_checked_at_load(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
+def test_named_ports_and_the_url_host() -> None:
+    config = parse(
+        """
+        [server]
+        url_host = "[::1]"
+        [[specs]]
+        id = "oh"
+        command = ["agent", "--port", "{port}", "--vscode-port", "{port_VSCODE}"]
+        initial_env = { WORKER_1 = "{port_WORKER_1}" }
+        ports = ["AGENT_SERVER", "VSCODE", "WORKER_1", "WORKER_2"]
+        """
+    )
+    assert config.url_host == "[::1]"
+    assert config.specs[0].ports == ("AGENT_SERVER", "VSCODE", "WORKER_1", "WORKER_2")
+    assert parse("[server]\nurl_host = 'sandboxes.example.com'").url_host == "sandboxes.example.com"
+    assert load_config(None).specs[0].ports == ("AGENT_SERVER",)
 
 
 def test_missing_and_broken_files_are_one_sentence(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
             ready_timeout=2.5,
             health_interval=0.0,
             limits=Limits(memory_max=64 << 20, pids_max=50, cpu_max=0.5, required=True),
+            ports=("AGENT_SERVER", "VSCODE"),
         ),
         SpecConfig(id="some-limits", command=("true",), limits=Limits(pids_max=3)),
     )
@@ -41,6 +42,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         max_connections_per_user=9,
         metrics_public=True,
         metrics_per_sandbox=True,
+        url_host="sandboxes.example.com",
         base_working_dir=tmp_path / "work",
         port_range=(31000, 31010),
         stop_timeout=1.5,

@@ -22,7 +22,8 @@ import trio
 
 from sandboxd.actors import output, proctree
 from sandboxd.actors.boundary.in_force import open_boundary
-from sandboxd.actors.errors import Conflict, LimitExceeded, NotFound, StartFailed
+from sandboxd.actors.errors import BadRequest, Conflict, LimitExceeded, NotFound, StartFailed
+from sandboxd.actors.info import SandboxInfo
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
 from sandboxd.actors.specs import SpecConfig
@@ -123,7 +124,7 @@ async def test_start_runs_the_agent_and_records_its_life(tmp_path: Path, cgroup:
         assert info.exposed_urls[0].url == f"http://127.0.0.1:{info.port}"
         working_dir = Path(info.working_dir).stat()
         assert working_dir.st_mode & 0o777 == 0o700
-        assert registry.get_by_session_key(info.session_api_key) == info
+        assert registry.get_by_session_key(ALICE, info.session_api_key) == info
         events = await harness.events_of(info.id)
         types = [e.type for e in events]
         assert types == ["sandbox.created", "sandbox.process_started", "sandbox.running"]
@@ -140,7 +141,7 @@ async def test_start_runs_the_agent_and_records_its_life(tmp_path: Path, cgroup:
         assert registry.get(ALICE, info.id) is None
         assert not Path(info.working_dir).exists()
         assert harness.processes(info.id) == []
-        assert registry.get_by_session_key(info.session_api_key) is None
+        assert registry.get_by_session_key(ALICE, info.session_api_key) is None
 
 
 async def test_the_sandbox_gets_only_the_environment_config_allows(
@@ -164,7 +165,7 @@ async def test_the_sandbox_gets_only_the_environment_config_allows(
         assert env["GREETING"] == f"hi {info.id}"
         assert env["EXTRA"] == "1"
         assert env["SESSION_API_KEY"] == env["OH_SESSION_API_KEYS_0"]
-        assert env["PORT"] == str(info.port)
+        assert env["PORT"] == env["SANDBOX_PORT_AGENT_SERVER"] == str(info.port)
         # A uid of its own has no home but its working dir: the daemon's (/root) is not its.
         assert env["HOME"] == (info.working_dir if harness.isolated else os.environ["HOME"])
         # Only under markers does a process carry which daemon it is: a hash, never a path.
@@ -177,6 +178,7 @@ async def test_the_sandbox_gets_only_the_environment_config_allows(
             "EXTRA",
             "SANDBOX_ID",
             "PORT",
+            "SANDBOX_PORT_AGENT_SERVER",
             "SESSION_API_KEY",
             "OH_SESSION_API_KEYS_0",
             *markers,
@@ -308,6 +310,29 @@ async def test_fifty_sandboxes_started_at_once_get_distinct_ports(tmp_path: Path
         assert all(i.status is Status.RUNNING for i in infos)
 
 
+async def test_named_ports_of_starts_fired_at_once_are_all_distinct(tmp_path: Path) -> None:
+    sleeper = plain(
+        "sleeper", "-c", "import time; time.sleep(60)", ports=("AGENT_SERVER", "VSCODE", "W")
+    )
+    async with running(tmp_path, sleeper, url_host="sandboxes.test") as harness:
+        registry = harness.registry
+        infos: list[SandboxInfo] = []
+
+        async def start() -> None:
+            infos.append(await registry.start_sandbox(ADMIN))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(start)
+        urls = [url for info in infos for url in info.exposed_urls or ()]
+        assert len(urls) == 60 and len({url.port for url in urls}) == 60
+        assert all(url.url == f"http://sandboxes.test:{url.port}" for url in urls)
+        assert registry.ports.reserved == {url.port for url in urls}
+        for info in infos:
+            await registry.delete(ADMIN, info.id)
+        assert registry.ports.reserved == frozenset()
+
+
 async def test_pause_resume_and_delete_fired_together_end_in_one_state(
     tmp_path: Path, cgroup: str
 ) -> None:
@@ -384,6 +409,60 @@ async def test_ids_conflict_and_users_see_only_their_own(tmp_path: Path) -> None
         with pytest.raises(NotFound):
             await registry.delete(BOB, "mine")
         assert registry.search(BOB) == ([], None)
+
+
+async def test_an_admin_starts_sandboxes_for_users_that_are_then_theirs(tmp_path: Path) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper, max_sandboxes_per_user=2) as harness:
+        registry = harness.registry
+        root = Caller("root", admin=True)
+        first = await registry.start_sandbox(root, owner="oh-user-1")
+        assert first.created_by_user_id == "oh-user-1"
+        created = (await harness.events_of(first.id))[0]
+        assert isinstance(created.data, ev.SandboxCreated)
+        assert created.data.created_by_user_id == "oh-user-1" and created.by == "root"
+        # The owner's limit, not the admin's.
+        await registry.start_sandbox(root, owner="oh-user-1")
+        with pytest.raises(LimitExceeded, match="user oh-user-1 has 2 sandboxes"):
+            await registry.start_sandbox(root, owner="oh-user-1")
+        for_alice = await registry.start_sandbox(root, owner="alice")
+        # Seen by its owner as its own; by no other user.
+        assert registry.get(ALICE, for_alice.id) == for_alice
+        assert registry.get(ALICE, first.id) is None
+        assert await registry.pause(ALICE, for_alice.id)
+        mine, _ = registry.search(ALICE)
+        assert [s.id for s in mine] == [for_alice.id]
+        # An admin may narrow a search to one owner; a user may not name one.
+        users, _ = registry.search(root, owner="oh-user-1")
+        assert {s.created_by_user_id for s in users} == {"oh-user-1"} and len(users) == 2
+        assert registry.search(root, owner="nobody") == ([], None)
+        with pytest.raises(BadRequest, match="'owner' may be given by an admin only"):
+            registry.search(ALICE, owner="alice")
+        with pytest.raises(BadRequest, match="'owner' may be given by an admin only"):
+            await registry.start_sandbox(ALICE, owner="bob")
+
+
+async def test_a_session_key_finds_its_running_sandbox_for_whoever_sees_it(
+    tmp_path: Path,
+) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ALICE)
+        key = info.session_api_key
+        assert key is not None
+        assert registry.get_by_session_key(ALICE, key) == info
+        assert registry.get_by_session_key(ADMIN, key) == info
+        assert registry.get_by_session_key(BOB, key) is None  # not his
+        assert registry.get_by_session_key(ALICE, key[:-1] + "x") is None
+        assert registry.get_by_session_key(ALICE, "") is None
+        # Only while RUNNING: the one status in which the key is shown at all.
+        await registry.pause(ALICE, info.id)
+        assert registry.get_by_session_key(ALICE, key) is None
+        resumed = await registry.resume(ALICE, info.id)
+        assert registry.get_by_session_key(ALICE, key) == resumed
+        await registry.delete(ALICE, info.id)
+        assert registry.get_by_session_key(ADMIN, key) is None
 
 
 async def test_search_pages_newest_first_without_repeats_or_gaps(tmp_path: Path) -> None:

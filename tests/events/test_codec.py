@@ -90,7 +90,7 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
     assert (
         added
         == {
-            "sandbox.created": {"uid"},
+            "sandbox.created": {"uid", "ports"},
             "sandbox.process_started": {"uid"},
             "sandbox.exited": {"reason", "memory_max"},
             "sandbox.paused": set(),
@@ -106,3 +106,33 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
 def test_non_objects_are_refused(raw: bytes) -> None:
     with pytest.raises(DecodeError):
         decode(raw)
+
+
+CREATED_BEFORE_NAMED_PORTS = {
+    **GOOD,
+    "type": "sandbox.created",
+    "data": {"spec_id": "s", "created_by_user_id": None, "working_dir": "/w", "port": 30001},
+}
+
+
+def test_a_field_added_with_a_default_may_be_absent_from_older_records() -> None:
+    # sandbox.created's ports and exposed_urls' port came after schema version 1's first
+    # records: those decode with the defaults, under the same version.
+    old = decode(orjson.dumps(CREATED_BEFORE_NAMED_PORTS))
+    assert old.data == ev.SandboxCreated("s", None, "/w", 30001, None)
+    running = {**GOOD, "type": "sandbox.running"}
+    running["data"] = {"exposed_urls": [{"name": "AGENT_SERVER", "url": "http://h:1"}]}
+    assert decode(orjson.dumps(running)).data == ev.SandboxRunning(
+        [ev.ExposedUrl("AGENT_SERVER", "http://h:1", None)]
+    )
+    # A field without a default is still required, an unknown one still refused.
+    for change in ({"port": None}, {"ports": [], "surprise": 1}):
+        data = {**CREATED_BEFORE_NAMED_PORTS["data"], **change}  # type: ignore[dict-item]
+        data = {k: v for k, v in data.items() if v is not None}
+        with pytest.raises(DecodeError, match=r"missing fields|unknown fields"):
+            decode(orjson.dumps({**CREATED_BEFORE_NAMED_PORTS, "data": data}))
+    # What this version writes has every field.
+    new = ev.SandboxCreated("s", None, "/w", 30001, [ev.NamedPort("AGENT_SERVER", 30001)])
+    raw = encode(ev.Event(3, "t", "a", None, new))
+    assert orjson.loads(raw)["data"]["ports"] == [{"name": "AGENT_SERVER", "port": 30001}]
+    assert decode(raw).data == new

@@ -91,6 +91,25 @@ def test_sandbox_commands(daemon_process: DaemonProcess) -> None:
         )
 
 
+def test_an_admin_starts_and_lists_for_an_owner(daemon_process: DaemonProcess) -> None:
+    owner, sandbox_id = "cli-owner-" + uuid.uuid4().hex[:6], "cli-" + uuid.uuid4().hex[:10]
+    started = sandboxd(
+        daemon_process, "start", "--spec", "sleep", "--id", sandbox_id, "--owner", owner, "--json",
+        token=ROOT,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    info = json.loads(started.stdout)
+    assert info["created_by_user_id"] == owner
+    listed = json.loads(
+        sandboxd(daemon_process, "ls", "--owner", owner, "--json", token=ROOT).stdout
+    )
+    assert [item["id"] for item in listed] == [info["id"]]
+    assert one_line_error(sandboxd(daemon_process, "ls", "--owner", owner)) == (
+        "sandboxd: 'owner' may be given by an admin only; a user's sandboxes are its own"
+    )
+    assert sandboxd(daemon_process, "rm", info["id"], token=ROOT).returncode == 0
+
+
 def test_specs(daemon_process: DaemonProcess) -> None:
     table = sandboxd(daemon_process, "specs")
     assert table.returncode == 0

@@ -57,15 +57,16 @@ spec_infos = st.builds(
 
 # Each op's call, and what its result may be: the server's values, encoded as the server does.
 CASES: list[tuple[p.Call[Any], st.SearchStrategy[Any]]] = [
-    (calls.start(spec_id="s"), sandbox_infos),
+    (calls.start(spec_id="s", owner="oh-user"), sandbox_infos),
     (calls.get("a"), st.none() | sandbox_infos),
+    (calls.find_by_session_key("k"), st.none() | sandbox_infos),
     (calls.batch_get(["a", "b"]), st.lists(st.none() | sandbox_infos, max_size=3)),
     (
         calls.stats(["a", "b"]),
         st.lists(st.none() | st.builds(p.SandboxUsage, texts, st.none() | usages), max_size=3),
     ),
     (
-        calls.search(limit=5),
+        calls.search(limit=5, owner="oh-user"),
         st.builds(p.SearchPage, st.lists(sandbox_infos, max_size=3), st.none() | texts),
     ),
     (calls.pause("a"), sandbox_infos),
