@@ -472,6 +472,7 @@ class CgroupBoundary:
         made: list[str] = []
         try:
             if cgroup is None:
+                self._ensure_parents()
                 tree_dir, controller_dirs = self._dirs_for(sandbox_id)
                 for directory in dict.fromkeys([tree_dir, *controller_dirs.values()]):
                     if _mkdir(directory):
@@ -496,6 +497,18 @@ class CgroupBoundary:
             raise
         self._open[sandbox_id] = cgroup
         return cgroup
+
+    def _ensure_parents(self) -> None:
+        """Make again a parent that someone removed while it was empty (an operator's
+        clean-up of empty cgroups, say): nothing stops root from doing that, and the
+        next sandbox's mkdir would fail. A stat each when they are there."""
+        if not os.path.isdir(self.parent):
+            _mkdir(self.parent)
+            own = sorted(c for c, d in self.controllers.items() if d == self.parent)
+            _enable_controllers(self.parent, own, leaf=None, notes=[])
+        for directory in self.parents[1:]:
+            if not os.path.isdir(directory):
+                _mkdir(directory)
 
     def adopt(self, sandbox_id: str) -> SandboxCgroup | None:
         """The cgroup a sandbox already has (after a restart), or None if it has none."""

@@ -62,6 +62,18 @@ async def test_create_list_and_remove(boundary: CgroupBoundary) -> None:
     assert boundary.sandbox_ids() == []
 
 
+async def test_parents_removed_while_empty_are_made_again(boundary: CgroupBoundary) -> None:
+    # An operator's clean-up of empty cgroups (or another program's) may take the
+    # daemon's parents while no sandbox has a cgroup: the next start still gets one.
+    await boundary.remove(boundary.create("first"))
+    for parent in reversed(boundary.parents):
+        os.rmdir(parent)
+    cgroup = boundary.create("second", Limits(pids_max=8))
+    assert all(os.path.isdir(d) for d in cgroup.dirs)
+    if (pids_dir := cgroup.controller_dirs.get("pids")) is not None:
+        assert Path(pids_dir, "pids.max").read_text().strip() == "8"
+
+
 async def test_the_child_is_in_every_cgroup_before_it_runs(harness: Harness) -> None:
     name_of = {}
     for limits in (Limits(cpu_max=0.5), Limits()):
