@@ -51,8 +51,12 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     group = common.add_argument_group("connection")
     group.add_argument(
         "--url",
-        default=os.environ.get("SANDBOXD_URL", DEFAULT_URL),
-        help=f"the daemon's websocket URL (default: $SANDBOXD_URL, else {DEFAULT_URL})",
+        dest="urls",
+        action="append",
+        metavar="URL",
+        help="the daemon's websocket URL; repeat it, or give a comma list, for the nodes of"
+        " a cluster: the first that answers is used, the others are failed over to"
+        f" (default: $SANDBOXD_URL, also a comma list, else {DEFAULT_URL})",
     )
     group.add_argument(
         "--token",
@@ -129,6 +133,15 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 # --- Running a command ------------------------------------------------------------------
 
 
+def _urls(args: argparse.Namespace) -> list[str]:
+    """The URLs of --url (each may be a comma list), else of $SANDBOXD_URL, else the default."""
+    given = args.urls or [os.environ.get("SANDBOXD_URL") or DEFAULT_URL]
+    urls = [url.strip() for text in given for url in text.split(",")]
+    if not all(urls):
+        raise UsageError(f"--url {','.join(given)!r} has an empty URL in its list")
+    return urls
+
+
 def _token(args: argparse.Namespace) -> str:
     if args.token:
         return str(args.token)
@@ -153,22 +166,26 @@ def _run(args: argparse.Namespace, body: Callable[[Client], Awaitable[int]]) -> 
     """Connect, run ``body``, and turn every failure into one line on stderr."""
 
     async def main() -> int:
-        async with open_client(args.url, token) as client:
+        async with open_client(urls, token) as client:
             return await body(client)
 
+    urls: list[str] = []
     try:
+        urls = _urls(args)
         token = _token(args)
         return trio.run(main)
     except UsageError as exc:
         return _fail(str(exc))
-    except AuthenticationError:
+    except AuthenticationError as exc:
         return _fail(
-            f"sandboxd at {args.url} refused the token: check --token, $SANDBOXD_TOKEN"
+            f"sandboxd at {exc.url} refused the token: check --token, $SANDBOXD_TOKEN"
             " or STATE_DIR/admin.token"
         )
     except ConnectError as exc:
+        if exc.message.startswith("cannot reach") and len(urls) == 1:
+            return _fail(f"cannot reach sandboxd at {urls[0]}: is `sandboxd serve` running?")
         if exc.message.startswith("cannot reach"):
-            return _fail(f"cannot reach sandboxd at {args.url}: is `sandboxd serve` running?")
+            return _fail(f"{exc.message} (is `sandboxd serve` running on any of them?)")
         return _fail(exc.message)
     except NotFoundError as exc:
         return _fail(exc.message, EXIT_NOT_FOUND)
