@@ -32,6 +32,8 @@ class SandboxInfo:
     #: Read from its cgroup for sandbox.get only (null in search and batch_get: four
     #: file reads per sandbox would break search's bound), null under markers.
     usage: Usage | None = None
+    #: The node that runs it (docs/cluster.md); null for one recorded before nodes.
+    node: str | None = None
 
 
 @attrs.frozen
@@ -61,6 +63,7 @@ def sandbox_info(
         error=record.error,
         version=record.version,
         usage=usage,
+        node=record.node,
     )
 
 

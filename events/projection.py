@@ -60,6 +60,11 @@ class SandboxRecord:
     #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
     #: named ports (see ``named_ports``).
     ports: tuple[ev.NamedPort, ...] = ()
+    #: The node that owns it (sandbox.created); None: a record older than nodes.
+    node: str | None = None
+    #: While MISSING because its node was lost: the status it had, which adopting it
+    #: again restores (its process is kept in the record meanwhile).
+    before_lost: Status | None = None
 
     @property
     def has_process(self) -> bool:
@@ -157,6 +162,7 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             working_dir=data.working_dir,
             uid=data.uid,
             ports=tuple(data.ports or ()),
+            node=data.node,
         )
     if record is None:
         raise ProjectionError(
@@ -199,11 +205,28 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
                 **changed,
             )
         case ev.SandboxAdopted():
+            if record.before_lost is not None:
+                # Its node came back and found it running: as it was before the loss.
+                return _evolve(
+                    record, status=record.before_lost, error=None, before_lost=None, **changed
+                )
             # Adoption changes nothing a client sees; it only says the daemon watches again.
             return record
-        case ev.SandboxMissing(reason=reason):
+        case ev.SandboxMissing(reason=reason, node_lost=None):
             return _evolve(
-                record, status=Status.MISSING, error=reason, pid=None, pgid=None, **changed
+                record,
+                status=Status.MISSING,
+                error=reason,
+                pid=None,
+                pgid=None,
+                before_lost=None,
+                **changed,
+            )
+        case ev.SandboxMissing(reason=reason):
+            if record.status is Status.MISSING:
+                return _evolve(record, error=reason, **changed)
+            return _evolve(
+                record, status=Status.MISSING, error=reason, before_lost=record.status, **changed
             )
         case ev.SandboxDeleted():
             return None

@@ -47,6 +47,9 @@ class SandboxCreated:
     ports: list[NamedPort] | None = None
     #: The uid the sandbox runs under, its own for its whole life; None: the daemon's.
     uid: int | None = None
+    #: The node that runs its processes and records its transitions, for its whole life
+    #: (docs/cluster.md); None: a record older than nodes, the only daemon's.
+    node: str | None = None
 
 
 @attrs.frozen
@@ -113,6 +116,10 @@ class SandboxAdopted:
 class SandboxMissing:
     TYPE: ClassVar[str] = "sandbox.missing"
     reason: str
+    #: Set when another node recorded it because this sandbox's node lost its lease
+    #: (docs/cluster.md): its processes were not seen gone, only their node, so the
+    #: record keeps them, and the node adopts them again if it comes back to find them.
+    node_lost: str | None = None
 
 
 @attrs.frozen

@@ -90,6 +90,9 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     start.add_argument(
         "--owner", metavar="USER", help="admins: start it for this user, whose it then is"
     )
+    start.add_argument(
+        "--node", metavar="NODE", help="a cluster's node to run it on (default: the least busy)"
+    )
 
     ls = add("ls", run_ls, "list sandboxes, newest first")
     ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
@@ -236,7 +239,7 @@ def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     )
 
 
-_SANDBOX_COLUMNS = ("ID", "STATUS", "SPEC", "USER", "PORT", "PID", "CREATED")
+_SANDBOX_COLUMNS = ("ID", "STATUS", "SPEC", "USER", "PORT", "PID", "CREATED", "NODE")
 
 
 def _sandbox_row(info: SandboxInfo) -> list[str]:
@@ -248,6 +251,7 @@ def _sandbox_row(info: SandboxInfo) -> list[str]:
         str(info.port),
         "-" if info.pid is None else str(info.pid),
         info.created_at,
+        info.node or "-",
     ]
 
 
@@ -265,6 +269,7 @@ def _print_sandbox(info: SandboxInfo, as_json: bool) -> None:
         ("working_dir", info.working_dir),
         ("created_at", info.created_at),
         ("updated_at", info.updated_at),
+        ("node", info.node or "-"),
     ]
     for url in info.exposed_urls or ():
         fields.append((f"url {url.name}", url.url))
@@ -311,6 +316,7 @@ def run_start(args: argparse.Namespace) -> int:
             env=_parse_env(args.env) or None,
             wait=args.wait,
             owner=args.owner,
+            node=args.node,
         )
         _print_sandbox(info, args.json)
         return 0

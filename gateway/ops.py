@@ -95,7 +95,13 @@ _Handler = Callable[[Services, Connection, Any], Awaitable[_Result]]
 
 async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
     info = await s.registry.start_sandbox(
-        c.user, spec_id=q.spec_id, sandbox_id=q.sandbox_id, env=q.env, wait=q.wait, owner=q.owner
+        c.user,
+        spec_id=q.spec_id,
+        sandbox_id=q.sandbox_id,
+        env=q.env,
+        wait=q.wait,
+        owner=q.owner,
+        node=q.node,
     )
     return info, None
 

@@ -160,12 +160,14 @@ def config_toml(config: Config) -> str:
     }
     server = {key: scalars.pop(key) for key in SECTION_KEYS["server"] if key in scalars}
     log = {key: scalars.pop(key) for key in SECTION_KEYS["log"] if key in scalars}
+    cluster = {key: scalars.pop(key) for key in SECTION_KEYS["cluster"] if key in scalars}
     specs = [_spec_table(spec) for spec in config.specs]
     users = [attrs.asdict(user) for user in config.users]
     return (
         _table("[server]", server)
         + _table("[sandboxes]", scalars)
         + _table("[log]", log)
+        + _table("[cluster]", cluster)
         + "".join(_table("[[specs]]", spec) for spec in specs)
         + "".join(_table("[[users]]", user) for user in users)
     )

@@ -140,7 +140,10 @@ async def test_retention_removes_whole_segments_below_the_oldest_kept_snapshot(
         await store.snapshot()
         assert _snapshot_seqs(tmp_path) == [200, 400]
         oldest = store.log.oldest_seq
-        assert oldest == first  # the snapshot at 200 is still kept: its tail stays
+        # The snapshot at 200 is still kept: its tail (201 on) stays. Only a segment that
+        # ended at 200 exactly may have gone since (it depends on the records' sizes).
+        assert first <= oldest <= 201
+        assert (await store.log.read(200, limit=1))[0].seq == 201
         await _fill(store, 200, 400)
         await store.snapshot()
         assert _snapshot_seqs(tmp_path) == [400, 600]
