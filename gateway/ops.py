@@ -56,6 +56,12 @@ class EventLog(Protocol):
     ) -> Page: ...
 
 
+#: A cluster's hook (daemon/cluster/routing.py): the reply frame and code of the node that
+#: must answer a request (the owner of its sandbox, where a start is placed), or None to
+#: answer it here.
+Forward = Callable[[User, p.Request], Awaitable[tuple[str, str] | None]]
+
+
 @attrs.frozen
 class Services:
     """What the daemon gives the gateway to serve its ops with."""
@@ -64,6 +70,7 @@ class Services:
     log: EventLog
     #: When the gateway was made (after recovery): server.info's started_at.
     started_at: str
+    forward: Forward | None = None
 
 
 async def answer(
@@ -76,6 +83,11 @@ async def answer(
         # leaves: cut off halfway (by the connection's cancel) it could leave an
         # event durable that no one acted on.
         with trio.CancelScope(shield=type(request.params) in _CHANGES_STATE):
+            if services.forward is not None:
+                forwarded = await services.forward(connection.user, request)
+                if forwarded is not None:
+                    frame, code = forwarded
+                    return frame, code, None
             result, then = await handler(services, connection, request.params)
         return p.encode_ok(request.id, result), OK, then
     except Exception as exc:

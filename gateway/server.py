@@ -68,6 +68,7 @@ class Gateway:
         authenticator: Authenticator,
         *,
         metrics: Metrics | None = None,
+        forward: ops.Forward | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -78,7 +79,7 @@ class Gateway:
         self.port = config.port
         self.timeouts = Timeouts()
         self.requests = Requests()
-        self._services = ops.Services(registry, event_log, self.started_at)
+        self._services = ops.Services(registry, event_log, self.started_at, forward)
         self._connections: set[Connection] = set()
         #: Connections open or being opened, per user id: max_connections_per_user.
         self._per_user: Counter[str | None] = Counter()
