@@ -16,10 +16,13 @@ key, the clock) is the caller's; here are the decisions:
   crash therefore waits up to one TTL for the old lease to expire.
 - **Keeping it** (``Lease.renew_due``, ``renewed``, ``renew_failed``). Renewed
   every third of the TTL, conditionally on the revision this node last wrote,
-  so that it never renews a lease another node took. A refused update, or no
-  successful renewal for a whole TTL (NATS unreachable), means the lease is
-  lost: peers may already have recorded this node's sandboxes MISSING, so the
-  node stops (its processes run on; the next start re-adopts them).
+  so that it never renews a lease another node took. A refused update means
+  another daemon wrote this node's key: ``LeaseLost``, and the node stops (its
+  processes run on; the next start re-adopts them). No successful renewal for
+  a whole TTL (NATS unreachable) means the lease has expired for everyone:
+  peers may record this node's sandboxes MISSING, and the node takes its lease
+  again once NATS answers (``Phase.TAKING``), then re-adopts those of its
+  sandboxes it still runs (``readoption_events``), as a restart would.
 - **Seeing others lost** (``lost_nodes``, ``records_losses``, ``loss_events``).
   A node that owns sandboxes holding processes but has no lease is lost. The
   first live node by name records it (one recorder, so the others do not
@@ -32,7 +35,7 @@ key, the clock) is the caller's; here are the decisions:
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import attrs
 import orjson
@@ -152,22 +155,22 @@ class Lease:
         self.revision = revision
         self._renewed_at = now
 
-    def renew_failed(self, now: float, *, refused: bool) -> None:
-        """A renewal did not succeed: ``refused`` (the revision moved: someone else wrote
-        the key) loses the lease at once; an error (NATS away) once a whole TTL passed
-        since the last renewal, when the lease has expired for everyone else too."""
-        if refused or now - self._renewed_at >= self.ttl:
+    def renew_failed(self, now: float, *, refused: bool) -> bool:
+        """A renewal did not succeed. ``refused`` (the revision moved: another daemon wrote
+        the key) raises ``LeaseLost``. An error (NATS away) is tried again until a whole
+        TTL has passed since the last renewal, when the lease has expired for everyone:
+        then True, and the lease is to be taken again (``found``) once NATS answers."""
+        if refused:
             self.phase = Phase.LOST
             raise LeaseLost(
-                f"node {self.value.node!r} lost its lease"
-                + (
-                    " (another daemon wrote it)"
-                    if refused
-                    else f" (not renewed for {now - self._renewed_at:.1f} s)"
-                )
-                + ": its sandboxes may be recorded MISSING by the other nodes; restart it to"
-                " adopt them again"
+                f"node {self.value.node!r} lost its lease: another daemon wrote it; this one"
+                " stops (its sandboxes run on, and its next start adopts them again)"
             )
+        if now - self._renewed_at >= self.ttl:
+            self.phase = Phase.TAKING
+            self.revision = None
+            return True
+        return False
 
 
 def owners(state: State) -> set[str]:
@@ -187,6 +190,19 @@ def lost_nodes(state: State, leased: Collection[str], me: str) -> list[str]:
 def records_losses(leased: Collection[str], me: str) -> bool:
     """Whether this node is the one that records lost nodes: the first live one by name."""
     return min({*leased, me}) == me
+
+
+def readoption_events(state: State, me: str, runs: Callable[[str], bool]) -> list[ev.PendingEvent]:
+    """``sandbox.adopted`` for each of this node's sandboxes that another node recorded lost
+    while this one could not renew its lease, and that it still ``runs`` (by its actor)."""
+    return [
+        ev.PendingEvent(record.id, None, ev.SandboxAdopted(record.pid))
+        for record in state.sandboxes.values()
+        if record.node == me
+        and record.before_lost is not None
+        and record.pid is not None
+        and runs(record.id)
+    ]
 
 
 def loss_events(state: State, node: str) -> Iterable[ev.PendingEvent]:

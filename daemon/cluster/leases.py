@@ -11,6 +11,7 @@ lease.py for why); ``watch_losses`` reads which nodes hold a lease every
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -53,8 +54,12 @@ async def take_lease(kv: Kv, lease: Lease) -> None:
         return
 
 
-async def keep_lease(kv: Kv, lease: Lease) -> None:
-    """Renew ``lease`` every third of its TTL, forever; ``LeaseLost`` when it cannot."""
+async def keep_lease(
+    kv: Kv, lease: Lease, retaken: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Renew ``lease`` every third of its TTL, forever; ``LeaseLost`` if another daemon
+    wrote it. Expired meanwhile (NATS away for a TTL): taken again once NATS answers,
+    then ``retaken()`` (the node adopts again what the others recorded lost)."""
     node, value = lease.value.node, lease.value.encode()
     while True:
         await trio.sleep(lease.renew_due(trio.current_time()))
@@ -66,15 +71,39 @@ async def keep_lease(kv: Kv, lease: Lease) -> None:
             lease.renew_failed(trio.current_time(), refused=True)
         except (NatsUnavailable, trio.TooSlowError) as exc:
             log.warning("node %s: renewing its lease failed: %s", node, exc)
-            lease.renew_failed(trio.current_time(), refused=False)
-            await trio.sleep(min(1.0, lease.interval / 2))
+            if lease.renew_failed(trio.current_time(), refused=False):
+                log.warning("node %s: its lease expired; taking it again", node)
+                await _take_again(kv, lease)
+                if retaken is not None:
+                    await retaken()
+            else:
+                await trio.sleep(min(1.0, lease.interval / 2))
         else:
             lease.renewed(revision, trio.current_time())
 
 
-async def watch_losses(kv: Kv, store: Store, me: str, interval: float) -> None:
+async def _take_again(kv: Kv, lease: Lease) -> None:
+    while True:
+        try:
+            await take_lease(kv, lease)
+            return
+        except NatsUnavailable as exc:
+            log.warning("node %s: NATS still away: %s", lease.value.node, exc)
+            await trio.sleep(min(1.0, lease.interval))
+
+
+class Membership:
+    """The nodes that held a lease at the last look (this one always): where starts go."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.live: frozenset[str] = frozenset({me})
+
+
+async def watch_losses(kv: Kv, store: Store, membership: Membership, interval: float) -> None:
     """Every ``interval`` s: the nodes that own sandboxes and hold no lease are lost, and
     the recorder among the live ones records their sandboxes MISSING."""
+    me = membership.me
     while True:
         await trio.sleep(interval)
         try:
@@ -82,6 +111,7 @@ async def watch_losses(kv: Kv, store: Store, me: str, interval: float) -> None:
         except NatsUnavailable as exc:
             log.warning("reading the nodes' leases failed: %s", exc)
             continue
+        membership.live = frozenset({*leased, me})
         lost = lost_nodes(store.state, leased, me)
         if not lost or not records_losses(leased, me):
             continue

@@ -16,6 +16,7 @@ from sandboxd.cluster.lease import (
     Wait,
     loss_events,
     lost_nodes,
+    readoption_events,
     records_losses,
 )
 from sandboxd.events import types as ev
@@ -68,15 +69,15 @@ def test_a_lease_renewed_meanwhile_is_another_daemons_with_this_node_id() -> Non
         own.found(4, 2.0)
 
 
-def test_refused_renewal_loses_it_at_once_errors_after_a_whole_ttl() -> None:
+def test_refused_renewal_loses_it_at_once_errors_after_a_whole_ttl_take_it_again() -> None:
     own = lease()
     own.held(1, 0.0)
-    own.renew_failed(2.0, refused=False)  # NATS away for a moment: still ours
-    own.renew_failed(5.9, refused=False)
+    assert own.renew_failed(2.0, refused=False) is False  # NATS away for a moment: still ours
+    assert own.renew_failed(5.9, refused=False) is False
     assert own.phase is Phase.HELD
-    with pytest.raises(LeaseLost, match=r"not renewed for 6\.0 s"):
-        own.renew_failed(6.0, refused=False)
-    assert own.phase is Phase.LOST
+    assert own.renew_failed(6.0, refused=False) is True  # expired for everyone: take it again
+    assert own.phase is Phase.TAKING and own.revision is None
+    assert own.found(None, 7.0) == Create()
     other = lease()
     other.held(1, 0.0)
     with pytest.raises(LeaseLost, match="another daemon wrote it"):
@@ -117,3 +118,10 @@ def test_a_node_with_sandboxes_and_no_lease_is_lost_and_the_first_live_records_i
     assert (record.status, record.pid, record.before_lost) == (Status.MISSING, 50, Status.RUNNING)
     assert lost_nodes(state, {"a", "c"}, "a") == []
     assert list(loss_events(state, "b")) == []
+    # b back (its lease expired while NATS was away): what its actors still run, adopted.
+    assert readoption_events(state, "b", lambda sandbox_id: False) == []
+    again = readoption_events(state, "b", lambda sandbox_id: sandbox_id == "b1")
+    assert [(e.sandbox_id, e.data) for e in again] == [("b1", ev.SandboxAdopted(50))]
+    for event in stamp(again, first_seq=state.head_seq + 1):
+        apply(state, event)
+    assert state.sandboxes["b1"].status is Status.RUNNING

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from sandboxd.cluster.lease import DuplicateNode, Lease, LeaseLost, LeaseValue, Phase
-from sandboxd.cluster.leases import keep_lease, take_lease, watch_losses
+from sandboxd.cluster.leases import Membership, keep_lease, take_lease, watch_losses
 from sandboxd.events import types as ev
 from sandboxd.events.nats.bridge import Kv, connect
 from sandboxd.events.nats.local_cluster import LocalCluster
@@ -94,7 +94,8 @@ async def test_the_first_live_node_records_a_lost_nodes_sandboxes_missing(
             if node == "a":
                 nursery.start_soon(keep_lease, kv, held)
         # b is never renewed: lost within a TTL; a (the first live by name) records it.
-        nursery.start_soon(watch_losses, kv, store, "a", TTL / 4)
+        membership = Membership("a")
+        nursery.start_soon(watch_losses, kv, store, membership, TTL / 4)
         with trio.fail_after(4 * TTL):
             await eventually(
                 lambda: all(
@@ -105,6 +106,7 @@ async def test_the_first_live_node_records_a_lost_nodes_sandboxes_missing(
         s1 = store.state.sandboxes["s1"]
         assert (s1.error, s1.pid, s1.before_lost) == ("node b lost", 77, Status.STARTING)
         assert store.state.sandboxes["s0"].status is Status.STARTING  # a's: a is alive
+        assert membership.live == {"a"}
         # Recorded once: the next rounds find nothing left to record.
         head = store.state.head_seq
         await trio.sleep(TTL)
