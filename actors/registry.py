@@ -275,6 +275,10 @@ class Registry:
         except LogUnavailable as exc:
             raise Unavailable(f"the event log cannot be written now: {exc}") from None
 
+    def holds(self, sandbox_id: str) -> bool:
+        """Whether this daemon has an actor for the sandbox (it runs, or is kept for delete)."""
+        return sandbox_id in self._actors
+
     def adopt(self, record: SandboxRecord, *, tree: SandboxTree | None = None) -> None:
         """Take back a sandbox the log knows of: watch its process again, or keep it for delete.
 

@@ -11,6 +11,11 @@ the projection and the live nodes), the gateway's ``forward`` hook
   request goes there with ``node`` filled in, so that the owner starts it itself.
 - ``sandbox.pause``, ``resume``, ``delete``, ``logs``: on the sandbox's node.
 - Everything else, and a sandbox of no node or of this one: here.
+- A sandbox whose node holds no lease (lost, or gone for good): ``unavailable``
+  while the others have not recorded it MISSING yet; once MISSING, a delete
+  through any node forgets it (``sandbox.deleted``, forced): its processes, if
+  its node ever comes back, belong to no sandbox of the log then, and that
+  node's recovery ends them.
 
 On the wire (core NATS, subject ``rpc.STREAM.NODE``): the request frame of
 protocol.md as the client sent it, with who asked (user id, admin), which the
@@ -38,9 +43,12 @@ from nats.aio.msg import Msg
 
 from sandboxd.actors.errors import NotFound, Unavailable
 from sandboxd.actors.registry import Registry
+from sandboxd.actors.visibility import sees_sandbox
 from sandboxd.cluster.placement import NoSuchNode, place, running_by_node
+from sandboxd.events import types as ev
+from sandboxd.events.backend import Store
 from sandboxd.events.nats.bridge import Nats, NatsUnavailable
-from sandboxd.events.projection import State
+from sandboxd.events.projection import State, Status
 from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
@@ -112,7 +120,7 @@ class Forwarder:
         nats: Nats,
         stream: str,
         me: str,
-        state: Callable[[], State],
+        store: Store,
         live: Callable[[], Collection[str]],
         *,
         answer_within: float,
@@ -120,14 +128,17 @@ class Forwarder:
         self._nats = nats
         self._stream = stream
         self._me = me
-        self._state = state
+        self._store = store
         self._live = live
         self._answer_within = answer_within
 
     async def __call__(self, user: User, request: p.Request) -> tuple[str, str] | None:
-        node = route(self._state(), self._me, self._live(), request)
+        live = self._live()
+        node = route(self._store.state, self._me, live, request)
         if node is None:
             return None
+        if node not in live:
+            return await self._of_a_lost_node(user, request, node)
         if isinstance(request.params, p.SandboxStart) and request.params.node != node:
             request = p.Request(
                 request.id, request.op, _with_node(request.params, node)
@@ -140,6 +151,22 @@ class Forwarder:
             raise Unavailable(f"node {node}, which must answer this, did not: {exc}") from None
         frame = reply.data.decode()
         return frame, _code_of(frame)
+
+    async def _of_a_lost_node(self, user: User, request: p.Request, node: str) -> tuple[str, str]:
+        params = request.params
+        assert isinstance(params, _ON_ITS_NODE)
+        record = self._store.state.sandboxes.get(params.sandbox_id)
+        if record is None or not sees_sandbox(user, record):
+            raise NotFound(f"sandbox {params.sandbox_id} does not exist")
+        if not isinstance(params, p.SandboxDelete) or record.status is not Status.MISSING:
+            raise Unavailable(
+                f"sandbox {record.id} runs on node {node}, which holds no lease: it is recorded"
+                " MISSING within the lease's TTL, and can then be deleted through any node"
+            )
+        await self._store.append(
+            ev.PendingEvent(record.id, user.id, ev.SandboxDeleted(forced=True))
+        )
+        return p.encode_ok(request.id, True), OK
 
 
 def _with_node(params: p.SandboxStart, node: str) -> p.SandboxStart:

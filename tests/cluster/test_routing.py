@@ -20,6 +20,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.nats.bridge import connect
 from sandboxd.events.nats.local_cluster import LocalCluster
 from sandboxd.events.projection import State, Status, apply
+from sandboxd.events.store import open_store
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from tests.actors.test_registry import plain, running
@@ -102,9 +103,7 @@ async def test_forwarded_commands_are_answered_by_the_owners_registry(
     ):
         await nursery.start(serve_forwarded, nats, stream, "a", owner.registry)
         # Node b folds the same stream: here, the owner's own projection stands for it.
-        forward = Forwarder(
-            nats, stream, "b", lambda: owner.registry.state, lambda: {"a"}, answer_within=20
-        )
+        forward = Forwarder(nats, stream, "b", owner.store, lambda: {"a"}, answer_within=20)
 
         async def ask(frame: str) -> tuple[object, str]:
             answered = await forward(ALICE, request(frame))
@@ -139,7 +138,32 @@ async def test_forwarded_commands_are_answered_by_the_owners_registry(
         result, _ = await ask(f'{{"id": 10, "op": "sandbox.delete", "sandbox_id": "{sandbox_id}"}}')
         assert result is True and sandbox_id not in owner.registry.state.sandboxes
         # A node that does not answer: unavailable, at once (no responders) or in time.
-        lost = Forwarder(nats, stream, "b", State, lambda: {"gone"}, answer_within=2)
+        lost = Forwarder(nats, stream, "b", owner.store, lambda: {"gone"}, answer_within=2)
         with pytest.raises(Unavailable, match="node gone, which must answer this, did not"):
             await lost(ALICE, request('{"id": 11, "op": "sandbox.start", "node": "gone"}'))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_nodes_sandbox_is_unavailable_until_missing_then_deleted_anywhere(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    async with connect(nats_cluster.urls) as nats, open_store(tmp_path / "log") as store:
+        await store.append_many(
+            [
+                ev.PendingEvent("s", "alice", ev.SandboxCreated("d", "alice", "/w", 1, node="a")),
+                ev.PendingEvent("s", "alice", ev.SandboxRunning([])),
+            ]
+        )
+        forward = Forwarder(nats, stream_name("R"), "b", store, lambda: {"b"}, answer_within=2)
+        delete = request('{"id": 3, "op": "sandbox.delete", "sandbox_id": "s"}')
+        with pytest.raises(Unavailable, match="node a, which holds no lease"):
+            await forward(ALICE, delete)
+        await store.append(ev.PendingEvent("s", None, ev.SandboxMissing("node a lost", "a")))
+        with pytest.raises(Unavailable, match="holds no lease"):
+            await forward(ALICE, request('{"id": 4, "op": "sandbox.pause", "sandbox_id": "s"}'))
+        with pytest.raises(NotFound):  # not bob's to see
+            await forward(User("bob", admin=False), delete)
+        assert await forward(ALICE, delete) == ('{"id":3,"ok":true,"result":true}', "ok")
+        assert "s" not in store.state.sandboxes
+        forgotten = (await store.read(0))[-1]
+        assert forgotten.data == ev.SandboxDeleted(forced=True) and forgotten.by == "alice"
