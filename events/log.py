@@ -42,7 +42,8 @@ import trio
 from sandboxd.events import framing, segments
 from sandboxd.events.codec import encode, now_ts
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable, only_exception
-from sandboxd.events.segments import Record, Segment
+from sandboxd.events.projection import ProjectionError, State, apply
+from sandboxd.events.segments import Record, Segment, iter_segment
 from sandboxd.events.subscriptions import (
     ALL,
     CaughtUp,
@@ -618,6 +619,11 @@ class EventLog:
         segment.add_known(seq, offset)
         return span.records[0].event
 
+    async def replay(self, state: State, after_seq: int) -> tuple[int, str | None]:
+        """Fold every record after ``after_seq`` into ``state`` (in a worker thread); return
+        how many, and the ts of the last one. (At start-up, before any append.)"""
+        return await trio.to_thread.run_sync(_replay, state, self.snapshot_segments(), after_seq)
+
     def snapshot_segments(self) -> list[Segment]:
         """A copy of the segment table, for blocking reads in a worker thread (replay)."""
         return [
@@ -746,6 +752,29 @@ def _open_files(
     fd = segments.open_for_append(path)
     position = (first_seq, recovered.last) if recovered.last >= 0 else None
     return [*closed, recovered.segment], fd, recovery, position
+
+
+def _replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[int, str | None]:
+    """Fold every record after ``after_seq`` into ``state`` (blocking; in a thread).
+
+    An event the projection refuses stops the replay as a ``CorruptLog``
+    naming its record: the log does not describe a history this code accepts.
+    """
+    count = 0
+    last_ts = None
+    first_seqs = [s.first_seq for s in segment_list]
+    start = max(bisect.bisect_right(first_seqs, after_seq + 1) - 1, 0)
+    for i in range(start, len(segment_list)):
+        segment = segment_list[i]
+        following = segment_list[i + 1] if i + 1 < len(segment_list) else None
+        for offset, (event, _raw) in iter_segment(segment, after_seq, following):
+            try:
+                apply(state, event)
+            except ProjectionError as exc:
+                raise CorruptLog(segment.path, offset, event.seq, str(exc)) from None
+            count += 1
+            last_ts = event.ts
+    return count, last_ts
 
 
 @asynccontextmanager

@@ -303,6 +303,24 @@ class Nats:
 
         return await self._run(fetch)
 
+    async def last_on_subject(self, stream: str, subject: str, answer_within: float = 5.0) -> int:
+        """The seq of the last message on ``subject`` in ``stream``; 0 if it has none."""
+
+        async def fetch() -> int:
+            body = json.dumps({"last_by_subj": subject}).encode()
+            reply = await self.client.request(
+                f"$JS.API.DIRECT.GET.{stream}", body, timeout=answer_within
+            )
+            headers = reply.headers or {}
+            status = headers.get("Status")
+            if status == "404":
+                return 0
+            if status is not None:
+                raise NatsUnavailable(f"direct get: {status} {headers.get('Description', '')}")
+            return int(headers["Nats-Sequence"])
+
+        return await self._run(fetch)
+
     @contextlib.asynccontextmanager
     async def ordered_consumer(
         self,
@@ -461,6 +479,8 @@ async def connect(
             logger.warning("NATS: %s", exc or type(exc).__name__)
 
         async def on_disconnected() -> None:
+            if closing:
+                return
             logger.warning("NATS: disconnected from %s; reconnecting", ", ".join(servers))
 
         async def on_reconnected() -> None:
@@ -468,6 +488,7 @@ async def connect(
             logger.info("NATS: reconnected to %s", url.netloc if url is not None else "?")
 
         client: NatsClient | None = None
+        closing = False
         try:
             client = await bridge.run(
                 nats.connect,
@@ -494,6 +515,7 @@ async def connect(
         try:
             yield connection
         finally:
+            closing = True
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await bridge.run(client.close)
     finally:
