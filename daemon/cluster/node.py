@@ -1,0 +1,133 @@
+"""This daemon as a node of a cluster: its lease, its watch, and routing, wired in one place.
+
+``join_cluster`` is what daemon.py calls when the log is a JetStream stream:
+
+1. connect to NATS (a connection of its own, beside the log's: leases and
+   forwarded requests never wait behind a batch of appends) and take this
+   node's lease, before recovery, so that a second daemon with the same
+   node id is refused before it adopts or marks anything (``DuplicateNode``);
+2. keep the lease, and watch the others' (lease.py's rules, leases.py's I/O);
+3. after recovery, ``Node.serve`` answers what other nodes forward here;
+   ``Node.forward`` is the gateway's hook that forwards what another must answer.
+
+Leaving (the block ends) stops all that and lets the lease expire by itself, so
+that the others see the node gone within a TTL; a graceful stop deletes it at
+once instead, which the others see at their next look: its sandboxes, kept
+running by ``on_shutdown = "keep"``, are then recorded MISSING ("node X lost")
+and adopted again by its next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import trio
+
+from sandboxd.actors.registry import Registry
+from sandboxd.cluster.lease import Lease, LeaseValue, readoption_events
+from sandboxd.cluster.leases import (
+    BUCKET_SUFFIX,
+    Membership,
+    keep_lease,
+    take_lease,
+    watch_losses,
+)
+from sandboxd.cluster.routing import Forwarder, serve_forwarded
+from sandboxd.config import Config
+from sandboxd.events.backend import Store
+from sandboxd.events.errors import LogUnavailable
+from sandboxd.events.nats.bridge import Kv, Nats, NatsUnavailable, connect
+from sandboxd.events.nats.settings import NatsSettings
+
+log = logging.getLogger(__name__)
+
+#: Seconds a forwarded request may take: a start that waits for its sandbox to be ready
+#: (a spec's ready_timeout is 30 s by default), or a delete that waits out stop_timeout.
+ANSWER_WITHIN: Final = 120.0
+
+
+class Node:
+    """This daemon's part in the cluster, while ``join_cluster``'s block runs."""
+
+    def __init__(
+        self,
+        config: Config,
+        settings: NatsSettings,
+        nats: Nats,
+        kv: Kv,
+        store: Store,
+        registry: Registry,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.id = config.node_id
+        self.membership = Membership(config.node_id)
+        self._settings = settings
+        self._nats = nats
+        self._kv = kv
+        self._store = store
+        self._registry = registry
+        self._nursery = nursery
+        self.forward = Forwarder(
+            nats,
+            settings.stream,
+            config.node_id,
+            store,
+            lambda: self.membership.live,
+            answer_within=ANSWER_WITHIN,
+        )
+
+    async def serve(self) -> None:
+        """Answer what other nodes forward here, from now on (after recovery)."""
+        await self._nursery.start(
+            serve_forwarded, self._nats, self._settings.stream, self.id, self._registry
+        )
+
+    async def readopt(self) -> None:
+        """Adopt again what the others recorded lost while this node's lease had lapsed."""
+        events = readoption_events(self._store.state, self.id, self._registry.holds)
+        if not events:
+            return
+        log.warning("node %s: adopting again %d sandboxes recorded lost", self.id, len(events))
+        try:
+            await self._store.append_many(events)
+        except LogUnavailable as exc:
+            log.warning("node %s: recording the adoptions failed: %s", self.id, exc)
+
+    async def leave(self) -> None:
+        """Give the lease up now (a graceful stop): the others need not wait out its TTL."""
+        with trio.move_on_after(2), trio.CancelScope(shield=True):
+            try:
+                await self._kv.delete(self.id)
+            except NatsUnavailable as exc:
+                log.warning("node %s: could not give its lease up: %s", self.id, exc)
+
+
+@asynccontextmanager
+async def join_cluster(
+    config: Config, settings: NatsSettings, store: Store, registry: Registry, *, url: str
+) -> AsyncIterator[Node]:
+    """Connect, take this node's lease (``DuplicateNode`` if another daemon holds it), and
+    keep it and watch the others' while the block runs. ``LeaseLost`` comes out of the block
+    if another daemon writes this node's lease."""
+    async with connect(
+        settings.servers, credentials=settings.credentials, name=f"sandboxd {config.node_id}"
+    ) as nats:
+        kv = await nats.key_value(
+            settings.stream + BUCKET_SUFFIX, ttl=config.lease_ttl, replicas=settings.replicas
+        )
+        lease = Lease(LeaseValue(config.node_id, secrets.token_hex(8), url), config.lease_ttl)
+        with trio.fail_after(3 * config.lease_ttl):
+            await take_lease(kv, lease)
+        log.info("node %s holds its lease (ttl %.1f s)", config.node_id, config.lease_ttl)
+        async with trio.open_nursery() as nursery:
+            node = Node(config, settings, nats, kv, store, registry, nursery)
+            # Where starts may go from the first one on, not from the watch's first look.
+            node.membership.live = frozenset({*await kv.keys(), config.node_id})
+            nursery.start_soon(keep_lease, kv, lease, node.readopt)
+            nursery.start_soon(watch_losses, kv, store, node.membership, lease.interval)
+            yield node
+            nursery.cancel_scope.cancel()
