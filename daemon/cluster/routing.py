@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Forwarded requests one node answers at once; past it they wait in NATS's buffer.
 MAX_FORWARDED: Final = 256
+#: A bound on waiting for this node's fold to reach the stream's head (``_catch_up``).
+CATCH_UP_WITHIN: Final = 2.0
 #: The ops that act on one sandbox's processes: answered by its node.
 _ON_ITS_NODE: Final = (p.SandboxPause, p.SandboxResume, p.SandboxDelete, p.SandboxLogs)
 
@@ -133,6 +135,9 @@ class Forwarder:
         self._answer_within = answer_within
 
     async def __call__(self, user: User, request: p.Request) -> tuple[str, str] | None:
+        sandbox_id = getattr(request.params, "sandbox_id", None)
+        if isinstance(sandbox_id, str) and sandbox_id not in self._store.state.sandboxes:
+            await self._catch_up()
         live = self._live()
         node = route(self._store.state, self._me, live, request)
         if node is None:
@@ -151,6 +156,30 @@ class Forwarder:
             raise Unavailable(f"node {node}, which must answer this, did not: {exc}") from None
         frame = reply.data.decode()
         return frame, _code_of(frame)
+
+    async def _catch_up(self) -> None:
+        """Fold up to the stream's last seq now, at most ``CATCH_UP_WITHIN`` seconds.
+
+        A sandbox this node does not know of may have been created through another
+        node a moment ago (the client's start answered there, this node's fold a few
+        ms behind): an op on it through this node then waits for it, instead of a
+        `not_found` the client could not make sense of. One round trip to NATS, on
+        the path of unknown ids only.
+        """
+        with trio.move_on_after(CATCH_UP_WITHIN):
+            try:
+                info = await self._nats.bridge.run(self._nats.js.stream_info, self._stream)
+            except Exception as exc:  # NATS away: answer from what is folded
+                log.debug("stream info for a catch-up failed: %s", exc)
+                return
+            last = info.state.last_seq
+            if self._store.state.head_seq >= last:
+                return
+            # Folded events come to subscribers after the fold: wait for the last one.
+            async with self._store.subscribe(self._store.state.head_seq) as folded:
+                async for record in folded:
+                    if record.event.seq >= last:
+                        return
 
     async def _of_a_lost_node(self, user: User, request: p.Request, node: str) -> tuple[str, str]:
         params = request.params
