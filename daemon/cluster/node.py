@@ -7,7 +7,7 @@
    node's lease, before recovery, so that a second daemon with the same
    node id is refused before it adopts or marks anything (``DuplicateNode``);
 2. keep the lease, and watch the others' (lease.py's rules, leases.py's I/O);
-3. after recovery, ``Node.serve`` answers what other nodes forward here;
+3. after recovery, ``Node.serve(registry)`` answers what other nodes forward here;
    ``Node.forward`` is the gateway's hook that forwards what another must answer.
 
 Leaving (the block ends) stops all that and lets the lease expire by itself, so
@@ -60,7 +60,6 @@ class Node:
         nats: Nats,
         kv: Kv,
         store: Store,
-        registry: Registry,
         nursery: trio.Nursery,
     ) -> None:
         self.id = config.node_id
@@ -69,7 +68,7 @@ class Node:
         self._nats = nats
         self._kv = kv
         self._store = store
-        self._registry = registry
+        self._registry: Registry | None = None  # once recovery has run: serve()
         self._nursery = nursery
         self.forward = Forwarder(
             nats,
@@ -80,14 +79,18 @@ class Node:
             answer_within=ANSWER_WITHIN,
         )
 
-    async def serve(self) -> None:
+    async def serve(self, registry: Registry) -> None:
         """Answer what other nodes forward here, from now on (after recovery)."""
+        self._registry = registry
         await self._nursery.start(
-            serve_forwarded, self._nats, self._settings.stream, self.id, self._registry
+            serve_forwarded, self._nats, self._settings.stream, self.id, registry
         )
 
     async def readopt(self) -> None:
-        """Adopt again what the others recorded lost while this node's lease had lapsed."""
+        """Adopt again what the others recorded lost while this node's lease had lapsed
+        (before recovery has run there is nothing to adopt again: recovery adopts)."""
+        if self._registry is None:
+            return
         events = readoption_events(self._store.state, self.id, self._registry.holds)
         if not events:
             return
@@ -108,11 +111,11 @@ class Node:
 
 @asynccontextmanager
 async def join_cluster(
-    config: Config, settings: NatsSettings, store: Store, registry: Registry, *, url: str
+    config: Config, settings: NatsSettings, store: Store, *, url: str
 ) -> AsyncIterator[Node]:
-    """Connect, take this node's lease (``DuplicateNode`` if another daemon holds it), and
-    keep it and watch the others' while the block runs. ``LeaseLost`` comes out of the block
-    if another daemon writes this node's lease."""
+    """Connect, take this node's lease (``DuplicateNode`` if another daemon holds it,
+    ``NatsUnavailable`` if NATS does not let it), and keep it and watch the others' while
+    the block runs. ``LeaseLost`` comes out of the block if another daemon writes it."""
     async with connect(
         settings.servers, credentials=settings.credentials, name=f"sandboxd {config.node_id}"
     ) as nats:
@@ -120,11 +123,16 @@ async def join_cluster(
             settings.stream + BUCKET_SUFFIX, ttl=config.lease_ttl, replicas=settings.replicas
         )
         lease = Lease(LeaseValue(config.node_id, secrets.token_hex(8), url), config.lease_ttl)
-        with trio.fail_after(3 * config.lease_ttl):
+        with trio.move_on_after(3 * config.lease_ttl) as waited:
             await take_lease(kv, lease)
+        if waited.cancelled_caught:
+            raise NatsUnavailable(
+                f"node {config.node_id} could not take its lease within"
+                f" {3 * config.lease_ttl:g} s (3 x cluster.lease_ttl)"
+            )
         log.info("node %s holds its lease (ttl %.1f s)", config.node_id, config.lease_ttl)
         async with trio.open_nursery() as nursery:
-            node = Node(config, settings, nats, kv, store, registry, nursery)
+            node = Node(config, settings, nats, kv, store, nursery)
             # Where starts may go from the first one on, not from the watch's first look.
             node.membership.live = frozenset({*await kv.keys(), config.node_id})
             nursery.start_soon(keep_lease, kv, lease, node.readopt)

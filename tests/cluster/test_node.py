@@ -75,9 +75,9 @@ async def node(
             registry = Registry(
                 config, store, SessionKeys.of_state_dir(config.state_dir), nursery, boundary
             )
-            async with join_cluster(config, settings, store, registry, url="") as joined:
+            async with join_cluster(config, settings, store, url="") as joined:
                 await recover(registry)
-                await joined.serve()
+                await joined.serve(registry)
                 yield Running(joined, registry, store)
             nursery.cancel_scope.cancel()
     finally:
