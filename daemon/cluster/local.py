@@ -92,8 +92,11 @@ def _listening(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_nodes(base: Path, nodes: list[tuple[str, int, Path]]) -> Iterator[list[str]]:
-    """The nodes started, listening; stopped (each by its pid) on the way out."""
+def running_nodes(
+    base: Path, nodes: list[tuple[str, int, Path]]
+) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    """The nodes started and listening, each its URL and process; stopped (each by its pid)
+    on the way out."""
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for node, _port, config in nodes:
@@ -112,7 +115,10 @@ def running_nodes(base: Path, nodes: list[tuple[str, int, Path]]) -> Iterator[li
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{node} did not start: see {base / f'{node}.log'}")
                 time.sleep(0.1)
-        yield [f"ws://127.0.0.1:{port}/v1" for _, port, _ in nodes]
+        yield [
+            (f"ws://127.0.0.1:{port}/v1", process)
+            for (_, port, _), process in zip(nodes, processes, strict=True)
+        ]
     finally:
         for process in processes:
             if process.poll() is None:
@@ -134,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with local_cluster(base / "nats") as cluster:
             nodes = write_nodes(base, cluster, token)
-            with running_nodes(base, nodes) as urls:
+            with running_nodes(base, nodes) as running:
+                urls = [url for url, _ in running]
                 print(f"NATS:  {' '.join(cluster.urls)}")
                 for (node, _, config), url in zip(nodes, urls, strict=True):
                     print(f"{node}: {url}  (config {config})")
