@@ -51,6 +51,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from sandboxd.events.errors import LogUnavailable
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ P = ParamSpec("P")
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 
 
-class NatsUnavailable(Exception):
+class NatsUnavailable(LogUnavailable):
     """NATS did not answer (not connected, timed out, no stream leader): try later."""
 
 
