@@ -51,6 +51,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from sandboxd.events.errors import LogUnavailable
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ P = ParamSpec("P")
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 
 
-class NatsUnavailable(Exception):
+class NatsUnavailable(LogUnavailable):
     """NATS did not answer (not connected, timed out, no stream leader): try later."""
 
 
@@ -241,6 +243,47 @@ class Nats:
 
         return await self._run(publish_all)
 
+    async def publish_each(
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        answer_within: float,
+        on_result: Callable[[int, int | BaseException], None],
+    ) -> None:
+        """JetStream-publish each (subject, data, headers) at once, and tell ``on_result``
+        (on the trio thread) each one's seq or error as soon as it comes: a slow ack does
+        not hold up the others. Returns once every one has been told.
+
+        One bridge crossing out for the lot, and one back per turn of the asyncio loop
+        that received acks (not one per ack).
+        """
+        token = trio.lowlevel.current_trio_token()
+        loop = self.bridge.loop
+        done: list[tuple[int, int | BaseException]] = []
+
+        def hand_over() -> None:
+            batch = done.copy()
+            done.clear()
+            token.run_sync_soon(_tell_each, on_result, batch)
+
+        async def one(i: int, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
+            result: int | BaseException
+            try:
+                ack = await self.js.publish(
+                    subject, data, timeout=answer_within, headers=dict(headers) or None
+                )
+                result = ack.seq
+            except Exception as exc:
+                result = _translate(exc)
+            if not done:
+                loop.call_soon(hand_over)
+            done.append((i, result))
+
+        async def publish_all() -> None:
+            await asyncio.gather(*(one(i, *item) for i, item in enumerate(items)))
+
+        # FIFO both ways: every hand-over is queued for trio before this call's return.
+        await self._run(publish_all)
+
     async def publish_atomic(
         self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], answer_within: float
     ) -> int:
@@ -392,6 +435,14 @@ class Nats:
             return await self.bridge.run(fn, *args, **kwargs)
         except Exception as exc:
             raise _translate(exc) from exc
+
+
+def _tell_each(
+    on_result: Callable[[int, int | BaseException], None],
+    batch: list[tuple[int, int | BaseException]],
+) -> None:
+    for i, result in batch:
+        on_result(i, result)
 
 
 class Kv:

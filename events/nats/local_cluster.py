@@ -193,10 +193,12 @@ class LocalCluster:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
 
-    def restart(self, i: int, *, within: float = READY_WITHIN) -> None:
-        """Start server ``i`` again (same ports, same store) and wait for the cluster."""
-        self.kill(i)
-        self._spawn(i)
+    def restart(self, *indices: int, within: float = READY_WITHIN) -> None:
+        """Start these servers again (same ports, same stores), together (one alone has no
+        quorum to be healthy with), and wait until the cluster is healthy."""
+        for i in indices:
+            self.kill(i)
+            self._spawn(i)
         self.wait_healthy(within=within)
 
     def stop(self, grace: float = 5.0) -> None:

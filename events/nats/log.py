@@ -40,6 +40,7 @@ nats-py reconnects on its own and appends work again once the stream does.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import secrets
@@ -48,6 +49,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import nats.js.api as api
 import orjson
 import trio
@@ -135,6 +137,19 @@ class _Ticket:
         return self.last_seq < other.last_seq
 
 
+@attrs.define
+class _Round:
+    """One send of one-event appends, and its retries: what each ack is matched with."""
+
+    tickets: list[_Ticket]
+    items: list[tuple[str, bytes, dict[str, str]]]
+    ts: str
+    todo: list[int]  # indices (into tickets and items) sent in this try
+    retry: list[int] = attrs.Factory(list)
+    last_try: bool = False
+    sent_at: float = 0.0
+
+
 class NatsEventLog:
     """The log on a JetStream stream. Made by ``open_nats_log``."""
 
@@ -163,6 +178,10 @@ class NatsEventLog:
         self._work = trio.Event()
         self._folded = trio.Event()  # set, and replaced, at each fold
         self._waiting: list[_Ticket] = []  # acknowledged, not folded yet: a heap by seq
+        #: Records known stored but not folded yet (a gap before them): by seq; None for a
+        #: message that is no event. Bounded by the appends in flight and what the consumer
+        #: delivers past a gap before the watchdog fills it.
+        self._ahead: dict[int, Record | None] = {}
         self._known_last = 0  # the highest seq known stored (acknowledged or delivered)
         self._last_seq_of: dict[str, int] = {}  # subject -> its last seq, as far as known
         self._state = State()  # the store's, from replay on: which ids were ever created
@@ -288,66 +307,79 @@ class NatsEventLog:
                     await self._send_atomic(ticket)
         finally:
             for ticket in tickets:
-                for pending in ticket.pendings:
-                    self._in_flight.discard(self.settings.subject_of(pending.sandbox_id))
-            self._work.set()
+                self._release(ticket)
+
+    def _release(self, ticket: _Ticket) -> None:
+        """Its subjects are free for the next append to them (its seq is known, or none)."""
+        for pending in ticket.pendings:
+            self._in_flight.discard(self.settings.subject_of(pending.sandbox_id))
+        self._work.set()
 
     async def _send_singles(self, tickets: list[_Ticket]) -> None:
+        """Publish one-event appends together; each is answered as its own ack comes.
+
+        What NATS did not answer (no stream leader for a moment, a connection being
+        made again) is sent again, the same message with the same id, until
+        ``ack_within`` has passed since the first try. That is safe: each message
+        carries a ``Nats-Msg-Id``, and the stream answers a message it already stored
+        (within its duplicate window) with the seq it stored it at, instead of storing
+        it twice or checking its condition again.
+        """
         ts = now_ts()
-        items = []
+        deadline = trio.current_time() + self.settings.ack_within
+        items: list[tuple[str, bytes, dict[str, str]]] = []
         try:
             for ticket in tickets:
                 pending = ticket.pendings[0]
                 subject = self.settings.subject_of(pending.sandbox_id)
                 event = Event(0, ts, pending.sandbox_id, pending.by, pending.data)
-                items.append(
-                    (subject, encode_body(event), await self._condition(pending.sandbox_id))
-                )
-        except (NatsUnavailable, LogUnavailable) as exc:
+                condition = await self._condition(pending.sandbox_id)
+                condition[MSG_ID] = self._next_msg_id()
+                items.append((subject, encode_body(event), condition))
+        except LogUnavailable as exc:
             self._fail_all(tickets, exc)
             return
-        started = trio.current_time()
-        results = await self._publish_retrying(items)
-        if self.on_synced is not None:
-            self.on_synced(trio.current_time() - started)
-        for ticket, (subject, _, _), result in zip(tickets, items, results, strict=True):
-            if isinstance(result, int):
-                pending = ticket.pendings[0]
-                ticket.events = [Event(result, ts, pending.sandbox_id, pending.by, pending.data)]
-                self._acknowledged(ticket, {subject: result}, result)
-            else:
-                self._refused(ticket, subject, result)
-
-    async def _publish_retrying(
-        self, items: list[tuple[str, bytes, dict[str, str]]]
-    ) -> list[int | BaseException]:
-        """Publish; what NATS did not answer (no stream leader for a moment, a connection
-        being made again) is sent again, the same message with the same id, until
-        ``ack_within`` has passed since the first try.
-
-        Sending again is safe: each message carries a ``Nats-Msg-Id``, and the stream
-        answers a message it already stored (within its duplicate window) with the seq it
-        stored it at, instead of storing it twice or checking its condition again.
-        """
-        deadline = trio.current_time() + self.settings.ack_within
-        results: list[int | BaseException] = [NatsUnavailable("not sent")] * len(items)
-        todo = list(range(len(items)))
-        for item in items:
-            item[2][MSG_ID] = self._next_msg_id()
+        round_ = _Round(tickets, items, ts, list(range(len(tickets))))
         while True:
-            left = deadline - trio.current_time()
+            round_.retry = []
+            round_.last_try = trio.current_time() >= deadline - 0.05
+            round_.sent_at = trio.current_time()
+            left = deadline - round_.sent_at
             try:
-                answers = await self.nats.publish_many(
-                    [items[i] for i in todo], answer_within=max(0.05, min(1.0, left))
+                await self.nats.publish_each(
+                    [items[i] for i in round_.todo],
+                    max(0.05, min(1.0, left)),
+                    functools.partial(self._on_result, round_),
                 )
             except NatsUnavailable as exc:
-                answers = [exc] * len(todo)
-            for i, answer in zip(todo, answers, strict=True):
-                results[i] = answer
-            todo = [i for i in todo if isinstance(results[i], NatsUnavailable)]
-            if not todo or trio.current_time() >= deadline:
-                return results
+                unanswered = [
+                    i for i in round_.todo if not (tickets[i].last_seq or tickets[i].done.is_set())
+                ]
+                if round_.last_try:
+                    self._fail_all([tickets[i] for i in unanswered], exc)
+                    return
+                round_.retry = unanswered
+            if not round_.retry:
+                return
+            round_.todo = sorted(round_.retry)
             await trio.sleep(0.02)  # a leader is being elected, or a connection made
+
+    def _on_result(self, round_: _Round, j: int, result: int | BaseException) -> None:
+        """The ack (or error) of the ``j``-th message of this try, as soon as it comes."""
+        i = round_.todo[j]
+        ticket, (subject, _, _) = round_.tickets[i], round_.items[i]
+        if isinstance(result, int):
+            pending = ticket.pendings[0]
+            ticket.events = [Event(result, round_.ts, pending.sandbox_id, pending.by, pending.data)]
+            self._acknowledged(ticket, {subject: result}, result)
+            if self.on_synced is not None:
+                self.on_synced(trio.current_time() - round_.sent_at)
+        elif isinstance(result, NatsUnavailable) and not round_.last_try:
+            round_.retry.append(i)
+            return
+        else:
+            self._refused(ticket, subject, result)
+        self._release(ticket)
 
     def _next_msg_id(self) -> str:
         self._msg_count += 1
@@ -407,8 +439,14 @@ class NatsEventLog:
         ticket.last_seq = last_seq
         if last_seq <= self._head_seq:
             ticket.done.set()
-        else:
-            heapq.heappush(self._waiting, ticket)
+            return
+        heapq.heappush(self._waiting, ticket)
+        # This node knows these events now: they need not wait for the consumer to come
+        # back with them (the bytes are those decode_message makes of the stored body).
+        for event in ticket.events:
+            if event.seq > self._head_seq:
+                self._ahead.setdefault(event.seq, Record(event, encode(event)))
+        self._advance()
 
     def _refused(self, ticket: _Ticket, subject: str | None, error: BaseException) -> None:
         if isinstance(error, WrongLastSequence):
@@ -480,33 +518,37 @@ class NatsEventLog:
             await trio.sleep_forever()
 
     def _delivered(self, messages: list[StreamMessage]) -> None:
-        """A batch from the ordered consumer (on the trio thread): fold what comes next."""
+        """Messages read from the stream (the ordered consumer's, or the watchdog's), on
+        the trio thread: put aside by seq, then fold what comes next."""
         self._known_last = max(self._known_last, messages[-1].seq)
-        fresh = [m for m in messages if m.seq > self._head_seq]
-        if fresh and fresh[0].seq == self._head_seq + 1:
-            self._fold(fresh)
-        # Otherwise a gap (the consumer was made again from further on): the watchdog
-        # reads what is missing, then this resumes.
-
-    def _fold(self, messages: list[StreamMessage]) -> None:
-        records: list[Record] = []
-        expected = self._head_seq + 1
+        head, ahead = self._head_seq, self._ahead
         for message in messages:
-            if message.seq != expected:
-                break
+            if message.seq <= head or message.seq in ahead:
+                continue
             try:
-                record = decode_message(message)
+                ahead[message.seq] = decode_message(message)
             except DecodeError as exc:
                 # Not an event of this code on the stream's subjects: skipped, said once.
                 logger.error("seq %d of stream %s: %s", message.seq, self.settings.stream, exc)
-                expected += 1
-                continue
-            self._note(record.event, record)
-            records.append(record)
-            expected += 1
-        if expected - 1 == self._head_seq:
+                ahead[message.seq] = None
+        self._advance()
+
+    def _advance(self) -> None:
+        """Fold every record put aside that comes next, in seq order: from the consumer, or
+        from this node's own acknowledgements, whichever came first. A gap waits (for the
+        consumer, else the watchdog)."""
+        ahead = self._ahead
+        seq = self._head_seq + 1
+        if seq not in ahead:
             return
-        self._head_seq = expected - 1
+        records: list[Record] = []
+        while seq in ahead:
+            record = ahead.pop(seq)
+            if record is not None:
+                self._note(record.event, record)
+                records.append(record)
+            seq += 1
+        self._head_seq = seq - 1
         if records:
             if self._on_durable is not None:
                 try:
@@ -536,7 +578,7 @@ class NatsEventLog:
                     logger.warning("cannot read the stream to catch up: %s", exc)
                     continue
                 if messages:
-                    self._fold(messages)
+                    self._delivered(messages)
 
     # -- reading ---------------------------------------------------------------------------
 
