@@ -9,7 +9,7 @@ turns one request into its reply frame and never raises.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -71,6 +71,8 @@ class Services:
     #: When the gateway was made (after recovery): server.info's started_at.
     started_at: str
     forward: Forward | None = None
+    #: A cluster's live nodes (those holding a lease), for server.info; None: no cluster.
+    nodes: Callable[[], Collection[str]] | None = None
 
 
 async def answer(
@@ -191,6 +193,8 @@ async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
         boundary=boundary.mode,
         isolation=boundary.isolation,
         limits=boundary.limits_in_force(),
+        node=s.registry.config.node_id,
+        nodes=None if s.nodes is None else sorted(s.nodes()),
     )
     return details, None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -69,6 +69,7 @@ class Gateway:
         *,
         metrics: Metrics | None = None,
         forward: ops.Forward | None = None,
+        nodes: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -79,7 +80,7 @@ class Gateway:
         self.port = config.port
         self.timeouts = Timeouts()
         self.requests = Requests()
-        self._services = ops.Services(registry, event_log, self.started_at, forward)
+        self._services = ops.Services(registry, event_log, self.started_at, forward, nodes)
         self._connections: set[Connection] = set()
         #: Connections open or being opened, per user id: max_connections_per_user.
         self._per_user: Counter[str | None] = Counter()

@@ -77,7 +77,19 @@ class Node:
             store,
             lambda: self.membership.live,
             answer_within=ANSWER_WITHIN,
+            look_again=self.look_again,
         )
+
+    def live_nodes(self) -> frozenset[str]:
+        """The nodes that held a lease at the last look, this one too."""
+        return self.membership.live
+
+    async def look_again(self) -> None:
+        """Read which nodes hold a lease now, not at the watch's next look."""
+        try:
+            self.membership.live = frozenset({*await self._kv.keys(), self.id})
+        except NatsUnavailable as exc:
+            log.warning("reading the nodes' leases failed: %s", exc)
 
     async def serve(self, registry: Registry) -> None:
         """Answer what other nodes forward here, from now on (after recovery)."""
@@ -134,7 +146,7 @@ async def join_cluster(
         async with trio.open_nursery() as nursery:
             node = Node(config, settings, nats, kv, store, nursery)
             # Where starts may go from the first one on, not from the watch's first look.
-            node.membership.live = frozenset({*await kv.keys(), config.node_id})
+            await node.look_again()
             nursery.start_soon(keep_lease, kv, lease, node.readopt)
             nursery.start_soon(watch_losses, kv, store, node.membership, lease.interval)
             yield node

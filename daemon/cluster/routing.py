@@ -34,7 +34,7 @@ beside ``local_start_ms_p50``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Final
 
 import orjson
@@ -126,6 +126,7 @@ class Forwarder:
         live: Callable[[], Collection[str]],
         *,
         answer_within: float,
+        look_again: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._nats = nats
         self._stream = stream
@@ -133,6 +134,8 @@ class Forwarder:
         self._store = store
         self._live = live
         self._answer_within = answer_within
+        #: Read the leases now (the watch reads them every third of a TTL).
+        self._look_again = look_again
 
     async def __call__(self, user: User, request: p.Request) -> tuple[str, str] | None:
         sandbox_id = getattr(request.params, "sandbox_id", None)
@@ -142,6 +145,9 @@ class Forwarder:
         node = route(self._store.state, self._me, live, request)
         if node is None:
             return None
+        if node not in live and self._look_again is not None:
+            await self._look_again()  # back since the watch's last look?
+            live = self._live()
         if node not in live:
             return await self._of_a_lost_node(user, request, node)
         if isinstance(request.params, p.SandboxStart) and request.params.node != node:
