@@ -121,6 +121,29 @@ class Node:
                 log.warning("node %s: could not give its lease up: %s", self.id, exc)
 
 
+async def _take(nats: Nats, settings: NatsSettings, config: Config, lease: Lease) -> Kv:
+    """The leases' bucket, and this node's lease in it. NATS may not answer at once (nodes
+    starting together, the stream's replicas being placed): tried again for a while."""
+    within = max(10.0, 3 * config.lease_ttl)
+    failure: NatsUnavailable | None = None
+    with trio.move_on_after(within):
+        while True:
+            try:
+                kv = await nats.key_value(
+                    settings.stream + BUCKET_SUFFIX,
+                    ttl=config.lease_ttl,
+                    replicas=settings.replicas,
+                )
+                await take_lease(kv, lease)
+                return kv
+            except NatsUnavailable as exc:
+                failure = exc
+                await trio.sleep(0.25)
+    raise NatsUnavailable(
+        f"node {config.node_id} could not take its lease within {within:g} s: {failure}"
+    )
+
+
 @asynccontextmanager
 async def join_cluster(
     config: Config, settings: NatsSettings, store: Store, *, url: str
@@ -131,17 +154,8 @@ async def join_cluster(
     async with connect(
         settings.servers, credentials=settings.credentials, name=f"sandboxd {config.node_id}"
     ) as nats:
-        kv = await nats.key_value(
-            settings.stream + BUCKET_SUFFIX, ttl=config.lease_ttl, replicas=settings.replicas
-        )
         lease = Lease(LeaseValue(config.node_id, secrets.token_hex(8), url), config.lease_ttl)
-        with trio.move_on_after(3 * config.lease_ttl) as waited:
-            await take_lease(kv, lease)
-        if waited.cancelled_caught:
-            raise NatsUnavailable(
-                f"node {config.node_id} could not take its lease within"
-                f" {3 * config.lease_ttl:g} s (3 x cluster.lease_ttl)"
-            )
+        kv = await _take(nats, settings, config, lease)
         log.info("node %s holds its lease (ttl %.1f s)", config.node_id, config.lease_ttl)
         async with trio.open_nursery() as nursery:
             node = Node(config, settings, nats, kv, store, nursery)
