@@ -142,7 +142,14 @@ class Forwarder:
         if isinstance(sandbox_id, str) and sandbox_id not in self._store.state.sandboxes:
             await self._catch_up()
         live = self._live()
-        node = route(self._store.state, self._me, live, request)
+        try:
+            node = route(self._store.state, self._me, live, request)
+        except NotFound:
+            if self._look_again is None:
+                raise
+            await self._look_again()  # a start named a node that joined since the last look?
+            live = self._live()
+            node = route(self._store.state, self._me, live, request)
         if node is None:
             return None
         if node not in live and self._look_again is not None:
