@@ -721,6 +721,24 @@ class NatsEventLog:
         self._subscribers.clear()
 
 
+def _check_stream(settings: NatsSettings, info: Any) -> None:
+    """A stream made before (by another tool, or another version) must fit this log."""
+    config = info.config
+    wanted = f"{settings.stream}.>"
+    problems = []
+    if wanted not in (config.subjects or []):
+        problems.append(f"its subjects are {config.subjects}, not [{wanted!r}]")
+    if not config.allow_direct:
+        problems.append("it does not allow direct gets (allow_direct)")
+    if not config.allow_atomic:
+        problems.append("it does not allow atomic batches (allow_atomic)")
+    if problems:
+        raise LogUnavailable(
+            f"the NATS stream {settings.stream} cannot hold this log: {'; '.join(problems)};"
+            " name another log.nats.stream, or let sandboxd make it"
+        )
+
+
 @asynccontextmanager
 async def open_nats_log(
     settings: NatsSettings,
@@ -739,6 +757,7 @@ async def open_nats_log(
     try:
         async with connect(settings.servers, credentials=settings.credentials, name=name) as nats:
             info = await nats.ensure_stream(stream_config(settings))
+            _check_stream(settings, info)
             state: Any = info.state
             log = NatsEventLog(
                 nats,
