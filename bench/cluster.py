@@ -15,6 +15,9 @@ quorum) and measures, in one run:
   bridge, no fold) publishing the same records, with the same conditions and
   message ids, to the same stream, 256 publishers each awaiting its ack;
   ratio_vs_raw is the first over the second (target >= 0.8);
+- cluster_cpu_us_per_append and nats_raw_cpu_us_per_publish: this process's
+  CPU time (every thread) per append and per publish in those runs: where the
+  difference goes when the machine's cores are the limit;
 - cluster_append_ms_p50_c1: one appender's latency, and bridge_roundtrip_us,
   the asyncio bridge's own cost per crossing.
 
@@ -31,6 +34,7 @@ import asyncio
 import itertools
 import json
 import os
+import resource
 import secrets
 import shutil
 import sys
@@ -85,10 +89,17 @@ def settings_for(cluster: LocalCluster, stream: str) -> NatsSettings:
 # -- ours: the store on the JetStream log -------------------------------------------------
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time so far, every thread's (user and system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def bench_cluster_appends(
     cluster: LocalCluster, state_dir: Path, stream: str, concurrency: int, seconds: float
-) -> tuple[float, list[float]]:
-    """Appends per second through the store; and each append's latency (seconds)."""
+) -> tuple[float, list[float], float]:
+    """Appends per second through the store, each append's latency (seconds), and the
+    process's CPU seconds per append."""
     config = StoreConfig(nats=settings_for(cluster, stream), snapshot_every=0)
     run = secrets.token_hex(3)
     latencies: list[float] = []
@@ -108,12 +119,12 @@ async def bench_cluster_appends(
                     if trio.current_time() >= deadline:
                         return
 
-        started = trio.current_time()
+        started, cpu = trio.current_time(), cpu_seconds()
         async with trio.open_nursery() as nursery:
             for w in range(concurrency):
                 nursery.start_soon(appender, w)
-        elapsed = trio.current_time() - started
-    return count / elapsed, latencies
+        elapsed, cpu = trio.current_time() - started, cpu_seconds() - cpu
+    return count / elapsed, latencies, cpu / count
 
 
 # -- the reference: nats-py alone ---------------------------------------------------------
@@ -121,11 +132,12 @@ async def bench_cluster_appends(
 
 def bench_raw_publish(
     cluster: LocalCluster, stream: str, concurrency: int, seconds: float
-) -> float:
+) -> tuple[float, float]:
     """nats-py publishing the same records (same subjects' shape, bodies, conditions and
-    message ids) to the same stream: the most the client library gives."""
+    message ids) to the same stream: the most the client library gives. Also the process's
+    CPU seconds per publish."""
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         client = await nats.connect(servers=cluster.urls)
         js = client.jetstream()
         run = secrets.token_hex(3)
@@ -153,11 +165,11 @@ def bench_raw_publish(
                     if time.monotonic() >= deadline:
                         return
 
-        started = time.monotonic()
+        started, cpu = time.monotonic(), cpu_seconds()
         await asyncio.gather(*(publisher(w) for w in range(concurrency)))
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, cpu_seconds() - cpu
         await client.close()
-        return count / elapsed
+        return count / elapsed, cpu / count
 
     return asyncio.run(main())
 
@@ -194,21 +206,25 @@ def part_appends(
             pass
 
     trio.run(make_stream)
-    ours: list[float] = []
-    raw: list[float] = []
+    ours: list[tuple[float, float]] = []
+    raw: list[tuple[float, float]] = []
     for round_ in (1, 2):
         step(f"  round {round_}: nats-py alone, {CONCURRENCY} publishers ...")
         raw.append(bench_raw_publish(cluster, stream, CONCURRENCY, seconds))
         step(f"  round {round_}: the store on the JetStream log, {CONCURRENCY} appenders ...")
-        rate, _ = trio.run(
+        rate, _, cpu = trio.run(
             bench_cluster_appends, cluster, base / f"ours-{round_}", stream, CONCURRENCY, seconds
         )
-        ours.append(rate)
-    results["cluster_appends_per_s_c256"] = max(ours)
-    results["nats_raw_publish_per_s_c256"] = max(raw)
-    results["ratio_vs_raw"] = max(ours) / max(max(raw), 1e-9)
+        ours.append((rate, cpu))
+    best_ours, best_raw = max(ours), max(raw)
+    results["cluster_appends_per_s_c256"] = best_ours[0]
+    results["nats_raw_publish_per_s_c256"] = best_raw[0]
+    results["ratio_vs_raw"] = best_ours[0] / max(best_raw[0], 1e-9)
+    # Where the difference goes: this process's CPU per append (both threads) vs nats-py's.
+    results["cluster_cpu_us_per_append"] = best_ours[1] * 1e6
+    results["nats_raw_cpu_us_per_publish"] = best_raw[1] * 1e6
     step("  one appender ...")
-    _, latencies = trio.run(bench_cluster_appends, cluster, base / "c1", stream, 1, seconds)
+    _, latencies, _ = trio.run(bench_cluster_appends, cluster, base / "c1", stream, 1, seconds)
     results["cluster_append_ms_p50_c1"] = median(latencies) * 1000
 
 
@@ -234,6 +250,8 @@ def summary(results: dict[str, Any]) -> list[str]:
             f"  store on JetStream, c256   {results['cluster_appends_per_s_c256']:>10,.0f} /s",
             f"  nats-py alone, c256        {results['nats_raw_publish_per_s_c256']:>10,.0f} /s",
             f"    ours / nats-py           {results['ratio_vs_raw']:>10.2f}  (target >= 0.8)",
+            f"  CPU per append, ours       {results['cluster_cpu_us_per_append']:>10.1f} us",
+            f"  CPU per publish, nats-py   {results['nats_raw_cpu_us_per_publish']:>10.1f} us",
             f"  one append, c1, p50        {results['cluster_append_ms_p50_c1']:>10.2f} ms",
         ]
     if "remote_start_ms_p50" in results:

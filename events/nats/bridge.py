@@ -134,6 +134,7 @@ class StreamMessage:
     seq: int
     subject: str
     data: bytes
+    msg_id: str | None = None  # its Nats-Msg-Id: who sent it, when it was this node
 
 
 @attrs.frozen
@@ -338,7 +339,10 @@ class Nats:
                         )
                     found.append(
                         StreamMessage(
-                            int(headers["Nats-Sequence"]), headers["Nats-Subject"], message.data
+                            int(headers["Nats-Sequence"]),
+                            headers["Nats-Subject"],
+                            message.data,
+                            headers.get("Nats-Msg-Id"),
                         )
                     )
             finally:
@@ -395,7 +399,8 @@ class Nats:
             if not pending:
                 self.bridge.loop.call_soon(hand_over)
             seq = message.metadata.sequence.stream
-            pending.append(StreamMessage(seq, message.subject, message.data))
+            msg_id = message.headers.get("Nats-Msg-Id") if message.headers else None
+            pending.append(StreamMessage(seq, message.subject, message.data, msg_id))
 
         sub = await self._run(
             self.js.subscribe,

@@ -103,6 +103,22 @@ def encode_body(event: Event) -> bytes:
     return encode(event)
 
 
+_BODY_START = b'{"seq":0,'
+
+
+def stored_record(body: bytes, seq: int) -> bytes:
+    """The record readers get of a message body stored at ``seq``: the body with its seq.
+
+    A body this code wrote starts ``{"seq":0,``: the seq is spliced in, with no decoding
+    and encoding again (the same bytes ``encode`` makes of the event with that seq).
+    """
+    if body.startswith(_BODY_START):
+        return b'{"seq":%d,' % seq + body[len(_BODY_START) :]
+    record = orjson.loads(body)
+    record["seq"] = seq
+    return orjson.dumps(record)
+
+
 def decode_message(message: StreamMessage) -> Record:
     """A stored message as the record it is at its seq (raw: the bytes readers get)."""
     try:
@@ -113,7 +129,7 @@ def decode_message(message: StreamMessage) -> Record:
         raise DecodeError("message is not a JSON object")
     record["seq"] = message.seq
     event = event_from_dict(record)
-    return Record(event, orjson.dumps(record))
+    return Record(event, stored_record(message.data, message.seq))
 
 
 class _Ticket:
@@ -186,6 +202,9 @@ class NatsEventLog:
         self._last_seq_of: dict[str, int] = {}  # subject -> its last seq, as far as known
         self._state = State()  # the store's, from replay on: which ids were ever created
         self._in_flight: set[str] = set()
+        #: What this node has sent and not yet heard back about, by message id: a message
+        #: the consumer brings back first is built from it, not decoded.
+        self._sent: dict[str, tuple[Event, bytes]] = {}
         self._folded_bytes = 0
         self._msg_prefix = secrets.token_hex(8)  # this run of this node: message ids unique
         self._msg_count = 0
@@ -334,11 +353,30 @@ class NatsEventLog:
                 subject = self.settings.subject_of(pending.sandbox_id)
                 event = Event(0, ts, pending.sandbox_id, pending.by, pending.data)
                 condition = await self._condition(pending.sandbox_id)
-                condition[MSG_ID] = self._next_msg_id()
-                items.append((subject, encode_body(event), condition))
+                msg_id = condition[MSG_ID] = self._next_msg_id()
+                body = encode_body(event)
+                self._sent[msg_id] = (event, body)
+                items.append((subject, body, condition))
         except LogUnavailable as exc:
+            self._forget(items)
             self._fail_all(tickets, exc)
             return
+        try:
+            await self._publish_singles(tickets, items, ts, deadline)
+        finally:
+            self._forget(items)
+
+    def _forget(self, items: list[tuple[str, bytes, dict[str, str]]]) -> None:
+        for _, _, headers in items:
+            self._sent.pop(headers[MSG_ID], None)
+
+    async def _publish_singles(
+        self,
+        tickets: list[_Ticket],
+        items: list[tuple[str, bytes, dict[str, str]]],
+        ts: str,
+        deadline: float,
+    ) -> None:
         round_ = _Round(tickets, items, ts, list(range(len(tickets))))
         while True:
             round_.retry = []
@@ -371,7 +409,7 @@ class NatsEventLog:
         if isinstance(result, int):
             pending = ticket.pendings[0]
             ticket.events = [Event(result, round_.ts, pending.sandbox_id, pending.by, pending.data)]
-            self._acknowledged(ticket, {subject: result}, result)
+            self._acknowledged(ticket, {subject: result}, result, [round_.items[i][1]])
             if self.on_synced is not None:
                 self.on_synced(trio.current_time() - round_.sent_at)
         elif isinstance(result, NatsUnavailable) and not round_.last_try:
@@ -407,7 +445,7 @@ class NatsEventLog:
             Event(first + i, ts, p.sandbox_id, p.by, p.data) for i, p in enumerate(ticket.pendings)
         ]
         lasts = {subject: first + i for i, (subject, _, _) in enumerate(items)}
-        self._acknowledged(ticket, lasts, last)
+        self._acknowledged(ticket, lasts, last, [body for _, body, _ in items])
 
     async def _condition(self, sandbox_id: str | None) -> dict[str, str]:
         """The header that makes an append conditional on its subject's last seq."""
@@ -431,7 +469,9 @@ class NatsEventLog:
             last = self._last_seq_of.setdefault(subject, found)
         return {EXPECTED_LAST_SUBJECT_SEQ: str(last)}
 
-    def _acknowledged(self, ticket: _Ticket, lasts: dict[str, int], last_seq: int) -> None:
+    def _acknowledged(
+        self, ticket: _Ticket, lasts: dict[str, int], last_seq: int, bodies: list[bytes]
+    ) -> None:
         for subject, seq in lasts.items():
             if seq > self._last_seq_of.get(subject, 0):
                 self._last_seq_of[subject] = seq
@@ -443,9 +483,9 @@ class NatsEventLog:
         heapq.heappush(self._waiting, ticket)
         # This node knows these events now: they need not wait for the consumer to come
         # back with them (the bytes are those decode_message makes of the stored body).
-        for event in ticket.events:
-            if event.seq > self._head_seq:
-                self._ahead.setdefault(event.seq, Record(event, encode(event)))
+        for event, body in zip(ticket.events, bodies, strict=True):
+            if event.seq > self._head_seq and event.seq not in self._ahead:
+                self._ahead[event.seq] = Record(event, stored_record(body, event.seq))
         self._advance()
 
     def _refused(self, ticket: _Ticket, subject: str | None, error: BaseException) -> None:
@@ -523,10 +563,19 @@ class NatsEventLog:
         self._known_last = max(self._known_last, messages[-1].seq)
         head, ahead = self._head_seq, self._ahead
         for message in messages:
-            if message.seq <= head or message.seq in ahead:
+            seq = message.seq
+            if seq <= head or seq in ahead:
+                continue
+            sent = self._sent.get(message.msg_id) if message.msg_id is not None else None
+            if sent is not None:  # this node's own, its ack not come yet: no decoding
+                event, body = sent
+                ahead[seq] = Record(
+                    Event(seq, event.ts, event.sandbox_id, event.by, event.data),
+                    stored_record(body, seq),
+                )
                 continue
             try:
-                ahead[message.seq] = decode_message(message)
+                ahead[seq] = decode_message(message)
             except DecodeError as exc:
                 # Not an event of this code on the stream's subjects: skipped, said once.
                 logger.error("seq %d of stream %s: %s", message.seq, self.settings.stream, exc)
@@ -721,6 +770,24 @@ class NatsEventLog:
         self._subscribers.clear()
 
 
+def _check_stream(settings: NatsSettings, info: Any) -> None:
+    """A stream made before (by another tool, or another version) must fit this log."""
+    config = info.config
+    wanted = f"{settings.stream}.>"
+    problems = []
+    if wanted not in (config.subjects or []):
+        problems.append(f"its subjects are {config.subjects}, not [{wanted!r}]")
+    if not config.allow_direct:
+        problems.append("it does not allow direct gets (allow_direct)")
+    if not config.allow_atomic:
+        problems.append("it does not allow atomic batches (allow_atomic)")
+    if problems:
+        raise LogUnavailable(
+            f"the NATS stream {settings.stream} cannot hold this log: {'; '.join(problems)};"
+            " name another log.nats.stream, or let sandboxd make it"
+        )
+
+
 @asynccontextmanager
 async def open_nats_log(
     settings: NatsSettings,
@@ -739,6 +806,7 @@ async def open_nats_log(
     try:
         async with connect(settings.servers, credentials=settings.credentials, name=name) as nats:
             info = await nats.ensure_stream(stream_config(settings))
+            _check_stream(settings, info)
             state: Any = info.state
             log = NatsEventLog(
                 nats,

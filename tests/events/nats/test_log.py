@@ -295,3 +295,18 @@ def _connected_server(cluster: LocalCluster, store: Store) -> int:
     assert url is not None
     ports = [server.port for server in cluster.servers]
     return ports.index(url.port)
+
+
+async def test_a_stream_that_cannot_hold_the_log_is_refused_naming_why(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    import nats.js.api as api
+
+    from sandboxd.events.nats.bridge import connect
+
+    name = stream_name()
+    async with connect(nats_cluster.urls) as nats:
+        await nats.ensure_stream(api.StreamConfig(name=name, subjects=["other.>"], num_replicas=1))
+    with pytest.raises(LogUnavailable, match=rf"stream {name} cannot hold this log: its subjects"):
+        async with open_store(tmp_path, _config(nats_cluster, name)):
+            pass
