@@ -114,7 +114,7 @@ class Config:
     users: tuple[UserConfig, ...] = ()
     # A cluster's (docs/cluster.md):
     node_id: str = attrs.Factory(default_node_id)  # this daemon's name among its peers
-    lease_ttl: float = 5.0  # seconds a node's lease lasts unless renewed
+    lease_ttl: float = 3.0  # seconds a node's lease lasts unless renewed (failover within ~4 s)
 
     @property
     def sandboxes_dir(self) -> Path:
