@@ -22,7 +22,7 @@ from sandboxd.events.projection import State, apply, state_to_dict
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.events.subscriptions import CaughtUp
 from tests.events.strategies import histories, sample_pending
-from tests.nats_cluster import stream_name
+from tests.nats_cluster import restarted, stream_name
 from tests.support import eventually
 
 
@@ -216,8 +216,7 @@ async def _burst_with_a_kill(
             if len(acknowledged) >= 200:
                 enough.set()
 
-    victim = -1
-    try:
+    with restarted(cluster):
         async with trio.open_nursery() as nursery:
             for w in range(16):
                 nursery.start_soon(writer, w)
@@ -233,9 +232,6 @@ async def _burst_with_a_kill(
             acknowledged.append(await store.append(sample_pending(999_000)))
             resumed_after = trio.current_time() - killed_at
         process.wait()
-    finally:
-        if victim >= 0:
-            cluster.restart(victim)
     return acknowledged, resumed_after
 
 
