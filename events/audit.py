@@ -14,8 +14,9 @@ from typing import TextIO
 
 from sandboxd.events import segments, snapshots
 from sandboxd.events.errors import CorruptLog
+from sandboxd.events.index import Selection
 from sandboxd.events.projection import ProjectionError, State, apply, state_to_dict
-from sandboxd.events.segments import Segment
+from sandboxd.events.segments import Record, Segment
 
 
 class _NoLog(Exception):
@@ -90,12 +91,18 @@ def dump(
     """
     err = err or sys.stderr
     note = None
+    selection = None
+    if sandbox_id is not None or types is not None:
+        selection = Selection(
+            None if sandbox_id is None else frozenset({sandbox_id}),
+            None if types is None else frozenset(types),
+        )
     try:
         for segment, following, segment_note in _checked_segments(state_dir, inspect_all=False):
             note = segment_note or note
             if following is not None and following.first_seq <= after_seq + 1:
                 continue
-            for _offset, (event, raw) in segments.iter_segment(segment, after_seq, following):
+            for event, raw in _records(segment, following, after_seq, selection):
                 if sandbox_id is not None and event.sandbox_id != sandbox_id:
                     continue
                 if types is not None and event.type not in types:
@@ -111,6 +118,41 @@ def dump(
     if note:
         print(f"note: {note}", file=err)
     return 0
+
+
+def _records(
+    segment: Segment, following: Segment | None, after_seq: int, selection: Selection | None
+) -> Iterator[Record]:
+    """The segment's records after ``after_seq``; with a selection, through the segment's
+    index file where it has a good one: only the records that can match are read."""
+    found = None
+    if selection is not None:
+        found = segments.load_index(segment.path, segment.first_seq, segment.end)
+    if found is None or selection is None:
+        for _offset, record in segments.iter_segment(segment, after_seq, following):
+            yield record
+        return
+    postings = found.postings
+    if (
+        postings.end == segment.end
+        and following is not None
+        and postings.next_seq != following.first_seq
+    ):
+        raise CorruptLog(
+            segment.path,
+            postings.end,
+            postings.next_seq,
+            f"the segment ends before seq {postings.next_seq}, "
+            f"the next one starts at {following.first_seq}",
+        )
+    offsets = postings.select(selection.sandbox_ids, selection.types, 0, postings.end)
+    yield from segments.iter_selected(segment.path, offsets, postings.end, after_seq)
+    if postings.end < segment.end:  # the index covers the segment's first frames only
+        rest = Segment(segment.first_seq, segment.path, segment.end, None)
+        rest.add_known(postings.next_seq, postings.end)
+        start = max(after_seq, postings.next_seq - 1)
+        for _offset, record in segments.iter_segment(rest, start, following):
+            yield record
 
 
 def verify(state_dir: Path, out: TextIO) -> int:

@@ -67,6 +67,11 @@ def encode_frame(seq: int, payload: bytes) -> bytes:
     return crc.to_bytes(4, "little") + length_seq + payload
 
 
+def frame_crc(seq: int, payload: bytes) -> int:
+    """The crc a frame of ``payload`` at ``seq`` carries."""
+    return zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(len(payload), seq)))
+
+
 class Stop(enum.Enum):
     END = "end"  # the buffer ends right after a whole frame (or holds none)
     PARTIAL = "partial"  # a frame starts but the buffer ends inside it

@@ -15,15 +15,17 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import attrs
 
-from sandboxd.events import framing
+from sandboxd.events import framing, index
 from sandboxd.events.codec import DecodeError, decode
 from sandboxd.events.errors import CorruptLog
+from sandboxd.events.index import IndexFile, IndexFileError, Postings
 from sandboxd.events.types import Event
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,11 @@ class Record(NamedTuple):
 
 def segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}{SUFFIX}"
+
+
+def index_path(segment_path: Path) -> Path:
+    """Where a segment's index file is: beside it, ``<first seq>.idx``."""
+    return segment_path.with_suffix(index.SUFFIX)
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
@@ -76,10 +83,29 @@ class Segment:
     next_seq: int | None
     index_seqs: list[int] = attrs.Factory(list)
     index_offsets: list[int] = attrs.Factory(list)
+    #: Where its records are by sandbox and type (``index.py``), from the header on;
+    #: None until a filtered read first needs them. Complete once ``postings.end == end``.
+    postings: Postings | None = None
 
     @property
     def indexed(self) -> bool:
         return self.next_seq is not None
+
+    @property
+    def index_path(self) -> Path:
+        return index_path(self.path)
+
+    def seq_index(self) -> list[tuple[int, int]]:
+        return list(zip(self.index_seqs, self.index_offsets, strict=True))
+
+    def merge_index(self, entries: list[tuple[int, int]]) -> None:
+        """Take (seq, offset) entries of the sparse seq index learnt from elsewhere."""
+        if not self.index_seqs:
+            self.index_seqs = [seq for seq, _ in entries]
+            self.index_offsets = [offset for _, offset in entries]
+            return
+        for seq, offset in entries:
+            self.add_known(seq, offset)
 
     def add_index(self, entries: list[tuple[int, int]]) -> None:
         """Add (seq, offset) entries past the last one (as the writer appends)."""
@@ -100,6 +126,11 @@ class Segment:
         if i < 0:
             return framing.HEADER_SIZE, self.first_seq
         return self.index_offsets[i], self.index_seqs[i]
+
+    def bound(self, seq: int) -> int:
+        """An offset past every frame up to ``seq``: the next indexed frame's, or the end."""
+        i = bisect.bisect_right(self.index_seqs, seq)
+        return self.index_offsets[i] if i < len(self.index_seqs) else self.end
 
 
 def create_segment(directory: Path, first_seq: int) -> int:
@@ -222,6 +253,7 @@ def is_torn_creation(path: Path) -> bool:
 
 
 def remove_segment(path: Path) -> None:
+    index_path(path).unlink(missing_ok=True)
     path.unlink()
     fsync_dir(path.parent)
 
@@ -359,3 +391,182 @@ def iter_segment(
             f"the segment ends before seq {next_seq}, the next one starts at {following.first_seq}"
         )
         raise CorruptLog(segment.path, offset, next_seq, reason)
+
+
+# -- index files and filtered reads --------------------------------------------------------
+
+
+def write_index(path: Path, postings: Postings, seq_index: list[tuple[int, int]]) -> None:
+    """Write the index file of the segment at ``path``: its postings (from its header on)
+    and the entries of its sparse seq index for the same frames.
+
+    Written to a temporary file, fsynced and renamed, so a reader finds the
+    old file or the new one; the directory is not fsynced: an index lost in a
+    crash is only rebuilt.
+    """
+    covered = [(seq, offset) for seq, offset in seq_index if offset < postings.end]
+    blob = index.encode_index(postings, covered)
+    final = index_path(path)
+    partial = final.with_name(final.name + ".partial")
+    partial.unlink(missing_ok=True)  # a crash's leftover
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, 0, blob)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, final)
+
+
+def load_index(path: Path, first_seq: int, size: int) -> IndexFile | None:
+    """The index file of the segment at ``path`` (``size`` bytes durable), if there is one
+    that describes it; None if there is none, or it does not match the segment.
+
+    An index is tied to the segment's bytes by its last frame: that frame must be at
+    the offset the index says, end where the index ends, and carry the crc and seq it
+    says. (A crc covers a record's seq and payload, so a segment of another history,
+    say one restored from a backup beside a newer index, does not pass.)
+    """
+    try:
+        blob = index_path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        found = index.decode_index(blob)
+    except IndexFileError as exc:
+        logger.warning("%s: ignoring the index (%s); it will be rebuilt", index_path(path), exc)
+        return None
+    postings = found.postings
+    why = None
+    if postings.first_seq != first_seq:
+        why = f"it is of a segment starting at seq {postings.first_seq}"
+    elif postings.end > size:
+        why = f"it covers {postings.end} bytes, the segment has {size}"
+    elif postings.last is not None:
+        at, crc = postings.last
+        with open(path, "rb", buffering=0) as file:
+            head = os.pread(file.fileno(), framing.FRAME_OVERHEAD, at)
+        if len(head) < framing.FRAME_OVERHEAD:
+            why = f"its last record at offset {at} is past the segment's end"
+        else:
+            frame_crc, length, seq = framing.FRAME_HEADER.unpack(head)
+            if (frame_crc, at + framing.FRAME_OVERHEAD + length, seq) != (
+                crc,
+                postings.end,
+                postings.next_seq - 1,
+            ):
+                why = f"its last record (offset {at}) is not the segment's"
+    if why is not None:
+        logger.warning("%s: ignoring the index (%s); it will be rebuilt", index_path(path), why)
+        return None
+    return found
+
+
+def build_postings(
+    path: Path, start: int, next_seq: int, end: int, chunk_bytes: int = 4 << 20
+) -> IndexFile:
+    """Read the frames of the segment at ``path`` in ``[start, end)`` (``start`` being the
+    frame of ``next_seq``), check and decode each, and index them: their postings and
+    their entries of the sparse seq index. ``CorruptLog`` on a bad record."""
+    postings = Postings(next_seq, start)
+    seq_index: list[tuple[int, int]] = []
+    offset = start
+    with open(path, "rb", buffering=0) as file:
+        while offset < end:
+            frames, found = _read_frames(file.fileno(), path, offset, next_seq, end, chunk_bytes)
+            for at, seq, payload in frames:
+                event = decode_record(path, offset + at, seq, payload).event
+                postings.add(offset + at, event.sandbox_id, event.data.TYPE)
+                if seq % INDEX_EVERY == 0:
+                    seq_index.append((seq, offset + at))
+            at, seq, payload = frames[-1]
+            last = (offset + at, framing.frame_crc(seq, payload))
+            offset += found.end
+            next_seq = found.next_seq
+            postings.advance(offset, next_seq, last)
+    return IndexFile(postings, seq_index)
+
+
+def read_frames_at(
+    path: Path,
+    offsets: list[int],
+    end: int,
+    after_seq: int,
+    until_seq: int,
+    max_bytes: int,
+) -> tuple[list[Record], int]:
+    """Read, check and decode the records at ``offsets`` (frame starts, ascending, all
+    before ``end``), keeping those with ``after_seq < seq <= until_seq``.
+
+    Stops once about ``max_bytes`` of records are in hand; returns them and how many
+    offsets it went through. Nearby records are read in one ``pread`` (a window
+    spans gaps of up to ``GAP`` bytes), a lone one in one of ``SLACK`` bytes, and
+    a record longer than that with one more.
+    """
+    records: list[Record] = []
+    taken = 0
+    used = 0
+    with open(path, "rb", buffering=0) as file:
+        fd = file.fileno()
+        while taken < len(offsets) and used < max_bytes:
+            first = offsets[taken]
+            last = taken
+            while (
+                last + 1 < len(offsets)
+                and offsets[last + 1] - offsets[last] <= GAP
+                and offsets[last + 1] - first < max_bytes
+            ):
+                last += 1
+            window_end = min(end, offsets[last] + SLACK)
+            buf = os.pread(fd, window_end - first, first)
+            for i in range(taken, last + 1):
+                at = offsets[i]
+                frame = _frame_at(fd, path, buf, first, at, end)
+                seq = frame[0]
+                if seq > until_seq:
+                    return records, len(offsets)  # the rest are later still
+                taken = i + 1
+                if seq > after_seq:
+                    records.append(decode_record(path, at, seq, frame[1]))
+                    used += len(frame[1])
+                    if used >= max_bytes:
+                        break
+    return records, taken
+
+
+#: A filtered read reads through gaps this small between records rather than make
+#: another call; a record read alone is read with this much, which most records fit.
+GAP = 16 << 10
+SLACK = 4 << 10
+
+
+def _frame_at(fd: int, path: Path, buf: bytes, base: int, at: int, end: int) -> tuple[int, bytes]:
+    """(seq, payload) of the frame at offset ``at``, from ``buf`` (read from ``base``) or,
+    when it runs past it, from the file; checked against its crc."""
+    pos = at - base
+    if pos + framing.FRAME_OVERHEAD > len(buf):
+        buf, pos = os.pread(fd, framing.FRAME_OVERHEAD, at), 0
+    if len(buf) - pos < framing.FRAME_OVERHEAD:
+        raise CorruptLog(path, at, None, "the index points past the segment's end")
+    crc, length, seq = framing.FRAME_HEADER.unpack_from(buf, pos)
+    stop = at + framing.FRAME_OVERHEAD + length
+    if length == 0 or length > framing.MAX_PAYLOAD or stop > end:
+        raise CorruptLog(path, at, seq, f"impossible record length {length}")
+    if pos + framing.FRAME_OVERHEAD + length > len(buf):
+        buf, pos = os.pread(fd, framing.FRAME_OVERHEAD + length, at), 0
+    body = buf[pos + 4 : pos + framing.FRAME_OVERHEAD + length]
+    if len(body) != 12 + length or zlib.crc32(body) != crc:
+        raise CorruptLog(path, at, seq, "checksum mismatch")
+    return seq, body[12:]
+
+
+def iter_selected(
+    path: Path, offsets: list[int], end: int, after_seq: int = 0, chunk_bytes: int = 4 << 20
+) -> Iterator[Record]:
+    """The records at ``offsets`` (ascending, before ``end``) with seq above ``after_seq``,
+    read ``chunk_bytes`` at a time (blocking: the audit's filtered dump)."""
+    done = 0
+    while done < len(offsets):
+        records, taken = read_frames_at(path, offsets[done:], end, after_seq, 1 << 64, chunk_bytes)
+        yield from records
+        done += taken

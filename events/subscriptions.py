@@ -16,19 +16,32 @@ when it is full, the writer drops its *oldest* batches, never blocks and never
 drops anything the disk does not hold, and the subscription reads the gap
 back from disk. A slow subscriber thus costs the writer one list append per
 batch, and other subscribers nothing.
+
+A subscription whose filter names sandboxes or types (an ``EventFilter``)
+reads its history through the segment index (``index.py``): the records of
+other sandboxes and types are neither read nor decoded, so catching up on one
+sandbox in a long log costs what that sandbox has.
+
+``next_batch`` hands out every matching record that is at hand at once (up
+to a limit) instead of one per call: a reader that forwards records (the
+gateway) pays the task switch once per batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
 
+from sandboxd.events.index import Selection
 from sandboxd.events.segments import Record
 from sandboxd.events.types import Event
+
+if TYPE_CHECKING:
+    from sandboxd.events.log import Page
 
 
 @attrs.frozen
@@ -55,6 +68,15 @@ ALL = EventFilter()
 
 #: What readers take as a filter: an ``EventFilter``, any predicate, or None for all.
 Filter = EventFilter | Callable[[Event], bool] | None
+
+
+def selection_of(event_filter: Filter) -> Selection | None:
+    """What the index can select for ``event_filter``; None when it cannot narrow it."""
+    if not isinstance(event_filter, EventFilter):
+        return None
+    if event_filter.sandbox_ids is None and event_filter.types is None:
+        return None
+    return Selection(event_filter.sandbox_ids, event_filter.types)
 
 
 def matcher(event_filter: Filter) -> Callable[[Event], bool]:
@@ -86,6 +108,8 @@ class _Source(Protocol):
 
     async def read_history(self, after_seq: int, until_seq: int) -> list[Record]: ...
 
+    async def read_selected(self, after_seq: int, until_seq: int, selection: Selection) -> Page: ...
+
     def unsubscribe(self, subscription: Subscription) -> None: ...
 
 
@@ -101,12 +125,16 @@ class Subscription:
     def __init__(self, source: _Source, after_seq: int, event_filter: Filter, limit: int):
         self._source = source
         self._matches = matcher(event_filter)
+        self._selection = selection_of(event_filter)
         self._limit = limit
         #: Every event up to here was delivered or filtered out.
         self.position = after_seq
         self._live: deque[list[Record]] = deque()
         self._live_count = 0
         self._ready: deque[Record] = deque()
+        #: Once ``_ready`` is delivered, every event up to here was (a read through
+        #: the index looks at more seqs than it returns records for).
+        self._passed = after_seq
         self._waiter: trio.lowlevel.Task | None = None
         self._closed = False
         self._caught_up = False
@@ -140,6 +168,7 @@ class Subscription:
         """The log closes: iteration stops; ``position`` says where to resume."""
         self._closed = True
         self._ready.clear()
+        self._passed = self.position  # what was in hand is not passed
         self._live.clear()
         self._live_count = 0
         self._wake()
@@ -186,7 +215,29 @@ class Subscription:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return item
 
-    async def _take(self) -> Record | CaughtUp:
+    async def next_batch(self, max_records: int = 1024) -> list[Record] | CaughtUp:
+        """The next matching records, as many as are at hand (at least one, at most
+        ``max_records``), or the ``CaughtUp`` marker, as ``items()`` would yield them."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._blocked = False
+        first = await self._take()
+        if isinstance(first, CaughtUp):
+            batch: list[Record] | CaughtUp = first
+        else:
+            batch = [first]
+            while len(batch) < max_records and (record := self._take_at_hand()) is not None:
+                batch.append(record)
+        if not self._blocked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
+
+    def batches(self, max_records: int = 1024) -> _Batches:
+        """Iterate over ``next_batch(max_records)`` until the subscription ends."""
+        return _Batches(self, max_records)
+
+    def _take_at_hand(self) -> Record | None:
+        """The next matching record from what is in hand or in the live buffer, if it
+        continues where the subscription stands; None when it would need the disk."""
         while True:
             while self._ready:
                 record = self._ready.popleft()
@@ -197,29 +248,52 @@ class Subscription:
                 self.position = seq
                 if matched:
                     return record
+            if self._passed > self.position:
+                self.position = self._passed
             if self._closed:
-                raise StopAsyncIteration
+                return None
             if self._live and self._live[0][0].event.seq <= self.position + 1:
                 batch = self._live.popleft()
                 self._live_count -= len(batch)
                 self._ready.extend(batch)
                 continue
+            return None
+
+    async def _take(self) -> Record | CaughtUp:
+        while True:
+            record = self._take_at_hand()
+            if record is not None:
+                return record
+            if self._closed:
+                raise StopAsyncIteration
             until = self._live[0][0].event.seq - 1 if self._live else self._source.head_seq
             if self.position < until:
                 self.disk_reads += 1
                 self._blocked = True
-                history = await self._source.read_history(self.position, until)
-                if self._closed:
-                    raise StopAsyncIteration
-                if not history or history[0].event.seq != self.position + 1:
-                    raise RuntimeError(f"the log returned no history after seq {self.position}")
-                self._ready.extend(history)
+                await self._read_history(until)
                 continue
             if not self._caught_up:
                 self._caught_up = True
                 return CaughtUp(self.position)
             self._blocked = True
             await self._wait()
+
+    async def _read_history(self, until: int) -> None:
+        """Put the next records after ``position`` (up to ``until``) from disk in hand."""
+        if self._selection is None:
+            history = await self._source.read_history(self.position, until)
+            passed = history[-1].event.seq if history else self.position
+        else:
+            page = await self._source.read_selected(self.position, until, self._selection)
+            history, passed = page.records, page.next_after_seq
+        if self._closed:
+            raise StopAsyncIteration
+        if passed <= self.position or (
+            self._selection is None and history[0].event.seq != self.position + 1
+        ):
+            raise RuntimeError(f"the log returned no history after seq {self.position}")
+        self._ready.extend(history)
+        self._passed = passed
 
     async def _wait(self) -> None:
         if self._waiter is not None:
@@ -231,6 +305,18 @@ class Subscription:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Batches:
+    def __init__(self, subscription: Subscription, max_records: int):
+        self._subscription = subscription
+        self._max_records = max_records
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[Record] | CaughtUp:
+        return await self._subscription.next_batch(self._max_records)
 
 
 class _Items:
