@@ -113,8 +113,10 @@ def scan(
 
     This is the replay's inner loop: keep it to struct and zlib calls.
     """
-    view = memoryview(buf)
-    size = len(view)
+    # Bytes are sliced as they are (a copy of a few hundred bytes costs less than a
+    # memoryview object); anything else through a memoryview.
+    data = buf if type(buf) is bytes else memoryview(buf)
+    size = len(data)
     unpack = FRAME_HEADER.unpack_from
     crc32 = zlib.crc32
     frames: list[Frame] = []
@@ -130,26 +132,40 @@ def scan(
                 return Scan(pos, last, next_seq, Stop.END, "", 0, frames, index)
             reason = f"{size - pos} bytes, less than a frame header"
             return Scan(pos, last, next_seq, Stop.PARTIAL, reason, FRAME_OVERHEAD, frames, index)
-        crc, length, seq = unpack(view, pos)
-        if length == 0 or length > MAX_PAYLOAD:
-            reason = f"impossible record length {length}"
-            return Scan(pos, last, next_seq, Stop.INVALID, reason, 0, frames, index)
+        crc, length, seq = unpack(data, pos)
         after = pos + FRAME_OVERHEAD + length
-        if after > size:
-            reason = f"a record of {length} bytes that the data ends inside"
-            return Scan(pos, last, next_seq, Stop.PARTIAL, reason, after - pos, frames, index)
-        if check_crc and crc32(view[pos + 4 : after]) != crc:
-            return Scan(pos, last, next_seq, Stop.INVALID, "checksum mismatch", 0, frames, index)
-        if seq != next_seq:
-            reason = f"seq {seq} where {next_seq} was expected"
-            return Scan(pos, last, next_seq, Stop.INVALID, reason, 0, frames, index)
+        if (
+            length == 0
+            or length > MAX_PAYLOAD
+            or after > size
+            or (check_crc and crc32(data[pos + 4 : after]) != crc)
+            or seq != next_seq
+        ):
+            stop, reason, need = _why_not(data, pos, next_seq, check_crc)
+            return Scan(pos, last, next_seq, stop, reason, need, frames, index)
         if collect:
-            frames.append((pos, seq, bytes(view[pos + FRAME_OVERHEAD : after])))
+            payload = data[pos + FRAME_OVERHEAD : after]
+            frames.append((pos, seq, payload if type(payload) is bytes else bytes(payload)))
         if index_every and seq % index_every == 0:
             index.append((seq, pos))
         last = pos
         pos = after
         next_seq += 1
+
+
+def _why_not(
+    data: bytes | memoryview, pos: int, next_seq: int, check_crc: bool
+) -> tuple[Stop, str, int]:
+    """Why the frame at ``pos`` is not the whole valid frame of ``next_seq`` expected there."""
+    crc, length, seq = FRAME_HEADER.unpack_from(data, pos)
+    if length == 0 or length > MAX_PAYLOAD:
+        return Stop.INVALID, f"impossible record length {length}", 0
+    after = pos + FRAME_OVERHEAD + length
+    if after > len(data):
+        return Stop.PARTIAL, f"a record of {length} bytes that the data ends inside", after - pos
+    if check_crc and zlib.crc32(data[pos + 4 : after]) != crc:
+        return Stop.INVALID, "checksum mismatch", 0
+    return Stop.INVALID, f"seq {seq} where {next_seq} was expected", 0
 
 
 def is_frame_at(buf: bytes | memoryview, pos: int, after_seq: int) -> bool:

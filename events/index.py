@@ -18,14 +18,15 @@ and removing them changes nothing but speed.
 An index file ``<segment's name>.idx`` (little-endian)::
 
     "SBXIDX" | format version (u16) | crc32 of the body (u32) | body length (u64)
-    body = meta length (u32) | meta (JSON) | offsets (u64 each)
+    body = meta length (u32) | meta (JSON) | numbers (``width`` bytes each)
 
-``meta`` is ``{"first_seq", "end", "next_seq", "last", "seqs", "sandboxes",
-"types"}``: the frames covered are those before offset ``end``, whose seqs
-run from ``first_seq`` to ``next_seq - 1``; ``last`` is ``[offset, crc]`` of
-the last of them (``null`` if none); ``seqs`` is how many ``(seq, offset)``
-pairs of the segment's sparse seq index follow; ``sandboxes`` and ``types``
-are ``[[key, count], ...]``, in the order their offsets follow the pairs.
+``meta`` is ``{"first_seq", "end", "next_seq", "last", "width", "seqs",
+"sandboxes", "types"}``: the frames covered are those before offset ``end``,
+whose seqs run from ``first_seq`` to ``next_seq - 1``; ``last`` is ``[offset,
+crc]`` of the last of them (``null`` if none); ``width`` is 4 or 8; ``seqs`` is
+how many ``(seq, offset)`` pairs of the segment's sparse seq index the numbers
+start with; ``sandboxes`` and ``types`` are ``[[key, count], ...]``, in the
+order their offsets follow the pairs.
 """
 
 from __future__ import annotations
@@ -204,20 +205,25 @@ def encode_index(postings: Postings, seq_index: Sequence[tuple[int, int]]) -> by
     """An index file's bytes for ``postings`` and the sparse seq index of the same frames."""
     sandboxes = [(key, offsets) for key, offsets in postings.by_sandbox.items() if offsets]
     types = [(key, offsets) for key, offsets in postings.by_type.items() if offsets]
+    # Four bytes an offset when they fit (a segment under 4 GiB: always, unless a
+    # batch of huge records ran it far past segment_bytes), else eight.
+    small = postings.end < 1 << 32 and all(n < 1 << 32 for pair in seq_index for n in pair)
+    width = "I" if small else "Q"
     meta = orjson.dumps(
         {
             "first_seq": postings.first_seq,
             "end": postings.end,
             "next_seq": postings.next_seq,
             "last": postings.last,
+            "width": 4 if width == "I" else 8,
             "seqs": len(seq_index),
             "sandboxes": [[key, len(offsets)] for key, offsets in sandboxes],
             "types": [[key, len(offsets)] for key, offsets in types],
         }
     )
-    numbers = array("Q", itertools.chain.from_iterable(seq_index))
+    numbers = array(width, itertools.chain.from_iterable(seq_index))
     for _key, offsets in itertools.chain(sandboxes, types):
-        numbers.extend(offsets)
+        numbers.extend(offsets if width == "Q" else array(width, offsets))
     if sys.byteorder != "little":
         numbers.byteswap()
     body = _META_LENGTH.pack(len(meta)) + meta + numbers.tobytes()
@@ -241,8 +247,11 @@ def decode_index(blob: bytes) -> IndexFile:
     try:
         (meta_length,) = _META_LENGTH.unpack_from(body, 0)
         meta = orjson.loads(body[_META_LENGTH.size : _META_LENGTH.size + meta_length])
-        numbers = array("Q")
+        width = {4: "I", 8: "Q"}[meta["width"]]
+        numbers = array(width)
         numbers.frombytes(body[_META_LENGTH.size + meta_length :])
+        if width != "Q":
+            numbers = array("Q", numbers)  # in memory, one kind: the writer may go past 4 GiB
         if sys.byteorder != "little":
             numbers.byteswap()
         return _index_from(meta, numbers)
