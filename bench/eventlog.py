@@ -54,7 +54,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.codec import decode, encode, now_ts
 from sandboxd.events.log import CaughtUp, EventLog, _in_thread, open_event_log
 from sandboxd.events.projection import State, apply
-from sandboxd.events.segments import Segment, iter_records, iter_segment
+from sandboxd.events.segments import Segment, iter_decoded, iter_records
 from sandboxd.events.store import StoreConfig, open_store
 
 SANDBOXES = 1000  # the daemon's default limit, all live at once
@@ -260,7 +260,7 @@ def replay_and_snapshot(state_dir: Path, total: int, tail: int) -> dict[str, flo
     started = time.perf_counter()
     for i, segment in enumerate(table):
         following = table[i + 1] if i + 1 < len(table) else None
-        for offset, (event, _raw) in iter_segment(segment, 0, following):
+        for offset, event, _raw in iter_decoded(segment, 0, following):  # as store._replay
             apply(state, event)
             count += 1
             if count == snapshot_at:

@@ -6,9 +6,11 @@ A segment file is a header and then frames, all little-endian::
     frame  = crc32 (u32) | length (u32) | seq (u64) | payload (length bytes)
 
 The payload is one event as ``codec.encode`` wrote it (JSON). The crc32
-(zlib's, which is C-fast and in the standard library) covers length, seq and
-payload, so a frame whose length or seq was damaged fails its check just like
-one whose payload was. The seq in the frame header lets a reader check
+(zlib's CRC-32) covers length, seq and payload, so a frame whose length or
+seq was damaged fails its check just like one whose payload was. It is
+computed by zlib-ng's, which gives the standard library's values about three
+times as fast (SIMD: 50 against 134 ns for a record of 200 bytes, for every
+frame written and read). The seq in the frame header lets a reader check
 contiguity, build a sparse index and find a seq without decoding any JSON.
 
 A length of zero is never written (a payload is a JSON object), so zeroed
@@ -24,9 +26,9 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
 
 import attrs
+from zlib_ng.zlib_ng import crc32 as crc32  # re-exported: segments.py checks frames too
 
 MAGIC = b"SBXLOG"
 FORMAT_VERSION = 1
@@ -63,13 +65,13 @@ def parse_segment_header(buf: bytes | memoryview) -> int:
 
 def encode_frame(seq: int, payload: bytes) -> bytes:
     length_seq = _LENGTH_SEQ.pack(len(payload), seq)
-    crc = zlib.crc32(payload, zlib.crc32(length_seq))
+    crc = crc32(payload, crc32(length_seq))
     return crc.to_bytes(4, "little") + length_seq + payload
 
 
 def frame_crc(seq: int, payload: bytes) -> int:
     """The crc a frame of ``payload`` at ``seq`` carries."""
-    return zlib.crc32(payload, zlib.crc32(_LENGTH_SEQ.pack(len(payload), seq)))
+    return crc32(payload, crc32(_LENGTH_SEQ.pack(len(payload), seq)))
 
 
 class Stop(enum.Enum):
@@ -111,14 +113,13 @@ def scan(
     ``check_crc`` only lengths and seqs are checked: enough to index frames
     that will be checked when they are read.
 
-    This is the replay's inner loop: keep it to struct and zlib calls.
+    This is the replay's inner loop: keep it to struct and crc32 calls.
     """
     # Bytes are sliced as they are (a copy of a few hundred bytes costs less than a
     # memoryview object); anything else through a memoryview.
     data = buf if type(buf) is bytes else memoryview(buf)
     size = len(data)
     unpack = FRAME_HEADER.unpack_from
-    crc32 = zlib.crc32
     frames: list[Frame] = []
     index: list[tuple[int, int]] = []
     pos = start
@@ -163,7 +164,7 @@ def _why_not(
     after = pos + FRAME_OVERHEAD + length
     if after > len(data):
         return Stop.PARTIAL, f"a record of {length} bytes that the data ends inside", after - pos
-    if check_crc and zlib.crc32(data[pos + 4 : after]) != crc:
+    if check_crc and crc32(data[pos + 4 : after]) != crc:
         return Stop.INVALID, "checksum mismatch", 0
     return Stop.INVALID, f"seq {seq} where {next_seq} was expected", 0
 
@@ -177,7 +178,7 @@ def is_frame_at(buf: bytes | memoryview, pos: int, after_seq: int) -> bool:
     if not after_seq < seq <= after_seq + (1 << 32) or length == 0 or length > MAX_PAYLOAD:
         return False
     after = pos + FRAME_OVERHEAD + length
-    return after <= len(buf) and zlib.crc32(memoryview(buf)[pos + 4 : after]) == int(crc)
+    return after <= len(buf) and crc32(memoryview(buf)[pos + 4 : after]) == int(crc)
 
 
 def find_frame(buf: bytes | memoryview, start: int, after_seq: int) -> int | None:

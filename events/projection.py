@@ -37,7 +37,7 @@ class ProjectionError(ValueError):
     """An event that cannot follow the state before it: the log is inconsistent."""
 
 
-class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One sandbox as the log describes it. A msgspec Struct: the fold makes a new one
     for almost every event, and ``msgspec.structs.replace`` does that in C (0.2 us,
     against 1.5 us for an attrs class of 16 fields; bench/eventlog.py's replay)."""
@@ -230,18 +230,27 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
 
 def apply(state: State, event: ev.Event) -> State:
     """Fold one event into ``state`` (in place, see the module's docstring) and return it."""
-    if event.seq <= state.head_seq:
-        raise ProjectionError(f"seq {event.seq} does not follow {state.head_seq}")
+    seq = event.seq
+    if seq <= state.head_seq:
+        raise ProjectionError(f"seq {seq} does not follow {state.head_seq}")
     sandbox_id = event.sandbox_id
     if sandbox_id is not None:
-        after = step(state.sandboxes.get(sandbox_id), event)
-        if after is None:
-            del state.sandboxes[sandbox_id]
+        sandboxes = state.sandboxes
+        data = event.data
+        kind = type(data)
+        record = sandboxes.get(sandbox_id)
+        transition = _TRANSITIONS.get(kind)
+        if transition is not None and record is not None:
+            after = transition(record, data, event.ts, seq)  # step's common case, inline
         else:
-            if type(event.data) is ev.SandboxCreated:
-                state.owners[sandbox_id] = event.data.created_by_user_id
-            state.sandboxes[sandbox_id] = after
-    state.head_seq = event.seq
+            after = step(record, event)
+        if after is None:
+            del sandboxes[sandbox_id]
+        else:
+            if isinstance(data, ev.SandboxCreated):
+                state.owners[sandbox_id] = data.created_by_user_id
+            sandboxes[sandbox_id] = after
+    state.head_seq = seq
     return state
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -375,22 +374,43 @@ def iter_segment(
 
     With ``following``, the segment must end right before that one starts.
     """
+    for offset, event, payload in iter_decoded(segment, after_seq, following, chunk_bytes):
+        yield offset, Record(event, payload)
+
+
+def iter_decoded(
+    segment: Segment,
+    after_seq: int = 0,
+    following: Segment | None = None,
+    chunk_bytes: int = 4 << 20,
+) -> Iterator[tuple[int, Event, bytes]]:
+    """(offset, event, stored bytes) for each record of one segment after ``after_seq``:
+    ``iter_segment`` without a ``Record`` made for each (replay's read)."""
+    path = segment.path
     offset, next_seq = segment.locate(after_seq + 1)
-    with open(segment.path, "rb", buffering=0) as file:
+    with open(path, "rb", buffering=0) as file:
         while offset < segment.end:
             frames, found = _read_frames(
-                file.fileno(), segment.path, offset, next_seq, segment.end, chunk_bytes
+                file.fileno(), path, offset, next_seq, segment.end, chunk_bytes
             )
             for at, seq, payload in frames:
-                if seq > after_seq:
-                    yield offset + at, decode_record(segment.path, offset + at, seq, payload)
+                if seq <= after_seq:
+                    continue
+                try:
+                    event = decode(payload)
+                except DecodeError as exc:
+                    raise CorruptLog(path, offset + at, seq, str(exc)) from None
+                if event.seq != seq:
+                    why = f"the frame says seq {seq}, its record {event.seq}"
+                    raise CorruptLog(path, offset + at, seq, why)
+                yield offset + at, event, payload
             offset += found.end
             next_seq = found.next_seq
     if following is not None and next_seq != following.first_seq:
         reason = (
             f"the segment ends before seq {next_seq}, the next one starts at {following.first_seq}"
         )
-        raise CorruptLog(segment.path, offset, next_seq, reason)
+        raise CorruptLog(path, offset, next_seq, reason)
 
 
 # -- index files and filtered reads --------------------------------------------------------
@@ -555,7 +575,7 @@ def _frame_at(fd: int, path: Path, buf: bytes, base: int, at: int, end: int) -> 
     if pos + framing.FRAME_OVERHEAD + length > len(buf):
         buf, pos = os.pread(fd, framing.FRAME_OVERHEAD + length, at), 0
     body = buf[pos + 4 : pos + framing.FRAME_OVERHEAD + length]
-    if len(body) != 12 + length or zlib.crc32(body) != crc:
+    if len(body) != 12 + length or framing.crc32(body) != crc:
         raise CorruptLog(path, at, seq, "checksum mismatch")
     return seq, body[12:]
 

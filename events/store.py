@@ -36,7 +36,7 @@ from sandboxd.events.projection import (
     copy_state,
     step,
 )
-from sandboxd.events.segments import Segment, iter_segment
+from sandboxd.events.segments import Segment, iter_decoded
 from sandboxd.events.subscriptions import Filter, Subscription
 from sandboxd.events.types import Event, PendingEvent
 
@@ -246,24 +246,24 @@ class Store:
 def _replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[int, str | None]:
     """Fold every record after ``after_seq`` into ``state`` (blocking; in a thread).
 
-    An event the projection refuses stops the replay as a ``CorruptLog``
-    naming its record: the log does not describe a history this code accepts.
+    Returns how many it folded and the ts of the last. An event the projection
+    refuses stops the replay as a ``CorruptLog`` naming its record: the log does
+    not describe a history this code accepts.
     """
-    count = 0
-    last_ts = None
+    event = None
     first_seqs = [s.first_seq for s in segment_list]
     start = max(bisect.bisect_right(first_seqs, after_seq + 1) - 1, 0)
     for i in range(start, len(segment_list)):
         segment = segment_list[i]
         following = segment_list[i + 1] if i + 1 < len(segment_list) else None
-        for offset, (event, _raw) in iter_segment(segment, after_seq, following):
+        for offset, event, _payload in iter_decoded(segment, after_seq, following):
             try:
                 apply(state, event)
             except ProjectionError as exc:
                 raise CorruptLog(segment.path, offset, event.seq, str(exc)) from None
-            count += 1
-            last_ts = event.ts
-    return count, last_ts
+    if event is None:
+        return 0, None
+    return event.seq - after_seq, event.ts  # seqs are contiguous: iter_decoded checks
 
 
 @asynccontextmanager

@@ -25,7 +25,7 @@ import msgspec
 SCHEMA_VERSION = 1
 
 
-class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """What every payload class is: frozen, and strict about its fields when decoded."""
 
     TYPE: ClassVar[str]
@@ -37,7 +37,7 @@ class ExposedUrl:
     url: str
 
 
-class SandboxCreated(_Payload, frozen=True):
+class SandboxCreated(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.created"
     spec_id: str
     created_by_user_id: str | None
@@ -45,7 +45,7 @@ class SandboxCreated(_Payload, frozen=True):
     port: int
 
 
-class ProcessStarted(_Payload, frozen=True):
+class ProcessStarted(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.process_started"
     pid: int
     pgid: int
@@ -53,63 +53,63 @@ class ProcessStarted(_Payload, frozen=True):
     command: list[str]
 
 
-class SandboxRunning(_Payload, frozen=True):
+class SandboxRunning(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.running"
     exposed_urls: list[ExposedUrl]
 
 
-class StartFailed(_Payload, frozen=True):
+class StartFailed(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.start_failed"
     reason: str
     exit_code: int | None
 
 
-class SandboxPaused(_Payload, frozen=True):
+class SandboxPaused(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.paused"
 
 
-class SandboxResumed(_Payload, frozen=True):
+class SandboxResumed(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.resumed"
 
 
-class SandboxUnhealthy(_Payload, frozen=True):
+class SandboxUnhealthy(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.unhealthy"
     reason: str
 
 
-class SandboxHealthy(_Payload, frozen=True):
+class SandboxHealthy(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.healthy"
 
 
-class SandboxExited(_Payload, frozen=True):
+class SandboxExited(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.exited"
     exit_code: int | None
     signal: int | None
 
 
-class SandboxAdopted(_Payload, frozen=True):
+class SandboxAdopted(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.adopted"
     pid: int
 
 
-class SandboxMissing(_Payload, frozen=True):
+class SandboxMissing(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.missing"
     reason: str
 
 
-class SandboxDeleted(_Payload, frozen=True):
+class SandboxDeleted(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.deleted"
     forced: bool
 
 
-class DaemonStarted(_Payload, frozen=True):
+class DaemonStarted(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "daemon.started"
     version: str
     pid: int
     recovered: int
 
 
-class DaemonStopping(_Payload, frozen=True):
+class DaemonStopping(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "daemon.stopping"
     reason: str
 
@@ -154,7 +154,7 @@ BY_TYPE: dict[str, type[Payload]] = {cls.TYPE: cls for cls in PAYLOAD_TYPES}
 EVENT_TYPES: frozenset[str] = frozenset(BY_TYPE)
 
 
-class Event(msgspec.Struct, frozen=True):
+class Event(msgspec.Struct, frozen=True, gc=False):
     """One record of the log: a payload with the place and time the log gave it."""
 
     seq: int
@@ -168,7 +168,7 @@ class Event(msgspec.Struct, frozen=True):
         return self.data.TYPE
 
 
-class PendingEvent(msgspec.Struct, frozen=True):
+class PendingEvent(msgspec.Struct, frozen=True, gc=False):
     """An event handed to the log, before the log has given it a seq and a time."""
 
     sandbox_id: str | None

@@ -70,6 +70,7 @@ GOOD = {
         ({"seq": "3"}, "seq"),
         ({"sandbox_id": 5}, "sandbox_id"),
         ({"v": 99}, "no upcaster"),
+        ({"v": []}, "no upcaster"),  # was a TypeError, not a DecodeError
         ({"extra": True}, "envelope"),
     ],
 )
