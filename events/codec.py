@@ -117,6 +117,7 @@ def _record_type(cls: type[Payload]) -> type[msgspec.Struct]:
         tag_field="type",
         tag=cls.TYPE,
         forbid_unknown_fields=True,
+        gc=False,  # made and dropped once per record: not worth the collector's time
     )
 
 

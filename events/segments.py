@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -291,10 +291,8 @@ def read_span(
     """
     with open(path, "rb", buffering=0) as file:
         while True:
-            frames, found = _read_frames(
-                file.fileno(), path, offset, next_seq, end, max_bytes, until_seq
-            )
-            records = _decode_frames(path, offset, frames, after_seq)
+            found = _read_frames(file.fileno(), path, offset, next_seq, end, max_bytes, until_seq)
+            records = _decode_frames(path, offset, found, after_seq)
             offset += found.end
             next_seq = found.next_seq
             if records or offset >= end or found.stop is framing.Stop.LIMIT:
@@ -309,11 +307,12 @@ def _read_frames(
     end: int,
     max_bytes: int,
     until_seq: int | None = None,
-) -> tuple[list[framing.Frame], framing.Scan]:
+) -> framing.Scan:
+    """The whole frames from ``offset`` on, read and checked (collected into the Scan)."""
     want = min(max_bytes, end - offset)
     buf = os.pread(fd, want, offset)
     found = framing.scan(buf, 0, next_seq, collect=True, last_seq=until_seq)
-    if found.stop is framing.Stop.PARTIAL and not found.frames and offset + found.need <= end:
+    if found.stop is framing.Stop.PARTIAL and not found.offsets and offset + found.need <= end:
         # One record larger than the read window: read exactly that record.
         want = found.need
         buf = os.pread(fd, want, offset)
@@ -323,30 +322,34 @@ def _read_frames(
         raise CorruptLog(path, offset + len(buf), found.next_seq, reason)
     # The records before a bad one are handed out first; the next read starts
     # at the bad one and raises then.
-    if not found.frames and want and found.stop is not framing.Stop.LIMIT:
+    if not found.offsets and want and found.stop is not framing.Stop.LIMIT:
         raise CorruptLog(path, offset + found.end, found.next_seq, found.reason)
-    return found.frames, found
+    return found
 
 
-def _decode_frames(
-    path: Path, offset: int, frames: list[framing.Frame], after_seq: int
-) -> list[Record]:
+def _decode_frames(path: Path, offset: int, found: framing.Scan, after_seq: int) -> list[Record]:
+    skip = max(0, after_seq + 1 - found.first_seq)
+    seqs = range(found.first_seq + skip, found.next_seq)
+    offsets, payloads = found.offsets[skip:], found.payloads[skip:]
     return [
         decode_record(path, offset + at, seq, payload)
-        for at, seq, payload in frames
-        if seq > after_seq
+        for at, seq, payload in zip(offsets, seqs, payloads, strict=True)
     ]
 
 
 def decode_record(path: Path, offset: int, seq: int, payload: bytes) -> Record:
     """Decode one framed payload; a failure names the file, offset and seq."""
+    return Record(_decoded(path, offset, seq, payload), payload)
+
+
+def _decoded(path: Path, offset: int, seq: int, payload: bytes) -> Event:
     try:
         event = decode(payload)
     except DecodeError as exc:
         raise CorruptLog(path, offset, seq, str(exc)) from None
     if event.seq != seq:
         raise CorruptLog(path, offset, seq, f"the frame says seq {seq}, its record {event.seq}")
-    return Record(event, payload)
+    return event
 
 
 def iter_records(
@@ -390,22 +393,55 @@ def iter_decoded(
     offset, next_seq = segment.locate(after_seq + 1)
     with open(path, "rb", buffering=0) as file:
         while offset < segment.end:
-            frames, found = _read_frames(
-                file.fileno(), path, offset, next_seq, segment.end, chunk_bytes
-            )
-            for at, seq, payload in frames:
+            found = _read_frames(file.fileno(), path, offset, next_seq, segment.end, chunk_bytes)
+            for at, seq, payload in found.frames:
+                if seq > after_seq:
+                    yield offset + at, _decoded(path, offset + at, seq, payload), payload
+            offset += found.end
+            next_seq = found.next_seq
+    _check_hand_over(path, offset, next_seq, following)
+
+
+def fold_segment(
+    segment: Segment,
+    fold: Callable[[Event], object],
+    after_seq: int = 0,
+    following: Segment | None = None,
+    *,
+    refused: type[Exception] = ValueError,
+    chunk_bytes: int = 4 << 20,
+) -> Event | None:
+    """Hand each event of one segment after ``after_seq`` to ``fold``, in order, and
+    return the last (None if none): replay's loop, with no generator step nor tuple
+    per record (0.07 us of its 2). ``fold`` raising ``refused`` stops it as a
+    ``CorruptLog`` naming that record."""
+    path = segment.path
+    offset, next_seq = segment.locate(after_seq + 1)
+    event = None
+    with open(path, "rb", buffering=0) as file:
+        while offset < segment.end:
+            found = _read_frames(file.fileno(), path, offset, next_seq, segment.end, chunk_bytes)
+            first = found.first_seq
+            seq = first - 1
+            for payload in found.payloads:  # the frames' seqs are first, first + 1, ...
+                seq += 1
                 if seq <= after_seq:
                     continue
                 try:
                     event = decode(payload)
-                except DecodeError as exc:
-                    raise CorruptLog(path, offset + at, seq, str(exc)) from None
-                if event.seq != seq:
-                    why = f"the frame says seq {seq}, its record {event.seq}"
-                    raise CorruptLog(path, offset + at, seq, why)
-                yield offset + at, event, payload
+                    if event.seq != seq:
+                        raise DecodeError(f"the frame says seq {seq}, its record {event.seq}")
+                    fold(event)
+                except (DecodeError, refused) as exc:
+                    at = offset + found.offsets[seq - first]
+                    raise CorruptLog(path, at, seq, str(exc)) from None
             offset += found.end
             next_seq = found.next_seq
+    _check_hand_over(path, offset, next_seq, following)
+    return event
+
+
+def _check_hand_over(path: Path, offset: int, next_seq: int, following: Segment | None) -> None:
     if following is not None and next_seq != following.first_seq:
         reason = (
             f"the segment ends before seq {next_seq}, the next one starts at {following.first_seq}"
@@ -493,13 +529,13 @@ def build_postings(
     offset = start
     with open(path, "rb", buffering=0) as file:
         while offset < end:
-            frames, found = _read_frames(file.fileno(), path, offset, next_seq, end, chunk_bytes)
-            for at, seq, payload in frames:
-                event = decode_record(path, offset + at, seq, payload).event
+            found = _read_frames(file.fileno(), path, offset, next_seq, end, chunk_bytes)
+            for at, seq, payload in found.frames:
+                event = _decoded(path, offset + at, seq, payload)
                 postings.add(offset + at, event.sandbox_id, event.data.TYPE)
                 if seq % INDEX_EVERY == 0:
                     seq_index.append((seq, offset + at))
-            at, seq, payload = frames[-1]
+            at, seq, payload = found.offsets[-1], found.next_seq - 1, found.payloads[-1]
             last = (offset + at, framing.frame_crc(seq, payload))
             offset += found.end
             next_seq = found.next_seq
