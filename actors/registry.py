@@ -33,6 +33,7 @@ from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.mailbox import Delete, Pause, Resume, Start
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
 from sandboxd.actors.specs import SpecConfig
+from sandboxd.actors.visibility import sees_sandbox as visible
 from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.backend import Store
@@ -55,10 +56,6 @@ class Caller(Protocol):
 
     @property
     def admin(self) -> bool: ...
-
-
-def visible(caller: Caller, record: SandboxRecord) -> bool:
-    return caller.admin or record.created_by_user_id == caller.id
 
 
 class Registry:

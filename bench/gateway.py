@@ -101,6 +101,7 @@ CONFIG = """\
 host = "127.0.0.1"
 port = 0
 state_dir = "{state_dir}"
+max_connections_per_user = 100000  # one user holds every subscriber's connection
 
 [sandboxes]
 port_range = [{low}, {high}]

@@ -44,6 +44,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8765
     state_dir: Path = attrs.Factory(default_state_dir)
+    max_connections_per_user: int = 16  # open websockets per user (docs/operations.md)
     base_working_dir: Path | None = None  # None: STATE_DIR/sandboxes
     port_range: tuple[int, int] = (30000, 39999)
     stop_timeout: float = 10.0
@@ -57,6 +58,8 @@ class Config:
     segment_bytes: int = 64 << 20
     snapshot_every: int = 10_000
     retention: Literal["all", "snapshots"] = "all"
+    metrics_public: bool = False  # GET /metrics without the admin token
+    metrics_per_sandbox: bool = False  # series labelled by sandbox id (unbounded)
     specs: tuple[SpecConfig, ...] = attrs.Factory(lambda: (default_spec(),))
     users: tuple[UserConfig, ...] = ()
 
@@ -172,6 +175,9 @@ _SERVER = {
     "host": lambda k, v: _expect(k, v, str, "a host name or address"),
     "port": _listen_port,
     "state_dir": _path,
+    "max_connections_per_user": _count,
+    "metrics_public": lambda k, v: _expect(k, v, bool, "true or false"),
+    "metrics_per_sandbox": lambda k, v: _expect(k, v, bool, "true or false"),
 }
 _SANDBOXES = {
     "base_working_dir": _path,
@@ -188,6 +194,12 @@ _LOG = {
     "segment_bytes": lambda k, v: _count(k, v, minimum=4096),
     "snapshot_every": lambda k, v: _count(k, v, minimum=0),
     "retention": lambda k, v: _choice(k, v, ("all", "snapshots")),
+}
+#: Which section of the file each Config field is read from (specs and users aside).
+SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "server": frozenset(_SERVER),
+    "sandboxes": frozenset(_SANDBOXES),
+    "log": frozenset(_LOG),
 }
 _SPEC = {
     "id": lambda k, v: _expect(k, v, str, "a string"),

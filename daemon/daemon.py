@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, LogUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
-from sandboxd.gateway.server import Gateway
+from sandboxd.gateway.metrics import Metrics
+from sandboxd.gateway.server import Gateway, Listeners
 from sandboxd.state_dir import open_state_dir
 
 log = logging.getLogger("sandboxd")
@@ -53,9 +54,16 @@ def raise_open_files_limit() -> None:
 
 
 async def run_daemon(
-    config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    listeners: Listeners | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway."""
+    """Run until SIGTERM or SIGINT, then stop gracefully; ``started`` gives the gateway.
+
+    The gateway serves ``listeners`` if given (tests pass in-memory ones), else TCP
+    on config.host and config.port.
+    """
     raise_open_files_limit()
     with (
         open_state_dir(config.state_dir, config.sandboxes_dir),
@@ -74,10 +82,16 @@ async def run_daemon(
             snapshot_every=config.snapshot_every,
             retention=config.retention,
         )
+        metrics = Metrics(
+            specs=[spec.id for spec in config.specs], per_sandbox=config.metrics_per_sandbox
+        )
         async with (
-            _open_store(config.state_dir, store_config) as store,
+            _open_store(config.state_dir, store_config, metrics.observe_events) as store,
             trio.open_nursery() as actors,
         ):
+            # Counted from the first event of this run on: recovery's come next.
+            metrics.watch_log(store.state, store.log)
+            store.log.on_synced = metrics.observe_sync
             registry = Registry(config, store, keys, actors)
             try:
                 recovered = (await recover(registry)).rebuilt
@@ -92,11 +106,14 @@ async def run_daemon(
                     "free some space (or fix the disk) and start again"
                 ) from None
             async with trio.open_nursery() as front:
-                gateway = Gateway(config, registry, store.log, authenticator)
-                await front.start(gateway.serve)
+                gateway = Gateway(config, registry, store.log, authenticator, metrics=metrics)
+                await front.start(gateway.serve, listeners)
                 log.info(
-                    "sandboxd %s listening on ws://%s:%d/v1 (state in %s, %d sandboxes recovered)",
+                    "sandboxd %s listening on ws://%s:%d/v1, dashboard at http://%s:%d/"
+                    " (state in %s, %d sandboxes recovered)",
                     __version__,
+                    config.host,
+                    gateway.port,
                     config.host,
                     gateway.port,
                     config.state_dir,
@@ -113,14 +130,16 @@ async def run_daemon(
 
 
 @asynccontextmanager
-async def _open_store(state_dir: Path, store_config: StoreConfig) -> AsyncIterator[Store]:
+async def _open_store(
+    state_dir: Path, store_config: StoreConfig, on_applied: Callable[[list[ev.Event]], None]
+) -> AsyncIterator[Store]:
     """``open_store``, and a damaged log said in one sentence: the daemon does not start on it.
 
     (Only opening raises ``CorruptLog`` here: readers get theirs, and the tasks
     of the body would raise theirs inside an exception group.)
     """
     try:
-        async with open_store(state_dir, store_config) as store:
+        async with open_store(state_dir, store_config, on_applied=on_applied) as store:
             yield store
     except CorruptLog as damage:
         raise DaemonError(

@@ -229,5 +229,14 @@ def _compare_snapshot(
         return
     if snapshot.anchor_ts != ts:
         notes.append(f"{path}: taken after another event at seq {snapshot.seq} (not used)")
-    elif state_to_dict(snapshot.state) != state_to_dict(state):
+        return
+    held, folded = state_to_dict(snapshot.state), state_to_dict(state)
+    if snapshot.format < snapshots.FORMAT_VERSION:
+        # Its owners were upcast to the safe side: they differ from the fold by design.
+        notes.append(
+            f"{path}: in snapshot format {snapshot.format}, which knows each sandbox's last"
+            " owner only (the daemon replays the log instead while the log reaches seq 1)"
+        )
+        del held["owners"], folded["owners"]
+    if held != folded:
         bad.append(f"{path}: its state differs from the fold of the log up to seq {snapshot.seq}")

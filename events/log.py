@@ -28,6 +28,7 @@ import bisect
 import functools
 import logging
 import os
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -186,6 +187,9 @@ class EventLog:
         self._closed = False
         self._damage_reported: set[tuple[Path, int]] = set()
         self.failed_batches = 0
+        # Metrics hook (issue 13): called with the seconds each batch's write and
+        # fdatasync took, timed in the thread that does them.
+        self.on_synced: Callable[[float], None] | None = None
 
     # -- state -----------------------------------------------------------------------
 
@@ -205,8 +209,26 @@ class EventLog:
         return self._head_position
 
     @property
+    def segment_count(self) -> int:
+        """Segment files on disk (a metric)."""
+        return len(self._segments)
+
+    @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
+
+    # Metrics hook (issue 13): read at scrape time.
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the segment files the log holds, up to their durable ends."""
+        return sum(segment.end for segment in self._segments)
+
+    @property
+    def subscriber_lag(self) -> int:
+        """Events the slowest subscriber has yet to pass: head_seq minus its position."""
+        # 0 when none lags (a subscription may start past the head).
+        return max([0, *(self._head_seq - s.position for s in self._subscribers)])
 
     # -- appending ---------------------------------------------------------------------
 
@@ -357,7 +379,9 @@ class EventLog:
             active = self._active
         offset = active.end
         try:
-            await _in_thread(segments.append_durably, self._fd, offset, batch.data)
+            seconds = await _in_thread(
+                _timed, segments.append_durably, self._fd, offset, batch.data
+            )
         except OSError:
             try:
                 await _in_thread(segments.cut_back, self._fd, offset)
@@ -365,6 +389,8 @@ class EventLog:
                 logger.error("could not cut the segment back after a failed write: %s", exc)
                 self._needs_cut = True
             raise
+        if self.on_synced is not None:
+            self.on_synced(seconds)
 
     async def _roll(self, first_seq: int) -> None:
         """Start a new segment; the old one is complete and durable, and its index is
@@ -596,11 +622,13 @@ class EventLog:
         assert segment.next_seq is not None
         return Page(records, min(until_seq, segment.next_seq - 1))
 
-    async def read_history(self, after_seq: int, until_seq: int) -> list[Record]:
+    async def read_history(
+        self, after_seq: int, until_seq: int, max_bytes: int = READ_BYTES
+    ) -> list[Record]:
         """Some durable records from ``after_seq + 1`` on, none past ``until_seq``.
 
         At least one when ``after_seq < until_seq <= head_seq``; at most about
-        ``READ_BYTES`` of them. The subscriptions' and ``read_page``'s step.
+        ``max_bytes`` of them. The subscriptions' and ``read_page``'s step.
         """
         if after_seq + 1 < self.oldest_seq:
             await trio.lowlevel.checkpoint()
@@ -622,7 +650,7 @@ class EventLog:
                 offset,
                 at,
                 segment.end,
-                READ_BYTES,
+                max_bytes,
                 after_seq,
                 until_seq,
             )
@@ -763,11 +791,15 @@ class EventLog:
         event_filter: Filter = None,
         *,
         buffer: int | None = None,
+        page_bytes: int = READ_BYTES,
+        gate: trio.CapacityLimiter | None = None,
     ) -> Subscription:
         """Every matching event with seq above ``after_seq``, once, in order, history then live.
 
         ``after_seq=None`` means only what comes next. Raises ``Gone`` if
-        ``after_seq`` is older than the retained log.
+        ``after_seq`` is older than the retained log. ``buffer`` bounds the
+        live buffer (events), ``page_bytes`` each history read, and ``gate``
+        when records may be in hand (see subscriptions.py).
         """
         if self._closing:
             raise LogUnavailable("the log is closed")
@@ -777,7 +809,9 @@ class EventLog:
         if start + 1 < self.oldest_seq:
             raise Gone(self.oldest_seq)
         limit = self._subscriber_buffer if buffer is None else buffer
-        subscription = Subscription(self, start, event_filter, limit)
+        subscription = Subscription(
+            self, start, event_filter, limit, page_bytes=page_bytes, gate=gate
+        )
         self._subscribers.add(subscription)
         return subscription
 
@@ -838,6 +872,13 @@ def _uncancellable(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
 def _is_whole(segment: Segment) -> bool:
     """Whether the segment's postings cover all of it."""
     return segment.postings is not None and segment.postings.end == segment.end
+
+
+def _timed(fn: Callable[..., object], *args: Any) -> float:
+    """Call ``fn(*args)``; return the seconds it took."""
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
 
 
 def _open_files(

@@ -16,8 +16,9 @@ sees it change under it.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import msgspec
@@ -64,15 +65,35 @@ class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
         return self.pid is not None
 
 
+class Incarnation(NamedTuple):
+    """One life of a sandbox id: from its ``sandbox.created`` at ``created_seq``, owned by
+    ``owner`` (None: the embedded admin), until the id's next creation or forever."""
+
+    created_seq: int
+    owner: str | None
+
+
 @attrs.define
 class State:
     """Every sandbox that is not deleted, in creation order, and the seq folded so far."""
 
     sandboxes: dict[str, SandboxRecord] = attrs.Factory(dict)
     head_seq: int = 0
-    #: Who created every sandbox ever created, deleted ones included: their events stay
-    #: in the log, visible to their owner. One small entry per sandbox.
-    owners: dict[str, str | None] = attrs.Factory(dict)
+    #: Every life of every sandbox id ever created, oldest first, deleted ones included:
+    #: their events stay in the log, visible to whoever owned the id *then*, even once
+    #: another user has created it again. One small entry per sandbox created; tuples,
+    #: so that a shallow copy of the map (copy_state) is a full one.
+    owners: dict[str, tuple[Incarnation, ...]] = attrs.Factory(dict)
+
+
+def incarnation_at(state: State, sandbox_id: str, seq: int) -> Incarnation | None:
+    """The life of ``sandbox_id`` that an event at ``seq`` belongs to: the one created
+    last at or before ``seq``; None if the id was not created by then."""
+    # Newest first: an id is seldom created more than once, so this is one comparison.
+    for incarnation in reversed(state.owners.get(sandbox_id, ())):
+        if incarnation.created_seq <= seq:
+            return incarnation
+    return None
 
 
 _evolve = msgspec.structs.replace
@@ -248,7 +269,8 @@ def apply(state: State, event: ev.Event) -> State:
             del sandboxes[sandbox_id]
         else:
             if isinstance(data, ev.SandboxCreated):
-                state.owners[sandbox_id] = data.created_by_user_id
+                born = Incarnation(seq, data.created_by_user_id)
+                state.owners[sandbox_id] = (*state.owners.get(sandbox_id, ()), born)
             sandboxes[sandbox_id] = after
     state.head_seq = seq
     return state
@@ -263,7 +285,10 @@ def state_to_dict(state: State) -> dict[str, Any]:
     return {
         "head_seq": state.head_seq,
         "sandboxes": [msgspec.to_builtins(r) for r in state.sandboxes.values()],
-        "owners": dict(state.owners),
+        # {id: [[created_seq, owner], ...]}, oldest first.
+        "owners": {
+            sandbox_id: [list(i) for i in lives] for sandbox_id, lives in state.owners.items()
+        },
     }
 
 
@@ -272,4 +297,23 @@ def state_from_dict(raw: dict[str, Any]) -> State:
     owners = raw["owners"]
     if not isinstance(owners, dict):
         raise ValueError("owners must be an object")
-    return State({r.id: r for r in records}, int(raw["head_seq"]), owners)
+    return State(
+        {r.id: r for r in records},
+        int(raw["head_seq"]),
+        {sandbox_id: _incarnations(sandbox_id, lives) for sandbox_id, lives in owners.items()},
+    )
+
+
+def _incarnations(sandbox_id: str, raw: Any) -> tuple[Incarnation, ...]:
+    if type(raw) is not list or not all(
+        type(life) is list
+        and len(life) == 2
+        and type(life[0]) is int
+        and (life[1] is None or type(life[1]) is str)
+        for life in raw
+    ):
+        raise ValueError(f"owners[{sandbox_id!r}] must be a list of [seq, owner] pairs")
+    lives = tuple(Incarnation(seq, owner) for seq, owner in raw)
+    if any(older.created_seq >= newer.created_seq for older, newer in itertools.pairwise(lives)):
+        raise ValueError(f"owners[{sandbox_id!r}] must be in increasing seq order")
+    return lives

@@ -19,6 +19,14 @@ header and body agree on the seq, and (checked by the store, which has the
 log) the log still holds the very event it was taken after: same seq, same
 ts. A snapshot that fails is set aside (renamed ``.rejected``), never used.
 
+Format 2 keeps every life of a sandbox id with its owner (``State.owners``);
+format 1 kept one owner per id, the last, which cannot tell whose an event of a
+reused id was. A format 1 snapshot still loads, its owners upcast to the safe
+side (a live sandbox's current life is known; the lives of deleted ids are
+dropped, so their events are an admin's alone), and ``Snapshot.format`` says so:
+the store uses it only when the log no longer reaches back to seq 1, and
+otherwise replays the whole log, which gives every owner exactly.
+
 Everything here blocks: the store calls it in worker threads.
 """
 
@@ -41,7 +49,9 @@ from sandboxd.events.segments import fsync_dir
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SBXSNAP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this code reads; older ones are upcast (see the module's docstring).
+READABLE_FORMATS = (1, 2)
 HEADER = struct.Struct("<7sBIQ")
 SUFFIX = ".snap"
 
@@ -57,6 +67,7 @@ class Snapshot:
     position: tuple[int, int] | None  # (segment's first seq, offset) of that event's record
     state: State
     path: Path
+    format: int = FORMAT_VERSION  # of the file; below FORMAT_VERSION, its state was upcast
 
 
 def snapshot_name(seq: int) -> str:
@@ -83,8 +94,9 @@ def decode_snapshot(blob: bytes, path: Path) -> Snapshot:
     magic, version, crc, length = HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise SnapshotError("not a sandboxd snapshot")
-    if version != FORMAT_VERSION:
-        raise SnapshotError(f"snapshot format version {version}, this code reads {FORMAT_VERSION}")
+    if version not in READABLE_FORMATS:
+        readable = " and ".join(map(str, READABLE_FORMATS))
+        raise SnapshotError(f"snapshot format version {version}, this code reads {readable}")
     body = memoryview(blob)[HEADER.size :]
     if len(body) != length:
         raise SnapshotError(f"the body is {len(body)} bytes, the header says {length}")
@@ -93,7 +105,7 @@ def decode_snapshot(blob: bytes, path: Path) -> Snapshot:
     try:
         raw: Any = orjson.loads(body)
         seq, anchor_ts, position = raw["seq"], raw["anchor_ts"], raw.get("position")
-        state = state_from_dict(raw["state"])
+        state = state_from_dict(raw["state"] if version > 1 else _upcast_v1(raw["state"]))
     except Exception as exc:  # a checksummed body that does not decode: written by a bug
         raise SnapshotError(f"the body does not decode: {exc!r}") from None
     if type(seq) is not int or seq != state.head_seq:
@@ -107,7 +119,18 @@ def decode_snapshot(blob: bytes, path: Path) -> Snapshot:
         if type(first_seq) is not int or type(offset) is not int:
             raise SnapshotError("position is not a pair of integers")
         position = (first_seq, offset)
-    return Snapshot(seq, anchor_ts, position, state, path)
+    return Snapshot(seq, anchor_ts, position, state, path, version)
+
+
+def _upcast_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1's ``owners`` ({id: last owner}) as format 2's lives, on the safe side."""
+    born = {record["id"]: record["created_seq"] for record in state["sandboxes"]}
+    owners = {
+        sandbox_id: [[born[sandbox_id], owner]]
+        for sandbox_id, owner in state["owners"].items()
+        if sandbox_id in born
+    }
+    return {**state, "owners": owners}
 
 
 def write_snapshot(directory: Path, seq: int, blob: bytes) -> Path:

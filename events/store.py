@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -79,6 +79,7 @@ class Store:
         self._snapshot_seq = 0  # the seq the newest snapshot written or loaded covers
         self._snapshot_due = trio.Event()
         self._snapshotting = trio.Lock()
+        self._on_applied: Callable[[list[Event]], None] | None = None
         self.snapshots_written = 0
 
     @property
@@ -143,6 +144,8 @@ class Store:
         every = self.config.snapshot_every
         if every and state.head_seq - self._snapshot_seq >= every:
             self._snapshot_due.set()
+        if self._on_applied is not None:
+            self._on_applied(events)
 
     async def _rebuild(self) -> None:
         """Newest trustworthy snapshot, then the tail of the log after it."""
@@ -189,6 +192,11 @@ class Store:
     async def _distrust(self, snapshot: snapshots.Snapshot) -> str | None:
         """Why the log does not back this snapshot up, or None if it does."""
         log = self.log
+        if snapshot.format < snapshots.FORMAT_VERSION and log.oldest_seq <= 1:
+            return (
+                f"it is in snapshot format {snapshot.format}, which knows only each sandbox's"
+                " last owner; the whole log is replayed instead"
+            )
         if snapshot.seq == 0:
             return None
         if snapshot.seq < log.oldest_seq:
@@ -265,10 +273,17 @@ def replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[i
 
 
 @asynccontextmanager
-async def open_store(state_dir: Path, config: StoreConfig = StoreConfig()) -> AsyncIterator[Store]:
+async def open_store(
+    state_dir: Path,
+    config: StoreConfig = StoreConfig(),
+    *,
+    on_applied: Callable[[list[Event]], None] | None = None,
+) -> AsyncIterator[Store]:
     """Open the log, rebuild the state, and keep both current until exit.
 
-    On a clean exit a last snapshot is taken, so the next start-up replays nothing.
+    ``on_applied`` (the metrics) is called after each durable batch has been folded
+    into ``store.state``, before its appenders are answered. On a clean exit a last
+    snapshot is taken, so the next start-up replays nothing.
     """
     if config.snapshot_every < 0 or config.snapshots_kept < 1:
         raise ValueError("snapshot_every must be >= 0 and snapshots_kept >= 1")
@@ -283,6 +298,7 @@ async def open_store(state_dir: Path, config: StoreConfig = StoreConfig()) -> As
         ) as log:
             store._log = log
             await store._rebuild()
+            store._on_applied = on_applied
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store._snapshot_when_due)
                 yield store

@@ -17,6 +17,21 @@ drops anything the disk does not hold, and the subscription reads the gap
 back from disk. A slow subscriber thus costs the writer one list append per
 batch, and other subscribers nothing.
 
+What a subscription holds in memory:
+
+- its live buffer: at most ``limit`` events, and the same record objects as
+  every other subscription's (the writer hands each the same batch), so all
+  subscriptions together hold the newest ``limit`` events once, plus pointers;
+- the records in hand: one history read of at most ``page_bytes`` of stored
+  records (decoded, they take about five times that), or one live batch.
+
+A subscription given a ``gate`` (a ``trio.CapacityLimiter``) takes records in
+hand only while it holds one of the gate's tokens, and gives it back once it
+has delivered them: a connection of many subscriptions that its client does
+not read holds as many pages as its gate has tokens, not one per
+subscription. Tokens go round in turn (the limiter is fair), so no
+subscription of the gate starves.
+
 A subscription whose filter names sandboxes or types (an ``EventFilter``)
 reads its history through the segment index (``index.py``): the records of
 other sandboxes and types are neither read nor decoded, so catching up on one
@@ -46,10 +61,11 @@ if TYPE_CHECKING:
 
 @attrs.frozen
 class EventFilter:
-    """Which events a reader wants; ``None`` means any.
+    """Which events a reader wants; ``None`` means any. The one filter of reads and
+    subscriptions: the gateway builds one per request.
 
-    ``visible`` is the gateway's per-user check (a user sees only the events of
-    the sandboxes it created); it must be cheap and must not block.
+    ``visible`` is the reader's view (the gateway's is actors/visibility.py's
+    ``sees_event`` for the user); it must be cheap and must not block.
     """
 
     sandbox_ids: frozenset[str] | None = None
@@ -106,9 +122,13 @@ class _Source(Protocol):
     @property
     def head_seq(self) -> int: ...
 
-    async def read_history(self, after_seq: int, until_seq: int) -> list[Record]: ...
+    async def read_history(
+        self, after_seq: int, until_seq: int, max_bytes: int
+    ) -> list[Record]: ...
 
-    async def read_selected(self, after_seq: int, until_seq: int, selection: Selection) -> Page: ...
+    async def read_selected(
+        self, after_seq: int, until_seq: int, selection: Selection, max_bytes: int
+    ) -> Page: ...
 
     def unsubscribe(self, subscription: Subscription) -> None: ...
 
@@ -122,11 +142,23 @@ class Subscription:
     past the retained log raises ``Gone``. One task at a time may iterate.
     """
 
-    def __init__(self, source: _Source, after_seq: int, event_filter: Filter, limit: int):
+    def __init__(
+        self,
+        source: _Source,
+        after_seq: int,
+        event_filter: Filter,
+        limit: int,
+        *,
+        page_bytes: int,
+        gate: trio.CapacityLimiter | None = None,
+    ):
         self._source = source
         self._matches = matcher(event_filter)
         self._selection = selection_of(event_filter)
         self._limit = limit
+        self._page_bytes = page_bytes
+        self._gate = gate
+        self._holding = False  # one of the gate's tokens, while records are in hand
         #: Every event up to here was delivered or filtered out.
         self.position = after_seq
         self._live: deque[list[Record]] = deque()
@@ -147,6 +179,11 @@ class Subscription:
     def buffered(self) -> int:
         """Events held in the live buffer (bounded by the limit)."""
         return self._live_count
+
+    @property
+    def in_hand(self) -> int:
+        """Records taken from the live buffer or the disk and not yet delivered."""
+        return len(self._ready)
 
     @property
     def closed(self) -> bool:
@@ -171,6 +208,7 @@ class Subscription:
         self._passed = self.position  # what was in hand is not passed
         self._live.clear()
         self._live_count = 0
+        self._let_go()
         self._wake()
 
     def _wake(self) -> None:
@@ -237,10 +275,13 @@ class Subscription:
 
     def _take_at_hand(self) -> Record | None:
         """The next matching record from what is in hand or in the live buffer, if it
-        continues where the subscription stands; None when it would need the disk."""
+        continues where the subscription stands (and the gate lets it take a batch in
+        hand at once); None when it would need the disk or to wait."""
         while True:
             while self._ready:
                 record = self._ready.popleft()
+                if not self._ready:
+                    self._let_go()  # the last record in hand: the next page is another's turn
                 seq = record.event.seq
                 if seq <= self.position:
                     continue
@@ -252,7 +293,11 @@ class Subscription:
                 self.position = self._passed
             if self._closed:
                 return None
-            if self._live and self._live[0][0].event.seq <= self.position + 1:
+            if (
+                self._live
+                and self._live[0][0].event.seq <= self.position + 1
+                and (self._holding or self._hold_now())
+            ):
                 batch = self._live.popleft()
                 self._live_count -= len(batch)
                 self._ready.extend(batch)
@@ -265,13 +310,20 @@ class Subscription:
             if record is not None:
                 return record
             if self._closed:
+                self._let_go()
                 raise StopAsyncIteration
+            live = bool(self._live) and self._live[0][0].event.seq <= self.position + 1
             until = self._live[0][0].event.seq - 1 if self._live else self._source.head_seq
-            if self.position < until:
+            if live or self.position < until:
+                if not self._holding and not await self._hold():
+                    continue  # it waited for its turn: look again at what there is now
+                if live:
+                    continue  # in hand now: _take_at_hand takes it
                 self.disk_reads += 1
                 self._blocked = True
                 await self._read_history(until)
                 continue
+            self._let_go()
             if not self._caught_up:
                 self._caught_up = True
                 return CaughtUp(self.position)
@@ -281,12 +333,15 @@ class Subscription:
     async def _read_history(self, until: int) -> None:
         """Put the next records after ``position`` (up to ``until``) from disk in hand."""
         if self._selection is None:
-            history = await self._source.read_history(self.position, until)
+            history = await self._source.read_history(self.position, until, self._page_bytes)
             passed = history[-1].event.seq if history else self.position
         else:
-            page = await self._source.read_selected(self.position, until, self._selection)
+            page = await self._source.read_selected(
+                self.position, until, self._selection, self._page_bytes
+            )
             history, passed = page.records, page.next_after_seq
         if self._closed:
+            self._let_go()
             raise StopAsyncIteration
         if passed <= self.position or (
             self._selection is None and history[0].event.seq != self.position + 1
@@ -294,6 +349,32 @@ class Subscription:
             raise RuntimeError(f"the log returned no history after seq {self.position}")
         self._ready.extend(history)
         self._passed = passed
+
+    def _hold_now(self) -> bool:
+        """Take a token of the gate if one is free at once (and none is waited for)."""
+        if self._gate is not None:
+            try:
+                self._gate.acquire_on_behalf_of_nowait(self)
+            except trio.WouldBlock:
+                return False
+        self._holding = True
+        return True
+
+    async def _hold(self) -> bool:
+        """Take a token of the gate: True if it was free at once, False after waiting."""
+        if self._hold_now():
+            return True
+        assert self._gate is not None
+        self._blocked = True
+        await self._gate.acquire_on_behalf_of(self)
+        self._holding = True
+        return False
+
+    def _let_go(self) -> None:
+        if self._holding:
+            self._holding = False
+            if self._gate is not None:
+                self._gate.release_on_behalf_of(self)
 
     async def _wait(self) -> None:
         if self._waiter is not None:

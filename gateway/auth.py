@@ -163,17 +163,3 @@ def _read_token(path: Path) -> str:
     if not token:
         raise ValueError(f"{path} is empty; delete it and a new admin token is made on start")
     return token
-
-
-def can_see(user: User, created_by_user_id: str | None) -> bool:
-    """Whether ``user`` may see a sandbox (or its events) created by that user id.
-
-    Another user's sandbox must look exactly like one that does not exist, so
-    callers answer ``not_found``/``null`` when this is false.
-    """
-    return user.admin or (user.id is not None and user.id == created_by_user_id)
-
-
-def mask_env(env: Mapping[str, str], user: User) -> dict[str, str]:
-    """A spec's environment as ``user`` may see it: the keys, but values only for admins."""
-    return dict(env) if user.admin else dict.fromkeys(env, "***")

@@ -18,7 +18,6 @@ from typing import Any, Final, TextIO
 import orjson
 import trio
 
-from sandboxd.actors.info import SandboxInfo
 from sandboxd.config import default_state_dir
 from sandboxd.events.codec import event_to_dict
 from sandboxd.events.projection import Status
@@ -34,6 +33,7 @@ from sandboxd.gateway.client import (
     StartFailedError,
     open_client,
 )
+from sandboxd.gateway.protocol import SandboxInfo
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/v1"
 EXIT_ERROR: Final = 1

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, Final, TypeVar
 
-import attrs
 import orjson
 import trio
 from trio_websocket import (
@@ -33,10 +32,64 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from sandboxd.actors.info import SandboxInfo, SpecInfo
-from sandboxd.events import codec
-from sandboxd.events.types import BY_TYPE, SCHEMA_VERSION, Event
+from sandboxd.events.types import Event
 from sandboxd.gateway import protocol as p
+from sandboxd.gateway.protocol import (
+    AuthenticationError,
+    BadRequestError,
+    BusyError,
+    ClientError,
+    ConflictError,
+    ConnectError,
+    ConnectionLostError,
+    EventPage,
+    GoneError,
+    InternalError,
+    LimitExceededError,
+    Logs,
+    MalformedFrameError,
+    NotFoundError,
+    SandboxInfo,
+    SearchPage,
+    ServerDetails,
+    SpecInfo,
+    StartFailedError,
+    UnavailableError,
+    UnknownOpError,
+    calls,
+    decode_event,
+    error_from_reply,
+)
+
+# The protocol's model, which this client speaks: importable from here as well.
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "BusyError",
+    "Client",
+    "ClientError",
+    "ConflictError",
+    "ConnectError",
+    "ConnectionLostError",
+    "EventPage",
+    "GoneError",
+    "InternalError",
+    "LimitExceededError",
+    "Logs",
+    "MalformedFrameError",
+    "NotFoundError",
+    "SandboxInfo",
+    "SearchPage",
+    "ServerDetails",
+    "SpecInfo",
+    "StartFailedError",
+    "Subscription",
+    "UnavailableError",
+    "UnknownOpError",
+    "decode_event",
+    "error_from_reply",
+    "open_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,165 +102,6 @@ RECONNECT_FIRST_DELAY: Final = 0.1
 RECONNECT_MAX_DELAY: Final = 5.0
 #: ... and after this many failed attempts in a row the subscription gives up.
 RECONNECT_ATTEMPTS: Final = 10
-
-_ENVELOPE = ("v", "seq", "ts", "type", "sandbox_id", "by", "data")
-
-
-# --- Errors: one type per code ----------------------------------------------------------
-
-
-class ClientError(Exception):
-    """Base of everything this client raises; ``str()`` is the one-sentence reason."""
-
-    code: ClassVar[str | None] = None
-
-    def __init__(self, message: str, error: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        #: The whole error object of the reply, for fields a newer server adds.
-        self.error: Mapping[str, Any] = error or {}
-
-
-class ConnectError(ClientError):
-    """The daemon cannot be reached, or refused the handshake."""
-
-    def __init__(self, message: str, url: str) -> None:
-        super().__init__(message)
-        self.url = url
-
-
-class AuthenticationError(ConnectError):
-    """The daemon refused the token (HTTP 401)."""
-
-
-class ConnectionLostError(ClientError):
-    """The connection dropped before the reply came; the op may or may not have happened."""
-
-
-class BadRequestError(ClientError):
-    code = "bad_request"
-
-
-class UnknownOpError(ClientError):
-    code = "unknown_op"
-
-
-class NotFoundError(ClientError):
-    code = "not_found"
-
-
-class ConflictError(ClientError):
-    code = "conflict"
-
-
-class StartFailedError(ClientError):
-    code = "start_failed"
-
-    def __init__(self, message: str, error: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message, error)
-        raw = self.error.get("sandbox")
-        #: The sandbox that failed to start, status ERROR (None if the server sent none).
-        self.sandbox: SandboxInfo | None = (
-            None if raw is None else p.converter.structure(raw, SandboxInfo)
-        )
-
-
-class LimitExceededError(ClientError):
-    code = "limit_exceeded"
-
-
-class GoneError(ClientError):
-    code = "gone"
-
-    def __init__(self, message: str, error: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message, error)
-        oldest = self.error.get("oldest_seq")
-        #: The oldest seq the log still holds.
-        self.oldest_seq: int | None = oldest if isinstance(oldest, int) else None
-
-
-class BusyError(ClientError):
-    code = "busy"
-
-
-class UnavailableError(ClientError):
-    code = "unavailable"
-
-
-class InternalError(ClientError):
-    code = "internal"
-
-
-_ERRORS: Final[dict[str, type[ClientError]]] = {
-    cls.code: cls
-    for cls in (
-        BadRequestError,
-        UnknownOpError,
-        NotFoundError,
-        ConflictError,
-        StartFailedError,
-        LimitExceededError,
-        GoneError,
-        BusyError,
-        UnavailableError,
-        InternalError,
-    )
-    if cls.code is not None
-}
-
-
-def error_from_reply(error: Mapping[str, Any]) -> ClientError:
-    """The exception for a reply's error object; an unknown code gives a plain ClientError."""
-    code = error.get("code")
-    message = str(error.get("message") or code or "the server gave no reason")
-    cls = _ERRORS.get(code) if isinstance(code, str) else None
-    return ClientError(message, error) if cls is None else cls(message, error)
-
-
-# --- Results that are not SandboxInfo or SpecInfo ---------------------------------------
-
-
-@attrs.frozen
-class SearchPage:
-    items: list[SandboxInfo]
-    next_page_id: str | None
-
-
-@attrs.frozen
-class Logs:
-    data: str
-    truncated: bool
-
-
-@attrs.frozen
-class ServerInfo:
-    version: str
-    protocol: int
-    user: str | None
-    admin: bool
-    head_seq: int
-    started_at: str
-
-
-@attrs.frozen
-class EventPage:
-    events: list[Event]
-    next_after_seq: int
-
-
-def decode_event(raw: Mapping[str, Any]) -> Event | None:
-    """An event of the wire; None for a type this client does not know (a newer server's)."""
-    record = {key: raw[key] for key in _ENVELOPE if key in raw}
-    # The server forwards its log's records, which carry "v"; one that does
-    # not is of the current version. Fields beyond the envelope are extensions.
-    record.setdefault("v", SCHEMA_VERSION)
-    try:
-        return codec.event_from_dict(record)
-    except codec.DecodeError as exc:
-        if raw.get("type") not in BY_TYPE:
-            log.debug("skipping event %s of unknown type %r", raw.get("seq"), raw.get("type"))
-            return None
-        raise ClientError(f"event {raw.get('seq')} is not what protocol.md says: {exc}") from exc
 
 
 # --- Connecting -------------------------------------------------------------------------
@@ -267,8 +161,12 @@ def _connect_error(exc: BaseException, url: str) -> ConnectError | None:
     if isinstance(exc, ConnectionRejected):
         if exc.status_code == 401:
             return AuthenticationError(f"sandboxd at {url} refused the token (HTTP 401)", url)
+        # The body says why (404: the path; 429: too many connections of this user).
+        why = (exc.body or b"").decode("utf-8", "replace").strip()
         return ConnectError(
-            f"sandboxd at {url} refused the connection (HTTP {exc.status_code})", url
+            f"sandboxd at {url} refused the connection (HTTP {exc.status_code}"
+            + (f": {why})" if why else ")"),
+            url,
         )
     if isinstance(exc, OSError | HandshakeError | ConnectionClosed):
         return ConnectError(f"cannot reach sandboxd at {url}: {exc or type(exc).__name__}", url)
@@ -317,11 +215,11 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 class _Pending:
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.reply: dict[str, Any] | None = None
+        self.reply: p.Reply | None = None
 
 
 class Client:
-    """Made by open_client; each method is one op of protocol.md."""
+    """Made by open_client; each method is one op of protocol.md (protocol.calls)."""
 
     def __init__(self, nursery: trio.Nursery, ws: WebSocketConnection, url: str, token: str):
         self._nursery = nursery
@@ -340,14 +238,14 @@ class Client:
     async def _read_replies(self) -> None:
         try:
             while True:
-                frame = orjson.loads(await self._ws.get_message())
-                request_id = frame.get("id") if isinstance(frame, dict) else None
-                pending = self._pending.pop(request_id, None) if type(request_id) is int else None
-                if pending is not None:
-                    pending.reply = frame
-                    pending.done.set()
-                # Anything else is a frame of a subscription made with request():
+                frame = p.parse_frame(await self._ws.get_message())
+                # Anything but a reply is a frame of a subscription made with request():
                 # subscribe() has a connection of its own.
+                if isinstance(frame, p.Reply) and type(frame.id) is int:
+                    pending = self._pending.pop(frame.id, None)
+                    if pending is not None:
+                        pending.reply = frame
+                        pending.done.set()
         except ConnectionClosed as exc:
             reason = exc.reason
             self._lost = f"the connection to {self.url} closed" + (
@@ -355,44 +253,46 @@ class Client:
                 if reason is not None
                 else ""
             )
-        except orjson.JSONDecodeError:
-            self._lost = f"{self.url} sent a frame that is not a protocol reply"
+        except MalformedFrameError as exc:
+            self._lost = f"{self.url} sent a frame that is not a protocol reply: {exc}"
             await self.aclose()
         for pending in self._pending.values():
             pending.done.set()
         self._pending.clear()
 
+    async def call(self, call: p.Call[T]) -> T:
+        """Send one op and return its typed result, or raise the error of its reply."""
+        return call.result(await self._exchange(call.op, call.encode))
+
     async def request(self, op: str, params: Mapping[str, Any] | None = None) -> Any:
-        """Send one request and return its result, or raise the error of its reply."""
+        """Any op, unchecked: its result as JSON, or the error of its reply raised."""
+
+        def encode(request_id: int) -> str:
+            return orjson.dumps({"id": request_id, "op": op, **(params or {})}).decode()
+
+        reply = await self._exchange(op, encode)
+        if not reply.ok:
+            raise reply.exception()
+        return reply.result
+
+    async def _exchange(self, op: str, encode: Callable[[int], str]) -> p.Reply:
         async with self._slots:
             if self._lost is not None:
                 raise ConnectionLostError(self._lost)
             request_id = next(self._ids)
             pending = self._pending[request_id] = _Pending()
-            frame = orjson.dumps({"id": request_id, "op": op, **(params or {})}).decode()
             try:
-                await self._ws.send_message(frame)
+                await self._ws.send_message(encode(request_id))
                 await pending.done.wait()
             except ConnectionClosed:
                 pass
             finally:
                 self._pending.pop(request_id, None)
-            reply = pending.reply
-            if reply is None:
+            if pending.reply is None:
                 raise ConnectionLostError(
                     self._lost or f"the connection to {self.url} closed before the reply to {op}"
                 )
-        if reply.get("ok") is True:
-            return reply.get("result")
-        error = reply.get("error")
-        raise error_from_reply(error if isinstance(error, dict) else {})
-
-    async def _call(self, params: p.Params) -> Any:
-        body = p.converter.unstructure(params)
-        return await self.request(params.OP, {k: v for k, v in body.items() if v is not None})
-
-    async def _typed(self, params: p.Params, cls: type[T]) -> T:
-        return _structure(await self._call(params), cls, params.OP)
+            return pending.reply
 
     # -- sandboxes ----------------------------------------------------------------------
 
@@ -404,28 +304,20 @@ class Client:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
     ) -> SandboxInfo:
-        params = _build(
-            p.SandboxStart,
-            spec_id=spec_id,
-            sandbox_id=sandbox_id,
-            env=None if env is None else dict(env),
-            wait=wait,
+        return await self.call(
+            calls.start(spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait)
         )
-        return await self._typed(params, SandboxInfo)
 
     async def get(self, sandbox_id: str) -> SandboxInfo | None:
-        result = await self._call(_build(p.SandboxGet, sandbox_id=sandbox_id))
-        return None if result is None else _structure(result, SandboxInfo, p.SandboxGet.OP)
+        return await self.call(calls.get(sandbox_id))
 
     async def batch_get(self, sandbox_ids: list[str]) -> list[SandboxInfo | None]:
-        params = _build(p.SandboxBatchGet, sandbox_ids=list(sandbox_ids))
-        return await self._typed(params, list[SandboxInfo | None])
+        return await self.call(calls.batch_get(sandbox_ids))
 
     async def search(
         self, *, page_id: str | None = None, limit: int = 100, status: str | None = None
     ) -> SearchPage:
-        params = _build(p.SandboxSearch, page_id=page_id, limit=limit, status=status)
-        return await self._typed(params, SearchPage)
+        return await self.call(calls.search(page_id=page_id, limit=limit, status=status))
 
     async def search_all(self, *, status: str | None = None) -> AsyncIterator[SandboxInfo]:
         """Every visible sandbox, newest first, page by page."""
@@ -439,29 +331,27 @@ class Client:
             page_id = page.next_page_id
 
     async def pause(self, sandbox_id: str) -> SandboxInfo:
-        return await self._typed(_build(p.SandboxPause, sandbox_id=sandbox_id), SandboxInfo)
+        return await self.call(calls.pause(sandbox_id))
 
     async def resume(self, sandbox_id: str) -> SandboxInfo:
-        return await self._typed(_build(p.SandboxResume, sandbox_id=sandbox_id), SandboxInfo)
+        return await self.call(calls.resume(sandbox_id))
 
     async def delete(self, sandbox_id: str) -> bool:
-        return await self._typed(_build(p.SandboxDelete, sandbox_id=sandbox_id), bool)
+        return await self.call(calls.delete(sandbox_id))
 
     async def logs(self, sandbox_id: str, *, tail_bytes: int = 65536) -> Logs:
-        params = _build(p.SandboxLogs, sandbox_id=sandbox_id, tail_bytes=tail_bytes)
-        return await self._typed(params, Logs)
+        return await self.call(calls.logs(sandbox_id, tail_bytes=tail_bytes))
 
     # -- specs and the server -----------------------------------------------------------
 
     async def specs(self) -> list[SpecInfo]:
-        return await self._typed(p.SpecList(), list[SpecInfo])
+        return await self.call(calls.spec_list())
 
     async def spec(self, spec_id: str) -> SpecInfo | None:
-        result = await self._call(_build(p.SpecGet, spec_id=spec_id))
-        return None if result is None else _structure(result, SpecInfo, p.SpecGet.OP)
+        return await self.call(calls.spec_get(spec_id))
 
-    async def server_info(self) -> ServerInfo:
-        return await self._typed(p.ServerInfo(), ServerInfo)
+    async def server_info(self) -> ServerDetails:
+        return await self.call(calls.server_info())
 
     # -- events -------------------------------------------------------------------------
 
@@ -472,13 +362,10 @@ class Client:
         limit: int = 1000,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
-    ) -> EventPage:
-        params = _build(
-            p.EventsRead, after_seq=after_seq, limit=limit, sandbox_id=sandbox_id, types=types
+    ) -> EventPage[Event]:
+        return await self.call(
+            calls.read_events(after_seq, limit=limit, sandbox_id=sandbox_id, types=types)
         )
-        result = await self._call(params)
-        events = [decode_event(raw) for raw in result["events"]]
-        return EventPage([e for e in events if e is not None], result["next_after_seq"])
 
     def subscribe(
         self,
@@ -491,23 +378,9 @@ class Client:
 
         Use as ``async with client.subscribe(...) as events: async for event in events``.
         """
-        params = _build(p.EventsSubscribe, after_seq=after_seq, sandbox_id=sandbox_id, types=types)
+        params = calls.subscribe(after_seq, sandbox_id=sandbox_id, types=types).params
+        assert isinstance(params, p.EventsSubscribe)  # checked now, sent on each (re)connect
         return Subscription(self._nursery, self.url, self._token, params)
-
-
-def _structure(result: Any, cls: type[T], op: str) -> T:
-    try:
-        return p.converter.structure(result, cls)
-    except Exception as exc:
-        raise ClientError(f"the result of {op} is not what protocol.md says: {exc}") from exc
-
-
-def _build(cls: type[T], **values: Any) -> T:
-    # The protocol's own validators check the params before they leave.
-    try:
-        return cls(**{k: v for k, v in values.items() if v is not None})
-    except p.ProtocolError as exc:
-        raise BadRequestError(exc.message) from None
 
 
 class Subscription:
@@ -568,27 +441,25 @@ class Subscription:
                 await self._reconnect()
             assert self._ws is not None
             try:
-                frame = orjson.loads(await self._ws.get_message())
+                frame = p.parse_frame(await self._ws.get_message())
             except ConnectionClosed:
                 await self._drop()
                 continue
-            if not isinstance(frame, dict) or frame.get("subscription") != self._sub_id:
+            if isinstance(frame, p.Reply) or frame.subscription != self._sub_id:
                 continue
-            if "event" in frame:
-                raw = frame["event"]
-                seq = raw.get("seq") if isinstance(raw, dict) else None
-                if not isinstance(seq, int) or (self.last_seq is not None and seq <= self.last_seq):
+            if isinstance(frame, p.EventFrame):
+                if self.last_seq is not None and frame.seq <= self.last_seq:
                     continue  # seen before the reconnect
-                self.last_seq = seq
-                event = decode_event(raw)
+                self.last_seq = frame.seq
+                event = frame.event()
                 if event is not None:
                     return event
-            elif frame.get("caught_up"):
+            elif isinstance(frame, p.CaughtUpFrame):
                 self.caught_up.set()
-            elif frame.get("ended"):
+            else:
                 # Shutdown or a lagging stream overtaken: resubscribing tells which
                 # (a restarted daemon continues, a `gone` is raised).
-                log.info("subscription ended by the server: %s", frame.get("reason"))
+                log.info("subscription ended by the server: %s", frame.reason)
                 await self._drop()
 
     async def _reconnect(self) -> None:
@@ -616,26 +487,25 @@ class Subscription:
         if self.head_seq is not None:
             self.reconnects += 1
         params = self._params
-        body = {k: v for k, v in p.converter.unstructure(params).items() if v is not None}
-        if self.last_seq is not None:
-            body["after_seq"] = self.last_seq
+        call = calls.subscribe(
+            params.after_seq if self.last_seq is None else self.last_seq,
+            sandbox_id=params.sandbox_id,
+            types=params.types,
+        )
         try:
-            await ws.send_message(orjson.dumps({"id": 1, "op": params.OP, **body}).decode())
+            await ws.send_message(call.encode(1))
             while True:
-                reply = orjson.loads(await ws.get_message())
-                if isinstance(reply, dict) and reply.get("id") == 1:
+                reply = p.parse_frame(await ws.get_message())
+                if isinstance(reply, p.Reply) and reply.id == 1:
                     break
         except ConnectionClosed:
             raise ConnectionLostError(
                 f"the connection to {self._url} closed while subscribing"
             ) from None
-        if reply.get("ok") is not True:
-            error = reply.get("error")
-            raise error_from_reply(error if isinstance(error, dict) else {})
-        result = reply["result"]
-        self._sub_id = result["subscription"]
+        subscribed = call.result(reply)
+        self._sub_id = subscribed.subscription
         if self.head_seq is None:
-            self.head_seq = result["head_seq"]
+            self.head_seq = subscribed.head_seq
             if self.last_seq is None:
                 # A stream "from now on" that is cut before its first event goes
                 # on from where it began, not from the new now.

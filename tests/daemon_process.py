@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 
 from sandboxd.actors.specs import SpecConfig
-from sandboxd.config import Config
+from sandboxd.config import SECTION_KEYS, Config
 from tests.support import configured_users, eventually
 
 #: How long a daemon may take to listen (start-up is recovery; the machine has 2 cores
@@ -36,8 +36,6 @@ from tests.support import configured_users, eventually
 START_TIMEOUT = 30.0
 
 #: The keys of [server] and [log]; every other scalar of Config is a key of [sandboxes].
-SERVER_KEYS = ("host", "port", "state_dir")
-LOG_KEYS = ("segment_bytes", "snapshot_every", "retention")
 
 
 def free_port() -> int:
@@ -86,8 +84,8 @@ def config_toml(config: Config) -> str:
         for field in attrs.fields(Config)
         if field.name not in ("specs", "users") and getattr(config, field.name) is not None
     }
-    server = {key: scalars.pop(key) for key in SERVER_KEYS}
-    log = {key: scalars.pop(key) for key in LOG_KEYS}
+    server = {key: scalars.pop(key) for key in SECTION_KEYS["server"] if key in scalars}
+    log = {key: scalars.pop(key) for key in SECTION_KEYS["log"] if key in scalars}
     specs = [
         {f.name: getattr(spec, f.name) for f in attrs.fields(SpecConfig) if f.name != "created_at"}
         for spec in config.specs

@@ -35,6 +35,7 @@ def test_a_full_file() -> None:
         host = "0.0.0.0"
         port = 9000
         state_dir = "/var/lib/sandboxd"
+        max_connections_per_user = 4
         [sandboxes]
         port_range = [20000, 20099]
         stop_timeout = 2
@@ -53,6 +54,7 @@ def test_a_full_file() -> None:
     )
     assert config.port_range == (20000, 20099) and config.stop_timeout == 2.0
     assert config.on_shutdown == "stop" and config.snapshot_every == 0
+    assert config.max_connections_per_user == 4
     assert config.specs[0].command[-1] == "{port}"
     assert config.users[0].token_sha256 == hashlib.sha256(b"alice-secret-token").hexdigest()
 
@@ -63,6 +65,9 @@ def test_a_full_file() -> None:
         ("[sandboxes]\nstop_timout = 1", "sandboxes.stop_timout"),
         ("[server]\nport = '8765'", "server.port"),
         ("[server]\nport = 70000", "server.port"),
+        ("[server]\nmax_connections_per_user = 0", "server.max_connections_per_user"),
+        ("[server]\nmax_connections_per_user = 2.5", "server.max_connections_per_user"),
+        ("[server]\nmax_connections_per_user = true", "server.max_connections_per_user"),
         ("[sandboxes]\nport_range = [40000, 30000]", "sandboxes.port_range"),
         ("[sandboxes]\nmax_sandboxes = true", "sandboxes.max_sandboxes"),
         ("[sandboxes]\non_shutdown = 'pause'", "sandboxes.on_shutdown"),

@@ -16,6 +16,7 @@ their markers (SANDBOXD_STATE_DIR names the test's own state dir).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -24,11 +25,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 from sandboxd.actors import proctree
@@ -240,3 +242,48 @@ async def raw_subscription(
 
 def seqs_of(frames: Iterable[Mapping[str, Any]]) -> list[int]:
     return [f["event"]["seq"] for f in frames if "event" in f]
+
+
+# --- A full disk ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real small disk at ``mount`` (made here), unmounted afterwards; skips the test
+    where mounting is not permitted."""
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            f"a full disk is a small tmpfs, and mounting one is not permitted here "
+            f"({done.stderr.strip() or done.returncode}): run as root with mount rights"
+        )
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path) -> Path:
+    """Take every free block of ``mount`` with one file; return its path."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        chunk = 1 << 16
+        while True:
+            try:
+                os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if chunk == 1:
+                    return filler
+                chunk //= 2
+    finally:
+        os.close(fd)

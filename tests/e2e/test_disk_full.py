@@ -8,9 +8,6 @@ skipped, saying why, where mounting is not permitted.
 
 from __future__ import annotations
 
-import errno
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +18,10 @@ from sandboxd.events.projection import Status
 from sandboxd.gateway.client import Client, UnavailableError, open_client
 from tests.e2e.support import (
     daemon_process,
+    fill,
     read_log,
     replay,
+    tmpfs,
     verify_log,
 )
 from tests.support import TOKENS, eventually
@@ -32,43 +31,8 @@ TARGET = {"start": Status.RUNNING, "pause": Status.PAUSED, "resume": Status.RUNN
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(
-            f"a full disk is simulated with a small tmpfs, and mounting one is not permitted "
-            f"here ({done.stderr.strip() or done.returncode}): run as root with mount rights"
-        )
-    try:
+    with tmpfs(tmp_path / "disk", "4m") as mount:
         yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path) -> Path:
-    """Take every free block of ``mount`` with one file; return its path."""
-    filler = mount / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        chunk = 1 << 16
-        while True:
-            try:
-                os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                if chunk == 1:
-                    return filler
-                chunk //= 2
-    finally:
-        os.close(fd)
 
 
 class Ledger:

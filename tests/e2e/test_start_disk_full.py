@@ -10,12 +10,8 @@ event, with the kernel's own ENOSPC.
 
 from __future__ import annotations
 
-import errno
-import os
-import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -33,7 +29,7 @@ from sandboxd.events.projection import State, Status
 from sandboxd.events.store import open_store
 from sandboxd.events.subscriptions import Subscription
 from tests.daemon_process import daemon_config
-from tests.e2e.support import end_marked
+from tests.e2e.support import end_marked, fill, tmpfs
 from tests.support import eventually
 
 #: Its process_started record is over a page: a full disk has no room for it.
@@ -48,46 +44,6 @@ LONG = SpecConfig(
 class Admin:
     id: str | None = None
     admin: bool = True
-
-
-@contextmanager
-def tmpfs(mount: Path, size: str) -> Iterator[Path]:
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(
-            f"a full disk is a small tmpfs, and mounting one is not permitted here "
-            f"({done.stderr.strip() or done.returncode}): run as root with mount rights"
-        )
-    try:
-        yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path) -> Path:
-    """Take every free block of ``mount`` with one file; return its path."""
-    filler = mount / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        chunk = 1 << 16
-        while True:
-            try:
-                os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                if chunk == 1:
-                    return filler
-                chunk //= 2
-    finally:
-        os.close(fd)
 
 
 class FillingAfterCreated:

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,18 @@ def test_verify_fails_a_snapshot_the_daemon_would_trust_wrongly(state_dir: Path)
     code, output = _verify(state_dir)
     assert code == 1
     assert f"bad snapshot: {path}: its state differs" in output
+
+
+def test_verify_notes_a_format_1_snapshot_without_failing_it(state_dir: Path) -> None:
+    # Written before owners were kept per life of an id: {id: last owner}.
+    path = state_dir / "snapshots" / snapshots.snapshot_name(60)
+    body = json.loads(path.read_bytes()[snapshots.HEADER.size :])
+    body["state"]["owners"] = {i: lives[-1][1] for i, lives in body["state"]["owners"].items()}
+    old = json.dumps(body).encode()
+    path.write_bytes(snapshots.HEADER.pack(snapshots.MAGIC, 1, zlib.crc32(old), len(old)) + old)
+    code, output = _verify(state_dir)
+    assert code == 0, output
+    assert f"{path}: in snapshot format 1" in output
 
 
 def test_verify_notes_a_damaged_snapshot(state_dir: Path) -> None:

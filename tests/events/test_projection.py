@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 from sandboxd.events import snapshots
 from sandboxd.events import types as ev
 from sandboxd.events.projection import (
+    Incarnation,
     ProjectionError,
     State,
     Status,
     apply,
     copy_state,
+    incarnation_at,
     state_from_dict,
     state_to_dict,
 )
@@ -102,8 +104,49 @@ def test_deleted_sandboxes_leave_the_state_but_not_their_owner() -> None:
         apply(state, event)
     assert state.sandboxes == {}
     # Their events stay in the log, visible to whoever created them, across snapshots too.
-    assert state.owners == {"a": "alice"}
-    assert state_from_dict(state_to_dict(state)).owners == {"a": "alice"}
+    assert state.owners == {"a": (Incarnation(1, "alice"),)}
+    assert state_from_dict(state_to_dict(state)).owners == {"a": (Incarnation(1, "alice"),)}
+
+
+@settings(max_examples=200)
+@given(history=histories())
+def test_every_sandbox_event_belongs_to_the_life_current_at_its_seq(
+    history: list[ev.PendingEvent],
+) -> None:
+    events = stamp(history)
+    state = State()
+    for event in events:
+        apply(state, event)
+    restored = state_from_dict(state_to_dict(state))
+    # The model, written out plainly: the last creation of the id at or before the event.
+    current: dict[str, Incarnation] = {}
+    for event in events:
+        if isinstance(event.data, ev.SandboxCreated):
+            assert event.sandbox_id is not None
+            current[event.sandbox_id] = Incarnation(event.seq, event.data.created_by_user_id)
+        if event.sandbox_id is not None:
+            expected = current[event.sandbox_id]
+            assert incarnation_at(state, event.sandbox_id, event.seq) == expected
+            assert incarnation_at(restored, event.sandbox_id, event.seq) == expected
+            # Before its first creation an id belongs to no one.
+            first = state.owners[event.sandbox_id][0].created_seq
+            assert incarnation_at(state, event.sandbox_id, first - 1) is None
+
+
+@pytest.mark.parametrize(
+    "owners",
+    [
+        [],
+        {"a": "alice"},  # format 1's shape: one owner per id
+        {"a": [[1, "alice", "x"]]},
+        {"a": [[True, "alice"]]},
+        {"a": [[1, 2]]},
+        {"a": [[5, "alice"], [3, "bob"]]},
+    ],
+)
+def test_malformed_owners_are_refused(owners: object) -> None:
+    with pytest.raises(ValueError, match="owners"):
+        state_from_dict({"head_seq": 0, "sandboxes": [], "owners": owners})
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import logging
 import zlib
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 from hypothesis import given, settings
@@ -15,7 +16,12 @@ from sandboxd.events import segments, snapshots
 from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, Gone
 from sandboxd.events.log import open_event_log
-from sandboxd.events.projection import ProjectionError, state_to_dict
+from sandboxd.events.projection import (
+    Incarnation,
+    ProjectionError,
+    incarnation_at,
+    state_to_dict,
+)
 from sandboxd.events.store import Store, StoreConfig, open_store
 from tests.events.strategies import histories, sample_pending
 from tests.support import eventually
@@ -236,3 +242,58 @@ async def test_an_event_the_fold_refuses_stops_start_up_naming_it(tmp_path: Path
     assert caught.value.seq == 2
     assert caught.value.path == tmp_path / "events" / segments.segment_name(1)
     assert "already exists" in str(caught.value)
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite a snapshot as the format before per-life owners wrote it: {id: last owner}."""
+    blob = path.read_bytes()
+    body = orjson.loads(blob[snapshots.HEADER.size :])
+    owners = body["state"]["owners"]
+    body["state"]["owners"] = {sandbox_id: lives[-1][1] for sandbox_id, lives in owners.items()}
+    old = orjson.dumps(body)
+    path.write_bytes(snapshots.HEADER.pack(snapshots.MAGIC, 1, zlib.crc32(old), len(old)) + old)
+
+
+def _reused_ids(count: int) -> list[ev.PendingEvent]:
+    """Each id created by alice and deleted, then created again by bob."""
+    history = []
+    for i in range(count):
+        for owner in ("alice", "bob"):
+            created = ev.SandboxCreated("default", owner, f"/w/{i}", 30000 + i)
+            history.append(ev.PendingEvent(f"id-{i}", owner, created))
+            if owner == "alice":
+                history.append(ev.PendingEvent(f"id-{i}", owner, ev.SandboxDeleted(False)))
+    return history
+
+
+async def test_a_format_1_snapshot_is_replaced_by_replay_when_the_log_reaches_back(
+    tmp_path: Path,
+) -> None:
+    async with open_store(tmp_path, StoreConfig(snapshot_every=0)) as store:
+        await store.append_many(_reused_ids(20))
+        live = state_to_dict(store.state)
+    _as_format_1(tmp_path / "snapshots" / snapshots.snapshot_name(60))
+    async with open_store(tmp_path, StoreConfig(snapshot_every=0)) as store:
+        assert (store.startup.snapshot_seq, store.startup.rejected) == (0, 1)
+        assert state_to_dict(store.state) == live  # alice's lives included
+
+
+async def test_a_format_1_snapshot_is_upcast_to_the_safe_side_when_it_must_be_used(
+    tmp_path: Path,
+) -> None:
+    config = StoreConfig(segment_bytes=4096, snapshot_every=0, retention="snapshots")
+    async with open_store(tmp_path, config) as store:
+        history = _reused_ids(20)
+        for i in range(0, len(history), 6):
+            await store.append_many(history[i : i + 6])
+        await store.snapshot()
+        assert store.log.oldest_seq > 1  # retention removed the start: no replay possible
+    _as_format_1(tmp_path / "snapshots" / snapshots.snapshot_name(store.log.head_seq))
+    async with open_store(tmp_path, config) as store:
+        assert store.startup.snapshot_seq == store.state.head_seq
+        # A live sandbox's current life is known exactly; what is not known is nobody's.
+        lives = set(store.state.owners.values())
+        assert lives == {
+            (Incarnation(record.created_seq, "bob"),) for record in store.state.sandboxes.values()
+        }
+        assert incarnation_at(store.state, "id-0", 1) is None

@@ -199,3 +199,51 @@ async def test_a_waiting_subscriber_is_woken_by_the_next_batch(tmp_path: Path) -
             await trio.testing.wait_all_tasks_blocked()
             event = await log.append(sample_pending(0))
         assert got == [event]
+
+
+async def test_a_gate_bounds_the_pages_in_hand_and_shares_them_in_turn(tmp_path: Path) -> None:
+    # issue 8, defect 4: many subscriptions whose reader is stuck hold a page each,
+    # unless a gate says how many may hold one at once.
+    async with open_event_log(tmp_path) as log:
+        await _fill(log, 5000)
+        gate = trio.CapacityLimiter(1)
+        subscriptions = [log.subscribe(0, page_bytes=16 << 10, gate=gate) for _ in range(8)]
+        taken: list[list[int]] = [[] for _ in subscriptions]
+        most_in_hand = 0
+
+        async def take_slowly(i: int) -> None:
+            nonlocal most_in_hand
+            async for record in subscriptions[i]:
+                taken[i].append(record.event.seq)
+                most_in_hand = max(most_in_hand, sum(1 for s in subscriptions if s.in_hand))
+                # Let the others try to take their pages meanwhile.
+                await trio.lowlevel.checkpoint()
+                if record.event.seq == 5000:
+                    return
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(len(subscriptions)):
+                    nursery.start_soon(take_slowly, i)
+        assert all(seqs == list(range(1, 5001)) for seqs in taken)
+        assert most_in_hand == 1
+        # In turn: each had to read many small pages, and none waited for all the others.
+        assert all(s.disk_reads > 10 for s in subscriptions)
+        for subscription in subscriptions:
+            await subscription.aclose()
+        assert gate.borrowed_tokens == 0
+
+
+async def test_a_closed_subscription_gives_its_token_back(tmp_path: Path) -> None:
+    async with open_event_log(tmp_path) as log:
+        await _fill(log, 1000)
+        gate = trio.CapacityLimiter(1)
+        holder = log.subscribe(0, gate=gate)
+        waiter = log.subscribe(0, gate=gate)
+        await holder.__anext__()
+        assert holder.in_hand and gate.borrowed_tokens == 1
+        await holder.aclose()
+        assert gate.borrowed_tokens == 0
+        with trio.fail_after(5):
+            assert (await waiter.__anext__()).event.seq == 1
+        await waiter.aclose()

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from tests.daemon_process import DaemonProcess
+from tests.gateway.harness import Harness, open_harness
 from tests.gateway.support import (
     Daemon,
     make_config,
@@ -23,6 +24,13 @@ async def daemon(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Daemon]
     yield running
     await stop_daemon(running)
     nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The daemon on in-memory streams; with the autojump_clock fixture, on virtual time."""
+    async with open_harness(tmp_path / "state") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

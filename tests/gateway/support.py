@@ -8,7 +8,6 @@ starts sandboxes in milliseconds. Waits are for conditions, with deadlines.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -185,7 +184,7 @@ class Peer:
             self.frames.append(frame)
 
 
-# --- The same by hand over trio-websocket, for the in-process tests -----------------------
+# --- The same by hand over trio-websocket, for the in-process tests (harness.py) ----------
 
 
 class TrioPeer:
@@ -236,30 +235,13 @@ class TrioPeer:
 
 @contextlib.asynccontextmanager
 async def trio_peer(url: str, token: str) -> AsyncIterator[TrioPeer]:
+    """A websocket of trio-websocket's, speaking frames as the tests write them."""
     from trio_websocket import open_websocket_url
 
     async with open_websocket_url(
         url, extra_headers=[(b"Authorization", f"Bearer {token}".encode())]
     ) as ws:
         yield TrioPeer(ws)
-
-
-async def raw_websocket(port: int, token: str) -> trio.SocketStream:
-    """A websocket handshake by hand; then the stream is the test's, to misbehave on."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        (
-            "GET /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
-        ).encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        response += await stream.receive_some(4096)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return stream
 
 
 def masked_frame(opcode: int, payload: bytes) -> bytes:

@@ -17,10 +17,8 @@ from sandboxd.gateway.auth import (
     Authenticator,
     Headers,
     User,
-    can_see,
     check_path,
     ensure_admin_token,
-    mask_env,
     token_from_handshake,
 )
 
@@ -202,22 +200,3 @@ def test_of_two_daemons_starting_at_once_the_first_token_wins(
     monkeypatch.setattr(os, "link", other_daemon_first)
     assert ensure_admin_token(tmp_path) == "the-other-daemon-s"
     assert os.listdir(tmp_path) == ["admin.token"]
-
-
-# --- Visibility.
-
-
-def test_can_see() -> None:
-    alice, root = User("alice", admin=False), User("root", admin=True)
-    assert can_see(alice, "alice")
-    assert not can_see(alice, "bob")
-    assert not can_see(alice, None)
-    assert not can_see(User(None, admin=False), None)
-    assert all(can_see(admin, who) for admin in (root, EMBEDDED_ADMIN) for who in ("bob", None))
-
-
-def test_mask_env() -> None:
-    env = {"A": "secret", "B": ""}
-    assert mask_env(env, User("alice", admin=False)) == {"A": "***", "B": "***"}
-    assert mask_env(env, EMBEDDED_ADMIN) == env
-    assert mask_env(env, EMBEDDED_ADMIN) is not env

@@ -169,7 +169,7 @@ def test_unknown_ops(peer: Peer) -> None:
     assert state_of(peer) == before
 
 
-# For each parameter type of protocol.py, values of every other JSON type.
+# For each parameter type of the protocol (gateway/protocol/), values of every other JSON type.
 _KINDS = {
     "null": st.none(),
     "bool": st.booleans(),

@@ -115,6 +115,25 @@ async def test_connecting_errors(daemon: Daemon) -> None:
             pass
 
 
+async def test_a_connection_beyond_the_user_s_limit_is_refused_saying_why(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path / "state", max_connections_per_user=2)
+    daemon = await start_daemon(nursery, config)
+    async with open_client(daemon.url, ALICE) as client:
+        async with client.subscribe() as events:
+            await events.open()  # the subscription's own connection: the second
+            with pytest.raises(c.ConnectError) as refused:
+                async with open_client(daemon.url, ALICE):
+                    pass
+            assert not isinstance(refused.value, c.AuthenticationError)
+            assert "HTTP 429" in refused.value.message
+            assert "the limit max_connections_per_user is 2" in refused.value.message
+        async with open_client(daemon.url, BOB) as bob:  # a limit per user
+            assert (await bob.server_info()).user == "bob"
+    await stop_daemon(daemon)
+
+
 async def test_errors_inside_the_block_come_out_unwrapped(daemon: Daemon) -> None:
     with pytest.raises(c.NotFoundError):
         async with open_client(daemon.url, ALICE) as client:
@@ -296,45 +315,3 @@ async def test_gone(tmp_path: Path, nursery: trio.Nursery) -> None:
         page = await client.read_events(log.oldest_seq - 1, limit=1)
         assert page.events[0].seq == log.oldest_seq
     await stop_daemon(daemon)
-
-
-# --- Without a daemon ---------------------------------------------------------------------
-
-
-def test_errors_from_replies() -> None:
-    for code, cls in (
-        ("bad_request", c.BadRequestError),
-        ("unknown_op", c.UnknownOpError),
-        ("not_found", c.NotFoundError),
-        ("conflict", c.ConflictError),
-        ("start_failed", c.StartFailedError),
-        ("limit_exceeded", c.LimitExceededError),
-        ("gone", c.GoneError),
-        ("busy", c.BusyError),
-        ("unavailable", c.UnavailableError),
-        ("internal", c.InternalError),
-    ):
-        error = c.error_from_reply({"code": code, "message": "Why."})
-        assert type(error) is cls and error.code == code and str(error) == "Why."
-    gone = c.error_from_reply({"code": "gone", "message": "Old.", "oldest_seq": 7})
-    assert isinstance(gone, c.GoneError) and gone.oldest_seq == 7
-    # A code of a newer server is still a ClientError, with its fields.
-    newer = c.error_from_reply({"code": "quota", "message": "Later.", "retry_after": 3})
-    assert type(newer) is c.ClientError and newer.error["retry_after"] == 3
-
-
-def test_events_of_a_newer_server_decode() -> None:
-    raw = {
-        "seq": 3,
-        "ts": "2026-11-26T11:32:19.123456Z",
-        "type": "sandbox.paused",
-        "sandbox_id": "a",
-        "by": None,
-        "data": {},
-    }
-    event = c.decode_event(raw)  # without "v"
-    assert event is not None and event.seq == 3 and isinstance(event.data, ev.SandboxPaused)
-    assert c.decode_event({**raw, "v": 1, "trace_id": "x"}) == event  # a new envelope field
-    assert c.decode_event({**raw, "type": "sandbox.hibernated"}) is None  # a new type: skipped
-    with pytest.raises(c.ClientError, match="event 3"):
-        c.decode_event({**raw, "data": {"unexpected": 1}})

@@ -180,3 +180,35 @@ def test_secrets_are_in_no_file_and_no_log_line(
     assert "listening on" in output
     for secret in secrets | {masked}:
         assert secret not in output, f"{secret[:6]}... found in the daemon's output"
+
+
+def test_a_reused_id_shows_each_owner_only_its_own_incarnation(peers: dict[str, Peer]) -> None:
+    # issue 8, defect 1: visibility follows who owned the sandbox when the event happened.
+    alice, bob, root = peers["alice"], peers["bob"], peers["root"]
+    reused = new_id()
+    alice.call("sandbox.start", spec_id="sleep", sandbox_id=reused)
+    alice.call("sandbox.delete", sandbox_id=reused)
+    alices = alice.call("events.read", after_seq=0, sandbox_id=reused)["events"]
+    assert (alices[0]["type"], alices[-1]["type"]) == ("sandbox.created", "sandbox.deleted")
+    bob.call("sandbox.start", spec_id="sleep", sandbox_id=reused)
+
+    for params in ({}, {"sandbox_id": reused}, {"types": ["sandbox.created"]}):
+        for seen in (
+            bob.call("events.read", after_seq=0, **params)["events"],
+            events_seen(bob, **params),
+        ):
+            bobs = [e for e in seen if e["sandbox_id"] == reused]
+            assert bobs, params
+            assert bobs[0]["type"] == "sandbox.created" and bobs[0]["by"] == "bob"
+            assert min(e["seq"] for e in bobs) > alices[-1]["seq"], "none of alice's"
+        # alice keeps her whole history of the id, and gets none of bob's.
+        expected = [e for e in alices if e["type"] in params.get("types", [e["type"]])]
+        for seen in (
+            alice.call("events.read", after_seq=0, **params)["events"],
+            events_seen(alice, **params),
+        ):
+            assert [e for e in seen if e["sandbox_id"] == reused] == expected, params
+    # The admin sees both incarnations.
+    both = root.call("events.read", after_seq=0, sandbox_id=reused)["events"]
+    assert [e["by"] for e in both if e["type"] == "sandbox.created"] == ["alice", "bob"]
+    bob.call("sandbox.delete", sandbox_id=reused)

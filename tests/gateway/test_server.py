@@ -1,44 +1,62 @@
-"""The gateway in a real daemon in this process: concurrency, limits, slow and silent clients,
-failures contained, drain and shutdown.
+"""The gateway on in-memory streams (tests/gateway/harness.py), the daemon's own wiring behind
+it: concurrency, limits, slow and silent clients, failures contained, drain and shutdown.
+
+The tests that start no sandbox run on virtual time (the autojump clock): their timeouts
+are the real defaults, 20 s pings and 30 s send timeouts, and take no real time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+import trio.testing
+from trio_websocket import ConnectionClosed
 
 from sandboxd.events import types as ev
+from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
-from sandboxd.gateway import server
 from sandboxd.gateway.auth import User
-from tests.gateway.support import (
-    Daemon,
-    masked_frame,
-    raw_websocket,
-    trio_peer,
-)
+from sandboxd.gateway.errors import translate
+from tests.gateway.harness import Harness, open_harness
+from tests.gateway.support import masked_frame
 from tests.support import TOKENS, eventually
 
 ALICE, ROOT = TOKENS["alice"], TOKENS["root"]
 registry_admin = User(None, admin=True)
 
 
-def event_type(frame: dict[str, Any]) -> str | None:
-    event = frame.get("event")
-    return None if event is None else str(event["type"])
-
-
 def new_id() -> str:
     return "g-" + uuid.uuid4().hex[:12]
 
 
-async def test_requests_on_one_connection_run_concurrently(daemon: Daemon) -> None:
-    async with trio_peer(daemon.url, ALICE) as peer:
+def control_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The whole frames at the start of ``data`` from the server (unmasked, payloads under
+    126 bytes, as control frames are): (opcode, payload) each."""
+    frames = []
+    while len(data) >= 2 and len(data) >= 2 + (data[1] & 0x7F):
+        size = data[1] & 0x7F
+        frames.append((data[0] & 0x0F, data[2 : 2 + size]))
+        data = data[2 + size :]
+    return frames
+
+
+def close_code(frame: bytes) -> int:
+    """The status code of a close frame from the server (unmasked, payload under 126 bytes)."""
+    assert frame[:1] == b"\x88", frame[:16]
+    return int.from_bytes(frame[2:4], "big")
+
+
+# --- Requests: concurrent, bounded, failures contained (real sandboxes: real time) --------
+
+
+async def test_requests_on_one_connection_run_concurrently(harness: Harness) -> None:
+    async with harness.peer(ALICE) as peer:
         # A start that waits out its ready_timeout, then a read behind it.
         await peer.send({"id": "slow", "op": "sandbox.start", "spec_id": "stuck"})
         await peer.send({"id": "fast", "op": "server.info"})
@@ -50,13 +68,14 @@ async def test_requests_on_one_connection_run_concurrently(daemon: Daemon) -> No
         assert slow["error"]["sandbox"]["status"] == "ERROR"
 
 
-async def test_more_than_64_in_flight_get_busy_at_once(daemon: Daemon) -> None:
-    async with trio_peer(daemon.url, ALICE) as peer:
+async def test_more_than_64_in_flight_get_busy_at_once(harness: Harness) -> None:
+    registry = harness.gateway.registry
+    async with harness.peer(ALICE) as peer:
         for i in range(p.MAX_IN_FLIGHT):
             await peer.send({"id": i, "op": "sandbox.start", "spec_id": "stuck"})
         # Every one of those is now in flight: each waits for its health check.
         await eventually(
-            lambda: len(daemon.gateway.registry.state.sandboxes) == p.MAX_IN_FLIGHT,
+            lambda: len(registry.state.sandboxes) == p.MAX_IN_FLIGHT,
             what="64 sandboxes starting",
         )
         for i in range(3):
@@ -73,14 +92,17 @@ async def test_more_than_64_in_flight_get_busy_at_once(daemon: Daemon) -> None:
 
 
 async def test_a_failing_handler_is_internal_and_contained(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    harness: Harness,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in the registry")
 
-    monkeypatch.setattr(daemon.gateway.registry, "get", broken)
-    async with trio_peer(daemon.url, ALICE) as peer, trio_peer(daemon.url, ROOT) as other:
-        with caplog.at_level(logging.ERROR, logger="sandboxd.gateway.server"):
+    monkeypatch.setattr(harness.gateway.registry, "get", broken)
+    async with harness.peer(ALICE) as peer, harness.peer(ROOT) as other:
+        with caplog.at_level(logging.ERROR, logger="sandboxd.gateway.ops"):
             reply = await peer.request("sandbox.get", sandbox_id="x")
         assert reply["error"]["code"] == "internal"
         assert "registry" not in reply["error"]["message"]  # no internals on the wire
@@ -92,8 +114,57 @@ async def test_a_failing_handler_is_internal_and_contained(
         assert (await other.call("server.info"))["user"] == "root"
 
 
-async def test_subscriptions_caught_up_once_and_unsubscribe(daemon: Daemon) -> None:
-    async with trio_peer(daemon.url, ROOT) as peer:
+async def test_an_op_runs_to_its_end_when_its_client_leaves(harness: Harness) -> None:
+    sandbox_ids = [new_id() for _ in range(5)]
+    async with harness.peer(ALICE) as peer:
+        for sandbox_id in sandbox_ids:
+            await peer.send({"id": sandbox_id, "op": "sandbox.start", "spec_id": "sleep",
+                             "sandbox_id": sandbox_id})  # fmt: skip
+    # Gone before any reply: every start still completes, and is whole.
+    registry = harness.gateway.registry
+    await eventually(
+        lambda: all(
+            (info := registry.get(registry_admin, i)) is not None and info.status == "RUNNING"
+            for i in sandbox_ids
+        ),
+        what="every start to finish",
+    )
+    async with harness.peer(ALICE) as peer:
+        for sandbox_id in sandbox_ids:
+            assert await peer.call("sandbox.delete", sandbox_id=sandbox_id) is True
+
+
+def test_errors_are_translated_once_by_name() -> None:
+    from sandboxd.actors import errors
+    from sandboxd.events.errors import Gone, LogUnavailable
+
+    for exc, code in (
+        (errors.BadRequest("b"), "bad_request"),
+        (errors.NotFound("n"), "not_found"),
+        (errors.Conflict("c"), "conflict"),
+        (errors.LimitExceeded("l"), "limit_exceeded"),
+        (errors.Unavailable("u"), "unavailable"),
+        (LogUnavailable("the disk is full"), "unavailable"),
+    ):
+        translated = translate(exc)
+        assert translated is not None and translated.code == code
+        assert translated.message == str(exc)
+    gone = translate(Gone(42))
+    assert gone is not None and gone.code == "gone" and gone.extra == {"oldest_seq": 42}
+    sandbox = object()
+    failed = translate(errors.StartFailed("it exited", sandbox))  # type: ignore[arg-type]
+    assert failed is not None and failed.code == "start_failed"
+    assert failed.extra == {"sandbox": sandbox}
+    # Anything else is a bug: the caller logs it and answers `internal`.
+    assert translate(RuntimeError("bug")) is None
+    assert translate(errors.SandboxError("no such code")) is None
+
+
+# --- Subscriptions ------------------------------------------------------------------------
+
+
+async def test_subscriptions_caught_up_once_and_unsubscribe(harness: Harness) -> None:
+    async with harness.peer(ROOT) as peer:
         result = await peer.call("events.subscribe", after_seq=0)
         sub = result["subscription"]
         frames = await peer.sub_frames(sub, lambda f: bool(f.get("caught_up")))
@@ -117,76 +188,151 @@ async def test_subscriptions_caught_up_once_and_unsubscribe(daemon: Daemon) -> N
         ]
 
 
-async def test_subscription_limit_per_connection(daemon: Daemon) -> None:
-    async with trio_peer(daemon.url, ROOT) as peer:
-        for _ in range(server.MAX_SUBSCRIPTIONS):
+async def test_subscription_limit_per_connection(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with harness.peer(ROOT) as peer:
+        for _ in range(ops.MAX_SUBSCRIPTIONS):
             await peer.call("events.subscribe")
         reply = await peer.request("events.subscribe")
         assert reply["error"]["code"] == "limit_exceeded"
 
 
-async def test_a_silent_client_is_pinged_then_closed(daemon: Daemon) -> None:
-    daemon.gateway.ping_interval = 0.2
-    daemon.gateway.ping_timeout = 0.3
-    stream = await raw_websocket(daemon.gateway.port, ALICE)
+async def test_a_user_s_connections_are_capped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        open_harness(tmp_path / "state", max_connections_per_user=3) as harness,
+        contextlib.AsyncExitStack() as alices,
+    ):
+        peers = [await alices.enter_async_context(harness.peer(ALICE)) for _ in range(3)]
+        stream, refused = await harness.handshake(ALICE)
+        assert refused.startswith(b"HTTP/1.1 429 "), refused
+        assert refused.endswith(
+            b"user alice has 3 connections open, the limit max_connections_per_user is 3;"
+            b" close one first\n"
+        )
+        await stream.aclose()
+        async with harness.peer(ROOT) as root:  # another user's are another count
+            assert (await root.call("server.info"))["user"] == "root"
+        # One closed, one may open.
+        await peers[0].ws.aclose()
+        await eventually(lambda: harness.gateway.connection_count == 2, what="the one closed")
+        async with harness.peer(ALICE) as alice:
+            assert (await alice.call("server.info"))["user"] == "alice"
+        # The refusals counted nothing: all three places are free again.
+        for peer in peers[1:]:
+            await peer.ws.aclose()
+        await eventually(lambda: harness.gateway.connection_count == 0, what="all closed")
+        async with contextlib.AsyncExitStack() as again:
+            for _ in range(3):
+                peer = await again.enter_async_context(harness.peer(ALICE))
+                assert (await peer.call("server.info"))["user"] == "alice"
+
+
+# --- Silent and slow clients, on virtual time ---------------------------------------------
+
+
+async def test_a_silent_client_is_pinged_then_closed(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    timeouts = harness.gateway.timeouts
+    began = trio.current_time()  # before the handshake: the connection's silence starts after
+    stream = await harness.raw(ALICE)
     got = b""
-    with trio.fail_after(5):
-        # Read (so the server is not blocked writing) but never answer its ping.
-        while b"\x88" not in got:
-            got += await stream.receive_some(4096)
-    assert got[:1] == b"\x89", "a ping first"
-    code = got[got.index(b"\x88") + 2 :][:2]
-    assert int.from_bytes(code, "big") == server.CLOSE_NO_PONG
-    await stream.send_all(masked_frame(0x8, code))  # the close is answered, as a client must
-    await eventually(lambda: not daemon.gateway._connections, what="the connection closed")
+    # Read (so the server is not blocked writing) but never answer its ping. Frame by
+    # frame: the ping's payload is random bytes, which may hold a close frame's 0x88.
+    while 0x8 not in [opcode for opcode, _ in control_frames(got)]:
+        got += await stream.receive_some(4096)
+    frames = control_frames(got)
+    assert frames[0][0] == 0x9, "a ping first"
+    waited = trio.current_time() - began
+    assert timeouts.ping_interval + timeouts.ping_timeout <= waited < 42, waited
+    close = next(payload for opcode, payload in frames if opcode == 0x8)
+    assert int.from_bytes(close[:2], "big") == p.CLOSE_NO_PONG
+    await stream.send_all(masked_frame(0x8, close[:2]))  # answered, as a client must
+    await eventually(lambda: harness.gateway.connection_count == 0, what="the connection closed")
     await stream.aclose()
 
 
-async def test_a_client_that_answers_pings_stays(daemon: Daemon) -> None:
-    daemon.gateway.ping_interval = 0.1
-    daemon.gateway.ping_timeout = 0.5
-    async with trio_peer(daemon.url, ALICE) as peer:
-        await trio.sleep(0.8)  # several ping intervals of silence: the point of the test
+async def test_a_client_that_answers_pings_stays(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    timeouts = harness.gateway.timeouts
+    async with harness.peer(ALICE) as peer:
+        # Many ping intervals of silence from the client's application; its
+        # websocket answers every ping.
+        await trio.sleep(10 * (timeouts.ping_interval + timeouts.ping_timeout))
         assert (await peer.call("server.info"))["user"] == "alice"
+        assert harness.gateway.connection_count == 1
 
 
 async def test_a_client_that_stops_reading_is_closed_and_slows_no_one(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    daemon.gateway.send_timeout = 1.0
-    monkeypatch.setattr(server, "CLOSE_TIMEOUT", 0.5)  # it will not answer the close either
-    log = daemon.gateway.log
-    big = "x" * 50_000
-    async with trio_peer(daemon.url, ROOT) as reader:
+    gateway, log = harness.gateway, harness.gateway.log
+    async with harness.peer(ROOT) as reader:
         head = log.head_seq
-        # The stalled client subscribes, then never reads again.
-        stalled = await raw_websocket(daemon.gateway.port, ROOT)
+        # The stalled client subscribes, then never reads again: with no buffer
+        # between it and the server, the server's very first write blocks.
+        stalled = await harness.raw(ROOT, lockstep=True)
+        began = trio.current_time()
         await stalled.send_all(masked_frame(0x1, b'{"id": 1, "op": "events.subscribe"}'))
         await eventually(lambda: log.subscriber_count >= 1, what="the subscription")
         sub = (await reader.call("events.subscribe"))["subscription"]
-        count = 400  # ~20 MB of frames: far more than socket buffers hold
-        with trio.fail_after(30):
+        count = 400  # more than the stalled connection's queue of 256 frames
+        frames: list[dict[str, Any]] = []
+
+        def last(frame: dict[str, Any]) -> bool:
+            return bool(frame.get("event", {}).get("seq") == head + count)
+
+        async def read_all() -> None:
+            frames.extend(await reader.sub_frames(sub, last))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
             for _ in range(count // 40):
-                await log.append_many([ev.PendingEvent(None, None, ev.DaemonStopping(big))] * 40)
-            # The reader gets every one, while the other connection is stuck.
-            frames = await reader.sub_frames(
-                sub, lambda f: f.get("event", {}).get("seq") == head + count
-            )
+                pending = ev.PendingEvent(None, None, ev.DaemonStopping("x" * 5000))
+                await log.append_many([pending] * 40)
+        # The reader gets every one, while the other connection is stuck.
         seqs = [f["event"]["seq"] for f in frames if "event" in f]
         assert seqs == list(range(head + 1, head + count + 1))
         # The stuck one is closed once it has taken nothing for send_timeout.
         await eventually(
-            lambda: len(daemon.gateway._connections) == 1, within=15, what="the stalled one closed"
+            lambda: gateway.connection_count == 1, within=60, what="the stalled one closed"
         )
+        assert trio.current_time() - began >= gateway.timeouts.send_timeout
         assert log.subscriber_count == 1  # the reader's: the stalled one's went with it
         await stalled.aclose()
+    # Dropped, not failed: nothing was sent after the cut-off frame.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daemon) -> None:
-    gateway = daemon.gateway
-    async with trio_peer(daemon.url, ALICE) as peer, trio.open_nursery() as nursery:
+async def test_a_peer_that_ignores_the_close_frame_is_dropped(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    # trio-websocket refuses a frame over the limit with 1009 and then waits on
+    # the peer; the gateway closes the stream itself, Timeouts.close later.
+    stream = await harness.raw(ALICE)
+    await stream.send_all(masked_frame(0x1, b'"' + b"x" * (1 << 20) + b'"'))
+    began = trio.current_time()
+    got = b""
+    while chunk := await stream.receive_some(65536):  # never answering the close
+        got += chunk
+    assert close_code(got) == p.CLOSE_TOO_BIG
+    assert trio.current_time() - began >= harness.gateway.timeouts.close
+    await eventually(lambda: harness.gateway.connection_count == 0, what="the connection gone")
+    await stream.aclose()
+
+
+# --- Drain and shutdown -------------------------------------------------------------------
+
+
+async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(harness: Harness) -> None:
+    gateway = harness.gateway
+    async with harness.peer(ALICE) as peer, trio.open_nursery() as nursery:
         await peer.send({"id": "in-flight", "op": "sandbox.start", "spec_id": "stuck"})
-        await eventually(lambda: gateway._in_flight == 1, what="the start in flight")
+        await eventually(lambda: gateway.requests.in_flight == 1, what="the start in flight")
         drained = trio.Event()
 
         async def drain() -> None:
@@ -194,14 +340,13 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
             drained.set()
 
         nursery.start_soon(drain)
-        await eventually(lambda: gateway._draining, what="draining")
+        await eventually(lambda: gateway.draining, what="draining")
         refused = await peer.request("server.info")
         assert refused["error"]["code"] == "unavailable"
-        with pytest.raises(HandshakeError):  # the listener is closed: refused
-            async with open_websocket_url(
-                daemon.url, extra_headers=[(b"Authorization", f"Bearer {ALICE}".encode())]
-            ):
-                pass
+        # The listener is closed: new connections are refused.
+        await eventually(lambda: harness.listener.closed, what="the listener closed")
+        with pytest.raises(ConnectionRefusedError):
+            harness.listener.connect()
         assert not drained.is_set()
         finished = await peer.reply_to("in-flight")
         assert finished["error"]["code"] == "start_failed"
@@ -209,78 +354,23 @@ async def test_drain_lets_in_flight_ops_finish_and_refuses_new_ones(daemon: Daem
             await drained.wait()
 
 
-async def test_close_all_ends_subscriptions_then_closes_1001(daemon: Daemon) -> None:
-    async with trio_peer(daemon.url, ROOT) as peer:
-        sub = (await peer.call("events.subscribe", after_seq=0))["subscription"]
-        await peer.sub_frames(sub, lambda f: bool(f.get("caught_up")))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.gateway.close_all)
-            frames = await peer.sub_frames(sub, lambda f: bool(f.get("ended")))
-            assert frames[-1]["reason"] == "shutdown"
-            assert frames[-1]["last_seq"] == daemon.gateway.log.head_seq
-            with pytest.raises(ConnectionClosed) as closed:
-                await peer.recv()
-            assert closed.value.reason.code == 1001
-
-
-def test_errors_are_translated_once_by_name() -> None:
-    from sandboxd.actors import errors
-    from sandboxd.events.errors import Gone, LogUnavailable
-
-    for exc, code in (
-        (errors.BadRequest("b"), "bad_request"),
-        (errors.NotFound("n"), "not_found"),
-        (errors.Conflict("c"), "conflict"),
-        (errors.LimitExceeded("l"), "limit_exceeded"),
-        (errors.Unavailable("u"), "unavailable"),
-        (LogUnavailable("the disk is full"), "unavailable"),
-    ):
-        translated = server.translate(exc)
-        assert translated is not None and translated.code == code
-        assert translated.message == str(exc)
-    gone = server.translate(Gone(42))
-    assert gone is not None and gone.code == "gone" and gone.extra == {"oldest_seq": 42}
-    sandbox = object()
-    failed = server.translate(errors.StartFailed("it exited", sandbox))  # type: ignore[arg-type]
-    assert failed is not None and failed.code == "start_failed"
-    assert failed.extra == {"sandbox": sandbox}
-    # Anything else is a bug: the caller logs it and answers `internal`.
-    assert server.translate(RuntimeError("bug")) is None
-    assert server.translate(errors.SandboxError("no such code")) is None
-
-
-async def test_an_op_runs_to_its_end_when_its_client_leaves(daemon: Daemon) -> None:
-    sandbox_ids = [new_id() for _ in range(5)]
-    async with trio_peer(daemon.url, ALICE) as peer:
-        for sandbox_id in sandbox_ids:
-            await peer.send({"id": sandbox_id, "op": "sandbox.start", "spec_id": "sleep",
-                             "sandbox_id": sandbox_id})  # fmt: skip
-    # Gone before any reply: every start still completes, and is whole.
-    registry = daemon.gateway.registry
-    await eventually(
-        lambda: all(
-            (info := registry.get(registry_admin, i)) is not None and info.status == "RUNNING"
-            for i in sandbox_ids
-        ),
-        what="every start to finish",
-    )
-    async with trio_peer(daemon.url, ALICE) as peer:
-        for sandbox_id in sandbox_ids:
-            assert await peer.call("sandbox.delete", sandbox_id=sandbox_id) is True
-
-
-async def test_a_peer_that_ignores_the_close_frame_is_dropped(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+async def test_close_all_ends_subscriptions_then_closes_1001(
+    harness: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
-    # trio-websocket refuses a frame over the limit with 1009 and then waits on
-    # the peer; the gateway closes the stream itself, CLOSE_TIMEOUT later.
-    monkeypatch.setattr(server, "CLOSE_TIMEOUT", 0.2)
-    stream = await raw_websocket(daemon.gateway.port, ALICE)
-    await stream.send_all(masked_frame(0x1, b'"' + b"x" * (1 << 20) + b'"'))
-    got = b""
-    with trio.fail_after(5):
-        while chunk := await stream.receive_some(65536):  # never answering the close
-            got += chunk
-    assert got[:1] == b"\x88" and int.from_bytes(got[2:4], "big") == 1009
-    await eventually(lambda: not daemon.gateway._connections, what="the connection forgotten")
-    await stream.aclose()
+    async with harness.peer(ROOT) as peer:
+        subs = [(await peer.call("events.subscribe", after_seq=0))["subscription"]]
+        await peer.sub_frames(subs[0], lambda f: bool(f.get("caught_up")))
+        subs += [(await peer.call("events.subscribe"))["subscription"] for _ in range(15)]
+        # As the daemon stops: its last event, then close_all at once. The event
+        # was published before the pumps are cut: each delivers it, then `ended`.
+        pending = ev.PendingEvent(None, None, ev.DaemonStopping("received SIGTERM"))
+        stopping = await harness.gateway.log.append(pending)  # type: ignore[attr-defined]
+        await harness.gateway.close_all()
+        for sub in subs:
+            frames = await peer.sub_frames(sub, lambda f: bool(f.get("ended")))
+            assert frames[-2].get("event", {}).get("seq") == stopping.seq, (sub, frames[-2:])
+            assert frames[-1]["reason"] == "shutdown"
+            assert frames[-1]["last_seq"] == stopping.seq == harness.gateway.log.head_seq
+        with pytest.raises(ConnectionClosed) as closed:
+            await peer.recv()
+        assert closed.value.reason.code == p.CLOSE_GOING_AWAY

@@ -1,4 +1,4 @@
-"""The wire protocol of protocol.md as plain code: parse requests, encode frames.
+"""Requests of protocol.md as plain code: one frozen class per op, parsed and encoded.
 
 Nothing here touches a socket or trio, in the manner of h11 and wsproto: the
 websocket layer feeds text frames in and sends the strings that come out, so
@@ -7,77 +7,24 @@ every rule of the contract is tested without a connection.
 Requests are validated by hand, field by field, from the annotations of one
 frozen class per op: the error a client gets must name the offending field,
 and a flat loop over a precomputed schema says that more plainly (and faster)
-than unpicking cattrs' exception groups. cattrs is used the other way, to turn
-results (attrs instances) into JSON through one converter.
+than unpicking cattrs' exception groups. The same classes are what a client
+builds (calls.py): their validators hold a request made in Python to the same
+rules before it leaves.
 """
 
-import enum
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import attrs
 import orjson
-from cattrs.preconf.orjson import make_converter
 
 from sandboxd.events.projection import Status
 from sandboxd.events.types import EVENT_TYPES
-
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_UNSUPPORTED: Final = 1003  # a binary frame
-CLOSE_TOO_BIG: Final = 1009
-MAX_FRAME_BYTES: Final = 1 << 20
-MAX_IN_FLIGHT: Final = 64  # unanswered requests per connection before `busy`
-
-#: The one converter for the gateway's wire types. orjson serializes what it
-#: knows natively and hands everything else (attrs instances) to it. Extra keys
-#: are left allowed: a client structuring replies must survive the new
-#: optional fields by which the protocol grows.
-converter = make_converter()
-
-
-class ErrorCode(enum.StrEnum):
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_OP = "unknown_op"
-    NOT_FOUND = "not_found"
-    CONFLICT = "conflict"
-    START_FAILED = "start_failed"
-    LIMIT_EXCEEDED = "limit_exceeded"
-    GONE = "gone"
-    BUSY = "busy"
-    UNAVAILABLE = "unavailable"
-    INTERNAL = "internal"
-
-
-class ProtocolError(Exception):
-    """The one exception a handler raises to make an error reply.
-
-    ``message`` is one sentence a person can act on, naming the offending
-    field; ``extra`` goes into the error object beside ``code`` and
-    ``message`` (``oldest_seq`` for gone, ``sandbox`` for start_failed).
-    """
-
-    def __init__(self, code: ErrorCode, message: str, **extra: object) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra: dict[str, object] = extra
-
-
-class RequestError(ProtocolError):
-    """A frame that is not a valid request; the reply echoes ``request_id``.
-
-    ``request_id`` is None when the frame has no usable id: the reply then
-    carries ``"id": null``, as protocol.md says.
-    """
-
-    def __init__(
-        self, code: ErrorCode, message: str, request_id: str | int | None, **extra: object
-    ) -> None:
-        super().__init__(code, message, **extra)
-        self.request_id = request_id
+from sandboxd.gateway.protocol._converter import converter
+from sandboxd.gateway.protocol._errors import ErrorCode, ProtocolError, RequestError
 
 
 def _bad(message: str) -> ProtocolError:
@@ -431,43 +378,8 @@ def parse_request(frame: str | bytes) -> Request:
     return Request(request_id, op, params)
 
 
-# --- Outgoing frames. Each returns the JSON text of one websocket text frame.
-
-
-def _dumps(frame: object) -> str:
-    return orjson.dumps(frame, default=converter.unstructure).decode()
-
-
 def encode_request(request: Request) -> str:
-    """The frame a client sends; the inverse of parse_request."""
-    return _dumps({"id": request.id, "op": request.op, **converter.unstructure(request.params)})
-
-
-def encode_ok(request_id: str | int, result: object) -> str:
-    return _dumps({"id": request_id, "ok": True, "result": result})
-
-
-def encode_error(request_id: str | int | None, error: ProtocolError) -> str:
-    body = {"code": error.code, "message": error.message, **error.extra}
-    return _dumps({"id": request_id, "ok": False, "error": body})
-
-
-def encode_event_frame(subscription: str, event: bytes | Mapping[str, Any]) -> str:
-    """A subscription's event frame.
-
-    Events come from the log already encoded; splicing those bytes into the
-    frame spares a decode and re-encode per event per subscriber.
-    """
-    if not isinstance(event, bytes):
-        event = orjson.dumps(event, default=converter.unstructure)
-    return (b'{"subscription":' + orjson.dumps(subscription) + b',"event":' + event + b"}").decode()
-
-
-def encode_caught_up(subscription: str, seq: int) -> str:
-    return _dumps({"subscription": subscription, "caught_up": True, "seq": seq})
-
-
-def encode_ended(subscription: str, reason: str, last_seq: int) -> str:
-    return _dumps(
-        {"subscription": subscription, "ended": True, "reason": reason, "last_seq": last_seq}
-    )
+    """The frame a client sends; the inverse of parse_request. A parameter that is None
+    is left out, which protocol.md says means the same."""
+    params = {k: v for k, v in converter.unstructure(request.params).items() if v is not None}
+    return orjson.dumps({"id": request.id, "op": request.op, **params}).decode()

@@ -1,0 +1,447 @@
+"""One websocket connection: its reader, its writer, its keepalive, its subscriptions' pumps.
+
+The tasks of a connection share one nursery, in the manner of hypercorn's
+trio worker:
+
+- the reader takes frames off trio-websocket's queue at once (while that
+  queue is full trio-websocket answers neither pings nor close frames),
+  parses them (protocol/, no I/O) and starts a task per request, which
+  the ``answer`` given to the connection turns into a reply frame;
+- one writer is the only task that sends: every reply and subscription frame
+  goes through one queue bounded in frames and in bytes (budget.py), so a
+  client that stops reading holds at most that queue, and a connection that
+  stays unwritable for ``send_timeout`` is closed;
+- the keepalive pings a connection that has said nothing for
+  ``ping_interval`` and closes it if no pong comes within ``ping_timeout``
+  (trio-websocket has no keepalive of its own);
+- each subscription's pump pulls from the log's subscription and pushes into
+  that same queue; while it is full the pump simply stops pulling, and the
+  log serves it from disk when it comes back, so a slow reader slows no one
+  else.
+
+What the ops use of a connection is its public API: ``user``, ``name``,
+``subscription_count``, ``open_subscription``, ``close_subscription`` and
+``read_slots``, the tokens a request or a subscription holds while it has
+history or output in hand (so the subscriptions and reads of a client that
+does not read hold READ_SLOTS pages between them, not one each).
+Every failure is caught where it happens: an exception escaping one
+connection would take the listener and every other connection down with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable
+from sandboxd.events.subscriptions import CaughtUp, Subscription
+from sandboxd.gateway import errors
+from sandboxd.gateway import protocol as p
+from sandboxd.gateway.auth import User
+from sandboxd.gateway.budget import ByteBudget
+from sandboxd.gateway.metrics import INVALID_OP
+
+log = logging.getLogger(__name__)
+
+#: Frames the writer's queue holds, and the bytes they may take together (one frame
+#: bigger than that goes alone); a full queue makes subscriptions stop pulling.
+SEND_QUEUE_FRAMES: Final = 256
+SEND_QUEUE_BYTES: Final = 1 << 20
+#: Requests and subscriptions of one connection that may have history or output in
+#: hand at once: each holds at most a page of the log (events.log.READ_BYTES of
+#: stored records, about five times that decoded) or one reply.
+READ_SLOTS: Final = 2
+
+#: Run once the reply a request's answer made is queued, or given up on (a subscription's
+#: pump starts then, so that no frame of it comes before the reply that names it; a read
+#: gives back its read slot, having held it until its reply counted against the budget).
+Then = Callable[[], None] | None
+#: Turns one request of a connection into the frame of its reply; never raises.
+#: The reply frame to a request, its code ("ok" or the error's), and what to run once queued.
+Answer = Callable[["Connection", p.Request], Awaitable[tuple[str, str, Then]]]
+#: Told of every reply, by op ("invalid" for a frame that is no request) and code: the metrics.
+CountReply = Callable[[str, str], None]
+
+
+def _count_nothing(op: str, code: str) -> None:
+    pass
+
+
+@attrs.define
+class Timeouts:
+    """Seconds a connection waits for its peer; read at each use, so a test may shorten them."""
+
+    #: Silence from a client before it is pinged, and how long the ping waits for its pong.
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    #: How long one frame may wait to be written before the connection is closed.
+    send_timeout: float = 30.0
+    #: How long the peer has to answer the closing handshake.
+    close: float = 5.0
+    #: How long shut_down gives the `ended` frames to reach the client.
+    farewell: float = 2.0
+
+
+class Requests:
+    """The requests in flight on every connection, counted so that a drain can wait for them."""
+
+    def __init__(self) -> None:
+        #: Set by the drain: new requests get `unavailable` from then on.
+        self.refusing = False
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class GuardedStream(trio.abc.Stream):
+    """A connection's transport, which sends nothing more after a send was cut short.
+
+    A ``send_all`` cancelled partway (the writer's send timeout, a ping's) may
+    leave a frame cut in half on the wire: whatever followed it, a close frame
+    included, would reach the peer as garbage, and trio's streams are in an
+    unknown state then anyway. So the next send fails as a broken stream, which
+    trio-websocket takes for an abrupt close, and the connection is dropped.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.torn = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.torn:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError("an earlier send was cut short")
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            self.torn = True
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class _GoingAway:
+    """Queued after the last frame of a connection that shut_down closes."""
+
+
+@attrs.define
+class _Pump:
+    """A subscription of this connection: the log's, and the task that forwards it."""
+
+    id: str
+    subscription: Subscription
+    #: The last seq delivered or passed over: where `ended` tells the client to resume.
+    last_seq: int
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+class Connection:
+    """One client's websocket, from the accepted handshake until it closes."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        user: User,
+        name: str,
+        *,
+        answer: Answer,
+        requests: Requests,
+        timeouts: Timeouts,
+        count_reply: CountReply = _count_nothing,
+    ) -> None:
+        self.ws = ws
+        self.user = user
+        self.name = name
+        self._answer = answer
+        self._count_reply = count_reply
+        self._requests = requests
+        self._timeouts = timeouts
+        self._send, self._outbox = trio.open_memory_channel[tuple[str | _GoingAway, int]](
+            SEND_QUEUE_FRAMES
+        )
+        #: The bytes of the frames queued and not yet written.
+        self.budget = ByteBudget(SEND_QUEUE_BYTES)
+        self.read_slots = trio.CapacityLimiter(READ_SLOTS)
+        self._in_flight = 0
+        self._pumps: dict[str, _Pump] = {}
+        self._pump_ids = itertools.count(1)
+        self._last_heard = trio.current_time()
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+
+    # -- what the ops use ---------------------------------------------------------------
+
+    @property
+    def subscription_count(self) -> int:
+        return len(self._pumps)
+
+    def open_subscription(self, subscription: Subscription) -> tuple[str, Callable[[], None]]:
+        """Take the log's ``subscription`` on: its id here, and what starts its pump.
+
+        Start the pump once the reply naming the id is queued; until then the
+        subscription only holds its place (the connection closes it if it ends first).
+        """
+        pump = _Pump(f"s{next(self._pump_ids)}", subscription, subscription.position)
+        self._pumps[pump.id] = pump
+
+        def start() -> None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._forward, pump)
+
+        return pump.id, start
+
+    async def close_subscription(self, sub_id: str) -> bool:
+        """End a subscription; once this returns no frame of it follows. False: no such id."""
+        pump = self._pumps.get(sub_id)
+        if pump is None:
+            return False
+        pump.scope.cancel()
+        await pump.done.wait()
+        return True
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._keepalive)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._closed.set()
+            # A subscription whose pump never started (the connection went first)
+            # must not stay registered with the log.
+            with trio.CancelScope(shield=True):
+                for pump in list(self._pumps.values()):
+                    await pump.subscription.aclose()
+
+    async def shut_down(self) -> None:
+        """The daemon stops: `ended` (reason "shutdown") for each subscription, then 1001."""
+        try:
+            pumps = list(self._pumps.values())
+            for pump in pumps:
+                pump.scope.cancel()
+            with trio.move_on_after(self._timeouts.farewell):
+                for pump in pumps:
+                    await pump.done.wait()
+                    await self._queue(p.encode_ended(pump.id, "shutdown", pump.last_seq))
+                await self._queue(_GoingAway())
+                await self._closed.wait()
+            # A client too slow to take its farewell in time is closed all the same.
+            await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
+        except Exception:
+            log.exception("%s: closing failed", self.name)
+
+    async def _close(self, code: int, reason: str) -> None:
+        """Close the websocket and end every task of this connection."""
+        # Bounded: the peer of a slow connection may never send its close frame
+        # back; aclose then closes the stream on its way out of the cancel.
+        with trio.move_on_after(self._timeouts.close):
+            await self.ws.aclose(code, reason)
+        self._closed.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            self._last_heard = trio.current_time()
+            if isinstance(message, bytes):
+                await self._close(p.CLOSE_UNSUPPORTED, "binary frames are not accepted")
+                return
+            # trio-websocket counts characters; the contract counts bytes.
+            if len(message) > p.MAX_FRAME_BYTES // 4 and _utf8_len(message) > p.MAX_FRAME_BYTES:
+                await self._close(p.CLOSE_TOO_BIG, "frames must be at most 1 MiB")
+                return
+            await self._receive(message)
+
+    async def _receive(self, message: str) -> None:
+        try:
+            request = p.parse_request(message)
+        except p.RequestError as bad:
+            # Not the op the frame names: a client must not choose the metrics' labels.
+            self._count_reply(INVALID_OP, bad.code)
+            await self._queue(p.encode_error(bad.request_id, bad))
+            return
+        refusal = None
+        if self._requests.refusing:
+            refusal = errors.shutting_down()
+        elif self._in_flight >= p.MAX_IN_FLIGHT:
+            refusal = errors.busy()
+        if refusal is not None:
+            self._count_reply(request.op, refusal.code)
+            await self._queue(p.encode_error(request.id, refusal))
+            return
+        self._in_flight += 1
+        self._requests.begin()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve, request)
+
+    async def _serve(self, request: p.Request) -> None:
+        try:
+            frame, code, then = await self._answer(self, request)
+            self._count_reply(request.op, code)
+            try:
+                await self._queue(frame)
+            finally:
+                if then is not None:
+                    then()
+        except Exception:
+            log.exception("%s: the reply to %s failed", self.name, request.op)
+        finally:
+            self._in_flight -= 1
+            self._requests.end()
+
+    # -- writing ------------------------------------------------------------------------
+
+    async def _queue(self, frame: str | _GoingAway) -> None:
+        # Blocks while the queue is full: the client is not reading, so we stop
+        # reading it too, which pushes back on it through TCP. What a frame holds
+        # is its size in memory, which for a str of wide characters is more than
+        # its length.
+        size = 0 if isinstance(frame, _GoingAway) else sys.getsizeof(frame)
+        # With room, the frame is queued before this task yields, as a memory
+        # channel's send does: a pump woken with an event queues it in the same
+        # scheduling batch, before a shutdown starting beside it can cut it off.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.budget.try_take(size):
+            try:
+                self._send.send_nowait((frame, size))
+            except trio.WouldBlock:
+                self.budget.give_back(size)  # full in frames: wait below, in turn
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self.budget.give_back(size)
+                return
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+        await self.budget.take(size)
+        try:
+            await self._send.send((frame, size))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.budget.give_back(size)
+        except BaseException:
+            self.budget.give_back(size)
+            raise
+
+    async def _writer(self) -> None:
+        async with self._outbox:
+            async for frame, size in self._outbox:
+                if isinstance(frame, _GoingAway):
+                    # Every frame queued before it is out: now the close frame.
+                    await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
+                    return
+                timeout = self._timeouts.send_timeout
+                with trio.move_on_after(timeout) as waited:
+                    try:
+                        await self.ws.send_message(frame)
+                    except ConnectionClosed:
+                        break
+                    finally:
+                        self.budget.give_back(size)
+                if waited.cancelled_caught:
+                    log.warning("%s: closed, it took no data for %.0f s", self.name, timeout)
+                    await self._close(p.CLOSE_NOT_READING, "the client stopped reading")
+                    return
+        # The connection is gone: nothing can be said on it any more.
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _keepalive(self) -> None:
+        while True:
+            interval, timeout = self._timeouts.ping_interval, self._timeouts.ping_timeout
+            due = self._last_heard + interval
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if waited.cancelled_caught:
+                log.info("%s: closed, no pong within %.0f s", self.name, timeout)
+                await self._close(p.CLOSE_NO_PONG, "no pong")
+                return
+            self._last_heard = trio.current_time()
+
+    # -- subscriptions ------------------------------------------------------------------
+
+    async def _forward(self, pump: _Pump) -> None:
+        """A subscription's pump: the log's items, as frames, into the writer's queue."""
+        subscription = pump.subscription
+        reason: str | None = None
+        try:
+            with pump.scope:
+                async with subscription:
+                    try:
+                        async for item in subscription.items():
+                            if isinstance(item, CaughtUp):
+                                await self._queue(p.encode_caught_up(pump.id, item.seq))
+                            else:
+                                await self._queue(p.encode_event_frame(pump.id, item.raw))
+                            # Only what is queued counts: an item taken but cut off
+                            # on its way to the queue must be sent again on resume.
+                            pump.last_seq = subscription.position
+                    except Gone as gone:
+                        reason = (
+                            "the log's retention overtook this subscription; events from seq"
+                            f" {gone.oldest_seq} on are still there"
+                        )
+                    except LogUnavailable as exc:
+                        reason = f"the event log is unavailable: {exc}"
+                    except CorruptLog as damage:
+                        reason = errors.damaged(damage)
+                    else:
+                        reason = "the event log has closed"
+                    # Not cut off while sending: everything up to position is passed.
+                    pump.last_seq = subscription.position
+                if reason is not None:
+                    await self._queue(p.encode_ended(pump.id, reason, pump.last_seq))
+        except Exception:
+            log.exception("%s: subscription %s failed", self.name, pump.id)
+            with trio.move_on_after(self._timeouts.farewell):
+                await self._queue(p.encode_ended(pump.id, "internal error", pump.last_seq))
+        finally:
+            self._pumps.pop(pump.id, None)
+            pump.done.set()
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))

@@ -1,0 +1,166 @@
+"""The wire protocol of protocol.md as plain code, one model for both ends.
+
+Nothing here touches a socket or trio, in the manner of h11 and wsproto: text
+frames go in, typed values or typed exceptions come out, and strings to send
+come out of typed values, so every rule of the contract is tested without a
+connection and any transport (the server, the trio client, an asyncio client)
+is a thin layer around it.
+
+    _transport   frame size, in-flight requests, close codes
+    _errors      error codes; ProtocolError (the server's), ClientError and one
+                 subclass per code (a client's)
+    _requests    one frozen class per op; parse_request, encode_request
+    _results     what the ops answer: SandboxInfo, SpecInfo, SearchPage, Logs,
+                 ServerDetails, Subscribed, EventPage; decode_event
+    _frames      the server's frames: encode_* on its side, parse_frame on a client's
+    calls        one Call per op for clients: its request, and its typed result
+    _converter   the one cattrs converter of these types
+"""
+
+from sandboxd.gateway.protocol import calls
+from sandboxd.gateway.protocol._converter import converter
+from sandboxd.gateway.protocol._errors import (
+    AuthenticationError,
+    BadRequestError,
+    BusyError,
+    ClientError,
+    ConflictError,
+    ConnectError,
+    ConnectionLostError,
+    ErrorCode,
+    GoneError,
+    InternalError,
+    LimitExceededError,
+    MalformedFrameError,
+    NotFoundError,
+    ProtocolError,
+    RequestError,
+    StartFailedError,
+    UnavailableError,
+    UnknownOpError,
+    error_from_reply,
+)
+from sandboxd.gateway.protocol._frames import (
+    CaughtUpFrame,
+    EndedFrame,
+    EventFrame,
+    Frame,
+    Reply,
+    encode_caught_up,
+    encode_ended,
+    encode_error,
+    encode_event_frame,
+    encode_ok,
+    parse_frame,
+)
+from sandboxd.gateway.protocol._requests import (
+    OPS,
+    EventsRead,
+    EventsSubscribe,
+    EventsUnsubscribe,
+    Params,
+    Request,
+    SandboxBatchGet,
+    SandboxDelete,
+    SandboxGet,
+    SandboxLogs,
+    SandboxPause,
+    SandboxResume,
+    SandboxSearch,
+    SandboxStart,
+    ServerInfo,
+    SpecGet,
+    SpecList,
+    encode_request,
+    parse_request,
+)
+from sandboxd.gateway.protocol._results import (
+    EventPage,
+    Logs,
+    SandboxInfo,
+    SearchPage,
+    ServerDetails,
+    SpecInfo,
+    Subscribed,
+    decode_event,
+)
+from sandboxd.gateway.protocol._transport import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NO_PONG,
+    CLOSE_NOT_READING,
+    CLOSE_TOO_BIG,
+    CLOSE_UNSUPPORTED,
+    MAX_FRAME_BYTES,
+    MAX_IN_FLIGHT,
+)
+from sandboxd.gateway.protocol.calls import Call
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_NOT_READING",
+    "CLOSE_NO_PONG",
+    "CLOSE_TOO_BIG",
+    "CLOSE_UNSUPPORTED",
+    "MAX_FRAME_BYTES",
+    "MAX_IN_FLIGHT",
+    "OPS",
+    "AuthenticationError",
+    "BadRequestError",
+    "BusyError",
+    "Call",
+    "CaughtUpFrame",
+    "ClientError",
+    "ConflictError",
+    "ConnectError",
+    "ConnectionLostError",
+    "EndedFrame",
+    "ErrorCode",
+    "EventFrame",
+    "EventPage",
+    "EventsRead",
+    "EventsSubscribe",
+    "EventsUnsubscribe",
+    "Frame",
+    "GoneError",
+    "InternalError",
+    "LimitExceededError",
+    "Logs",
+    "MalformedFrameError",
+    "NotFoundError",
+    "Params",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "RequestError",
+    "SandboxBatchGet",
+    "SandboxDelete",
+    "SandboxGet",
+    "SandboxInfo",
+    "SandboxLogs",
+    "SandboxPause",
+    "SandboxResume",
+    "SandboxSearch",
+    "SandboxStart",
+    "SearchPage",
+    "ServerDetails",
+    "ServerInfo",
+    "SpecGet",
+    "SpecInfo",
+    "SpecList",
+    "StartFailedError",
+    "Subscribed",
+    "UnavailableError",
+    "UnknownOpError",
+    "calls",
+    "converter",
+    "decode_event",
+    "encode_caught_up",
+    "encode_ended",
+    "encode_error",
+    "encode_event_frame",
+    "encode_ok",
+    "encode_request",
+    "error_from_reply",
+    "parse_frame",
+    "parse_request",
+]

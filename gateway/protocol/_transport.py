@@ -1,0 +1,14 @@
+"""The transport's numbers: how big a frame may be, how many requests may wait, close codes."""
+
+from typing import Final
+
+#: A text frame's UTF-8 payload may be this long (a frame of exactly 1 MiB is accepted).
+MAX_FRAME_BYTES: Final = 1 << 20
+#: Unanswered requests one connection may have before the next ones get `busy`.
+MAX_IN_FLIGHT: Final = 64
+
+CLOSE_GOING_AWAY: Final = 1001  # the daemon shuts down
+CLOSE_UNSUPPORTED: Final = 1003  # a binary frame
+CLOSE_NOT_READING: Final = 1008  # the client stopped reading (docs/protocol.md)
+CLOSE_TOO_BIG: Final = 1009  # a frame over MAX_FRAME_BYTES
+CLOSE_NO_PONG: Final = 1011  # no pong to a ping in time
