@@ -6,7 +6,6 @@ import types
 import typing
 from typing import Any
 
-import attrs
 import msgspec
 from hypothesis import strategies as st
 
@@ -34,18 +33,14 @@ def for_type(tp: Any) -> st.SearchStrategy[Any]:
         return st.none() | for_type(inner)
     if typing.get_origin(tp) is list:
         return st.lists(for_type(args[0]), max_size=4)
-    if attrs.has(tp) or (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return records(tp)
     raise TypeError(f"no strategy for {tp!r}")
 
 
 def records(cls: type[Any]) -> st.SearchStrategy[Any]:
-    """Any instance of an attrs class or msgspec Struct of the catalogue."""
-    if attrs.has(cls):
-        attrs.resolve_types(cls)
-        fields = {f.name: f.type for f in attrs.fields(cls)}
-    else:
-        fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
+    """Any instance of a class (a msgspec Struct) of the catalogue."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
     return st.builds(cls, **{name: for_type(tp) for name, tp in fields.items()})
 
 
