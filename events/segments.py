@@ -476,45 +476,41 @@ def write_index(path: Path, postings: Postings, seq_index: list[tuple[int, int]]
 
 def load_index(path: Path, first_seq: int, size: int) -> IndexFile | None:
     """The index file of the segment at ``path`` (``size`` bytes durable), if there is one
-    that describes it; None if there is none, or it does not match the segment.
+    that describes it; None if there is none, or (with a warning) if it does not."""
+    try:
+        return check_index(path, first_seq, size)
+    except FileNotFoundError:
+        return None
+    except IndexFileError as exc:
+        logger.warning("%s: ignoring the index (%s); it will be rebuilt", index_path(path), exc)
+        return None
+
+
+def check_index(path: Path, first_seq: int, size: int) -> IndexFile:
+    """The index file of the segment at ``path``, if it describes the segment; else
+    ``IndexFileError`` saying why (``FileNotFoundError`` if there is none).
 
     An index is tied to the segment's bytes by its last frame: that frame must be at
     the offset the index says, end where the index ends, and carry the crc and seq it
     says. (A crc covers a record's seq and payload, so a segment of another history,
     say one restored from a backup beside a newer index, does not pass.)
     """
-    try:
-        blob = index_path(path).read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        found = index.decode_index(blob)
-    except IndexFileError as exc:
-        logger.warning("%s: ignoring the index (%s); it will be rebuilt", index_path(path), exc)
-        return None
+    found = index.decode_index(index_path(path).read_bytes())
     postings = found.postings
-    why = None
     if postings.first_seq != first_seq:
-        why = f"it is of a segment starting at seq {postings.first_seq}"
-    elif postings.end > size:
-        why = f"it covers {postings.end} bytes, the segment has {size}"
-    elif postings.last is not None:
+        raise IndexFileError(f"it is of a segment starting at seq {postings.first_seq}")
+    if postings.end > size:
+        raise IndexFileError(f"it covers {postings.end} bytes, the segment has {size}")
+    if postings.last is not None:
         at, crc = postings.last
         with open(path, "rb", buffering=0) as file:
             head = os.pread(file.fileno(), framing.FRAME_OVERHEAD, at)
         if len(head) < framing.FRAME_OVERHEAD:
-            why = f"its last record at offset {at} is past the segment's end"
-        else:
-            frame_crc, length, seq = framing.FRAME_HEADER.unpack(head)
-            if (frame_crc, at + framing.FRAME_OVERHEAD + length, seq) != (
-                crc,
-                postings.end,
-                postings.next_seq - 1,
-            ):
-                why = f"its last record (offset {at}) is not the segment's"
-    if why is not None:
-        logger.warning("%s: ignoring the index (%s); it will be rebuilt", index_path(path), why)
-        return None
+            raise IndexFileError(f"its last record at offset {at} is past the segment's end")
+        frame_crc, length, seq = framing.FRAME_HEADER.unpack(head)
+        expected = (crc, postings.end, postings.next_seq - 1)
+        if (frame_crc, at + framing.FRAME_OVERHEAD + length, seq) != expected:
+            raise IndexFileError(f"its last record (offset {at}) is not the segment's")
     return found
 
 

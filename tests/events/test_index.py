@@ -331,3 +331,31 @@ async def test_dump_of_one_sandbox_is_the_filtered_full_dump(
             and (sandbox_id is None or e["sandbox_id"] == sandbox_id)
             and (types is None or e["type"] in types)
         ]
+
+
+async def test_verify_checks_the_index_files(tmp_path: Path) -> None:
+    events_dir = tmp_path / "events"
+    async with open_event_log(events_dir, segment_bytes=SEGMENT_BYTES) as log:
+        for start in range(0, 96, 8):  # a history the projection folds: verify folds it
+            await log.append_many([sample_pending(i) for i in range(start, start + 8)])
+    out = io.StringIO()
+    assert await trio.to_thread.run_sync(audit.verify, tmp_path, out) == 0, out.getvalue()
+    # An index that matches its segment's last record but not its content: what a bug
+    # in the writer would leave. verify fails on it, naming it; the daemon would use it.
+    path = segments.index_path(events_dir / segments.segment_name(1))
+    found = index.decode_index(path.read_bytes())
+    postings = found.postings
+    one, other = sorted(key for key in postings.by_sandbox if key)[:2]
+    postings.by_sandbox[one], postings.by_sandbox[other] = (
+        postings.by_sandbox[other],
+        postings.by_sandbox[one],
+    )
+    path.write_bytes(index.encode_index(postings, found.seq_index))
+    out = io.StringIO()
+    assert await trio.to_thread.run_sync(audit.verify, tmp_path, out) == 1
+    assert f"bad index: {path}: it differs from its segment" in out.getvalue()
+    # One of another segment is only a note: the daemon would not use it.
+    shutil.copy(segments.index_path(events_dir / segments.segment_name(postings.next_seq)), path)
+    out = io.StringIO()
+    assert await trio.to_thread.run_sync(audit.verify, tmp_path, out) == 0, out.getvalue()
+    assert f"note: {path}: not used (it is of a segment starting at seq" in out.getvalue()
