@@ -23,7 +23,7 @@ What a subscription holds in memory:
   every other subscription's (the writer hands each the same batch), so all
   subscriptions together hold the newest ``limit`` events once, plus pointers;
 - the records in hand: one history read of at most ``page_bytes`` of stored
-  records (decoded, they take about five times that), or one live batch.
+  records (decoded, they take about three times that), or one live batch.
 
 A subscription given a ``gate`` (a ``trio.CapacityLimiter``) takes records in
 hand only while it holds one of the gate's tokens, and gives it back once it

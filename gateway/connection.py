@@ -56,7 +56,7 @@ SEND_QUEUE_FRAMES: Final = 256
 SEND_QUEUE_BYTES: Final = 1 << 20
 #: Requests and subscriptions of one connection that may have history or output in
 #: hand at once: each holds at most a page of the log (events.log.READ_BYTES of
-#: stored records, about five times that decoded) or one reply.
+#: stored records, about three times that decoded) or one reply.
 READ_SLOTS: Final = 2
 
 #: Run once the reply a request's answer made is queued, or given up on (a subscription's
