@@ -177,7 +177,10 @@ class EventLog:
         self._room = trio.lowlevel.ParkingLot()
         self._writer: trio.lowlevel.Task | None = None  # set while it waits for work
         self._needs_cut = False  # the active file may hold bytes past its durable end
-        self._subscribers: set[Subscription] = set()
+        #: Subscriptions get each durable batch: those filtered by sandbox only the records
+        #: of their sandboxes, found by sandbox id (O(matching), not O(subscriptions)).
+        self._firehose: set[Subscription] = set()
+        self._by_sandbox: dict[str, set[Subscription]] = {}
         #: One postings build at a time (a filtered read of an unindexed segment).
         self._indexing = trio.Lock()
         self._postings_kept: OrderedDict[int, Segment] = OrderedDict()
@@ -215,7 +218,13 @@ class EventLog:
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscribers)
+        return len(self._firehose) + len(self._routed())
+
+    def _routed(self) -> set[Subscription]:
+        return set().union(*self._by_sandbox.values())
+
+    def _subscriptions(self) -> list[Subscription]:
+        return [*self._firehose, *self._routed()]
 
     # Metrics hook (issue 13): read at scrape time.
 
@@ -228,7 +237,7 @@ class EventLog:
     def subscriber_lag(self) -> int:
         """Events the slowest subscriber has yet to pass: head_seq minus its position."""
         # 0 when none lags (a subscription may start past the head).
-        return max([0, *(self._head_seq - s.position for s in self._subscribers)])
+        return max([0, *(self._head_seq - s.position for s in self._subscriptions())])
 
     # -- appending ---------------------------------------------------------------------
 
@@ -469,8 +478,25 @@ class EventLog:
                 reschedule(task, value([r.event for r in chunk]))
             else:
                 reschedule(task, value(records[ticket.start].event))
-        for subscriber in self._subscribers:
-            subscriber.publish(records)
+        first_seq = batch.first_seq
+        for subscriber in self._firehose:
+            subscriber.publish(records, first_seq, last_seq)
+        if self._by_sandbox:
+            self._publish_by_sandbox(records, first_seq, last_seq)
+
+    def _publish_by_sandbox(self, records: list[Record], first_seq: int, last_seq: int) -> None:
+        """Each subscription filtered by sandbox gets the batch's records of its sandboxes,
+        found by sandbox id: a record costs a dict lookup, and a subscription costs
+        something only when it has a record in the batch."""
+        chosen: dict[Subscription, list[Record]] = {}
+        by_sandbox = self._by_sandbox
+        for record in records:
+            followers = by_sandbox.get(record.event.sandbox_id)  # type: ignore[arg-type]
+            if followers:
+                for subscriber in followers:
+                    chosen.setdefault(subscriber, []).append(record)
+        for subscriber, matching in chosen.items():
+            subscriber.publish(matching, first_seq, last_seq)
 
     def _fail(self, batch: _Batch, exc: Exception) -> None:
         for ticket in batch.tickets:
@@ -487,9 +513,10 @@ class EventLog:
             self._queue.popleft().resolve(outcome.Error(closed))
         self._queued = 0
         self._room.unpark_all()
-        for subscriber in list(self._subscribers):
+        for subscriber in self._subscriptions():
             subscriber.end()
-        self._subscribers.clear()
+        self._firehose.clear()
+        self._by_sandbox.clear()
         os.close(self._fd)
 
     def _close(self) -> None:
@@ -812,11 +839,23 @@ class EventLog:
         subscription = Subscription(
             self, start, event_filter, limit, page_bytes=page_bytes, gate=gate
         )
-        self._subscribers.add(subscription)
+        selection = selection_of(event_filter)
+        if selection is None or selection.sandbox_ids is None:
+            self._firehose.add(subscription)
+        else:
+            for sandbox_id in selection.sandbox_ids:
+                self._by_sandbox.setdefault(sandbox_id, set()).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscribers.discard(subscription)
+        self._firehose.discard(subscription)
+        selection = subscription.selection
+        for sandbox_id in () if selection is None else selection.sandbox_ids or ():
+            followers = self._by_sandbox.get(sandbox_id)
+            if followers is not None:
+                followers.discard(subscription)
+                if not followers:
+                    del self._by_sandbox[sandbox_id]
 
     # -- retention ---------------------------------------------------------------------
 

@@ -37,6 +37,13 @@ reads its history through the segment index (``index.py``): the records of
 other sandboxes and types are neither read nor decoded, so catching up on one
 sandbox in a long log costs what that sandbox has.
 
+The log routes its durable batches by sandbox: a subscription filtered by
+sandbox is handed only the records of its sandboxes, and only batches that
+have some (a dict lookup per record: O(matching), not O(subscriptions)). Each
+live batch carries the seqs it spans, and everything matching from
+``_covered_from`` on is in the buffer, so a gap between what the subscription
+passed and its next live batch needs no disk read.
+
 ``next_batch`` hands out every matching record that is at hand at once (up
 to a limit) instead of one per call: a reader that forwards records (the
 gateway) pays the task switch once per batch.
@@ -46,7 +53,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import attrs
 import trio
@@ -116,6 +123,16 @@ class CaughtUp:
     seq: int
 
 
+class _Live(NamedTuple):
+    """A durable batch as the log published it to one subscription: its seqs run from
+    ``first_seq`` to ``last_seq``; ``records`` are those of them that may match (all of
+    them, unless the log routed the batch by sandbox: then those of its sandboxes)."""
+
+    first_seq: int
+    last_seq: int
+    records: list[Record]
+
+
 class _Source(Protocol):
     """What a subscription needs of the log."""
 
@@ -161,8 +178,12 @@ class Subscription:
         self._holding = False  # one of the gate's tokens, while records are in hand
         #: Every event up to here was delivered or filtered out.
         self.position = after_seq
-        self._live: deque[list[Record]] = deque()
+        self._live: deque[_Live] = deque()
         self._live_count = 0
+        #: Every matching record from this seq on is in the live buffer (or was taken
+        #: from it): the log publishes every batch after the subscription's start, and
+        #: only a full buffer drops some. Gaps past it need no disk read.
+        self._covered_from = source.head_seq + 1
         self._ready: deque[Record] = deque()
         #: Once ``_ready`` is delivered, every event up to here was (a read through
         #: the index looks at more seqs than it returns records for).
@@ -189,15 +210,24 @@ class Subscription:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def selection(self) -> Selection | None:
+        """What of its filter the segment index (and the log's routing) can answer."""
+        return self._selection
+
     # -- called by the log's writer, synchronously: must never block -------------------
 
-    def publish(self, records: list[Record]) -> None:
+    def publish(self, records: list[Record], first_seq: int, last_seq: int) -> None:
+        """The records of the durable batch of seqs ``first_seq..last_seq`` that may match
+        (the log leaves out batches with none, when it routes by sandbox)."""
         if self._closed:
             return
-        self._live.append(records)
+        self._live.append(_Live(first_seq, last_seq, records))
         self._live_count += len(records)
         while self._live_count > self._limit:
-            self._live_count -= len(self._live.popleft())
+            dropped = self._live.popleft()
+            self._live_count -= len(dropped.records)
+            self._covered_from = dropped.last_seq + 1  # the disk has what went
             self.dropped_batches += 1
         self._wake()
 
@@ -293,16 +323,24 @@ class Subscription:
                 self.position = self._passed
             if self._closed:
                 return None
-            if (
-                self._live
-                and self._live[0][0].event.seq <= self.position + 1
-                and (self._holding or self._hold_now())
-            ):
-                batch = self._live.popleft()
-                self._live_count -= len(batch)
-                self._ready.extend(batch)
+            if not self._live:
+                if self.position + 1 >= self._covered_from:
+                    # Nothing since is ours: the buffer would hold it.
+                    self.position = max(self.position, self._source.head_seq)
+                return None
+            if self._continues() and (self._holding or self._hold_now()):
+                entry = self._live.popleft()
+                self._live_count -= len(entry.records)
+                self._ready.extend(entry.records)
+                self._passed = max(self._passed, entry.last_seq)
                 continue
             return None
+
+    def _continues(self) -> bool:
+        """Whether the oldest live batch goes on from ``position``: it starts right after
+        it, or nothing in between can match (it is past ``_covered_from``)."""
+        position = self.position + 1
+        return self._live[0].first_seq <= position or position >= self._covered_from
 
     async def _take(self) -> Record | CaughtUp:
         while True:
@@ -312,8 +350,8 @@ class Subscription:
             if self._closed:
                 self._let_go()
                 raise StopAsyncIteration
-            live = bool(self._live) and self._live[0][0].event.seq <= self.position + 1
-            until = self._live[0][0].event.seq - 1 if self._live else self._source.head_seq
+            live = bool(self._live) and self._continues()
+            until = self._live[0].first_seq - 1 if self._live else self._source.head_seq
             if live or self.position < until:
                 if not self._holding and not await self._hold():
                     continue  # it waited for its turn: look again at what there is now

@@ -359,3 +359,86 @@ async def test_verify_checks_the_index_files(tmp_path: Path) -> None:
     out = io.StringIO()
     assert await trio.to_thread.run_sync(audit.verify, tmp_path, out) == 0, out.getvalue()
     assert f"note: {path}: not used (it is of a segment starting at seq" in out.getvalue()
+
+
+# -- live batches routed by sandbox ------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.lists(st.sampled_from("abcd"), min_size=1, max_size=9)),
+            st.tuples(st.just("take"), st.integers(0, 3)),
+        ),
+        max_size=40,
+    ),
+    buffer=st.integers(1, 12),
+    history=st.lists(st.sampled_from("abcd"), max_size=30),
+)
+def test_a_subscription_by_sandbox_gets_its_events_once_in_order(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[str, object]],
+    buffer: int,
+    history: list[str],
+) -> None:
+    """Subscriptions filtered by sandbox get only their sandboxes' records from the writer,
+    and a batch of others' records does not reach them at all; whatever the timing, the
+    size of their buffer and the history before them, each gets exactly a full scan's."""
+    directory = tmp_path_factory.mktemp("log")
+    filters = [frozenset("a"), frozenset("ab"), frozenset("d"), None]
+
+    async def run() -> None:
+        async with open_event_log(directory, subscriber_buffer=buffer) as log:
+            await _append(log, history, 0)
+            subs = [
+                log.subscribe(0 if i % 2 else None, EventFilter(sandbox_ids=f))
+                for i, f in enumerate(filters)
+            ]
+            starts = [0 if i % 2 else len(history) for i in range(len(filters))]
+            got: list[list[int]] = [[] for _ in subs]
+            appended = len(history)
+            for kind, arg in steps:
+                if kind == "append":
+                    sandboxes = arg
+                    assert isinstance(sandboxes, list)
+                    await _append(log, sandboxes, appended)
+                    appended += len(sandboxes)
+                else:
+                    assert isinstance(arg, int)
+                    # Take what is there; if nothing is, this cancels the wait (a
+                    # cancelled take must lose and repeat nothing either).
+                    with trio.move_on_after(0.01):
+                        batch = await subs[arg].next_batch(5)
+                        if isinstance(batch, list):
+                            got[arg] += [r.event.seq for r in batch]
+            # A last event of every sandbox: each subscription has all once it has it.
+            last = [ev.PendingEvent(x, None, ev.SandboxPaused()) for x in "abcd"]
+            await log.append_many(last)
+            everything = await log.read(0, limit=100_000)
+            for i, sub in enumerate(subs):
+                wanted = EventFilter(sandbox_ids=filters[i])
+                expected = [e.seq for e in _expected(everything, starts[i], wanted)]
+                while not got[i] or got[i][-1] < expected[-1]:
+                    batch = await sub.next_batch(1000)
+                    if isinstance(batch, list):
+                        got[i] += [r.event.seq for r in batch]
+                assert got[i] == expected
+                await sub.aclose()
+
+    trio.run(run)
+
+
+async def test_a_batch_of_other_sandboxes_costs_a_subscription_nothing(tmp_path: Path) -> None:
+    async with open_event_log(tmp_path) as log:
+        mine = log.subscribe(None, EventFilter(sandbox_ids=frozenset({"a"})))
+        assert await mine.next_batch() == CaughtUp(0)
+        await _append(log, ["b", "c"] * 50, 0)
+        assert mine.buffered == 0  # the writer gave it nothing
+        await _append(log, ["a"], 100)
+        batch = await mine.next_batch()
+        assert isinstance(batch, list) and [r.event.seq for r in batch] == [101]
+        assert mine.disk_reads == 0  # the others' 100 records in between: no read needed
+        assert log.subscriber_count == 1
+        await mine.aclose()
+        assert log.subscriber_count == 0
