@@ -123,6 +123,11 @@ class CaughtUp:
     seq: int
 
 
+#: A batch of at most this many records gives the gate's token back when it is handed
+#: out; a bigger one keeps it until the next call (see ``next_batch``).
+SMALL_BATCH = 64
+
+
 class _Live(NamedTuple):
     """A durable batch as the log published it to one subscription: its seqs run from
     ``first_seq`` to ``last_seq``; ``records`` are those of them that may match (all of
@@ -176,6 +181,7 @@ class Subscription:
         self._page_bytes = page_bytes
         self._gate = gate
         self._holding = False  # one of the gate's tokens, while records are in hand
+        self._batching = False  # in next_batch: the token stays with the batch
         #: Every event up to here was delivered or filtered out.
         self.position = after_seq
         self._live: deque[_Live] = deque()
@@ -287,14 +293,27 @@ class Subscription:
         """The next matching records, as many as are at hand (at least one, at most
         ``max_records``), or the ``CaughtUp`` marker, as ``items()`` would yield them."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._ready:
+            self._let_go()  # the caller is done with the last batch: its token goes
         self._blocked = False
-        first = await self._take()
-        if isinstance(first, CaughtUp):
-            batch: list[Record] | CaughtUp = first
-        else:
-            batch = [first]
-            while len(batch) < max_records and (record := self._take_at_hand()) is not None:
-                batch.append(record)
+        # A big batch is in the caller's hands until it asks again: the gate's token
+        # (if any) is kept till then. A small one (a live batch, most often) gives it
+        # back at once, so that the subscriptions sharing a gate all take theirs in
+        # one go: a connection's subscriptions hold READ_SLOTS big batches, and up to
+        # SMALL_BATCH records each besides.
+        self._batching = True
+        try:
+            first = await self._take()
+            if isinstance(first, CaughtUp):
+                batch: list[Record] | CaughtUp = first
+            else:
+                batch = [first]
+                while len(batch) < max_records and (record := self._take_at_hand()) is not None:
+                    batch.append(record)
+                if len(batch) <= SMALL_BATCH and not self._ready:
+                    self._let_go()
+        finally:
+            self._batching = False
         if not self._blocked:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
@@ -310,7 +329,7 @@ class Subscription:
         while True:
             while self._ready:
                 record = self._ready.popleft()
-                if not self._ready:
+                if not self._ready and not self._batching:
                     self._let_go()  # the last record in hand: the next page is another's turn
                 seq = record.event.seq
                 if seq <= self.position:

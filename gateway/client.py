@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -373,12 +374,16 @@ class Client:
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        batch: bool = True,
     ) -> Subscription:
         """Events with seq > after_seq (None: from now on), on a connection of their own.
 
         Use as ``async with client.subscribe(...) as events: async for event in events``.
+        The server sends them several to a frame (``batch``; False: one a frame, as
+        a server before batch frames does).
         """
-        params = calls.subscribe(after_seq, sandbox_id=sandbox_id, types=types).params
+        call = calls.subscribe(after_seq, sandbox_id=sandbox_id, types=types, batch=batch)
+        params = call.params
         assert isinstance(params, p.EventsSubscribe)  # checked now, sent on each (re)connect
         return Subscription(self._nursery, self.url, self._token, params)
 
@@ -403,6 +408,8 @@ class Subscription:
         self.caught_up = trio.Event()
         self.reconnects = 0
         self._closed = False
+        #: Events of a batch frame not handed out yet.
+        self._pending: deque[p.EventFrame] = deque()
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -428,6 +435,8 @@ class Subscription:
         await self._drop()
 
     async def _drop(self) -> None:
+        # What is left of a batch is sent again after the reconnect, from last_seq on.
+        self._pending.clear()
         ws, self._ws = self._ws, None
         if ws is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -437,6 +446,14 @@ class Subscription:
         while True:
             if self._closed:
                 raise StopAsyncIteration
+            while self._pending:  # the rest of a batch frame
+                pending = self._pending.popleft()
+                if self.last_seq is not None and pending.seq <= self.last_seq:
+                    continue  # seen before the reconnect
+                self.last_seq = pending.seq
+                event = pending.event()
+                if event is not None:
+                    return event
             if self._ws is None:
                 await self._reconnect()
             assert self._ws is not None
@@ -448,12 +465,9 @@ class Subscription:
             if isinstance(frame, p.Reply) or frame.subscription != self._sub_id:
                 continue
             if isinstance(frame, p.EventFrame):
-                if self.last_seq is not None and frame.seq <= self.last_seq:
-                    continue  # seen before the reconnect
-                self.last_seq = frame.seq
-                event = frame.event()
-                if event is not None:
-                    return event
+                self._pending.append(frame)
+            elif isinstance(frame, p.EventsFrame):
+                self._pending.extend(frame.events)
             elif isinstance(frame, p.CaughtUpFrame):
                 self.caught_up.set()
             else:
@@ -491,6 +505,7 @@ class Subscription:
             params.after_seq if self.last_seq is None else self.last_seq,
             sandbox_id=params.sandbox_id,
             types=params.types,
+            batch=bool(params.batch),
         )
         try:
             await ws.send_message(call.encode(1))

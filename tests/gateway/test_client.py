@@ -237,8 +237,9 @@ async def produce(daemon: Daemon, count: int, *, batch: int = 10) -> None:
         )
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["event frames", "batch frames"])
 async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
-    daemon: Daemon, proxy: Proxy
+    daemon: Daemon, proxy: Proxy, batch: bool
 ) -> None:
     head = daemon.gateway.log.head_seq
     count = 3000
@@ -247,7 +248,7 @@ async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
     async with (
         open_client(proxy.url, ROOT) as client,
         trio.open_nursery() as nursery,
-        client.subscribe(after_seq=head) as events,
+        client.subscribe(after_seq=head, batch=batch) as events,
     ):
         nursery.start_soon(produce, daemon, count)
         with trio.fail_after(30):
@@ -257,15 +258,24 @@ async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
                     proxy.cut()
                 if event.seq == head + count:
                     break
-        assert events.reconnects >= len(cut_after)
+        if batch:
+            # Cuts while the client hands out the rest of a frame it holds are noticed
+            # together, at its next read: at least one reconnect, at most one a cut.
+            assert 1 <= events.reconnects <= len(cut_after)
+        else:
+            assert events.reconnects >= len(cut_after)
     assert received == list(range(head + 1, head + count + 1))
-    assert proxy.connections >= 1 + 1 + len(cut_after)  # the client's, the first, the reconnects
+    if not batch:
+        assert proxy.connections >= 1 + 1 + len(cut_after)  # the client's, the first, reconnects
 
 
-async def test_subscribe_from_now_resumes_from_where_it_began(daemon: Daemon, proxy: Proxy) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["event frames", "batch frames"])
+async def test_subscribe_from_now_resumes_from_where_it_began(
+    daemon: Daemon, proxy: Proxy, batch: bool
+) -> None:
     async with (
         open_client(proxy.url, ROOT) as client,
-        client.subscribe(types=["daemon.stopping"]) as events,
+        client.subscribe(types=["daemon.stopping"], batch=batch) as events,
     ):
         # Cut before the first event: it resumes from the head it began at,
         # not from the head at the time of the reconnect.
