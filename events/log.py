@@ -49,6 +49,7 @@ from sandboxd.events.subscriptions import (
     CaughtUp,
     EventFilter,
     Filter,
+    LiveBatch,
     Subscription,
     matcher,
     selection_of,
@@ -479,8 +480,10 @@ class EventLog:
             else:
                 reschedule(task, value(records[ticket.start].event))
         first_seq = batch.first_seq
-        for subscriber in self._firehose:
-            subscriber.publish(records, first_seq, last_seq)
+        if self._firehose:
+            whole = LiveBatch(first_seq, last_seq, records)  # one for all of them
+            for subscriber in self._firehose:
+                subscriber.publish(whole)
         if self._by_sandbox:
             self._publish_by_sandbox(records, first_seq, last_seq)
 
@@ -496,7 +499,7 @@ class EventLog:
                 for subscriber in followers:
                     chosen.setdefault(subscriber, []).append(record)
         for subscriber, matching in chosen.items():
-            subscriber.publish(matching, first_seq, last_seq)
+            subscriber.publish(LiveBatch(first_seq, last_seq, matching))
 
     def _fail(self, batch: _Batch, exc: Exception) -> None:
         for ticket in batch.tickets:

@@ -128,10 +128,11 @@ class CaughtUp:
 SMALL_BATCH = 64
 
 
-class _Live(NamedTuple):
-    """A durable batch as the log published it to one subscription: its seqs run from
-    ``first_seq`` to ``last_seq``; ``records`` are those of them that may match (all of
-    them, unless the log routed the batch by sandbox: then those of its sandboxes)."""
+class LiveBatch(NamedTuple):
+    """A durable batch as the log publishes it: its seqs run from ``first_seq`` to
+    ``last_seq``; ``records`` are those of them that may match (all of them, handed to
+    every subscription alike, unless the log routed the batch by sandbox: then those of
+    the subscription's sandboxes)."""
 
     first_seq: int
     last_seq: int
@@ -184,7 +185,7 @@ class Subscription:
         self._batching = False  # in next_batch: the token stays with the batch
         #: Every event up to here was delivered or filtered out.
         self.position = after_seq
-        self._live: deque[_Live] = deque()
+        self._live: deque[LiveBatch] = deque()
         self._live_count = 0
         #: Every matching record from this seq on is in the live buffer (or was taken
         #: from it): the log publishes every batch after the subscription's start, and
@@ -223,13 +224,14 @@ class Subscription:
 
     # -- called by the log's writer, synchronously: must never block -------------------
 
-    def publish(self, records: list[Record], first_seq: int, last_seq: int) -> None:
-        """The records of the durable batch of seqs ``first_seq..last_seq`` that may match
-        (the log leaves out batches with none, when it routes by sandbox)."""
+    def publish(self, batch: LiveBatch) -> None:
+        """A durable batch, or the records of it that may match (the log leaves out
+        batches with none, when it routes by sandbox). The same object goes to every
+        subscription that gets the whole batch: one append here per batch."""
         if self._closed:
             return
-        self._live.append(_Live(first_seq, last_seq, records))
-        self._live_count += len(records)
+        self._live.append(batch)
+        self._live_count += len(batch.records)
         while self._live_count > self._limit:
             dropped = self._live.popleft()
             self._live_count -= len(dropped.records)
