@@ -434,3 +434,24 @@ async def test_the_writer_takes_replies_ahead_of_subscription_frames() -> None:
     assert [await lanes.get() for _ in range(4)] == [("r2", 1), ("e2", 1), ("e3", 1), ("e4", 1)]
     assert lanes.close() == []
     assert not lanes.put_nowait(connection.REPLIES, ("late", 1))  # the writer is gone
+
+
+async def test_the_pacer_wakes_each_group_in_turn(autojump_clock: trio.testing.MockClock) -> None:
+    pacer = connection.Pacer(0.1)
+    assert [pacer.group() for _ in range(12)] == [*range(10), 0, 1]
+    woken: list[tuple[int, float]] = []
+
+    async def pump(group: int) -> None:
+        for _ in range(2):
+            await pacer.wait(group)
+            woken.append((group, round(trio.current_time() - started, 3)))
+
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        nursery.start_soon(pacer.run)
+        async with trio.open_nursery() as pumps:
+            for group in (7, 0, 3):
+                pumps.start_soon(pump, group)
+        nursery.cancel_scope.cancel()
+    # One tick every 10 ms, the groups in turn: each pump once per 100 ms.
+    assert woken == [(0, 0.01), (3, 0.04), (7, 0.08), (0, 0.11), (3, 0.14), (7, 0.18)]
