@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The strict editable install links each module by name: a module added or removed
 # needs the install again, so the stamp depends on the list of modules too.
 MODULES := $(VENV)/.modules
-MODULE_LIST := $(sort $(wildcard daemon/*.py daemon/*/*.py events/*.py actors/*.py gateway/*.py gateway/*/*.py))
+MODULE_LIST := $(sort $(wildcard daemon/*.py daemon/*/*.py events/*.py actors/*.py actors/*/*.py gateway/*.py gateway/*/*.py))
 
 .PHONY: run test lint typecheck pytest bench clean FORCE
 
@@ -36,7 +36,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --config-settings editable_mode=strict -e '.[test,bench]'
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 clean:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-from collections.abc import Awaitable, Callable, Mapping
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,6 +23,14 @@ import attrs
 import trio
 
 from sandboxd.actors import health, output, proctree
+from sandboxd.actors.boundary.cgroupfs import Usage
+from sandboxd.actors.boundary.cgroups import CgroupError
+from sandboxd.actors.boundary.confine import Confinement, ConfinementError
+from sandboxd.actors.boundary.identities import Identity
+from sandboxd.actors.boundary.in_force import Boundary
+from sandboxd.actors.boundary.limits import LimitsNotEnforceable, format_bytes
+from sandboxd.actors.boundary.trees import SandboxTree
+from sandboxd.actors.boundary.workdirs import make_working_dir, remove_tree
 from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.launch import Placeholders, StartPlan, plan_start
@@ -74,10 +82,13 @@ class SandboxContext:
     stop_timeout: float
     output_cap_bytes: int
     unhealthy_after: int
-    #: Frees (sandbox_id, port) once the sandbox is gone: deleted, or never created.
-    release: Callable[[str, int], None]
-    marker: str  # this daemon's marker (proctree.DAEMON_MARKER) in every sandbox's environment
+    #: Frees (sandbox_id, its ports) once the sandbox is gone: deleted, or never created;
+    #: and its uid, which drains until nothing runs or remains under it.
+    release: Callable[[str, Sequence[int]], None]
+    #: Its tree (cgroup or markers), who it runs as, how its limits are enforced.
+    boundary: Boundary
     environ: Mapping[str, str]  # the daemon's environment, which a spec's inherit_env draws on
+    url_host: str = "127.0.0.1"  # the host of the URLs a running sandbox exposes
 
     @property
     def state(self) -> State:
@@ -93,7 +104,13 @@ class SandboxContext:
 
 class SandboxActor:
     def __init__(
-        self, sandbox_id: str, spec: SpecConfig, context: SandboxContext, *, owner: str | None
+        self,
+        sandbox_id: str,
+        spec: SpecConfig,
+        context: SandboxContext,
+        *,
+        owner: str | None,
+        tree: SandboxTree | None = None,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.spec = spec
@@ -107,6 +124,12 @@ class SandboxActor:
         self._process: ProcessId | None = None
         #: The same, if this daemon started it: our child, which we reap.
         self._child: Child | None = None
+        #: Its processes on the boundary in force; None until it first has one.
+        self._tree: SandboxTree | None = tree
+        #: The OOM kills its cgroup had counted when its process started (None: no count).
+        self._oom_before: int | None = None
+        #: Who its processes run as (None: the daemon's own user), for its whole life.
+        self._identity: Identity | None = None
         self._plan: StartPlan | None = None
         #: The start waiting for its outcome (RUNNING, or start_failed).
         self._starting: Reply[SandboxRecord] | None = None
@@ -123,6 +146,10 @@ class SandboxActor:
         if record is None:
             raise NotFound(f"sandbox {self.sandbox_id} does not exist")
         return record
+
+    def usage(self) -> Usage | None:
+        """What its cgroup has used so far (None under markers, or before it has a tree)."""
+        return self._tree.usage() if self._tree is not None else None
 
     def enqueue(self, start: Start) -> None:
         """Put a new actor's start in its mailbox, without a checkpoint.
@@ -153,7 +180,10 @@ class SandboxActor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if adopted:
-                self._watch_again(self.record)
+                record = self.record
+                self._identity = self._ctx.boundary.identity(record.uid)
+                self._tree = self._tree or self._ctx.boundary.adopted_tree(self.sandbox_id)
+                self._watch_again(record)
             task_status.started()
             try:
                 await self._serve()
@@ -192,7 +222,7 @@ class SandboxActor:
                 await self._answer(
                     reply,
                     self._move(
-                        by, Status.RUNNING, Status.PAUSED, proctree.pause_tree, proctree.resume_tree
+                        by, Status.RUNNING, Status.PAUSED, SandboxTree.pause, SandboxTree.resume
                     ),
                     "pause",
                 )
@@ -200,7 +230,7 @@ class SandboxActor:
                 await self._answer(
                     reply,
                     self._move(
-                        by, Status.PAUSED, Status.RUNNING, proctree.resume_tree, proctree.pause_tree
+                        by, Status.PAUSED, Status.RUNNING, SandboxTree.resume, SandboxTree.pause
                     ),
                     "resume",
                 )
@@ -258,27 +288,41 @@ class SandboxActor:
     # -- starting -----------------------------------------------------------------------
 
     async def _start(self, start: Start) -> None:
-        created = ev.SandboxCreated(self.spec.id, start.by, start.working_dir, start.port)
+        # Whose it is (an admin may start one for another user) and who did it (``by``).
+        created = ev.SandboxCreated(
+            self.spec.id,
+            self.owner,
+            start.working_dir,
+            start.port,
+            uid=start.uid,
+            ports=list(start.ports),
+        )
         try:
             event = await self._record(created, start.by)
         except Exception as exc:
-            # Never created: the actor ends, and its id and port are free again.
+            # Never created: the actor ends, and its id and ports are free again.
             start.reply.fail(exc)
             self._done = True
-            self._ctx.release(self.sandbox_id, start.port)
+            self._ctx.release(self.sandbox_id, [named.port for named in start.ports])
             return
         # The key is derived from the created event's seq, so it exists only from here on.
         keys = self._ctx.keys
         keys.remember(self.sandbox_id, event.seq)
         placeholders = Placeholders(
-            start.port, self.sandbox_id, start.working_dir, keys.key_for(self.sandbox_id, event.seq)
+            start.ports,
+            self.sandbox_id,
+            start.working_dir,
+            keys.key_for(self.sandbox_id, event.seq),
         )
+        boundary = self._ctx.boundary
+        self._identity = boundary.identity(start.uid)
         self._plan = plan_start(
             self.spec,
             placeholders,
             environ=self._ctx.environ,
             extra_env=start.env,
-            marker=self._ctx.marker,
+            markers=boundary.marker_env(),
+            home=boundary.home(self._identity, start.working_dir),
         )
         if start.wait:
             self._starting = start.reply
@@ -293,45 +337,64 @@ class SandboxActor:
             self._retry_later(Relaunch())
 
     async def _launch(self) -> None:
-        """Spawn the planned process and record it, then watch for readiness.
+        """Spawn the planned process in its boundary and record it, then watch for readiness.
 
         If the log refuses ``sandbox.process_started``, the spawn is undone and
         Unavailable raised: nothing may run that the log does not know of.
         """
         plan = self._plan
         assert plan is not None and self._nursery is not None
+        boundary = self._ctx.boundary
+        try:
+            enforcement = boundary.enforcement(self.spec.limits)
+            tree = boundary.tree(self.sandbox_id, enforcement.cgroup)
+        except (LimitsNotEnforceable, CgroupError) as exc:
+            await self._fail_start(str(exc), None)
+            return
+        self._tree = tree
+        confinement = Confinement(tree.cgroup_procs, self._identity, enforcement.rlimits)
+        launch = attrs.evolve(plan.launch, confinement=confinement)
         try:
             fd = await trio.to_thread.run_sync(
                 _prepare,
                 Path(self.record.working_dir),
-                Path(plan.launch.cwd),
+                Path(launch.cwd),
+                self._identity,
                 self.output,
                 self._ctx.output_cap_bytes,
             )
             try:
-                child = await spawn(plan.launch, output=fd)
+                child = await spawn(launch, output=fd)
             finally:
                 os.close(fd)  # the child has its own copy
-        except OSError as exc:
-            reason = f"cannot run {plan.launch.command[0]!r}: {exc.strerror or exc}"
-            await self._fail_start(reason, None)
+        except (OSError, ConfinementError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            await self._fail_start(f"cannot run {launch.command[0]!r}: {why}", None)
             return
         self._child = child
         self._process = child.id
-        self._nursery.start_soon(self._watch_exit, child)
+        self._oom_before = tree.oom_kills()
+        self._nursery.start_soon(self._watch_exit, child, tree)
+        # Probing may begin while its event is written: RUNNING is recorded only once this
+        # handler is done (the actor takes one message at a time), so after process_started.
+        self._start_readiness()
         main = child.id
         try:
             # The main process leads its own session: its group is its pid.
             await self._record(
-                ev.ProcessStarted(main.pid, main.pid, main.create_time, plan.recorded_command)
+                ev.ProcessStarted(
+                    main.pid,
+                    main.pid,
+                    main.create_time,
+                    plan.recorded_command,
+                    uid=self._identity.uid if self._identity else None,
+                )
             )
         except Unavailable:
-            await proctree.terminate_tree(
-                main, self.sandbox_id, stop_timeout=0, daemon_marker=self._ctx.marker
-            )
+            self._cancel_watchers()
+            await tree.terminate(main, stop_timeout=0)
             self._process = None
             raise
-        self._start_readiness()
 
     def _answer_start(self, result: SandboxRecord | BaseException) -> None:
         """Answer the start waiting for its outcome, if one is."""
@@ -361,7 +424,9 @@ class SandboxActor:
         if record.pid is None or record.create_time is None:
             return  # no process: the sandbox stays for delete
         self._process = ProcessId.from_create_time(record.pid, record.create_time)
-        self._nursery.start_soon(self._watch_adopted_exit, self._process)
+        assert self._tree is not None
+        self._oom_before = self._tree.oom_kills()
+        self._nursery.start_soon(self._watch_adopted_exit, self._process, self._tree)
         if record.status is Status.STARTING:
             self._start_readiness()
         else:
@@ -408,12 +473,16 @@ class SandboxActor:
                 elif failures == self._ctx.unhealthy_after:
                     await self._post(Unhealthy(f"{failures} health checks in a row got no 200"))
 
-    async def _watch_exit(self, child: Child) -> None:
+    async def _watch_exit(self, child: Child, tree: SandboxTree) -> None:
+        # The main process's end, then the tree's: with a cgroup, the sandbox lives
+        # as long as any of its processes does (a server its main process left running).
         status = await child.wait()
+        await tree.wait_gone()
         await self._post(Exited(child.id, status))
 
-    async def _watch_adopted_exit(self, adopted: ProcessId) -> None:
+    async def _watch_adopted_exit(self, adopted: ProcessId, tree: SandboxTree) -> None:
         status = await proctree.wait_for_exit(adopted)
+        await tree.wait_gone()
         await self._post(Exited(adopted, status or ExitStatus(None, None)))
 
     def _cancel_watchers(self) -> None:
@@ -438,23 +507,22 @@ class SandboxActor:
         """Record what a watcher saw, if it still applies to the sandbox as it is now."""
         starting = record.status is Status.STARTING
         match notice:
-            case Ready() if starting:
-                url = f"http://127.0.0.1:{record.port}"
+            case Ready() if starting and record.pid is not None:
+                host = self._ctx.url_host
+                urls = [
+                    ev.ExposedUrl(named.name, f"http://{host}:{named.port}", named.port)
+                    for named in record.named_ports
+                ]
                 try:
-                    await self._record(ev.SandboxRunning([ev.ExposedUrl("AGENT_SERVER", url)]))
+                    await self._record(ev.SandboxRunning(urls))
                 except Unavailable as exc:
                     self._answer_start(exc)  # the waiting start is answered `unavailable`
                     raise
                 self._answer_start(self.record)
                 self._start_liveness()
             case ReadyTimeout() if starting:
-                if self._process is not None:
-                    await proctree.terminate_tree(
-                        self._process,
-                        self.sandbox_id,
-                        stop_timeout=0,
-                        daemon_marker=self._ctx.marker,
-                    )
+                if self._process is not None and self._tree is not None:
+                    await self._tree.terminate(self._process, stop_timeout=0)
                 await self._fail_start(
                     f"the sandbox did not answer 200 on {self.spec.health_check_path} "
                     f"within {self.spec.ready_timeout:g} s",
@@ -462,11 +530,18 @@ class SandboxActor:
                 )
             case Exited(process=process, status=status) if process == self._process:
                 self._cancel_watchers()
+                oom = self._out_of_memory(status)
                 if starting:
                     tail, _ = await trio.to_thread.run_sync(
                         self.output.tail, OUTPUT_TAIL_FOR_ERRORS
                     )
-                    await self._fail_start(_exit_reason(status, tail), status.exit_code)
+                    await self._fail_start(_exit_reason(status, tail, oom), status.exit_code)
+                elif oom is not None:
+                    await self._record(
+                        ev.SandboxExited(
+                            status.exit_code, status.signal, reason="oom", memory_max=oom.limit
+                        )
+                    )
                 else:
                     await self._record(ev.SandboxExited(status.exit_code, status.signal))
                 self._process = None  # only now: if the log refused the event, a retry sees it
@@ -479,6 +554,21 @@ class SandboxActor:
             case _:
                 pass  # no longer applies: the sandbox moved on since it was posted
 
+    def _out_of_memory(self, status: ExitStatus) -> OutOfMemory | None:
+        """Whether the OOM killer ended the main process, and under which limit.
+
+        It did if the main process was killed by SIGKILL (or, adopted, ended how
+        nobody can tell) while its cgroup's count of OOM kills rose since it started.
+        """
+        tree = self._tree
+        if tree is None or self._oom_before is None:
+            return None
+        killed = status.signal == signal.SIGKILL or status == ExitStatus(None, None)
+        kills = tree.oom_kills()
+        if not killed or kills is None or kills <= self._oom_before:
+            return None
+        return OutOfMemory(tree.memory_limit())
+
     # -- commands -----------------------------------------------------------------------
 
     async def _move(
@@ -486,8 +576,8 @@ class SandboxActor:
         by: str | None,
         source: Status,
         target: Status,
-        act: Callable[..., Awaitable[None]],
-        undo: Callable[..., Awaitable[None]],
+        act: Callable[[SandboxTree, ProcessId], Awaitable[None]],
+        undo: Callable[[SandboxTree, ProcessId], Awaitable[None]],
     ) -> SandboxRecord:
         """Take the whole tree from ``source`` to ``target``: act, then record.
 
@@ -497,35 +587,33 @@ class SandboxActor:
         record = self.record
         if record.status is target:
             return record
-        if record.status is not source or self._process is None:
+        if record.status is not source or self._process is None or self._tree is None:
             raise Conflict(
                 f"sandbox {record.id} is {record.status}; only a {source} one becomes {target}"
             )
-        await act(self._process, self.sandbox_id, daemon_marker=self._ctx.marker)
+        await act(self._tree, self._process)
         try:
             await self._record(_EVENT_FOR[target], by)
         except Unavailable:
-            await undo(self._process, self.sandbox_id, daemon_marker=self._ctx.marker)
+            await undo(self._tree, self._process)
             raise
         return self.record
 
     async def _delete(self, by: str | None) -> bool:
         record = self.record
         self._cancel_watchers()
-        forced = await proctree.terminate_tree(
-            self._process,
-            self.sandbox_id,
-            stop_timeout=self._ctx.stop_timeout,
-            daemon_marker=self._ctx.marker,
-        )
+        boundary = self._ctx.boundary
+        tree = self._tree or boundary.adopted_tree(self.sandbox_id)
+        forced = await tree.terminate(self._process, stop_timeout=self._ctx.stop_timeout)
         if self._child is not None:
             await self._child.wait()  # reap our child so no zombie outlives the sandbox
         self._process = None
+        await boundary.remove_tree(tree)
         await trio.to_thread.run_sync(_remove_sandbox_files, Path(record.working_dir), self.output)
         await self._record(ev.SandboxDeleted(forced), by)
         self._done = True
         self._answer_start(NotFound(f"sandbox {self.sandbox_id} was deleted while it started"))
-        self._ctx.release(self.sandbox_id, record.port)
+        self._ctx.release(self.sandbox_id, [named.port for named in record.named_ports])
         return True
 
 
@@ -536,8 +624,21 @@ _EVENT_FOR: dict[Status, ev.Payload] = {
 }
 
 
-def _exit_reason(status: ExitStatus, output_tail: str) -> str:
-    if status.signal is not None:
+@attrs.frozen
+class OutOfMemory:
+    """The OOM killer ended the sandbox's main process, under this memory limit (bytes)."""
+
+    limit: int | None
+
+    def __str__(self) -> str:
+        limit = "" if self.limit is None else f" (limit {format_bytes(self.limit)})"
+        return f"killed: out of memory{limit}"
+
+
+def _exit_reason(status: ExitStatus, output_tail: str, oom: OutOfMemory | None = None) -> str:
+    if oom is not None:
+        how = f"{oom} while starting"
+    elif status.signal is not None:
         how = f"the process was killed by signal {status.signal} while starting"
     else:
         how = f"the process exited with code {status.exit_code} while starting"
@@ -546,18 +647,28 @@ def _exit_reason(status: ExitStatus, output_tail: str) -> str:
 
 
 def _prepare(
-    working_dir: Path, cwd: Path, output_file: output.OutputFile, output_cap_bytes: int
+    working_dir: Path,
+    cwd: Path,
+    identity: Identity | None,
+    output_file: output.OutputFile,
+    output_cap_bytes: int,
 ) -> int:
-    """The sandbox's own fresh directory, the spec's working_dir if it names one, and the
-    descriptor of its output file: everything a spawn needs from the disk, in one thread hop."""
-    if working_dir.exists():
-        shutil.rmtree(working_dir)  # a leftover of an interrupted start: never reuse its files
-    working_dir.mkdir(mode=0o700, parents=True)
-    os.chmod(working_dir, 0o700)  # mkdir's mode is masked by the umask
-    cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """The sandbox's own fresh directory (its uid's, 0700), the spec's working_dir if it
+    names one, and the descriptor of its output file: everything a spawn needs from the
+    disk, in one thread hop."""
+    if os.path.lexists(working_dir):
+        remove_tree(working_dir)  # a leftover of an interrupted start: never reuse its files
+    working_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    make_working_dir(working_dir, identity)
+    if cwd != working_dir and not cwd.exists():
+        # The spec's own place, made for it if missing (and then the sandbox's), never removed.
+        cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if identity is not None:
+            os.chown(cwd, identity.uid, identity.gid, follow_symlinks=False)
     return output_file.open_for_child(output_cap_bytes)
 
 
 def _remove_sandbox_files(working_dir: Path, output_file: output.OutputFile) -> None:
-    shutil.rmtree(working_dir, ignore_errors=True)
+    """The working dir, whatever the sandbox did to it (modes, links, nesting), and its output."""
+    remove_tree(working_dir)
     output_file.remove()

@@ -1,8 +1,10 @@
 """The project's own small reference agent server: what the default spec runs.
 
+    python3 -I .../sandboxd/actors/agent_server.py --port N    # as the default spec runs it
     python -m sandboxd.actors.agent_server --port N
 
-Standard library only, so that it runs wherever the daemon does. It binds
+Standard library only, so that it runs wherever the daemon does, and under
+any interpreter a sandbox's uid may run, by its file's path. It binds
 127.0.0.1. ``/alive`` and ``/health`` answer 200 ``{"status": "ok"}`` to
 anyone (the daemon's health check has no key); every other path wants the
 header ``X-Session-API-Key`` equal to the sandbox's key, else 401. The port
@@ -108,7 +110,7 @@ class _AgentServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sandboxd.actors.agent_server")
+    parser = argparse.ArgumentParser(prog="agent_server")
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: $PORT; 0: any)")
     args = parser.parse_args(argv)
     port = args.port

@@ -1,12 +1,15 @@
 """What clients see of a sandbox and of a spec: the protocol's SandboxInfo and SandboxSpecInfo.
 
-Built from the projection's record plus the session key, which is derived, never stored.
+Built from the projection's record plus the session key, which is derived, never stored;
+and, for ``sandbox.get`` and ``sandbox.stats`` only, what its cgroup has used.
 """
 
 from __future__ import annotations
 
 import attrs
+import msgspec
 
+from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.events.projection import SandboxRecord, Status
 from sandboxd.events.types import ExposedUrl
@@ -27,9 +30,22 @@ class SandboxInfo:
     working_dir: str
     error: str | None
     version: int
+    #: Read from its cgroup for sandbox.get only (null in search and batch_get: four
+    #: file reads per sandbox would break search's bound), null under markers.
+    usage: Usage | None = None
 
 
-def sandbox_info(record: SandboxRecord, session_api_key: str) -> SandboxInfo:
+@attrs.frozen
+class SandboxUsage:
+    """One sandbox's usage, as sandbox.stats gives it (``usage`` null under markers)."""
+
+    id: str
+    usage: Usage | None
+
+
+def sandbox_info(
+    record: SandboxRecord, session_api_key: str, usage: Usage | None = None
+) -> SandboxInfo:
     running = record.status is Status.RUNNING
     return SandboxInfo(
         id=record.id,
@@ -37,7 +53,7 @@ def sandbox_info(record: SandboxRecord, session_api_key: str) -> SandboxInfo:
         sandbox_spec_id=record.spec_id,
         status=record.status,
         session_api_key=session_api_key if running else None,
-        exposed_urls=list(record.exposed_urls) if running else None,
+        exposed_urls=_exposed_urls(record) if running else None,
         created_at=record.created_at,
         updated_at=record.updated_at,
         pid=record.pid,
@@ -45,7 +61,19 @@ def sandbox_info(record: SandboxRecord, session_api_key: str) -> SandboxInfo:
         working_dir=record.working_dir,
         error=record.error,
         version=record.version,
+        usage=usage,
     )
+
+
+def _exposed_urls(record: SandboxRecord) -> list[ExposedUrl]:
+    """Each with its port: a URL recorded before named ports has the port of its name."""
+    ports = {named.name: named.port for named in record.named_ports}
+    return [
+        url
+        if url.port is not None
+        else msgspec.structs.replace(url, port=ports.get(url.name, record.port))
+        for url in record.exposed_urls
+    ]
 
 
 @attrs.frozen
@@ -57,6 +85,8 @@ class SpecInfo:
     health_check_path: str
     ready_timeout: float
     created_at: str
+    #: Its named ports, the health-checked one first (an extension of protocol.md).
+    ports: list[str] = attrs.Factory(lambda: ["AGENT_SERVER"])
 
 
 def spec_info(spec: SpecConfig, *, mask_values: bool) -> SpecInfo:
@@ -69,4 +99,5 @@ def spec_info(spec: SpecConfig, *, mask_values: bool) -> SpecInfo:
         health_check_path=spec.health_check_path,
         ready_timeout=spec.ready_timeout,
         created_at=spec.created_at,
+        ports=list(spec.ports),
     )

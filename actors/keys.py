@@ -28,7 +28,8 @@ class SessionKeys:
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
-        self._by_key: dict[str, str] = {}
+        #: SHA-256 of each live sandbox's key -> its id: what a key is looked up by.
+        self._by_digest: dict[bytes, str] = {}
         self._by_id: dict[str, str] = {}
 
     @classmethod
@@ -53,24 +54,40 @@ class SessionKeys:
     def remember(self, sandbox_id: str, created_seq: int) -> None:
         """Make ``sandbox_for`` know this sandbox's key (on start and on recovery)."""
         key = self.key_for(sandbox_id, created_seq)
-        self._by_key[key] = sandbox_id
+        self._by_digest[_digest(key)] = sandbox_id
         self._by_id[sandbox_id] = key
 
     def forget(self, sandbox_id: str) -> None:
         """Stop answering for a deleted sandbox's key."""
         key = self._by_id.pop(sandbox_id, None)
         if key is not None:
-            self._by_key.pop(key, None)
+            self._by_digest.pop(_digest(key), None)
 
     def sandbox_for(self, key: str) -> str | None:
-        """The live sandbox this key belongs to, or None.
+        """The live sandbox this key belongs to, or None: O(1), compared in constant time.
 
-        A dict lookup, not a comparison against every key. It leaks no timing
-        worth having: str hashing is keyed (SipHash with a per-process random
-        key), so a caller cannot aim guesses at a bucket, and a full comparison
-        happens only between equal hashes.
+        One dict lookup, by the SHA-256 of ``key``, not a comparison against every
+        key: what the lookup hashes and compares is a digest, which tells nothing
+        about how much of a guess was right, and the key the lookup found is then
+        compared with ``key`` by ``hmac.compare_digest``, whose time does not
+        depend on where they differ.
         """
-        return self._by_key.get(key)
+        sandbox_id = self._by_digest.get(_digest(key))
+        if sandbox_id is None:
+            return None
+        if not hmac.compare_digest(
+            self._by_id[sandbox_id].encode(), key.encode("utf-8", "surrogatepass")
+        ):
+            return None  # a SHA-256 collision: never in practice, refused all the same
+        return sandbox_id
+
+
+def _bytes(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")  # any str a caller may hold: never raises
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(_bytes(key)).digest()
 
 
 def load_or_create_secret(path: Path) -> bytes:

@@ -20,6 +20,7 @@ import trio
 
 from sandboxd.actors.proctree import ExitStatus, ProcessId
 from sandboxd.events.projection import SandboxRecord
+from sandboxd.events.types import NamedPort
 
 T = TypeVar("T")
 
@@ -68,16 +69,22 @@ class Start:
 
     Answered with the record once ``sandbox.created`` is durable if not
     ``wait``; else once the start has an outcome: RUNNING, or ERROR with
-    ``sandbox.start_failed``. ``port`` and ``working_dir`` are the registry's
-    decisions, made before the actor exists so that no two sandboxes get the same.
+    ``sandbox.start_failed``. ``ports``, ``working_dir`` and ``uid`` (None: the
+    daemon's own) are the registry's decisions, made before the actor exists so
+    that no two sandboxes get the same.
     """
 
     by: str | None
-    port: int
+    ports: tuple[NamedPort, ...]  # the spec's, in its order: the first is health-checked
     working_dir: str
+    uid: int | None
     env: Mapping[str, str]
     wait: bool
     reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
+
+    @property
+    def port(self) -> int:
+        return self.ports[0].port
 
 
 @attrs.frozen(eq=False)

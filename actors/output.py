@@ -4,10 +4,11 @@ Each sandbox's stdout and stderr go to ``STATE_DIR/output/ID.log``; once it is
 over ``output_cap_bytes``, its newest bytes move to ``ID.log.1`` (the one
 rotation) and it starts again from empty.
 
-A sandbox can name these files: its environment says where the state dir is,
-and its processes run as the daemon's user (until each sandbox has a user of
-its own, issue 15, nothing the daemon's user can reach by name is out of a
-sandbox's reach). So the daemon never trusts a name to lead where it did:
+A sandbox under a uid of its own cannot reach them at all (``output/`` is the
+daemon's, 0700, and the sandbox is not told where the state dir is). One that
+runs as the daemon's user (``run_as = "daemon"``, or a daemon that is not
+root) could name and replace them. So the daemon never trusts a name to lead
+where it did:
 
 - it opens ``ID.log`` itself and keeps that descriptor: the child gets a copy
   as its stdout and stderr, and capping and reading go through the daemon's

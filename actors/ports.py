@@ -51,6 +51,18 @@ class PortAllocator:
             f"({len(self._reserved)} reserved by sandboxes, the rest in use)"
         )
 
+    def reserve_many(self, count: int) -> list[int]:
+        """Reserve ``count`` distinct ports, all or none (PortsExhausted, with none kept)."""
+        taken: list[int] = []
+        try:
+            for _ in range(count):
+                taken.append(self.reserve())
+        except PortsExhausted:
+            for port in taken:
+                self.release(port)
+            raise
+        return taken
+
     def release(self, port: int) -> None:
         """Make ``port`` available again (no error if it was not reserved)."""
         self._reserved.discard(port)

@@ -13,10 +13,16 @@ Two rules run through it:
   tree killer), so a descendant that double-forked and called ``setsid`` is
   still found by scanning ``/proc/<pid>/environ``.
 
-A second marker, ``SANDBOXD_STATE_DIR=<the daemon's state dir>``, tells whose
-sandbox it is: sandbox ids are chosen by clients, so two daemons on one machine
-may both have a sandbox "build-1". Pass it as ``daemon_marker`` and only
-processes carrying both markers are taken for the sandbox's.
+This is the fallback boundary (``markers``), for hosts with no writable cgroup
+hierarchy: where a cgroup holds the tree (actors/boundary/), the environment
+is not trusted to find anything.
+
+A second marker, ``SANDBOXD_DAEMON=sandboxd-<hash of the state dir>``, tells
+whose sandbox it is: sandbox ids are chosen by clients, so two daemons on one
+machine may both have a sandbox "build-1". It is the name the daemon's cgroups
+would have, never the state dir's path: a sandbox is not told where the
+daemon keeps its secrets. Pass it as ``daemon_marker`` and only processes
+carrying both markers are taken for the sandbox's.
 
 A sandbox's main process (the tree's root) is a session leader (see
 ``spawn``), so its process group number is its pid, and it cannot move to
@@ -39,8 +45,8 @@ import trio
 
 #: The environment variable that marks every process of a sandbox: which sandbox.
 MARKER_VAR = "SANDBOX_ID"
-#: The environment variable that says which daemon (its state dir) a sandbox belongs to.
-DAEMON_MARKER = "SANDBOXD_STATE_DIR"
+#: The environment variable that says which daemon a sandbox belongs to (markers only).
+DAEMON_MARKER = "SANDBOXD_DAEMON"
 
 _MARKER_PREFIX = MARKER_VAR.encode() + b"="
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -188,6 +194,12 @@ def _stat_of(process: ProcessId) -> _Stat | None:
 def state_of(process: ProcessId) -> str | None:
     """The state letter of this very process (R, S, T...); None if it is gone or a zombie."""
     stat = _stat_of(process)
+    return None if stat is None or stat.state in _DEAD else stat.state
+
+
+def state_of_pid(pid: int) -> str | None:
+    """The state letter of whatever process holds ``pid`` now; None if none or a zombie."""
+    stat = _read_stat(pid)
     return None if stat is None or stat.state in _DEAD else stat.state
 
 
@@ -381,7 +393,7 @@ def tree_members(
 
     That is its process group, while the group is provably the sandbox's (the
     root still exists with its start time), plus every process marked
-    ``SANDBOX_ID=<sandbox_id>`` (and ``SANDBOXD_STATE_DIR=<daemon_marker>`` if
+    ``SANDBOX_ID=<sandbox_id>`` (and ``SANDBOXD_DAEMON=<daemon_marker>`` if
     given). Zombies are left out: they are gone but for a pid.
     """
     return list(_Tree(root, sandbox_id, daemon_marker).rescan())
@@ -393,7 +405,7 @@ def find_marked(
     """Live processes carrying a SANDBOX_ID marker, grouped by its value.
 
     For recovery sweeps. With ``daemon_marker``, only this daemon's (those that
-    also carry ``SANDBOXD_STATE_DIR=<daemon_marker>``); with ``sandbox_id``,
+    also carry ``SANDBOXD_DAEMON=<daemon_marker>``); with ``sandbox_id``,
     only that sandbox's. One pass over /proc, one read of each environ; a
     process of another user, unreadable, is skipped.
     """

@@ -3,27 +3,43 @@
 By the time this runs the store has loaded the newest trustworthy snapshot and
 replayed the log's tail, so ``registry.state`` is what the log says. Here that
 is checked against the machine, so that afterwards the machine holds exactly
-what the log says and every sandbox is in one state of the status machine:
+what the log says and every sandbox is in one state of the status machine.
 
-- A sandbox whose recorded process (pid *and* start time) still exists is
-  adopted (``sandbox.adopted``): its actor watches it again through a pidfd,
-  its health checks resume, a PAUSED one stays paused.
-- One that had, or was promised, a process that is gone is MISSING
-  (``sandbox.missing``): its process died while no daemon watched, or a start
-  was cut short before its process was recorded.
-- The pause state is the log's: a pause or resume cut short by a crash (the
-  signal sent, its event not yet durable) was never acknowledged, so it is
-  undone, tree-wide. The same rule covers a person's ``kill -STOP`` or
-  ``kill -CONT`` behind the daemon's back: a sandbox the log calls RUNNING
-  runs after a restart, one it calls PAUSED is stopped (docs/operations.md).
-- A process carrying this daemon's marker that no adopted sandbox owns (a
-  start or delete cut short, a sandbox a truncated log no longer knows, the
-  leftovers of one that is MISSING) is ended with SIGKILL.
-- A working directory or output file that no sandbox of the log owns is removed.
+With cgroups (the tree boundary of cgroup2 and cgroup1), a sandbox is its
+cgroup, named for the sandbox and the daemon:
 
-All the OS checks are one scan of /proc and one stat read per sandbox, made
-in a worker thread; the events are appended in batches (one fdatasync per
-batch, not per sandbox), and the actors are started after that.
+- one whose recorded process was started and whose cgroup still holds
+  processes is adopted (``sandbox.adopted``): its actor watches its main
+  process (through a pidfd) and its cgroup's ``populated`` again, its health
+  checks resume, a PAUSED one stays frozen;
+- one that had, or was promised, a process and whose cgroup is empty is
+  MISSING (``sandbox.missing``); processes in the cgroup of a start cut short
+  before its process was recorded are killed first: nothing runs that the log
+  does not know of;
+- a cgroup of this daemon that no sandbox of the log owns (a sandbox a
+  truncated log no longer knows, a delete cut short) is killed and removed;
+- a recorded process that is alive outside any cgroup (started by a version
+  before cgroups, or while ``cgroup = "off"``) is adopted on markers.
+
+Under markers, the recorded process (pid *and* start time) is looked for, and
+the processes carrying this daemon's marker:
+
+- alive: adopted; gone: MISSING;
+- a marked process that no adopted sandbox owns (a start or delete cut short,
+  a sandbox a truncated log no longer knows, the leftovers of one that is
+  MISSING) is ended with SIGKILL.
+
+On both, the pause state is the log's: a pause or resume cut short by a crash
+(the tree frozen or stopped, its event not yet durable) was never
+acknowledged, so it is undone. The same rule covers a person's ``kill -STOP``
+or ``kill -CONT`` behind the daemon's back: a sandbox the log calls RUNNING
+runs after a restart, one it calls PAUSED is frozen or stopped
+(docs/operations.md). Each sandbox keeps the uid its events recorded, and uids
+of the range that something no sandbox owns still holds drain before reuse.
+Working dirs and output files that no sandbox of the log owns are removed.
+
+The events are appended in batches (one fdatasync per batch, not per
+sandbox), and the actors are started after that.
 """
 
 from __future__ import annotations
@@ -31,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +55,9 @@ import attrs
 import trio
 
 from sandboxd.actors import proctree
+from sandboxd.actors.boundary.in_force import Boundary
+from sandboxd.actors.boundary.trees import SandboxTree
+from sandboxd.actors.boundary.workdirs import remove_tree
 from sandboxd.actors.proctree import ProcessId
 from sandboxd.actors.registry import Registry
 from sandboxd.events import types as ev
@@ -60,9 +78,9 @@ class RecoveryReport:
     rebuilt: int  # sandboxes the log holds (not deleted), each with an actor again
     adopted: int  # found alive, watched again
     missing: int  # newly marked MISSING
-    resumed: int  # RUNNING in the log, stopped in the OS: SIGCONT
-    paused: int  # PAUSED in the log, running in the OS: SIGSTOP
-    strays_ended: int  # marked processes that no live sandbox owned
+    resumed: int  # RUNNING in the log, frozen or stopped in the OS: thawed, SIGCONT
+    paused: int  # PAUSED in the log, running in the OS: frozen (markers: SIGSTOP) again
+    strays_ended: int  # processes (cgroup members or marked) that no live sandbox owned
     leftovers_removed: int  # working dirs and output files that no sandbox owned
     seconds: float
 
@@ -83,6 +101,8 @@ class _Verdict:
     main: ProcessId | None  # set: adopt it
     strays: list[ProcessId]  # marked processes of this sandbox to end
     fix: str | None = None  # "resume" | "pause": the OS disagrees with the log's pause state
+    tree: SandboxTree | None = None  # what it is adopted with (None: the boundary's own)
+    kill_tree: bool = False  # its cgroup holds processes the log never recorded
 
 
 def _main(record: SandboxRecord) -> ProcessId | None:
@@ -96,7 +116,7 @@ def _states(processes: Iterable[ProcessId]) -> list[str]:
     return [state for p in processes if (state := proctree.state_of(p)) is not None]
 
 
-def _survey(
+def _survey_markers(
     records: list[SandboxRecord], marker: str
 ) -> tuple[list[_Verdict], dict[str, list[ProcessId]]]:
     """Decide every sandbox's fate from one scan of /proc (blocking: run it in a thread).
@@ -123,6 +143,37 @@ def _survey(
     return verdicts, marked
 
 
+def _survey_cgroups(boundary: Boundary, records: list[SandboxRecord]) -> list[_Verdict]:
+    """Decide every sandbox's fate from its cgroup: a few kernfs reads each, microseconds."""
+    verdicts = []
+    for record in records:
+        tree = boundary.adopted_tree(record.id)
+        main = _main(record)
+        if tree.populated():
+            if main is None:
+                # A start cut short before its process was recorded.
+                verdicts.append(_Verdict(record, None, [], tree=tree, kill_tree=True))
+                continue
+            fix = None
+            if record.status is Status.PAUSED and not tree.frozen():
+                fix = "pause"  # a resume cut short
+            elif record.status is not Status.PAUSED and (tree.frozen() or tree.stopped()):
+                fix = "resume"  # a pause cut short, or SIGSTOP by hand
+            verdicts.append(_Verdict(record, main, [], fix, tree=tree))
+        elif main is not None and proctree.is_alive(main):
+            # Alive outside its cgroup: started before this daemon had cgroups.
+            log.warning(
+                "sandbox %s: its process %d runs outside any cgroup (started by an earlier "
+                'version, or with cgroup = "off"): adopted on markers',
+                record.id,
+                main.pid,
+            )
+            verdicts.append(_Verdict(record, main, [], tree=boundary.marked_tree(record.id)))
+        else:
+            verdicts.append(_Verdict(record, None, []))
+    return verdicts
+
+
 def _missing_reason(record: SandboxRecord, strays: int) -> str:
     if record.pid is not None:
         reason = f"its process {record.pid} was gone when the daemon started again"
@@ -145,7 +196,7 @@ async def _end(strays: list[ProcessId]) -> None:
 
 async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
     assert verdict.main is not None
-    record, marker = verdict.record, registry.marker
+    record, marker = verdict.record, registry.boundary.marker
     log.warning(
         "sandbox %s is %s in the log but %s in the OS: %s its processes to match the log",
         record.id,
@@ -153,8 +204,16 @@ async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
         "running" if verdict.fix == "pause" else "stopped",
         "stopping" if verdict.fix == "pause" else "continuing",
     )
+    tree = verdict.tree
     try:
-        if verdict.fix == "pause":
+        if tree is not None and tree.cgroup is not None:
+            if verdict.fix == "pause":
+                await tree.pause(verdict.main)
+            else:
+                if tree.frozen():
+                    await tree.resume(verdict.main)
+                tree.continue_all()  # a kill -STOP by hand: the freezer does not undo it
+        elif verdict.fix == "pause":
             await proctree.pause_tree(verdict.main, record.id, daemon_marker=marker)
         else:
             await proctree.resume_tree(verdict.main, record.id, daemon_marker=marker)
@@ -166,20 +225,45 @@ async def recover(registry: Registry) -> RecoveryReport:
     """Adopt or mark every sandbox of the projection, end what no sandbox owns."""
     started = time.monotonic()
     state = registry.state
+    boundary = registry.boundary
     records = list(state.sandboxes.values())
-    verdicts, unknown = await trio.to_thread.run_sync(_survey, records, registry.marker)
 
     # Act first, then record (the actors' rule): a crash in between makes the
     # next start-up find the same and do the same.
-    strays = [p for v in verdicts for p in v.strays]
-    for sandbox_id, procs in unknown.items():
-        # Marked by this daemon, unknown to its log: a start or delete cut short,
-        # or a sandbox whose events a truncated log lost.
-        log.warning(
-            "ending %d processes of sandbox %s, which the log does not hold", len(procs), sandbox_id
-        )
-        strays.extend(procs)
-    await _end(strays)
+    strays: list[ProcessId] = []
+    ended = 0
+    killed: dict[str, int] = {}  # cgroups: processes a start cut short left in its tree
+    if boundary.cgroups is None:
+        verdicts, unknown = await trio.to_thread.run_sync(_survey_markers, records, boundary.marker)
+        strays = [p for v in verdicts for p in v.strays]
+        for sandbox_id, procs in unknown.items():
+            # Marked by this daemon, unknown to its log: a start or delete cut short,
+            # or a sandbox whose events a truncated log lost.
+            log.warning(
+                "ending %d processes of sandbox %s, which the log does not hold",
+                len(procs),
+                sandbox_id,
+            )
+            strays.extend(procs)
+        await _end(strays)
+        ended = len(strays)
+    else:
+        verdicts = _survey_cgroups(boundary, records)
+        for verdict in verdicts:
+            if verdict.kill_tree and verdict.tree is not None:
+                killed[verdict.record.id] = len(verdict.tree.members())
+                await _end_tree(verdict.tree)
+        ended += sum(killed.values())
+        cgroups = boundary.cgroups
+        for sandbox_id in boundary.sandboxes_with_cgroups():
+            if sandbox_id not in state.sandboxes and (pids := cgroups.members(sandbox_id)):
+                log.warning(
+                    "ending %d processes of sandbox %s, which the log does not hold",
+                    len(pids),
+                    sandbox_id,
+                )
+                ended += len(pids)
+        await boundary.remove_strays(keep=state.sandboxes.keys())
     fixes = [v for v in verdicts if v.fix is not None]
     for verdict in fixes:
         await _match_pause_state(registry, verdict)
@@ -190,7 +274,7 @@ async def recover(registry: Registry) -> RecoveryReport:
         if verdict.main is not None:
             events.append((record.id, ev.SandboxAdopted(verdict.main.pid)))
         elif record.pid is not None or record.status in PROMISE_A_PROCESS:
-            reason = _missing_reason(record, len(verdict.strays))
+            reason = _missing_reason(record, len(verdict.strays) or killed.get(record.id, 0))
             events.append((record.id, ev.SandboxMissing(reason)))
         elif verdict.strays:
             log.warning(
@@ -202,9 +286,10 @@ async def recover(registry: Registry) -> RecoveryReport:
     for i in range(0, len(events), BATCH):
         await registry.record_events(events[i : i + BATCH])
 
-    for record in records:
-        registry.adopt(state.sandboxes[record.id])
+    for verdict in verdicts:
+        registry.adopt(state.sandboxes[verdict.record.id], tree=verdict.tree)
     await trio.lowlevel.checkpoint()
+    await registry.hold_unknown_uids()
 
     live = set(state.sandboxes)
     removed = await trio.to_thread.run_sync(_remove_leftovers, registry.config.sandboxes_dir, live)
@@ -216,12 +301,19 @@ async def recover(registry: Registry) -> RecoveryReport:
         missing=len(events) - adopted,
         resumed=sum(1 for v in fixes if v.fix == "resume"),
         paused=sum(1 for v in fixes if v.fix == "pause"),
-        strays_ended=len(strays),
+        strays_ended=ended,
         leftovers_removed=removed,
         seconds=time.monotonic() - started,
     )
     log.info("%s", report.describe())
     return report
+
+
+async def _end_tree(tree: SandboxTree) -> None:
+    try:
+        await tree.kill()
+    except proctree.TreeStateTimeout as exc:
+        log.warning("sandbox %s: processes survived SIGKILL: %s", tree.sandbox_id, exc)
 
 
 def _remove_leftovers(sandboxes_dir: Path, live: set[str]) -> int:
@@ -235,6 +327,9 @@ def _remove_leftovers(sandboxes_dir: Path, live: set[str]) -> int:
         for entry in entries:
             if entry.name not in live and entry.is_dir(follow_symlinks=False):
                 log.warning("removing %s: no sandbox of the log owns it", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
+                try:
+                    remove_tree(entry.path)
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", entry.path, exc)
                 removed += 1
     return removed

@@ -1,14 +1,12 @@
 """Starting a sandbox's main process from a :class:`Launch`: how to launch it, decided beforehand.
 
-Everything the child is given between fork and exec is a field of ``Launch``,
-mapped onto ``subprocess.Popen``'s options in one place (``_popen_options``):
-today a session of its own, /dev/null as stdin, the output file as stdout and
-stderr, the working dir, the whole environment, and no other descriptor. What
-a stricter boundary adds there (joining the sandbox's cgroup, switching to its
-own uid and gid, ``PR_SET_NO_NEW_PRIVS``, a umask of 077) becomes more fields
-of ``Launch`` and more lines of that function: Popen does ``user``, ``group``,
-``extra_groups`` and ``umask`` in the child itself, and what it lacks runs as
-its ``preexec_fn``, in the child, before exec.
+Everything the child is given between fork and exec is a field of ``Launch``:
+a session of its own, /dev/null as stdin, the output file as stdout and
+stderr, the working dir, the whole environment, no other descriptor, a umask
+of 077, and its boundary (``Confinement``): the cgroups it joins before it
+runs anything, the uid it runs under, its rlimits, and ``PR_SET_NO_NEW_PRIVS``.
+The confined primitive (actors/boundary/confine.py) does all of it in one
+fork.
 
 This module knows nothing of the log, of output files' names or caps, or of
 sandboxes: it starts one process and names it.
@@ -19,13 +17,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 from collections.abc import Mapping
-from typing import Any
 
 import attrs
 import trio
 
+from sandboxd.actors.boundary.confine import Confinement, open_confined_process
 from sandboxd.actors.proctree import MARKER_VAR, ExitStatus, ProcessId, process_id
 
 
@@ -33,19 +30,24 @@ from sandboxd.actors.proctree import MARKER_VAR, ExitStatus, ProcessId, process_
 class Launch:
     """How to start a sandbox's main process.
 
-    ``env`` is the whole environment (nothing is inherited) and must carry
-    ``SANDBOX_ID``: without the marker the tree could not be found again.
+    ``env`` is the whole environment (nothing is inherited). A process that
+    joins no cgroup must carry ``SANDBOX_ID``: under the markers boundary that
+    is how its tree is found again.
     """
 
     command: tuple[str, ...]
     env: Mapping[str, str]
     cwd: str
+    confinement: Confinement = attrs.Factory(Confinement)
 
     def __attrs_post_init__(self) -> None:
         if not self.command:
             raise ValueError("command must not be empty")
-        if not self.env.get(MARKER_VAR):
-            raise ValueError(f"env must carry {MARKER_VAR}: it is how the process tree is found")
+        if not self.confinement.cgroup_procs and not self.env.get(MARKER_VAR):
+            raise ValueError(
+                f"env must carry {MARKER_VAR} when no cgroup holds the process: it is how "
+                "the process tree is found"
+            )
 
 
 @attrs.frozen(eq=False)
@@ -67,33 +69,22 @@ def _exit_status(returncode: int) -> ExitStatus:
     return ExitStatus(exit_code=returncode, signal=None)
 
 
-def _popen_options(launch: Launch, output: int) -> dict[str, Any]:
-    """What the child is given between fork and exec, as Popen's options."""
-    return {
-        # Its own session and process group: signalled as one, no terminal
-        # hangup reaches it, and it never depends on the daemon being alive.
-        "start_new_session": True,
-        "stdin": subprocess.DEVNULL,
-        # Straight into the output file: no pipe that the daemon would have to
-        # drain, so a dead or slow daemon never blocks it.
-        "stdout": output,
-        "stderr": output,
-        "cwd": launch.cwd,
-        "env": dict(launch.env),
-        # close_fds (Popen's default, stated): the daemon's log, sockets and
-        # secrets stay out of the sandbox.
-        "close_fds": True,
-    }
-
-
 async def spawn(launch: Launch, *, output: int) -> Child:
     """Start ``launch``'s command with ``output`` (an open file descriptor) as stdout and stderr.
 
-    The caller keeps ``output`` and closes it when it likes: the child has its
-    own copy. Raises OSError if the command cannot be executed.
+    Straight into the output file: no pipe that the daemon would have to drain,
+    so a dead or slow daemon never blocks the child. The caller keeps
+    ``output`` and closes it when it likes: the child has its own copy.
+    Raises OSError if the command cannot be executed, ConfinementError if the
+    child could not take its place (it never ran).
     """
-    process = await trio.lowlevel.open_process(
-        list(launch.command), **_popen_options(launch, output)
+    process = await open_confined_process(
+        launch.command,
+        confinement=launch.confinement,
+        env=launch.env,
+        cwd=launch.cwd,
+        stdout=output,
+        stderr=output,
     )
     # The child cannot be gone yet: until it is reaped it is at least a zombie,
     # whose start time /proc still shows.

@@ -1,5 +1,5 @@
-"""Helpers shared by bench/sandboxes.py and bench/gateway.py: statistics, process
-accounting, clean-up, and the summary table. Standard library and psutil only."""
+"""Helpers shared by the benchmarks: statistics, process accounting, clean-up (of
+processes and cgroups), and the summary table."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -18,8 +19,10 @@ from typing import Any
 
 import psutil
 
-#: The environment variable every sandbox of a daemon carries (actors/proctree.py).
-DAEMON_MARKER = "SANDBOXD_STATE_DIR"
+from sandboxd.actors.boundary.cgroupfs import daemon_dir_name
+from sandboxd.actors.boundary.cgroups import remove_daemon_cgroups
+from sandboxd.actors.boundary.discovery import discover
+from sandboxd.actors.proctree import DAEMON_MARKER
 
 
 def seed_dir() -> Path:
@@ -114,22 +117,43 @@ def rss_mb(proc: psutil.Process) -> float:
     return float(proc.memory_info().rss) / 2**20
 
 
-def kill_marked(state_dir: Path) -> int:
-    """SIGKILL every process carrying ``SANDBOXD_STATE_DIR=<state_dir>``: this bench's own
-    sandboxes, should a daemon have left any (they run in sessions of their own)."""
-    wanted = f"{DAEMON_MARKER}={state_dir.resolve()}".encode()
+def bench_base(prefix: str, parent: Path | None = None) -> Path:
+    """A fresh dir for a run's state, mode 0711: a daemon run as root gives each sandbox a
+    uid of its own, which must pass through it to its working dir (the daemon keeps
+    everything else inside private)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    base.chmod(0o711)
+    return base
+
+
+def end_sandboxes(state_dir: Path) -> int:
+    """SIGKILL every process of the daemon on ``state_dir``'s sandboxes, should it have left
+    any (they run in sessions of their own), and remove its cgroups; return how many.
+
+    Its sandboxes are the members of its cgroups (named for a hash of the state dir),
+    or, under the markers boundary, the processes carrying that name as SANDBOXD_DAEMON.
+    """
+    name = daemon_dir_name(os.path.realpath(state_dir))
     killed = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    layout = discover().layout
+    if layout is not None:
+        parent = Path(layout.tree, name)
+        for procs in parent.glob("sb-*/cgroup.procs"):
+            with contextlib.suppress(OSError):
+                killed += len(procs.read_text().split())
+        remove_daemon_cgroups(layout, state_dir=state_dir)
+    wanted = f"{DAEMON_MARKER}={name}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 entries = f.read().split(b"\0")
         except OSError:
             continue
         if wanted in entries:
             try:
-                os.kill(int(name), signal.SIGKILL)
+                os.kill(int(pid), signal.SIGKILL)
                 killed += 1
             except ProcessLookupError:
                 pass

@@ -1,35 +1,34 @@
-"""Benchmark of the sandbox boundary: confined spawn, freeze, delete and usage, on real cgroups.
+"""Benchmark of the boundary's own costs, on real cgroups: spawn, cgroups, freeze, usage.
 
     python bench/boundary.py [--quick] [--rss-mb N]
 
-Measured in one run, each against its raw reference:
+What bench/sandboxes.py measures through the registry (start, pause,
+delete_all of 1,000) is not repeated here; this is what those numbers are
+made of, each against its raw reference:
 
 - spawn_raw_ms_p50: trio.lowlevel.open_process of /usr/bin/true (new session,
-  stdin /dev/null, output to a file, a given env and cwd, as the actor starts a
-  sandbox today) until it has exited: vfork, exec, exit.
-- spawn_confined_ms_p50: the same command through open_confined_process: into
-  its cgroups (v2 and the v1 limit hierarchies), under a uid of its own, with
-  no_new_privs, rlimits and umask; start_overhead_ms_p50 is the difference
-  (target <= 5 ms). Measured with the bench process as it is, and again grown
-  with touched memory to ``--rss-mb`` (default 60: the daemon's RSS target),
+  stdin /dev/null, output to a file, a given env and cwd) until it has exited:
+  vfork, exec, exit.
+- spawn_confined_warm_ms_p50: the same command through open_confined_process
+  (its cgroups, a uid of its own, no_new_privs, rlimits, umask), back to back
+  into one cgroup; confined_overhead_ms_p50 is its difference from raw, at the
+  bench's RSS and grown (``--rss-mb``, default 60, the daemon's RSS target),
   since fork, unlike vfork, costs in proportion to the parent's memory.
-- spawn_served_ms_p50: the same confined start through the fork server (a
-  small single-threaded process that forks the child; actors/forkserver.py);
-  served_overhead_ms_p50 its difference from the raw spawn.
+- spawn_confined_cold_ms_p50: the same into a fresh cgroup each time, the
+  starts spaced 150 ms apart, as sandboxes start: a process moved into a
+  cgroup waits for an RCU grace period (the kernel's cgroup_threadgroup_rwsem
+  taken for writing), unless another move happened within the last grace
+  period; cold_cost_ms_p50 is what that adds.
 - cgroup_create_ms_p50 / cgroup_remove_ms_p50: a sandbox's cgroups made (with
-  limits) and removed, per sandbox.
+  limits) and removed.
 - pause_ms_p99_tree50: freeze of a 50-process tree until the kernel confirms
-  it frozen (target <= 20 ms), thaw likewise; the raw reference is SIGSTOP to
-  the process group until /proc shows all 50 stopped.
-- delete_all_s: N sandboxes (a sleeping process each, under its own uid)
-  deleted all at once: SIGTERM through the frozen tree, wait for the cgroup to
-  empty (inotify), remove (target for 1,000: <= 3 s).
-- usage_ms_per_1000: reading usage (cpu, memory, pids) of 1,000 sandboxes:
-  what serving it in sandbox.search of 1,000 would add.
+  it frozen, thaw likewise; the raw reference is SIGSTOP to the process group
+  until /proc shows all 50 stopped.
+- usage_ms_per_1000: reading usage (cpu, memory, pids) of sandboxes with a
+  process each, per 1,000: what serving it in sandbox.search of 1,000 would add.
 
 Needs root and a cgroup boundary (prints a skip otherwise). Prints a readable
-summary, then one JSON object as its last line. ``--quick``: fewer rounds, 100
-sandboxes to delete.
+summary, then one JSON object as its last line. ``--quick``: fewer rounds.
 """
 
 from __future__ import annotations
@@ -48,13 +47,12 @@ from typing import Any
 import trio
 from _common import emit_json, machine, median, percentile, print_targets, step
 
-from sandboxd.actors.boundary import discover
-from sandboxd.actors.cgroups import CgroupBoundary, SandboxCgroup
-from sandboxd.actors.confine import Confinement, open_confined_process
-from sandboxd.actors.forkserver import ForkServer
-from sandboxd.actors.identities import Identity, UidPool
-from sandboxd.actors.limits import Limits
-from sandboxd.actors.workdirs import make_base_dir, remove_tree
+from sandboxd.actors.boundary.cgroups import CgroupBoundary, SandboxCgroup
+from sandboxd.actors.boundary.confine import Confinement, open_confined_process
+from sandboxd.actors.boundary.discovery import discover
+from sandboxd.actors.boundary.identities import Identity, UidPool
+from sandboxd.actors.boundary.limits import Limits
+from sandboxd.actors.boundary.workdirs import make_base_dir, remove_tree
 
 TRUE = "/usr/bin/true"
 SLEEP = "/usr/bin/sleep"
@@ -66,77 +64,89 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+async def raw_spawn(cwd: str, out: int) -> float:
+    started = time.perf_counter()
+    process = await trio.lowlevel.open_process(
+        [TRUE],
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
+        env=ENV,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    await process.wait()
+    return (time.perf_counter() - started) * 1e3
+
+
+async def confined_spawn(confinement: Confinement, cwd: str, out: int) -> float:
+    started = time.perf_counter()
+    process = await open_confined_process(
+        [TRUE], confinement=confinement, env=ENV, cwd=cwd, stdout=out, stderr=out
+    )
+    await process.wait()
+    return (time.perf_counter() - started) * 1e3
+
+
 async def spawn_round(
-    cgroup: SandboxCgroup,
-    identity: Identity,
-    cwd: str,
-    out: int,
-    rounds: int,
-    server: ForkServer,
-) -> tuple[list[float], list[float], list[float]]:
-    raw: list[float] = []
-    confined: list[float] = []
-    served: list[float] = []
+    cgroup: SandboxCgroup, identity: Identity, cwd: str, out: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Raw and confined spawns, alternating, back to back into one cgroup (warm)."""
     confinement = Confinement(
         cgroup_procs=cgroup.procs_files(), identity=identity, rlimits=((6, 4096),)
     )
+    raw: list[float] = []
+    confined: list[float] = []
     for _ in range(rounds):
-        started = time.perf_counter()
-        process = await trio.lowlevel.open_process(
-            [TRUE],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=ENV,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        await process.wait()
-        raw.append((time.perf_counter() - started) * 1e3)
-        started = time.perf_counter()
-        process = await open_confined_process(
-            [TRUE], confinement=confinement, env=ENV, cwd=cwd, stdout=out, stderr=out
-        )
-        await process.wait()
-        confined.append((time.perf_counter() - started) * 1e3)
-        started = time.perf_counter()
-        child = await server.spawn(
-            [TRUE], confinement=confinement, env=ENV, cwd=cwd, stdout=out, stderr=out
-        )
-        await child.wait()
-        served.append((time.perf_counter() - started) * 1e3)
-    return raw, confined, served
+        raw.append(await raw_spawn(cwd, out))
+        confined.append(await confined_spawn(confinement, cwd, out))
+    return raw, confined
+
+
+async def cold_round(
+    boundary: CgroupBoundary, identity: Identity, cwd: str, out: int, rounds: int
+) -> list[float]:
+    """Confined spawns into a fresh cgroup each, 150 ms apart (cold, as sandboxes start)."""
+    cold: list[float] = []
+    for i in range(rounds):
+        await trio.sleep(0.15)  # longer than a grace period: nothing moved meanwhile
+        cgroup = boundary.create(f"bench-cold-{i}", Limits(pids_max=64))
+        try:
+            confinement = Confinement(cgroup_procs=cgroup.procs_files(), identity=identity)
+            cold.append(await confined_spawn(confinement, cwd, out))
+        finally:
+            await boundary.remove(cgroup)
+    return cold
 
 
 async def bench_spawn(
-    boundary: CgroupBoundary, cwd: str, rounds: int, rss_target_mb: int, server: ForkServer
+    boundary: CgroupBoundary, cwd: str, rounds: int, rss_target_mb: int
 ) -> dict[str, Any]:
     cgroup = boundary.create("bench-spawn", Limits(pids_max=64))
     identity = Identity(UIDS[0], UIDS[0])
     out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     results: dict[str, Any] = {}
     try:
-        await spawn_round(cgroup, identity, cwd, out, 5, server)  # warm-up: threads, page cache
-        raw, confined, served = await spawn_round(cgroup, identity, cwd, out, rounds, server)
+        await spawn_round(cgroup, identity, cwd, out, 5)  # warm-up: threads, page cache
+        raw, confined = await spawn_round(cgroup, identity, cwd, out, rounds)
         results["bench_rss_mb"] = rss_mb()
         results["spawn_raw_ms_p50"] = median(raw)
-        results["spawn_confined_ms_p50"] = median(confined)
-        results["spawn_confined_ms_p99"] = percentile(confined, 99)
-        results["start_overhead_ms_p50"] = median(confined) - median(raw)
-        results["spawn_served_ms_p50"] = median(served)
-        results["spawn_served_ms_p99"] = percentile(served, 99)
-        results["served_overhead_ms_p50"] = median(served) - median(raw)
+        results["spawn_confined_warm_ms_p50"] = median(confined)
+        results["confined_overhead_ms_p50"] = median(confined) - median(raw)
+        step(f"  cold: a fresh cgroup each, {rounds // 4} spawns 150 ms apart ...")
+        cold = await cold_round(boundary, identity, cwd, out, rounds // 4)
+        results["spawn_confined_cold_ms_p50"] = median(cold)
+        results["spawn_confined_cold_ms_p99"] = percentile(cold, 99)
+        results["cold_cost_ms_p50"] = median(cold) - median(confined)
         step(f"  grown to {rss_target_mb} MB of RSS (the daemon's target) ...")
         ballast = bytearray(max(0, int((rss_target_mb - rss_mb()) * 2**20)))
         for i in range(0, len(ballast), 4096):
             ballast[i] = 1
-        raw, confined, served = await spawn_round(cgroup, identity, cwd, out, rounds, server)
+        raw, confined = await spawn_round(cgroup, identity, cwd, out, rounds)
         results["grown_rss_mb"] = rss_mb()
         results["spawn_raw_ms_p50_grown"] = median(raw)
-        results["spawn_confined_ms_p50_grown"] = median(confined)
-        results["start_overhead_ms_p50_grown"] = median(confined) - median(raw)
-        results["spawn_served_ms_p50_grown"] = median(served)
-        results["served_overhead_ms_p50_grown"] = median(served) - median(raw)
+        results["spawn_confined_warm_ms_p50_grown"] = median(confined)
+        results["confined_overhead_ms_p50_grown"] = median(confined) - median(raw)
         del ballast
     finally:
         os.close(out)
@@ -229,7 +239,8 @@ async def bench_pause(boundary: CgroupBoundary, cwd: str, rounds: int) -> dict[s
     }
 
 
-async def bench_delete(boundary: CgroupBoundary, base: Path, count: int) -> dict[str, Any]:
+async def bench_usage(boundary: CgroupBoundary, base: Path, count: int) -> dict[str, Any]:
+    """Usage of ``count`` sandboxes with a sleeping process each, per 1,000."""
     pool = UidPool(*UIDS)
     cgroups: list[SandboxCgroup] = []
     processes: list[trio.Process] = []
@@ -237,15 +248,16 @@ async def bench_delete(boundary: CgroupBoundary, base: Path, count: int) -> dict
     try:
         step(f"  starting {count} sandboxes, each a sleep under its own uid ...")
         for i in range(count):
-            cgroup = boundary.create(f"bench-delete-{i}", Limits(pids_max=16))
+            cgroup = boundary.create(f"bench-usage-{i}", Limits(pids_max=16))
             cgroups.append(cgroup)
             uid = pool.allocate(cgroup.sandbox_id)
+            confinement = Confinement(
+                cgroup_procs=cgroup.procs_files(), identity=Identity(uid, uid)
+            )
             processes.append(
                 await open_confined_process(
                     [SLEEP, "3600"],
-                    confinement=Confinement(
-                        cgroup_procs=cgroup.procs_files(), identity=Identity(uid, uid)
-                    ),
+                    confinement=confinement,
                     env=ENV,
                     cwd=str(base),
                     stdout=out,
@@ -257,23 +269,13 @@ async def bench_delete(boundary: CgroupBoundary, base: Path, count: int) -> dict
             for cgroup in cgroups:
                 cgroup.usage()
         usage_ms = (time.perf_counter() - started) * 1e3 / 3 * 1000 / count
-
-        step(f"  deleting all {count} at once ...")
-        started = time.perf_counter()
-
-        async def delete(cgroup: SandboxCgroup) -> None:
-            await cgroup.terminate(stop_timeout=10)
-            await boundary.remove(cgroup)
-
-        async with trio.open_nursery() as nursery:
-            for cgroup in cgroups:
-                nursery.start_soon(delete, cgroup)
-        delete_s = time.perf_counter() - started
-        for process in processes:
-            await process.wait()
     finally:
         os.close(out)
-    return {"delete_all_s": delete_s, "deleted": count, "usage_ms_per_1000": usage_ms}
+        for cgroup in cgroups:
+            await boundary.remove(cgroup)
+        for process in processes:
+            await process.wait()
+    return {"usage_ms_per_1000": usage_ms, "usage_sandboxes": count}
 
 
 async def run(quick: bool, rss_target_mb: int) -> dict[str, Any]:
@@ -288,17 +290,15 @@ async def run(quick: bool, rss_target_mb: int) -> dict[str, Any]:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(boundary.run)
-            server = ForkServer()
-            await nursery.start(server.run)
-            step("spawn: raw vs confined in-process vs through the fork server ...")
+            step("spawn: raw vs confined ...")
             rounds = 30 if quick else 200
-            results |= await bench_spawn(boundary, str(base), rounds, rss_target_mb, server)
+            results |= await bench_spawn(boundary, str(base), rounds, rss_target_mb)
             step("cgroup create and remove ...")
             results |= await bench_create_remove(boundary, 50 if quick else 300)
             step("pause of a 50-process tree ...")
             results |= await bench_pause(boundary, str(base), 20 if quick else 100)
-            step("delete all ...")
-            results |= await bench_delete(boundary, base, 100 if quick else 1000)
+            step("usage ...")
+            results |= await bench_usage(boundary, base, 50 if quick else 200)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -314,7 +314,7 @@ async def run(quick: bool, rss_target_mb: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, 100 sandboxes")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--rss-mb", type=int, default=60, help="RSS for the second spawn round")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -324,14 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     r = trio.run(run, args.quick, args.rss_mb)
     print(f"boundary {r['boundary']} on {r['machine']}")
     print(
-        f"  spawn /usr/bin/true to exit: raw {r['spawn_raw_ms_p50']:.2f} ms, confined"
-        f" {r['spawn_confined_ms_p50']:.2f} ms (bench RSS {r['bench_rss_mb']:.0f} MB);"
-        f" at RSS {r['grown_rss_mb']:.0f} MB: raw {r['spawn_raw_ms_p50_grown']:.2f}"
-        f" ms, confined {r['spawn_confined_ms_p50_grown']:.2f} ms"
-    )
-    print(
-        f"  through the fork server: {r['spawn_served_ms_p50']:.2f} ms; at RSS"
-        f" {r['grown_rss_mb']:.0f} MB: {r['spawn_served_ms_p50_grown']:.2f} ms"
+        f"  spawn /usr/bin/true to exit: raw {r['spawn_raw_ms_p50']:.2f} ms, confined warm"
+        f" {r['spawn_confined_warm_ms_p50']:.2f} ms, cold {r['spawn_confined_cold_ms_p50']:.2f}"
+        f" ms (bench RSS {r['bench_rss_mb']:.0f} MB); at RSS {r['grown_rss_mb']:.0f} MB: raw"
+        f" {r['spawn_raw_ms_p50_grown']:.2f} ms, confined warm"
+        f" {r['spawn_confined_warm_ms_p50_grown']:.2f} ms"
     )
     print(
         f"  cgroups per sandbox: create {r['cgroup_create_ms_p50']:.2f} ms, remove"
@@ -342,27 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         f" {r['pause_ms_p99_tree50']:.2f} ms; SIGSTOP reference p99"
         f" {r['sigstop_ms_p99_tree50']:.2f} ms"
     )
-    print(
-        f"  delete {r['deleted']} at once: {r['delete_all_s']:.2f} s; usage of 1000:"
-        f" {r['usage_ms_per_1000']:.1f} ms"
-    )
-    delete_target = 3.0 * r["deleted"] / 1000
-    overhead, grown = r["start_overhead_ms_p50"], r["start_overhead_ms_p50_grown"]
-    served, served_grown = r["served_overhead_ms_p50"], r["served_overhead_ms_p50_grown"]
+    print(f"  usage of 1000 sandboxes: {r['usage_ms_per_1000']:.1f} ms")
+    overhead, grown = r["confined_overhead_ms_p50"], r["confined_overhead_ms_p50_grown"]
     pause = r["pause_ms_p99_tree50"]
     print_targets(
         [
-            ("start_overhead_ms_p50", overhead, "<= 5 ms", overhead <= 5),
-            ("start_overhead_ms_p50_grown", grown, "<= 5 ms", grown <= 5),
-            ("served_overhead_ms_p50", served, "<= 5 ms", served <= 5),
-            ("served_overhead_ms_p50_grown", served_grown, "<= 5 ms", served_grown <= 5),
+            ("confined_overhead_ms_p50", overhead, "<= 5 ms", overhead <= 5),
+            ("confined_overhead_ms_p50_grown", grown, "<= 5 ms", grown <= 5),
             ("pause_ms_p99_tree50", pause, "<= 20 ms", pause <= 20),
-            (
-                "delete_all_s",
-                r["delete_all_s"],
-                f"<= {delete_target:g} s ({r['deleted']})",
-                r["delete_all_s"] <= delete_target,
-            ),
         ]
     )
     emit_json(r)

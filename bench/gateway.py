@@ -10,9 +10,12 @@ state in DIR, a port of its own. Measured in one run:
   websocket with 1,000 sandboxes live (``sleep 3600``), through the project's
   client (gateway/client.py, which also decodes the SandboxInfo);
   get_rtt_wire_ms_* the same as bare frames (the server's part alone).
+- aio_get_rtt_ms_p50/p99: the same round trips through the asyncio client
+  (sandboxd.aio), in a process of its own running an asyncio loop, on the
+  same sandbox ids; target: within 1.5x of get_rtt_ms_p99.
 - raw_ws_rtt_ms_p50/p99: the reference, a bare trio-websocket server in a
   subprocess answering each frame with one frame, frame sizes as for
-  sandbox.get. Blocks of the three alternate, so noise hits all alike.
+  sandbox.get. Blocks of the four alternate, so noise hits all alike.
 - rss_mb_1000_conns: the daemon's whole RSS with 1,000 sandboxes live and
   1,000 idle websocket connections open (rss_mb_daemon_1000: before them).
 - Fan-out: N subscribers (default 1,000), each on its own connection and
@@ -61,7 +64,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -75,10 +77,11 @@ import trio
 from _common import (
     Histogram,
     Target,
+    bench_base,
     cpu_seconds,
     emit_json,
     end_group,
-    kill_marked,
+    end_sandboxes,
     machine,
     percentile,
     print_targets,
@@ -119,6 +122,7 @@ port_range = [{low}, {high}]
 max_sandboxes = 100000
 max_sandboxes_per_user = 100000
 stop_timeout = 2
+uid_range = [600000, 700000]  # as root, a uid per sandbox: as many as max_sandboxes
 
 [[specs]]
 id = "light"
@@ -196,7 +200,7 @@ class Daemon:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
         end_group(self.proc)
-        kill_marked(self.state_dir)
+        end_sandboxes(self.state_dir)
         self._log.close()
 
 
@@ -219,6 +223,28 @@ async def echo_role(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
         say({"port": server.port})
+
+
+def aio_role(args: argparse.Namespace) -> None:
+    """The asyncio client in a process of its own: for each line of sandbox ids on stdin,
+    their sequential ``sandbox.get`` round trips, in ms, as one line on stdout."""
+    import asyncio
+
+    import sandboxd.aio
+
+    async def serve() -> None:
+        async with sandboxd.aio.open_client(args.url, args.token) as client:
+            say({"ready": True})
+            while (line := await asyncio.to_thread(sys.stdin.readline)).strip() not in ("", "quit"):
+                times = []
+                for sandbox_id in json.loads(line):
+                    started = time.perf_counter_ns()
+                    info = await client.get(sandbox_id)
+                    times.append((time.perf_counter_ns() - started) / 1e6)
+                    assert info is not None
+                say({"times": times})
+
+    asyncio.run(serve())
 
 
 async def timed_frames(
@@ -249,10 +275,21 @@ async def bench_rtt(
             start_new_session=True,
         )
     )
-    out: dict[str, list[float]] = {"client": [], "wire": [], "raw": []}
+    aio = await trio.to_thread.run_sync(
+        lambda: subprocess.Popen(
+            [sys.executable, __file__, "--role", "aio", "--url", daemon.url, "--token-file",
+             str(daemon.state_dir / "admin.token")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    )  # fmt: skip
+    out: dict[str, list[float]] = {"client": [], "aio": [], "wire": [], "raw": []}
     try:
         assert echo.stdout is not None
         port = json.loads(echo.stdout.readline())["port"]
+        await trio.to_thread.run_sync(exchange, aio, None)  # connected
         async with (
             open_websocket_url(f"ws://127.0.0.1:{port}/") as raw,
             open_websocket_url(daemon.url, extra_headers=auth(daemon.token)) as wire,
@@ -271,6 +308,8 @@ async def bench_rtt(
                     info = await client.get(sandbox_id)
                     out["client"].append((time.perf_counter_ns() - started) / 1e6)
                     assert info is not None
+                answer = await trio.to_thread.run_sync(exchange, aio, json.dumps(chosen))
+                out["aio"] += answer["times"]
                 frames = [
                     orjson.dumps({"id": i, "op": "sandbox.get", "sandbox_id": s}).decode()
                     for i, s in enumerate(chosen)
@@ -283,6 +322,13 @@ async def bench_rtt(
                         out[key].clear()
     finally:
         end_group(echo)
+        with contextlib.suppress(OSError):
+            assert aio.stdin is not None
+            aio.stdin.write("quit\n")
+            aio.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            aio.wait(timeout=10)
+        end_group(aio)
     return out
 
 
@@ -944,10 +990,15 @@ async def bench(base: Path, plan: Plan) -> dict[str, Any]:
 
             step(
                 f"  round trips: {plan.rtt_blocks} blocks of {plan.rtt_block} each: client,"
-                " wire, raw echo ..."
+                " asyncio client, wire, raw echo ..."
             )
             rtt = await bench_rtt(daemon, admin, ids, plan.rtt_block, plan.rtt_blocks + 1)
-            names = {"client": "get_rtt", "wire": "get_rtt_wire", "raw": "raw_ws_rtt"}
+            names = {
+                "client": "get_rtt",
+                "aio": "aio_get_rtt",
+                "wire": "get_rtt_wire",
+                "raw": "raw_ws_rtt",
+            }
             for name, key in names.items():
                 results[f"{key}_ms_p50"] = percentile(rtt[name], 50)
                 results[f"{key}_ms_p99"] = percentile(rtt[name], 99)
@@ -1084,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="its rounds without+with stalled (default 2)")
     parser.add_argument("--round-seconds", type=float, help="seconds per round (default 8)")
     hidden = argparse.SUPPRESS
-    parser.add_argument("--role", choices=["echo", "subscribers", "push"], help=hidden)
+    parser.add_argument("--role", choices=["echo", "subscribers", "push", "aio"], help=hidden)
     parser.add_argument("--reply-bytes", type=int, help=hidden)
     parser.add_argument("--url", help=hidden)
     parser.add_argument("--token-file", help=hidden)
@@ -1099,6 +1150,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "subscribers":
         args.token = Path(args.token_file).read_text().strip()
         trio.run(subscribers_role, args)
+        return 0
+    if args.role == "aio":
+        args.token = Path(args.token_file).read_text().strip()
+        aio_role(args)
         return 0
 
     quick = args.quick
@@ -1115,7 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         rtt_block=200 if quick else 1000,
         rtt_blocks=3 if quick else 5,
     )
-    base = Path(tempfile.mkdtemp(prefix="sandboxd-bench-gw-", dir=args.dir))
+    base = bench_base("sandboxd-bench-gw-", args.dir)
     print(f"sandboxd gateway benchmark ({'quick' if quick else 'full'} run)")
     print(f"  {machine()}")
     print(f"  daemon state in {base}; {plan}")
@@ -1130,6 +1185,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "get_rtt_ms_p50": r["get_rtt_ms_p50"],
         "get_rtt_ms_p99": r["get_rtt_ms_p99"],
+        "aio_get_rtt_ms_p50": r["aio_get_rtt_ms_p50"],
+        "aio_get_rtt_ms_p99": r["aio_get_rtt_ms_p99"],
         "get_rtt_wire_ms_p50": r["get_rtt_wire_ms_p50"],
         "get_rtt_wire_ms_p99": r["get_rtt_wire_ms_p99"],
         "raw_ws_rtt_ms_p50": r["raw_ws_rtt_ms_p50"],
@@ -1188,6 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for label, key in (
         ("sandbox.get RTT, client", "get_rtt"),
+        ("sandbox.get RTT, asyncio", "aio_get_rtt"),
         ("sandbox.get RTT, wire", "get_rtt_wire"),
         ("raw trio-websocket echo", "raw_ws_rtt"),
     ):
@@ -1213,6 +1271,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     rows: list[Target] = [
         ("get_rtt_ms_p99", r["get_rtt_ms_p99"], "<= 2 ms", r["get_rtt_ms_p99"] <= 2),
+        (
+            "aio_get_rtt_ms_p99 / get_rtt_ms_p99",
+            r["aio_get_rtt_ms_p99"] / r["get_rtt_ms_p99"],
+            "<= 1.5",
+            r["aio_get_rtt_ms_p99"] <= 1.5 * r["get_rtt_ms_p99"],
+        ),
         (
             "get_rtt_ms_p99 / raw_ws_rtt_ms_p99",
             r["get_rtt_ms_p99"] / r["raw_ws_rtt_ms_p99"],

@@ -43,14 +43,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trio
-from _common import emit_json, kill_marked, machine, print_targets, seed_dir, step
+from _common import bench_base, emit_json, end_sandboxes, machine, print_targets, seed_dir, step
 
 from sandboxd.events import types as ev
 from sandboxd.events.store import StoreConfig, open_store
@@ -313,7 +312,7 @@ async def bench_sandboxd(base: Path, sandboxes: int, events: int, full: bool) ->
             results["lost_no_snapshot"] = sandboxes - worst["same_pid_running"]
     finally:
         daemon.kill()
-        killed = kill_marked(daemon.state_dir)
+        killed = end_sandboxes(daemon.state_dir)
         step(f"  ended the daemon and {killed} sandbox processes")
     return results
 
@@ -450,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     sandboxes = 100 if args.quick else 1000
     events = 100_000 if args.quick else 1_000_000
     seed_n = 10 if args.quick else 100
-    base = Path(tempfile.mkdtemp(prefix="sandboxd-bench-recovery-", dir=args.dir))
+    base = bench_base("sandboxd-bench-recovery-", args.dir)
     results: dict[str, Any] = {"sandboxes": sandboxes}
     try:
         print(f"sandboxd recovery benchmark ({'quick' if args.quick else 'full'} run)")

@@ -16,20 +16,50 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from sandboxd.actors.specs import PLACEHOLDERS, SpecConfig, default_spec
+from sandboxd.actors.boundary.identities import DEFAULT_UID_RANGE
+from sandboxd.actors.boundary.limits import Limits, parse_cpu, parse_memory, parse_pids
+from sandboxd.actors.boundary.settings import (
+    SANDBOXES_KEYS,
+    BoundarySettings,
+    parse_boundary_settings,
+)
+from sandboxd.actors.specs import (
+    DEFAULT_PORTS,
+    PLACEHOLDERS,
+    PORT_NAME,
+    PORT_PLACEHOLDER_PREFIX,
+    SpecConfig,
+    default_spec,
+)
 
 T = TypeVar("T")
 
 SPEC_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEFAULT_PORT_RANGE = (30000, 39999)
 
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key."""
 
 
+#: Where a daemon run by root keeps its state: a system service's place, outside /root
+#: (mode 0700), so that sandboxes under uids of their own can reach their working dirs.
+SYSTEM_STATE_DIR = Path("/var/lib/sandboxd")
+
+
 def default_state_dir() -> Path:
+    """/var/lib/sandboxd for root; else ``$XDG_STATE_HOME/sandboxd`` or ~/.local/state/sandboxd.
+
+    The daemon and the CLI both call it, so `sandboxd ls` finds the admin token
+    wherever `sandboxd serve` made it for the same user.
+    """
+    if os.geteuid() == 0:
+        return SYSTEM_STATE_DIR
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "sandboxd"
+
+
+DEFAULT_MAX_SANDBOXES = 1000
 
 
 @attrs.frozen
@@ -45,12 +75,18 @@ class Config:
     port: int = 8765
     state_dir: Path = attrs.Factory(default_state_dir)
     max_connections_per_user: int = 16  # open websockets per user (docs/operations.md)
+    url_host: str = "127.0.0.1"  # the host written into sandboxes' exposed URLs
     base_working_dir: Path | None = None  # None: STATE_DIR/sandboxes
-    port_range: tuple[int, int] = (30000, 39999)
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     stop_timeout: float = 10.0
-    max_sandboxes: int = 1000
+    max_sandboxes: int = DEFAULT_MAX_SANDBOXES
     max_sandboxes_per_user: int = 100
     on_shutdown: Literal["keep", "stop"] = "keep"
+    # The boundary (docs/boundary.md), kept as written; see boundary_settings.
+    cgroup: Literal["auto", "off"] | Path = "auto"
+    run_as: str | None = None  # None: "dynamic" when the daemon is root, else "daemon"
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    allow_existing_uids: bool = False
     # The project's own keys (docs/operations.md):
     output_cap_bytes: int = 8 << 20  # per sandbox, before its one rotation
     unhealthy_after: int = 3  # failed liveness probes in a row before ERROR
@@ -66,6 +102,10 @@ class Config:
     @property
     def sandboxes_dir(self) -> Path:
         return self.base_working_dir or self.state_dir / "sandboxes"
+
+    @property
+    def boundary_settings(self) -> BoundarySettings:
+        return BoundarySettings(self.cgroup, self.run_as, self.uid_range, self.allow_existing_uids)
 
     def with_overrides(
         self, *, state_dir: Path | None = None, host: str | None = None, port: int | None = None
@@ -145,11 +185,63 @@ def _env(key: str, value: Any) -> dict[str, str]:
     return dict(table)
 
 
-def _check_placeholders(key: str, text: str) -> None:
+def _check_placeholders(key: str, text: str, ports: tuple[str, ...], ports_key: str) -> None:
     for name in re.findall(r"\{([^{}]*)\}", text):
-        if name not in PLACEHOLDERS:
-            known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
-            raise ConfigError(f"{key} has an unknown placeholder {{{name}}}; known: {known}")
+        if name in PLACEHOLDERS:
+            continue
+        if name.startswith(PORT_PLACEHOLDER_PREFIX):
+            port = name.removeprefix(PORT_PLACEHOLDER_PREFIX)
+            if port not in ports:
+                raise ConfigError(
+                    f"{key} has the placeholder {{{name}}}, but {ports_key} has no port {port}"
+                    f" (it has: {', '.join(ports)})"
+                )
+            continue
+        known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+        raise ConfigError(
+            f"{key} has an unknown placeholder {{{name}}}; known: {known}, and"
+            f" {{{PORT_PLACEHOLDER_PREFIX}NAME}} for each name of {ports_key}"
+        )
+
+
+def _port_names(key: str, value: Any) -> tuple[str, ...]:
+    names = _strings(key, value)
+    if not names:
+        raise ConfigError(f"{key} must name at least one port (the first is health-checked)")
+    for i, name in enumerate(names):
+        if not PORT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{key}[{i}] must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit,"
+                f" not {name!r}"
+            )
+        if name in names[:i]:
+            raise ConfigError(f"{key} names the port {name} twice")
+    return names
+
+
+def _url_host(key: str, value: Any) -> str:
+    host = _expect(key, value, str, "a host name or address")
+    # What goes between "http://" and ":PORT": a name, an IPv4 address, or [an IPv6 one].
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]", host):
+        raise ConfigError(
+            f"{key} must be a host name, an IPv4 address or a bracketed IPv6 address"
+            f" such as [::1], not {host!r}"
+        )
+    return host
+
+
+def _from_value_error(parse: Callable[[str, Any], T]) -> Callable[[str, Any], T]:
+    """A parser of the boundary modules (ValueError naming the key), raising ConfigError."""
+
+    def check(key: str, value: Any) -> T:
+        try:
+            return parse(key, value)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    return check
 
 
 def _table(key: str, raw: Any, checks: Mapping[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
@@ -178,6 +270,7 @@ _SERVER = {
     "max_connections_per_user": _count,
     "metrics_public": lambda k, v: _expect(k, v, bool, "true or false"),
     "metrics_per_sandbox": lambda k, v: _expect(k, v, bool, "true or false"),
+    "url_host": _url_host,
 }
 _SANDBOXES = {
     "base_working_dir": _path,
@@ -189,6 +282,8 @@ _SANDBOXES = {
     "output_cap_bytes": lambda k, v: _count(k, v, minimum=4096),
     "unhealthy_after": _count,
     "shutdown_grace": lambda k, v: _number(k, v, minimum=0),
+    # Checked together by parse_boundary_settings, once the table's other keys are known.
+    **{name: lambda k, v: v for name in SANDBOXES_KEYS},
 }
 _LOG = {
     "segment_bytes": lambda k, v: _count(k, v, minimum=4096),
@@ -210,7 +305,14 @@ _SPEC = {
     "health_check_path": lambda k, v: _expect(k, v, str, "a path such as /health, or empty"),
     "ready_timeout": lambda k, v: _number(k, v, minimum=0, allow_min=False),
     "health_interval": lambda k, v: _number(k, v, minimum=0),
+    "memory_max": _from_value_error(parse_memory),
+    "pids_max": _from_value_error(parse_pids),
+    "cpu_max": _from_value_error(parse_cpu),
+    "limits_required": lambda k, v: _expect(k, v, bool, "true or false"),
+    "ports": _port_names,
 }
+#: The spec keys that make its Limits.
+_LIMIT_KEYS = ("memory_max", "pids_max", "cpu_max")
 _USER = {
     "id": lambda k, v: _expect(k, v, str, "a string"),
     "token": lambda k, v: _expect(k, v, str, "a string"),
@@ -225,14 +327,19 @@ def _spec(key: str, raw: Any) -> SpecConfig:
         raise ConfigError(f"{key}.id must be 1 to 64 of A-Z a-z 0-9 _ . -")
     if not fields.get("command"):
         raise ConfigError(f"{key}.command must be a non-empty list of strings")
+    ports: tuple[str, ...] = fields.get("ports", DEFAULT_PORTS)
     for i, arg in enumerate(fields["command"]):
-        _check_placeholders(f"{key}.command[{i}]", arg)
+        _check_placeholders(f"{key}.command[{i}]", arg, ports, f"{key}.ports")
     for name, value in fields.get("initial_env", {}).items():
-        _check_placeholders(f"{key}.initial_env.{name}", value)
+        _check_placeholders(f"{key}.initial_env.{name}", value, ports, f"{key}.ports")
     path = fields.get("health_check_path", "/")
     if path and not path.startswith("/"):
         raise ConfigError(f"{key}.health_check_path must start with / (or be empty), not {path!r}")
-    return SpecConfig(**fields)
+    limits = Limits(
+        **{name: fields.pop(name) for name in _LIMIT_KEYS if name in fields},
+        required=fields.pop("limits_required", False),
+    )
+    return SpecConfig(**fields, limits=limits)
 
 
 def _user(key: str, raw: Any) -> UserConfig:
@@ -262,6 +369,15 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     values: dict[str, Any] = {}
     values |= _table("server", raw.get("server", {}), _SERVER)
     values |= _table("sandboxes", raw.get("sandboxes", {}), _SANDBOXES)
+    try:
+        boundary = parse_boundary_settings(
+            "sandboxes",
+            raw.get("sandboxes", {}),
+            max_sandboxes=values.get("max_sandboxes", DEFAULT_MAX_SANDBOXES),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    values |= attrs.asdict(boundary, recurse=False)
     values |= _table("log", raw.get("log", {}), _LOG)
     if "specs" in raw:
         specs_raw = _expect("specs", raw["specs"], list, "an array of tables ([[specs]])")
@@ -273,6 +389,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         if duplicate is not None:
             raise ConfigError(f"specs has two specs with id {duplicate!r}")
         values["specs"] = specs
+    low, high = values.get("port_range", DEFAULT_PORT_RANGE)
+    for i, spec in enumerate(values.get("specs", ())):
+        if len(spec.ports) > high - low + 1:
+            raise ConfigError(
+                f"specs[{i}].ports names {len(spec.ports)} ports, more than"
+                f" sandboxes.port_range [{low}, {high}] holds ({high - low + 1})"
+            )
     if "users" in raw:
         users_raw = _expect("users", raw["users"], list, "an array of tables ([[users]])")
         users = tuple(_user(f"users[{i}]", u) for i, u in enumerate(users_raw))

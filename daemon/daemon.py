@@ -1,7 +1,8 @@
 """The daemon's wiring: which parts start in which nursery, in which order.
 
-    state dir (private, locked) -> store (log writer, projection) -> actors + recovery
-      -> daemon.started -> gateway ... SIGTERM/SIGINT -> graceful stop
+    boundary (cgroups, uids) -> state dir (private, locked) -> store (log writer,
+      projection) -> actors + recovery -> daemon.started -> gateway -> READY=1
+      ... SIGTERM/SIGINT -> graceful stop
 
 The gateway opens only after recovery, so no client ever sees half-rebuilt
 state; on shutdown it stops first, so no op arrives while actors stop.
@@ -19,11 +20,16 @@ from pathlib import Path
 
 import trio
 
-from sandboxd import __version__
+from sandboxd import __version__, sdnotify
+from sandboxd.actors.boundary.cgroups import CgroupError
+from sandboxd.actors.boundary.in_force import Boundary, open_boundary
+from sandboxd.actors.boundary.limits import LimitsNotEnforceable
+from sandboxd.actors.boundary.workdirs import unreachable
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SecretFileError, SessionKeys
 from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
+from sandboxd.actors.specs import not_runnable_by_others
 from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, LogUnavailable
@@ -53,6 +59,34 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _open_boundary(config: Config) -> Boundary:
+    """The boundary the config asks for, or a DaemonError saying in one sentence why not."""
+    try:
+        return open_boundary(
+            config.boundary_settings,
+            state_dir=config.state_dir,
+            max_sandboxes=config.max_sandboxes,
+        )
+    except ValueError as exc:  # run_as: the user is gone, the range now overlaps accounts
+        raise DaemonError(str(exc)) from None
+    except CgroupError as exc:
+        setting = str(config.cgroup)
+        raise DaemonError(f"sandboxes.cgroup = {setting!r} cannot be used: {exc}") from None
+
+
+def _check_reachable(config: Config, boundary: Boundary) -> None:
+    """Sandboxes under uids of their own must reach their working dirs: else no start."""
+    if not boundary.run_as.isolated_from_daemon:
+        return
+    blocked = unreachable(config.sandboxes_dir)
+    if blocked is not None:
+        raise DaemonError(
+            f"sandboxes.base_working_dir {config.sandboxes_dir} is out of reach of the "
+            f"sandboxes' own uids: {blocked}; set sandboxes.base_working_dir (or "
+            "server.state_dir) to a place every user may pass through, such as /var/lib/sandboxd"
+        )
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -65,10 +99,27 @@ async def run_daemon(
     on config.host and config.port.
     """
     raise_open_files_limit()
+    boundary = _open_boundary(config)
+    try:
+        await _run(config, boundary, listeners, task_status)
+    finally:
+        boundary.close()
+    log.info("sandboxd stopped")
+
+
+async def _run(
+    config: Config,
+    boundary: Boundary,
+    listeners: Listeners | None,
+    task_status: trio.TaskStatus[Gateway],
+) -> None:
+    # Sandboxes under uids of their own pass through the state dir to their working dirs.
+    shared = boundary.run_as.isolated_from_daemon
     with (
-        open_state_dir(config.state_dir, config.sandboxes_dir),
+        open_state_dir(config.state_dir, config.sandboxes_dir, shared=shared),
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
+        _check_reachable(config, boundary)
         try:
             keys = SessionKeys.of_state_dir(config.state_dir)
         except SecretFileError as exc:
@@ -92,7 +143,8 @@ async def run_daemon(
             # Counted from the first event of this run on: recovery's come next.
             metrics.watch_log(store.state, store.log)
             store.log.on_synced = metrics.observe_sync
-            registry = Registry(config, store, keys, actors)
+            await actors.start(boundary.run)
+            registry = Registry(config, store, keys, actors, boundary)
             try:
                 recovered = (await recover(registry)).rebuilt
                 await store.append(
@@ -108,6 +160,9 @@ async def run_daemon(
             async with trio.open_nursery() as front:
                 gateway = Gateway(config, registry, store.log, authenticator, metrics=metrics)
                 await front.start(gateway.serve, listeners)
+                for line in boundary.describe():
+                    log.info("%s", line)
+                _say_what_specs_get(config, boundary)
                 log.info(
                     "sandboxd %s listening on ws://%s:%d/v1, dashboard at http://%s:%d/"
                     " (state in %s, %d sandboxes recovered)",
@@ -120,13 +175,42 @@ async def run_daemon(
                     recovered,
                 )
                 task_status.started(gateway)
+                _tell_systemd("READY=1")
                 async for signum in signals:
                     reason = f"received {signal.Signals(signum).name}"
                     break
+                _tell_systemd("STOPPING=1")
                 await _shut_down(config, registry, gateway, store, reason)
                 front.cancel_scope.cancel()
             actors.cancel_scope.cancel()
-    log.info("sandboxd stopped")
+
+
+def _say_what_specs_get(config: Config, boundary: Boundary) -> None:
+    """Per spec, how its limits are enforced here (or that its starts will be refused),
+    and whether a sandbox's uid can run its program at all: said once, at start-up."""
+    for spec in config.specs:
+        if spec.limits.set_keys():
+            try:
+                notes = boundary.enforcement(spec.limits).notes
+            except LimitsNotEnforceable as exc:
+                log.warning("spec %s: its starts will fail: %s", spec.id, exc)
+            else:
+                log.info("spec %s: %s", spec.id, "; ".join(notes))
+        program = spec.command[0]
+        if boundary.run_as.isolated_from_daemon and os.path.isabs(program):
+            blocked = not_runnable_by_others(program)
+            if blocked is not None:
+                log.warning(
+                    "spec %s: its sandboxes' uids cannot run %s: %s", spec.id, program, blocked
+                )
+
+
+def _tell_systemd(state: str) -> None:
+    """sd_notify, when systemd runs the daemon (Type=notify); a failure is only logged."""
+    try:
+        sdnotify.notify(state)
+    except (OSError, ValueError) as exc:
+        log.warning("could not tell systemd %s: %s", state, exc)
 
 
 @asynccontextmanager

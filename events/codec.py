@@ -19,6 +19,13 @@ orjson plus checks written in Python that it replaced; bench/eventlog.py).
 A record it refuses (an older schema version, or a bad record) takes the slow
 path: parsed to a dict, upcast, checked field by field, so that what is wrong
 is said in words (``event_from_dict``, which the clients use too).
+
+How a payload may change (docs/events.md, "Changing an event"): a new field
+with a default, which records written before it lack, keeps the schema
+version (such a field may be absent, and decodes to its default, on both
+paths); anything else (a required field, a field renamed, removed or meaning
+something else) raises ``SCHEMA_VERSION`` and registers an upcaster from the
+version before.
 """
 
 from __future__ import annotations
@@ -126,6 +133,11 @@ _RECORDS = {cls: _record_type(cls) for cls in PAYLOAD_TYPES}
 _RecordUnion = Union[tuple(_RECORDS.values())]  # type: ignore[valid-type]  # noqa: UP007
 _decoder = msgspec.json.Decoder(_RecordUnion)
 _FIELDS = {cls.TYPE: frozenset(cls.__struct_fields__) for cls in PAYLOAD_TYPES}
+#: The fields a record must carry: those without a default (added later ones have one).
+_REQUIRED = {
+    cls.TYPE: frozenset(f.name for f in msgspec.structs.fields(cls) if f.required)
+    for cls in PAYLOAD_TYPES
+}
 
 
 def decode(raw: bytes | memoryview) -> Event:
@@ -167,9 +179,9 @@ def event_from_dict(record: Any) -> Event:
     if not (sandbox_id is None or type(sandbox_id) is str) or not (by is None or type(by) is str):
         raise DecodeError("sandbox_id and by must be strings or null")
     data = record["data"]
-    if type(data) is dict and data.keys() != _FIELDS[event_type]:
-        wanted = _FIELDS[event_type]
-        missing, unknown = sorted(wanted - data.keys()), sorted(data.keys() - wanted)
+    wanted, required = _FIELDS[event_type], _REQUIRED[event_type]
+    if type(data) is dict and not required <= data.keys() <= wanted:
+        missing, unknown = sorted(required - data.keys()), sorted(data.keys() - wanted)
         raise DecodeError(
             f"bad {event_type} payload: missing fields {missing}, unknown fields {unknown}"
         )
@@ -186,6 +198,8 @@ def _upcast(record: dict[str, Any]) -> dict[str, Any]:
         # (A list there is no version: it must not reach the dict as a key.)
         known = type(version) is int and type(event_type) is str
         lift = _upcasters.get((event_type, version)) if known else None  # type: ignore[arg-type]
+        if lift is None and event_type not in BY_TYPE:
+            raise DecodeError(f"unknown event type {event_type!r}")
         if lift is None:
             raise DecodeError(
                 f"no upcaster for {event_type!r} records of schema version {version!r}"
@@ -193,3 +207,26 @@ def _upcast(record: dict[str, Any]) -> dict[str, Any]:
         record = lift(record)
         version, event_type = record.get("v"), record.get("type")
     return record
+
+
+# -- upcasters: old records, read as the current version -------------------------------
+
+
+def _v1_to_v2(record: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added optional fields only (the sandbox's uid and named ports, why it
+    exited): absent, null."""
+    data = record.get("data")
+    if type(data) is dict:
+        data = dict(data)
+        for name in _ADDED_IN_V2.get(record.get("type"), ()):  # type: ignore[arg-type]
+            data.setdefault(name, None)
+    return {**record, "data": data, "v": 2}
+
+
+_ADDED_IN_V2: dict[str, tuple[str, ...]] = {
+    "sandbox.created": ("uid", "ports"),
+    "sandbox.process_started": ("uid",),
+    "sandbox.exited": ("reason", "memory_max"),
+}
+for _cls in PAYLOAD_TYPES:
+    upcaster(_cls.TYPE, 1)(_v1_to_v2)

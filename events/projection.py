@@ -59,10 +59,20 @@ class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
     command: tuple[str, ...] = ()
     exposed_urls: tuple[ev.ExposedUrl, ...] = ()
     error: str | None = None
+    uid: int | None = None  # the sandbox's own uid (sandbox.created); None: the daemon's
+    #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
+    #: named ports (see ``named_ports``).
+    ports: tuple[ev.NamedPort, ...] = ()
 
     @property
     def has_process(self) -> bool:
         return self.pid is not None
+
+    @property
+    def named_ports(self) -> tuple[ev.NamedPort, ...]:
+        """Every port it holds, by name: one created before named ports held ``port`` alone,
+        the agent server's."""
+        return self.ports or (ev.NamedPort("AGENT_SERVER", self.port),)
 
 
 class Incarnation(NamedTuple):
@@ -100,6 +110,9 @@ _evolve = msgspec.structs.replace
 
 
 def _exit_reason(data: ev.SandboxExited) -> str:
+    if data.reason == "oom":
+        limit = "" if data.memory_max is None else f" (limit {_size(data.memory_max)})"
+        return f"killed: out of memory{limit}"
     if data.signal is not None:
         return f"the process was killed by signal {data.signal}"
     if data.exit_code is None:
@@ -124,6 +137,7 @@ def _process_started(
         pgid=data.pgid,
         create_time=data.create_time,
         command=tuple(data.command),
+        uid=record.uid if data.uid is None else data.uid,
         updated_at=ts,
         version=seq,
     )
@@ -229,7 +243,18 @@ def _created(event: ev.Event, data: ev.SandboxCreated) -> SandboxRecord:
         version=event.seq,
         port=data.port,
         working_dir=data.working_dir,
+        uid=data.uid,
+        ports=tuple(data.ports or ()),
     )
+
+
+def _size(size: int) -> str:
+    # The words of actors/boundary/limits.format_bytes (events import nothing of actors).
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            value = size / factor
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:

@@ -21,7 +21,9 @@ import msgspec
 
 #: The version of the payload schemas written by this code. A record of an
 #: older version is decoded through an upcaster (see ``codec.upcaster``).
-SCHEMA_VERSION = 1
+#: 2: ``sandbox.created`` and ``sandbox.process_started`` gained ``uid``,
+#: ``sandbox.exited`` gained ``reason`` and ``memory_max`` (all optional).
+SCHEMA_VERSION = 2
 
 
 class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
@@ -33,6 +35,15 @@ class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False
 class ExposedUrl(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     name: str
     url: str
+    #: Absent from records older than named ports (then it is the port of that name).
+    port: int | None = None
+
+
+class NamedPort(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """One of a sandbox's ports, by the name its spec gave it (``AGENT_SERVER``, ``VSCODE``)."""
+
+    name: str
+    port: int
 
 
 class SandboxCreated(_Payload, frozen=True, gc=False):
@@ -40,7 +51,12 @@ class SandboxCreated(_Payload, frozen=True, gc=False):
     spec_id: str
     created_by_user_id: str | None
     working_dir: str
-    port: int
+    port: int  # the first of ``ports``: the one health-checked
+    #: Every port the sandbox holds, in the spec's order; absent from records older than
+    #: named ports, which held ``port`` alone (as AGENT_SERVER).
+    ports: list[NamedPort] | None = None
+    #: The uid the sandbox runs under, its own for its whole life; None: the daemon's.
+    uid: int | None = None
 
 
 class ProcessStarted(_Payload, frozen=True, gc=False):
@@ -49,6 +65,7 @@ class ProcessStarted(_Payload, frozen=True, gc=False):
     pgid: int
     create_time: float
     command: list[str]
+    uid: int | None = None  # the uid the process runs as; None: the daemon's
 
 
 class SandboxRunning(_Payload, frozen=True, gc=False):
@@ -83,6 +100,9 @@ class SandboxExited(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.exited"
     exit_code: int | None
     signal: int | None
+    #: "oom": the OOM killer ended it (its cgroup's memory limit was reached).
+    reason: str | None = None
+    memory_max: int | None = None  # with reason "oom": the limit in force, in bytes
 
 
 class SandboxAdopted(_Payload, frozen=True, gc=False):

@@ -83,13 +83,17 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     start.add_argument(
         "--no-wait", dest="wait", action="store_false", help="return at once, STARTING"
     )
+    start.add_argument(
+        "--owner", metavar="USER", help="admins: start it for this user, whose it then is"
+    )
 
     ls = add("ls", run_ls, "list sandboxes, newest first")
     ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    ls.add_argument("--owner", metavar="USER", help="admins: only this user's sandboxes")
 
     for name, run, text in (
         ("get", run_get, "show one sandbox"),
-        ("pause", run_pause, "pause a sandbox (SIGSTOP its processes)"),
+        ("pause", run_pause, "pause a sandbox (freeze every process of its tree)"),
         ("resume", run_resume, "resume a paused sandbox"),
         ("rm", run_rm, "delete a sandbox: its processes and working dir"),
     ):
@@ -289,6 +293,7 @@ def run_start(args: argparse.Namespace) -> int:
             sandbox_id=args.sandbox_id,
             env=_parse_env(args.env) or None,
             wait=args.wait,
+            owner=args.owner,
         )
         _print_sandbox(info, args.json)
         return 0
@@ -298,7 +303,7 @@ def run_start(args: argparse.Namespace) -> int:
 
 def run_ls(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
-        items = [info async for info in client.search_all(status=args.status)]
+        items = [info async for info in client.search_all(status=args.status, owner=args.owner)]
         if args.json:
             _print_json(items)
         elif items:

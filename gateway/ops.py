@@ -95,23 +95,34 @@ _Handler = Callable[[Services, Connection, Any], Awaitable[_Result]]
 
 async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
     info = await s.registry.start_sandbox(
-        c.user, spec_id=q.spec_id, sandbox_id=q.sandbox_id, env=q.env, wait=q.wait
+        c.user, spec_id=q.spec_id, sandbox_id=q.sandbox_id, env=q.env, wait=q.wait, owner=q.owner
     )
     return info, None
 
 
 async def _get(s: Services, c: Connection, q: p.SandboxGet) -> _Result:
-    return s.registry.get(c.user, q.sandbox_id), None
+    # With its usage: four small reads of its cgroup (search and batch_get leave it out).
+    return s.registry.get(c.user, q.sandbox_id, usage=True), None
 
 
 async def _batch_get(s: Services, c: Connection, q: p.SandboxBatchGet) -> _Result:
     return s.registry.batch_get(c.user, q.sandbox_ids), None
 
 
+async def _stats(s: Services, c: Connection, q: p.SandboxStats) -> _Result:
+    return await s.registry.stats(c.user, q.sandbox_ids), None
+
+
 async def _search(s: Services, c: Connection, q: p.SandboxSearch) -> _Result:
     status = None if q.status is None else Status(q.status)
-    items, next_page_id = s.registry.search(c.user, page_id=q.page_id, limit=q.limit, status=status)
+    items, next_page_id = s.registry.search(
+        c.user, page_id=q.page_id, limit=q.limit, status=status, owner=q.owner
+    )
     return p.SearchPage(items, next_page_id), None
+
+
+async def _find_by_session_key(s: Services, c: Connection, q: p.SandboxFindBySessionKey) -> _Result:
+    return s.registry.get_by_session_key(c.user, q.session_api_key), None
 
 
 async def _pause(s: Services, c: Connection, q: p.SandboxPause) -> _Result:
@@ -151,6 +162,7 @@ async def _spec_get(s: Services, c: Connection, q: p.SpecGet) -> _Result:
 
 
 async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
+    boundary = s.registry.boundary
     details = p.ServerDetails(
         version=__version__,
         protocol=1,
@@ -158,6 +170,9 @@ async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
         admin=c.user.admin,
         head_seq=s.log.head_seq,
         started_at=s.started_at,
+        boundary=boundary.mode,
+        isolation=boundary.isolation,
+        limits=boundary.limits_in_force(),
     )
     return details, None
 
@@ -237,7 +252,9 @@ _HANDLERS: Final[dict[type[p.Params], _Handler]] = {
     p.SandboxStart: _start,
     p.SandboxGet: _get,
     p.SandboxBatchGet: _batch_get,
+    p.SandboxStats: _stats,
     p.SandboxSearch: _search,
+    p.SandboxFindBySessionKey: _find_by_session_key,
     p.SandboxPause: _pause,
     p.SandboxResume: _resume,
     p.SandboxDelete: _delete,

@@ -7,10 +7,16 @@ CI=true pytest               # Hypothesis's "ci" profile (below); .ci/run sets i
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.daemon_process import STATE_DIRS, remove_reachable_dirs
+from tests.support import end_sandboxes
 
 DEFAULT_ROUNDS = 30
 
@@ -39,3 +45,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="cut the log at every byte of its last three records, not only the last one",
     )
+
+
+@pytest.fixture(autouse=True)
+def _end_what_daemons_left() -> Iterator[None]:
+    """After each test, every daemon it configured (tests/daemon_process.py) has no sandbox
+    process and no cgroup left, whatever the test did or failed to do. (A daemon shared by
+    a module's tests was configured before: its fixture ends it.)"""
+    before = len(STATE_DIRS)
+    yield
+    for state_dir in STATE_DIRS[before:]:
+        end_sandboxes(state_dir)
+    del STATE_DIRS[before:]
+
+
+def _daemon_cgroups() -> set[Path]:
+    """Every daemon's parent cgroup on this machine (``sandboxd-<hash>``), in every hierarchy."""
+    root = Path("/sys/fs/cgroup")
+    patterns = ("*/sandboxd-*", "*/*/sandboxd-*", "*/*/*/sandboxd-*")
+    return {path for pattern in patterns for path in root.glob(pattern) if path.is_dir()}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_daemon_cgroups() -> Iterator[None]:
+    """A net under the per-test cleanup: a daemon cgroup the session made and left empty
+    (a test whose daemon was not made by daemon_config) is removed at its end."""
+    before = _daemon_cgroups()
+    yield
+    for parent in _daemon_cgroups() - before:
+        for path in sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # busy: something still runs there
+                path.rmdir()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_working_dirs() -> Iterator[None]:
+    """The reachable dirs the session's sandboxes had their working dirs in, removed at its end."""
+    yield
+    remove_reachable_dirs()

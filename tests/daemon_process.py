@@ -1,4 +1,4 @@
-"""A real daemon for the gateway and end-to-end suites: its config, its config file, its process.
+"""A real daemon for the suites: its config, its config file, its process.
 
 ``daemon_config`` makes the Config a suite's daemon runs (the suite brings its
 specs); ``config_toml`` writes any Config as the file `sandboxd serve --config`
@@ -7,19 +7,30 @@ same daemon (tests/test_daemon_process.py checks the round trip);
 ``DaemonProcess`` runs `python -m sandboxd.cli serve --config F`, the way an
 operator does, so that SIGTERM and SIGKILL are real.
 
+Isolation is on wherever the tests run as root (the default there): every
+sandbox runs under a uid of its own. So its working dir must be reachable by
+that uid, which pytest's tmp dirs (0700) are not: ``daemon_config`` puts the
+working dirs under a dir of their own, mode 0711, in /tmp (``reachable_dir``;
+removed at the end of the session), and sandboxes run Python with
+``SANDBOX_PYTHON``, an interpreter every uid can run (the venv's lives under
+/root, mode 0700).
+
 Every wait is for a condition, with a deadline. The daemon is ended by the pid
-of its own Popen; what its sandboxes leave behind is the suite's to end (the
-end-to-end suite does it by their markers).
+of its own Popen; what its sandboxes leave behind (processes, cgroups) is the
+suite's to end: ``tests.support.end_sandboxes``, which the suite's autouse
+fixture calls after every test for each state dir ``daemon_config`` made.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +38,11 @@ from typing import Any
 
 import attrs
 
-from sandboxd.actors.specs import SpecConfig
+from sandboxd.actors import agent_server
+from sandboxd.actors.boundary.in_force import Boundary, open_boundary
+from sandboxd.actors.boundary.limits import Limits
+from sandboxd.actors.boundary.workdirs import make_base_dir, remove_tree
+from sandboxd.actors.specs import SpecConfig, python_for_sandboxes
 from sandboxd.config import SECTION_KEYS, Config
 from tests.support import configured_users, eventually
 
@@ -35,7 +50,40 @@ from tests.support import configured_users, eventually
 #: shared with the rest of the suite).
 START_TIMEOUT = 30.0
 
-#: The keys of [server] and [log]; every other scalar of Config is a key of [sandboxes].
+#: The Python sandboxes run: one every uid can execute (/usr/bin/python3 here).
+SANDBOX_PYTHON = python_for_sandboxes()
+#: The reference agent server, run by its path (standard library only), as the default spec.
+AGENT_SERVER = os.path.realpath(agent_server.__file__)
+
+
+def agent_command(*args: str) -> tuple[str, ...]:
+    """The reference agent server's command, as the default spec runs it."""
+    return (SANDBOX_PYTHON, "-I", AGENT_SERVER, "--port", "{port}", *args)
+
+
+_reachable_root: Path | None = None
+#: Every state dir daemon_config made a config for: the suite ends their sandboxes.
+STATE_DIRS: list[Path] = []
+
+
+def reachable_dir(prefix: str = "wd-") -> Path:
+    """A fresh dir, mode 0711, under one of this session's in /tmp (mode 0711): every uid
+    can pass through it to what it owns inside. Removed with the session's."""
+    global _reachable_root
+    if _reachable_root is None:
+        _reachable_root = Path(tempfile.mkdtemp(prefix=f"sandboxd-tests-{os.getpid()}-"))
+        make_base_dir(_reachable_root)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=_reachable_root))
+    make_base_dir(path)
+    return path
+
+
+def remove_reachable_dirs() -> None:
+    """Remove what reachable_dir made (the session's end), whatever sandboxes left there."""
+    global _reachable_root
+    if _reachable_root is not None:
+        remove_tree(_reachable_root)
+        _reachable_root = None
 
 
 def free_port() -> int:
@@ -46,9 +94,11 @@ def free_port() -> int:
 
 
 def daemon_config(state_dir: Path, specs: Sequence[SpecConfig], **changes: Any) -> Config:
-    """A daemon on 127.0.0.1 (port 0: any), with the users of tests/support.py and quick stops.
+    """A daemon on 127.0.0.1 (port 0: any), with the users of tests/support.py and quick stops,
+    its working dirs where its sandboxes' uids reach them (``base_working_dir = None``:
+    the default, under the state dir).
 
-    ``changes`` are Config fields (on_shutdown, snapshot_every, port, ...).
+    ``changes`` are Config fields (on_shutdown, snapshot_every, port, cgroup, ...).
     """
     values: dict[str, Any] = {
         "host": "127.0.0.1",
@@ -59,8 +109,19 @@ def daemon_config(state_dir: Path, specs: Sequence[SpecConfig], **changes: Any) 
         "stop_timeout": 2.0,
         "shutdown_grace": 5.0,
     }
+    if "base_working_dir" not in changes:
+        values["base_working_dir"] = reachable_dir()
     values.update(changes)
+    STATE_DIRS.append(state_dir)
     return Config(**values)
+
+
+def boundary_for(config: Config) -> Boundary:
+    """The boundary a daemon of ``config`` runs with, for tests that run its registry alone
+    (the caller closes it; tests.support.end_sandboxes removes its cgroups)."""
+    return open_boundary(
+        config.boundary_settings, state_dir=config.state_dir, max_sandboxes=config.max_sandboxes
+    )
 
 
 def _toml(value: Any) -> str:
@@ -77,6 +138,19 @@ def _table(header: str, values: Mapping[str, Any]) -> str:
     return header + "\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in values.items())
 
 
+def _spec_table(spec: SpecConfig) -> dict[str, Any]:
+    """A spec's keys: its fields, its limits as the spec keys they come from."""
+    table = {
+        f.name: getattr(spec, f.name)
+        for f in attrs.fields(SpecConfig)
+        if f.name not in ("created_at", "limits")
+    }
+    limits = {f.name: getattr(spec.limits, f.name) for f in attrs.fields(Limits)}
+    table |= {name: value for name, value in limits.items() if value is not None}
+    table["limits_required"] = table.pop("required")
+    return table
+
+
 def config_toml(config: Config) -> str:
     """``config`` as a config file (spec/config.md): every key written, none left to defaults."""
     scalars = {
@@ -86,10 +160,7 @@ def config_toml(config: Config) -> str:
     }
     server = {key: scalars.pop(key) for key in SECTION_KEYS["server"] if key in scalars}
     log = {key: scalars.pop(key) for key in SECTION_KEYS["log"] if key in scalars}
-    specs = [
-        {f.name: getattr(spec, f.name) for f in attrs.fields(SpecConfig) if f.name != "created_at"}
-        for spec in config.specs
-    ]
+    specs = [_spec_table(spec) for spec in config.specs]
     users = [attrs.asdict(user) for user in config.users]
     return (
         _table("[server]", server)

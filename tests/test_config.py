@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tomllib
@@ -11,7 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sandboxd.config import Config, ConfigError, load_config, parse_config
+from sandboxd.config import Config, ConfigError, default_state_dir, load_config, parse_config
 
 
 def parse(text: str) -> Config:
@@ -26,6 +27,20 @@ def test_no_file_is_the_embedded_default(tmp_path: Path) -> None:
     assert config.sandboxes_dir == config.state_dir / "sandboxes"
     # Every key is optional: an empty file is the default (but for the spec's created_at).
     assert attrs.evolve(parse(""), specs=config.specs) == config
+
+
+def test_the_default_state_dir_is_the_systems_for_root_and_the_users_otherwise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    if os.geteuid() == 0:
+        # Outside /root (0700): sandboxes under uids of their own reach their working dirs.
+        assert default_state_dir() == Path("/var/lib/sandboxd")
+    # A user's own (as root, this branch can only be reached by pretending).
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert default_state_dir() == tmp_path / "sandboxd"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert default_state_dir() == Path.home() / ".local" / "state" / "sandboxd"
 
 
 def test_a_full_file() -> None:
@@ -79,11 +94,138 @@ def test_a_full_file() -> None:
         ("[[users]]\nid = 'a'\ntoken = 'short'", "users[0].token"),
         ("[[users]]\nid = 'a'\ntoken_sha256 = 'nothex'", "users[0].token_sha256"),
         ("[surprise]\nx = 1", "surprise"),
+        ("[server]\nurl_host = 'a b'", "server.url_host"),
+        ("[server]\nurl_host = 'http://x'", "server.url_host"),
+        ("[server]\nurl_host = '::1'", "server.url_host"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = []", "specs[0].ports"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 1]", "specs[0].ports[1]"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', '9x']", "specs[0].ports[1]"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A-B']", "specs[0].ports[0]"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_key(text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         parse(text)
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="run_as and uid_range apply as root")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "[sandboxes]\nuid_range = [65000, 66000]",
+            "sandboxes.uid_range [65000, 66000] overlaps the existing user 'nobody' (uid 65534); "
+            "pick a range no account uses, or set sandboxes.allow_existing_uids = true",
+            marks=ROOT_ONLY,
+        ),
+        pytest.param(
+            "[sandboxes]\nrun_as = 'no-such-user-here'",
+            "sandboxes.run_as names the user 'no-such-user-here', which does not exist",
+            marks=ROOT_ONLY,
+        ),
+        pytest.param(
+            "[sandboxes]\nmax_sandboxes = 50\nuid_range = [700000, 700009]",
+            "sandboxes.uid_range [700000, 700009] holds 10 uids, fewer than max_sandboxes (50)",
+            marks=ROOT_ONLY,
+        ),
+        ("[sandboxes]\nuid_range = [5]", "sandboxes.uid_range must be a list of two uids"),
+        ("[sandboxes]\nallow_existing_uids = 'yes'", "sandboxes.allow_existing_uids must be"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nmemory_max = 0", "specs[0].memory_max must be"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nmemory_max = -5", "specs[0].memory_max must"),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nmemory_max = '512MB'",
+            "specs[0].memory_max has an unknown unit 'MB' in '512MB'",
+        ),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\npids_max = 0", "specs[0].pids_max must be at"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\ncpu_max = -1", "specs[0].cpu_max must be more"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\ncpu_max = 'x'", "specs[0].cpu_max must be a"),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nlimits_required = 1",
+            "specs[0].limits_required must be true or false",
+        ),
+        ("[sandboxes]\ncgroup = 'on'", 'sandboxes.cgroup must be "auto", "off" or an absolute'),
+        (
+            "[sandboxes]\ncgroup = '/no/such/dir'",
+            "sandboxes.cgroup is '/no/such/dir', which is not",
+        ),
+        (
+            "[sandboxes]\ncgroup = '/tmp'",
+            "sandboxes.cgroup is '/tmp', which is not in a mounted cgroup v2 hierarchy",
+        ),
+    ],
+)
+def test_bad_boundary_settings_are_refused_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(text)
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+@ROOT_ONLY
+def test_existing_uids_are_allowed_when_asked() -> None:
+    config = parse("[sandboxes]\nuid_range = [65000, 66000]\nallow_existing_uids = true")
+    assert config.uid_range == (65000, 66000) and config.allow_existing_uids
+
+
+def test_limits_of_a_spec() -> None:
+    config = parse(
+        "[[specs]]\nid = 'x'\ncommand = ['a']\nmemory_max = '512M'\npids_max = 100\n"
+        "cpu_max = 1.5\nlimits_required = true\n"
+    )
+    limits = config.specs[0].limits
+    assert (limits.memory_max, limits.pids_max, limits.cpu_max) == (512 << 20, 100, 1.5)
+    assert limits.required
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['AGENT_SERVER', 'VSCODE', 'VSCODE']",
+            "specs[0].ports names the port VSCODE twice",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a', '--vscode={port_VSCODE}']",
+            "specs[0].command[1] has the placeholder {port_VSCODE}, but specs[0].ports has no"
+            " port VSCODE (it has: AGENT_SERVER)",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 'B']\n"
+            "initial_env = { W = '{port_W}' }",
+            "specs[0].initial_env.W has the placeholder {port_W}, but specs[0].ports has no"
+            " port W (it has: A, B)",
+        ),
+        (
+            "[sandboxes]\nport_range = [30000, 30002]\n"
+            "[[specs]]\nid = 'ok'\ncommand = ['a']\nports = ['A', 'B', 'C']\n"
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 'B', 'C', 'D']",
+            "specs[1].ports names 4 ports, more than sandboxes.port_range [30000, 30002] holds (3)",
+        ),
+    ],
+)
+def test_named_ports_are_checked_at_load(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
+def test_named_ports_and_the_url_host() -> None:
+    config = parse(
+        """
+        [server]
+        url_host = "[::1]"
+        [[specs]]
+        id = "oh"
+        command = ["agent", "--port", "{port}", "--vscode-port", "{port_VSCODE}"]
+        initial_env = { WORKER_1 = "{port_WORKER_1}" }
+        ports = ["AGENT_SERVER", "VSCODE", "WORKER_1", "WORKER_2"]
+        """
+    )
+    assert config.url_host == "[::1]"
+    assert config.specs[0].ports == ("AGENT_SERVER", "VSCODE", "WORKER_1", "WORKER_2")
+    assert parse("[server]\nurl_host = 'sandboxes.example.com'").url_host == "sandboxes.example.com"
+    assert load_config(None).specs[0].ports == ("AGENT_SERVER",)
 
 
 def test_missing_and_broken_files_are_one_sentence(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 
+from sandboxd.actors.boundary.limits import Limits
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.config import Config, parse_config
 from tests.daemon_process import config_toml, daemon_config
@@ -28,7 +29,10 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
             health_check_path="",
             ready_timeout=2.5,
             health_interval=0.0,
+            limits=Limits(memory_max=64 << 20, pids_max=50, cpu_max=0.5, required=True),
+            ports=("AGENT_SERVER", "VSCODE"),
         ),
+        SpecConfig(id="some-limits", command=("true",), limits=Limits(pids_max=3)),
     )
     # Every field away from its default, so that a key the writer forgets shows.
     config = daemon_config(
@@ -38,6 +42,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         max_connections_per_user=9,
         metrics_public=True,
         metrics_per_sandbox=True,
+        url_host="sandboxes.example.com",
         base_working_dir=tmp_path / "work",
         port_range=(31000, 31010),
         stop_timeout=1.5,
@@ -50,6 +55,10 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         segment_bytes=4096,
         snapshot_every=0,
         retention="snapshots",
+        cgroup="off",
+        run_as="daemon",
+        uid_range=(700000, 700099),
+        allow_existing_uids=True,
     )
     defaults = Config()
     for field in attrs.fields(Config):

@@ -66,6 +66,8 @@ def test_the_shipped_unit_is_notify_and_delegated(tmp_path: Path) -> None:
     assert lines["Type"] == "notify"
     assert lines["Delegate"] in ("yes", "memory pids cpu")
     assert lines["KillMode"] == "process"  # sandboxes outlive a restart, to be adopted
+    # The default state dir of root, passable by sandbox uids (docs/boundary.md).
+    assert (lines["StateDirectory"], lines["StateDirectoryMode"]) == ("sandboxd", "0711")
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return

@@ -10,14 +10,18 @@ is a thin layer around it.
     _errors      error codes; ProtocolError (the server's), ClientError and one
                  subclass per code (a client's)
     _requests    one frozen class per op; parse_request, encode_request
-    _results     what the ops answer: SandboxInfo, SpecInfo, SearchPage, Logs,
-                 ServerDetails, Subscribed, EventPage; decode_event
+    _results     what the ops answer: SandboxInfo, SandboxUsage, SpecInfo, SearchPage,
+                 Logs, ServerDetails, Subscribed, EventPage; decode_event
     _frames      the server's frames: encode_* on its side, parse_frame on a client's
     calls        one Call per op for clients: its request, and its typed result
+    _client_ops  every op as a typed method over an abstract call: both clients' API
+    _exchanges   a client's requests in flight on one connection, by id
+    _resume      a client's subscription across connections, and its reconnect policy
     _converter   the one cattrs converter of these types
 """
 
 from sandboxd.gateway.protocol import calls
+from sandboxd.gateway.protocol._client_ops import ClientOps, SubscriptionOps
 from sandboxd.gateway.protocol._converter import converter
 from sandboxd.gateway.protocol._errors import (
     AuthenticationError,
@@ -38,8 +42,13 @@ from sandboxd.gateway.protocol._errors import (
     StartFailedError,
     UnavailableError,
     UnknownOpError,
+    closed,
     error_from_reply,
+    not_a_url,
+    refused,
+    unreachable,
 )
+from sandboxd.gateway.protocol._exchanges import Exchanges
 from sandboxd.gateway.protocol._frames import (
     CaughtUpFrame,
     EndedFrame,
@@ -64,27 +73,40 @@ from sandboxd.gateway.protocol._requests import (
     Request,
     SandboxBatchGet,
     SandboxDelete,
+    SandboxFindBySessionKey,
     SandboxGet,
     SandboxLogs,
     SandboxPause,
     SandboxResume,
     SandboxSearch,
     SandboxStart,
+    SandboxStats,
     ServerInfo,
     SpecGet,
     SpecList,
     encode_request,
     parse_request,
+    valid_sandbox_id,
 )
 from sandboxd.gateway.protocol._results import (
     EventPage,
     Logs,
     SandboxInfo,
+    SandboxUsage,
     SearchPage,
     ServerDetails,
     SpecInfo,
     Subscribed,
+    Usage,
     decode_event,
+)
+from sandboxd.gateway.protocol._resume import (
+    SUBSCRIBE_ID,
+    Ended,
+    Resumption,
+    gave_up,
+    reconnect_delays,
+    worth_retrying,
 )
 from sandboxd.gateway.protocol._transport import (
     CLOSE_GOING_AWAY,
@@ -92,10 +114,12 @@ from sandboxd.gateway.protocol._transport import (
     CLOSE_NOT_READING,
     CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED,
+    CONNECT_TIMEOUT,
     MAX_FRAME_BYTES,
     MAX_IN_FLIGHT,
+    MAX_REPLY_BYTES,
 )
-from sandboxd.gateway.protocol.calls import Call
+from sandboxd.gateway.protocol.calls import Call, Unchecked
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -103,18 +127,23 @@ __all__ = [
     "CLOSE_NO_PONG",
     "CLOSE_TOO_BIG",
     "CLOSE_UNSUPPORTED",
+    "CONNECT_TIMEOUT",
     "MAX_FRAME_BYTES",
     "MAX_IN_FLIGHT",
+    "MAX_REPLY_BYTES",
     "OPS",
+    "SUBSCRIBE_ID",
     "AuthenticationError",
     "BadRequestError",
     "BusyError",
     "Call",
     "CaughtUpFrame",
     "ClientError",
+    "ClientOps",
     "ConflictError",
     "ConnectError",
     "ConnectionLostError",
+    "Ended",
     "EndedFrame",
     "ErrorCode",
     "EventFrame",
@@ -123,6 +152,7 @@ __all__ = [
     "EventsRead",
     "EventsSubscribe",
     "EventsUnsubscribe",
+    "Exchanges",
     "Frame",
     "GoneError",
     "InternalError",
@@ -135,8 +165,10 @@ __all__ = [
     "Reply",
     "Request",
     "RequestError",
+    "Resumption",
     "SandboxBatchGet",
     "SandboxDelete",
+    "SandboxFindBySessionKey",
     "SandboxGet",
     "SandboxInfo",
     "SandboxLogs",
@@ -144,6 +176,8 @@ __all__ = [
     "SandboxResume",
     "SandboxSearch",
     "SandboxStart",
+    "SandboxStats",
+    "SandboxUsage",
     "SearchPage",
     "ServerDetails",
     "ServerInfo",
@@ -152,9 +186,13 @@ __all__ = [
     "SpecList",
     "StartFailedError",
     "Subscribed",
+    "SubscriptionOps",
     "UnavailableError",
+    "Unchecked",
     "UnknownOpError",
+    "Usage",
     "calls",
+    "closed",
     "converter",
     "decode_event",
     "encode_caught_up",
@@ -165,6 +203,13 @@ __all__ = [
     "encode_ok",
     "encode_request",
     "error_from_reply",
+    "gave_up",
+    "not_a_url",
     "parse_frame",
     "parse_request",
+    "reconnect_delays",
+    "refused",
+    "unreachable",
+    "valid_sandbox_id",
+    "worth_retrying",
 ]

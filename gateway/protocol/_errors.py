@@ -171,6 +171,38 @@ _BY_CODE: Final[dict[str, type[ClientError]]] = {
 assert set(_BY_CODE) == set(ErrorCode), "one client exception per code"
 
 
+# --- A client's side: what the transport tells, worded once for every client --------------
+
+
+def refused(url: str, status: int, body: bytes | str | None = None) -> ConnectError:
+    """The daemon answered the handshake with an HTTP status instead of a websocket."""
+    if status == 401:
+        return AuthenticationError(f"sandboxd at {url} refused the token (HTTP 401)", url)
+    # The body says why (404: the path; 429: too many connections of this user).
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
+    why = text.strip()
+    return ConnectError(
+        f"sandboxd at {url} refused the connection (HTTP {status}" + (f": {why})" if why else ")"),
+        url,
+    )
+
+
+def unreachable(url: str, reason: object) -> ConnectError:
+    """No websocket could be opened: no listener, a dropped handshake, a timeout."""
+    return ConnectError(f"cannot reach sandboxd at {url}: {reason}", url)
+
+
+def not_a_url(url: str, reason: object) -> ConnectError:
+    return ConnectError(f"{url!r} is not a websocket URL: {reason}", url)
+
+
+def closed(url: str, code: int | None = None, reason: str = "") -> str:
+    """Why requests in flight were lost: the connection closed, with the close frame's code."""
+    if code is None:
+        return f"the connection to {url} closed"
+    return f"the connection to {url} closed (code {code}{': ' + reason if reason else ''})"
+
+
 def error_from_reply(error: Mapping[str, Any]) -> ClientError:
     """The exception for a reply's error object; an unknown code gives a plain ClientError."""
     code = error.get("code")

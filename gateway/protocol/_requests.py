@@ -15,7 +15,7 @@ rules before it leaves.
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -43,6 +43,11 @@ def _show(value: object) -> str:
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATUSES = frozenset(Status)
 _Validator = Callable[[object, "attrs.Attribute[Any]", Any], None]
+
+
+def valid_sandbox_id(value: str) -> bool:
+    """Whether ``value`` can be a sandbox's id at all (``[A-Za-z0-9_-]{1,64}``)."""
+    return _SANDBOX_ID.fullmatch(value) is not None
 
 
 def _check_sandbox_id(name: str, value: str) -> None:
@@ -97,6 +102,20 @@ def _env(_: object, attribute: "attrs.Attribute[Any]", value: dict[str, str] | N
             raise _bad(f"'{attribute.name}[{_show(key)}]' must not contain a NUL character.")
 
 
+def _owner(_: object, attribute: "attrs.Attribute[Any]", value: str | None) -> None:
+    # A user id of the admin's own choosing (an OpenHands user, say): any printable text.
+    if value is not None and not (1 <= len(value) <= 256 and value.isprintable()):
+        raise _bad(
+            f"'{attribute.name}' must be a user id of 1 to 256 printable characters,"
+            f" not {_show(value)}."
+        )
+
+
+def _session_key(_: object, attribute: "attrs.Attribute[Any]", value: str) -> None:
+    if not 1 <= len(value) <= 256:
+        raise _bad(f"'{attribute.name}' must be 1 to 256 characters, not {len(value)}.")
+
+
 # --- One frozen class per op; ``OP`` is its stable wire name.
 
 
@@ -107,6 +126,8 @@ class SandboxStart:
     sandbox_id: str | None = attrs.field(default=None, validator=_sandbox_id)
     env: dict[str, str] | None = attrs.field(default=None, validator=_env)
     wait: bool = True
+    #: Admins only: the user the sandbox is started for, and belongs to.
+    owner: str | None = attrs.field(default=None, validator=_owner)
 
 
 @attrs.frozen
@@ -122,11 +143,25 @@ class SandboxBatchGet:
 
 
 @attrs.frozen
+class SandboxStats:
+    OP: ClassVar[str] = "sandbox.stats"
+    sandbox_ids: list[str] = attrs.field(validator=_sandbox_ids)
+
+
+@attrs.frozen
 class SandboxSearch:
     OP: ClassVar[str] = "sandbox.search"
     page_id: str | None = None
     limit: int = attrs.field(default=100, validator=_between(1, 100))
     status: str | None = attrs.field(default=None, validator=_status)
+    #: Admins only: the sandboxes of this user alone.
+    owner: str | None = attrs.field(default=None, validator=_owner)
+
+
+@attrs.frozen
+class SandboxFindBySessionKey:
+    OP: ClassVar[str] = "sandbox.find_by_session_key"
+    session_api_key: str = attrs.field(validator=_session_key, repr=False)
 
 
 @attrs.frozen
@@ -200,7 +235,9 @@ Params = (
     SandboxStart
     | SandboxGet
     | SandboxBatchGet
+    | SandboxStats
     | SandboxSearch
+    | SandboxFindBySessionKey
     | SandboxPause
     | SandboxResume
     | SandboxDelete
@@ -386,3 +423,8 @@ def encode_request(request: Request) -> str:
     is left out, which protocol.md says means the same."""
     params = {k: v for k, v in converter.unstructure(request.params).items() if v is not None}
     return orjson.dumps({"id": request.id, "op": request.op, **params}).decode()
+
+
+def encode_unchecked(request_id: str | int, op: str, params: Mapping[str, Any]) -> str:
+    """The frame of any op, its params sent as given: for ops a client does not know yet."""
+    return orjson.dumps({"id": request_id, "op": op, **params}).decode()

@@ -15,7 +15,8 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from sandboxd.actors.info import SandboxInfo, SpecInfo
+from sandboxd.actors.boundary.cgroupfs import Usage
+from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo
 from sandboxd.events import codec
 from sandboxd.events.types import BY_TYPE, SCHEMA_VERSION, Event
 from sandboxd.gateway.protocol._errors import MalformedFrameError
@@ -24,10 +25,12 @@ __all__ = [
     "EventPage",
     "Logs",
     "SandboxInfo",
+    "SandboxUsage",
     "SearchPage",
     "ServerDetails",
     "SpecInfo",
     "Subscribed",
+    "Usage",
     "decode_event",
 ]
 
@@ -56,7 +59,8 @@ class Logs:
 
 @attrs.frozen
 class ServerDetails:
-    """server.info."""
+    """server.info. The last three (extensions, absent from an older daemon's answer): the
+    tree boundary in force, who sandboxes run as, and what enforces each limit."""
 
     version: str
     protocol: int
@@ -64,6 +68,9 @@ class ServerDetails:
     admin: bool
     head_seq: int
     started_at: str
+    boundary: str | None = None  # "cgroup2" | "cgroup1" | "markers"
+    isolation: str | None = None  # "dynamic" | "user:NAME" | "daemon" | "none (daemon not root)"
+    limits: dict[str, str] | None = None  # limit key -> "cgroup" | "RLIMIT_..." | "none"
 
 
 @attrs.frozen

@@ -30,21 +30,25 @@ from sandboxd.gateway.protocol._requests import (
     Request,
     SandboxBatchGet,
     SandboxDelete,
+    SandboxFindBySessionKey,
     SandboxGet,
     SandboxLogs,
     SandboxPause,
     SandboxResume,
     SandboxSearch,
     SandboxStart,
+    SandboxStats,
     ServerInfo,
     SpecGet,
     SpecList,
     encode_request,
+    encode_unchecked,
 )
 from sandboxd.gateway.protocol._results import (
     EventPage,
     Logs,
     SandboxInfo,
+    SandboxUsage,
     SearchPage,
     ServerDetails,
     SpecInfo,
@@ -57,10 +61,18 @@ P = TypeVar("P", bound=Params)
 
 
 @attrs.frozen
+class Unchecked:
+    """The params of any op, as given: sent without a check, for ops this code does not know."""
+
+    OP: str
+    values: Mapping[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen
 class Call(Generic[T]):
     """One op's request, and the decoder of its result."""
 
-    params: Params
+    params: Params | Unchecked
     decode: Callable[[Any], T]
 
     @property
@@ -69,6 +81,8 @@ class Call(Generic[T]):
 
     def encode(self, request_id: str | int) -> str:
         """The request's frame."""
+        if isinstance(self.params, Unchecked):
+            return encode_unchecked(request_id, self.op, self.params.values)
         return encode_request(Request(request_id, self.op, self.params))
 
     def result(self, reply: Reply) -> T:
@@ -131,6 +145,7 @@ def start(
     sandbox_id: str | None = None,
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    owner: str | None = None,
 ) -> Call[SandboxInfo]:
     params = _params(
         SandboxStart,
@@ -138,6 +153,7 @@ def start(
         sandbox_id=sandbox_id,
         env=None if env is None else dict(env),
         wait=wait,
+        owner=owner,
     )
     return Call(params, _as(SandboxInfo))
 
@@ -151,11 +167,25 @@ def batch_get(sandbox_ids: list[str]) -> Call[list[SandboxInfo | None]]:
     return Call(params, _as(list[SandboxInfo | None]))
 
 
+def stats(sandbox_ids: list[str]) -> Call[list[SandboxUsage | None]]:
+    params = _params(SandboxStats, sandbox_ids=list(sandbox_ids))
+    return Call(params, _as(list[SandboxUsage | None]))
+
+
 def search(
-    *, page_id: str | None = None, limit: int = 100, status: str | None = None
+    *,
+    page_id: str | None = None,
+    limit: int = 100,
+    status: str | None = None,
+    owner: str | None = None,
 ) -> Call[SearchPage]:
-    params = _params(SandboxSearch, page_id=page_id, limit=limit, status=status)
+    params = _params(SandboxSearch, page_id=page_id, limit=limit, status=status, owner=owner)
     return Call(params, _as(SearchPage))
+
+
+def find_by_session_key(session_api_key: str) -> Call[SandboxInfo | None]:
+    params = _params(SandboxFindBySessionKey, session_api_key=session_api_key)
+    return Call(params, _optional(SandboxInfo))
 
 
 def pause(sandbox_id: str) -> Call[SandboxInfo]:
@@ -225,3 +255,15 @@ def read_events(
         EventsRead, after_seq=after_seq, limit=limit, sandbox_id=sandbox_id, types=types
     )
     return Call(params, _event_page)
+
+
+# --- Anything else ------------------------------------------------------------------------
+
+
+def unchecked(op: str, params: Mapping[str, Any] | None = None) -> Call[Any]:
+    """Any op with any params, unchecked: its result is the reply's JSON as it came."""
+    return Call(Unchecked(op, dict(params or {})), _as_is)
+
+
+def _as_is(result: Any) -> Any:
+    return result

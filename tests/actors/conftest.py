@@ -17,3 +17,11 @@ async def sandboxes(tmp_path: Path) -> AsyncIterator[Sandboxes]:
         yield sandboxes
     finally:
         await sandboxes.cleanup()
+
+
+@pytest.fixture(params=["auto", "off"], ids=["cgroup", "markers"])
+def cgroup(request: pytest.FixtureRequest) -> str:
+    """The boundary a tree test runs on: ``sandboxes.cgroup`` "auto" (a cgroup per sandbox,
+    where the host allows it) or "off" (the markers fallback)."""
+    setting: str = request.param
+    return setting

@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sandboxd.actors.keys import SecretFileError, SessionKeys
 
@@ -73,6 +75,13 @@ def test_sandbox_for_knows_remembered_sandboxes_only() -> None:
     assert keys.sandbox_for(a) is None
     assert keys.sandbox_for(b) == "b"
     assert keys.key_for("a", 1) == a  # forgetting does not change the key
+
+
+@given(st.text())
+def test_any_string_is_looked_up_without_error_and_finds_nothing_it_is_not(guess: str) -> None:
+    keys = SessionKeys(b"k" * 32)
+    keys.remember("a", 1)
+    assert keys.sandbox_for(guess) == ("a" if guess == keys.key_for("a", 1) else None)
 
 
 def test_a_recreated_id_gets_a_new_key() -> None:

@@ -83,6 +83,16 @@ def test_exhaustion_and_release() -> None:
     ports.release(12345)  # never reserved: no error
 
 
+def test_several_ports_are_reserved_all_or_none() -> None:
+    ports = PortAllocator(LOW, LOW + 4)
+    first = ports.reserve_many(3)
+    assert len(set(first)) == 3 and ports.reserved == frozenset(first)
+    with pytest.raises(PortsExhausted):
+        ports.reserve_many(3)  # two are left: neither is kept
+    assert ports.reserved == frozenset(first)
+    assert len(set(ports.reserve_many(2)) | set(first)) == 5
+
+
 def test_preferred_port_is_used_when_free() -> None:
     ports = PortAllocator(LOW, HIGH)
     assert ports.reserve(preferred=LOW + 7) == LOW + 7

@@ -228,6 +228,8 @@ async def test_a_reused_pid_is_never_signalled(sandboxes: Sandboxes) -> None:
         assert real is not None
         stale = ProcessId(real.pid, real.start_ticks - 100_000)
         sandbox_id = sandboxes.new_id()
+        # Asleep first (just exec'ed, it may still be running): then "S" below means untouched.
+        await eventually(lambda: proc_state(real.pid) == "S", what="sleep to be asleep")
 
         assert proctree.tree_members(stale, sandbox_id) == []
         await proctree.pause_tree(stale, sandbox_id)

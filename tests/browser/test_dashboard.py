@@ -16,7 +16,7 @@ from sandboxd.events import types as ev
 from tests.browser.support import Browser
 from tests.e2e.support import append_offline, daemon_process, read_log
 from tests.gateway.support import trio_peer
-from tests.support import TOKENS, eventually, proc_state
+from tests.support import TOKENS, eventually, is_paused, proc_state
 
 ALICE, ROOT = TOKENS["alice"], TOKENS["root"]
 
@@ -97,7 +97,7 @@ async def test_pause_resume_and_delete_from_the_page(browser: Browser, tmp_path:
         browser.find(f"{row} button[data-action=pause]").click()
         await eventually(lambda: browser.status_of(sandbox_id) == "PAUSED", what="PAUSED shown")
         assert (await other.call("sandbox.get", sandbox_id=sandbox_id))["status"] == "PAUSED"
-        assert proc_state(pid) in ("T", "t")
+        assert is_paused(pid)  # its cgroup frozen, or stopped (markers)
 
         browser.find(f"{row} button[data-action=resume]").click()
         await eventually(lambda: browser.status_of(sandbox_id) == "RUNNING", what="RUNNING")

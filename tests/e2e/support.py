@@ -10,7 +10,8 @@ from /proc.
 
 Every wait is for a condition, with a deadline. Everything a test starts is
 ended by its own pid: the daemon by the pid of its Popen, the sandboxes by
-their markers (SANDBOXD_STATE_DIR names the test's own state dir).
+their cgroups (named for the test's own state dir) or their markers
+(tests.support.end_sandboxes), and the cgroups are removed.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,8 @@ import pytest
 import trio
 
 from sandboxd.actors import proctree
+from sandboxd.actors.boundary.cgroupfs import sandbox_dir_name
+from sandboxd.actors.boundary.discovery import discover
 from sandboxd.actors.info import SandboxInfo, sandbox_info
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.cli import main as sandboxd_cli
@@ -44,8 +44,8 @@ from sandboxd.events import types as ev
 from sandboxd.events.projection import SandboxRecord, State, apply
 from sandboxd.events.store import StoreConfig, open_store
 from sandboxd.gateway.server import Gateway
-from tests.daemon_process import DaemonProcess, daemon_config
-from tests.support import TOKENS, proc_state
+from tests.daemon_process import DaemonProcess, agent_command, daemon_config
+from tests.support import TOKENS, daemon_marker, end_sandboxes, is_paused, sandbox_pids
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 
@@ -57,7 +57,7 @@ SLEEP_SPEC = SpecConfig(
 #: The project's reference agent server, with a fast liveness check (5 probes a second).
 AGENT_SPEC = SpecConfig(
     id="agent",
-    command=(sys.executable, "-m", "sandboxd.actors.agent_server", "--port", "{port}"),
+    command=agent_command(),
     health_check_path="/alive",
     health_interval=0.2,
     ready_timeout=20.0,
@@ -98,48 +98,75 @@ async def daemon_process(
 # --- Processes ----------------------------------------------------------------------------
 
 
-def marked_processes(state_dir: Path) -> dict[str, list[proctree.ProcessId]]:
-    """Live processes marked as sandboxes of the daemon on ``state_dir``, by sandbox id."""
-    return proctree.find_marked(str(state_dir.resolve()))
-
-
-def end_marked(state_dir: Path) -> None:
-    """SIGKILL every process marked for ``state_dir`` (each only if its pid is still it)."""
-    for procs in marked_processes(state_dir).values():
-        for proc in procs:
-            if proctree.is_alive(proc):  # the pid still holds the process found
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while marked_processes(state_dir) and time.monotonic() < deadline:
-        time.sleep(0.01)
+def sandbox_processes(state_dir: Path) -> dict[str, list[proctree.ProcessId]]:
+    """Live processes of the daemon on ``state_dir``'s sandboxes, by sandbox id: its
+    sandboxes' cgroups' members, and the processes carrying its markers."""
+    found: dict[str, list[proctree.ProcessId]] = {}
+    for sandbox_id, pids in sandbox_pids(state_dir).items():
+        procs = [p for pid in pids if (p := proctree.process_id(pid)) is not None]
+        if procs:
+            found[sandbox_id] = procs
+    return found
 
 
 def end_daemon(daemon: DaemonProcess) -> None:
-    """Kill the daemon, then every process its sandboxes left (by marker and pid)."""
+    """Kill the daemon, then every process its sandboxes left, and remove its cgroups."""
     daemon.kill()
-    end_marked(daemon.state_dir)
+    end_sandboxes(daemon.state_dir)
 
 
-def stopped(pid: int) -> bool:
-    return proc_state(pid) in ("T", "t")
+def paused(pid: int) -> bool:
+    """Paused as the boundary pauses: its cgroup frozen, or stopped by a signal."""
+    return is_paused(pid)
 
 
-def spawn_marked(state_dir: Path, sandbox_id: str, *argv: str) -> subprocess.Popen[bytes]:
-    """A process marked as ``sandbox_id``'s of this daemon, as the actor spawns them."""
+def continue_by_hand(pid: int) -> None:
+    """What a person does to let a paused process run behind the daemon's back: SIGCONT,
+    and, where a cgroup freezes it (which SIGCONT does not undo), thaw that cgroup."""
+    os.kill(pid, 18)  # SIGCONT
+    placed = Path(f"/proc/{pid}/cgroup").read_text()
+    layout = discover().layout
+    v2 = next((line[3:] for line in placed.splitlines() if line.startswith("0::")), None)
+    if layout is not None and v2 is not None and v2 != "/":
+        freeze = Path(layout.tree + v2, "cgroup.freeze")
+        if freeze.exists():
+            freeze.write_text("0")
+
+
+def spawn_stray(state_dir: Path, sandbox_id: str, *argv: str) -> subprocess.Popen[bytes]:
+    """A process the daemon on ``state_dir`` takes for ``sandbox_id``'s, placed as the actor
+    places them: in the sandbox's cgroup where the host has cgroups (made if need be),
+    else carrying its markers."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         proctree.MARKER_VAR: sandbox_id,
-        proctree.DAEMON_MARKER: str(state_dir.resolve()),
+        proctree.DAEMON_MARKER: daemon_marker(state_dir),
     }
-    return subprocess.Popen(
-        list(argv) or [SLEEP, "3600"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    layout = discover().layout
+    procs: int | None = None
+    if layout is not None:
+        cgroup = Path(layout.tree, daemon_marker(state_dir), sandbox_dir_name(sandbox_id))
+        cgroup.mkdir(parents=True, exist_ok=True)
+        procs = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        del env[proctree.DAEMON_MARKER]  # with cgroups, no process carries it
+
+    def join() -> None:
+        if procs is not None:
+            os.write(procs, b"0")
+
+    try:
+        return subprocess.Popen(
+            list(argv) or [SLEEP, "3600"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=join,
+        )
+    finally:
+        if procs is not None:
+            os.close(procs)
 
 
 #: A process that writes the number of every signal it receives to the file named

@@ -47,10 +47,10 @@ from tests.e2e.support import (
     differences,
     end_daemon,
     make_config,
-    marked_processes,
+    paused,
     read_log,
     replay,
-    stopped,
+    sandbox_processes,
     verify_log,
 )
 from tests.support import TOKENS, eventually
@@ -221,7 +221,7 @@ def check_acknowledged(ledger: Ledger, log: dict[int, ev.Event], deleted: set[st
 
 
 def check_processes(daemon: DaemonProcess, state: State) -> None:
-    marked = marked_processes(daemon.state_dir)
+    marked = sandbox_processes(daemon.state_dir)
     for sandbox_id, procs in marked.items():
         record = state.sandboxes.get(sandbox_id)
         assert record is not None and record.pid is not None, (
@@ -236,13 +236,13 @@ def check_processes(daemon: DaemonProcess, state: State) -> None:
         assert record.create_time is not None
         main = proctree.ProcessId.from_create_time(record.pid, record.create_time)
         assert proctree.is_alive(main), f"{record.id} was adopted but its process is gone"
-        states = {p.pid: stopped(p.pid) for p in procs}
+        states = {p.pid: paused(p.pid) for p in procs}
         if record.status is Status.PAUSED:
             assert all(states.values()), f"{record.id} is PAUSED, its processes: {states}"
         else:
             assert not any(states.values()), f"{record.id} is {record.status}: {states}"
     live = set(state.sandboxes)
-    sandboxes_dir = daemon.state_dir / "sandboxes"
+    sandboxes_dir = daemon.config.sandboxes_dir
     if sandboxes_dir.is_dir():
         orphans = {p.name for p in sandboxes_dir.iterdir()} - live
         assert not orphans, f"working dirs without a sandbox: {orphans}"

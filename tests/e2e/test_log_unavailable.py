@@ -18,7 +18,6 @@ import attrs
 import pytest
 import trio
 
-from sandboxd.actors import proctree
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
@@ -28,8 +27,9 @@ from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.projection import State, Status
 from sandboxd.events.store import open_store
 from sandboxd.events.subscriptions import Subscription
-from tests.e2e.support import end_marked, make_config
-from tests.support import eventually
+from tests.daemon_process import boundary_for
+from tests.e2e.support import make_config
+from tests.support import end_sandboxes, eventually, ids_of, sandbox_pids
 
 
 @attrs.frozen
@@ -77,21 +77,23 @@ async def registry_refusing(
     tmp_path: Path, *types: str
 ) -> AsyncIterator[tuple[Registry, Refusing]]:
     config = make_config(tmp_path / "state")
+    boundary = boundary_for(config)
     try:
         async with open_store(config.state_dir) as store, trio.open_nursery() as nursery:
+            await nursery.start(boundary.run)
             refusing = Refusing(store, set(types))
-            registry = Registry(
-                config, refusing, SessionKeys.of_state_dir(config.state_dir), nursery
-            )
+            keys = SessionKeys.of_state_dir(config.state_dir)
+            registry = Registry(config, refusing, keys, nursery, boundary)
             yield registry, refusing
             nursery.cancel_scope.cancel()
     finally:
-        end_marked(config.state_dir)
+        boundary.close()
+        end_sandboxes(config.state_dir)
 
 
 def marked(registry: Registry, sandbox_id: str) -> list[int]:
-    found = proctree.find_marked(registry.marker, sandbox_id=sandbox_id)
-    return [p.pid for p in found.get(sandbox_id, [])]
+    """The sandbox's processes, on either boundary (its cgroup's, or its marked ones)."""
+    return sandbox_pids(registry.config.state_dir).get(sandbox_id, [])
 
 
 async def test_a_refused_process_started_undoes_the_spawn_and_leaves_a_deletable_sandbox(
@@ -152,3 +154,6 @@ async def test_a_refused_process_started_is_retried_until_the_start_finishes(
         record = registry.state.sandboxes["s"]
         assert record.pid is not None
         assert marked(registry, "s") == [record.pid]  # the undone attempts left nothing
+        # Started again, it keeps the uid it was created with.
+        if registry.boundary.own_uids:
+            assert record.uid is not None and ids_of(record.pid) == ({record.uid}, {record.uid})

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import psutil
 import trio
 
+from sandboxd.actors.boundary.workdirs import remove_tree
 from sandboxd.actors.info import SandboxInfo
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
@@ -35,13 +35,14 @@ from tests.e2e.support import (
     SIGNAL_RECORDER,
     SLEEP,
     append_offline,
+    continue_by_hand,
     daemon_process,
-    marked_processes,
+    paused,
     raw_subscription,
     read_log,
+    sandbox_processes,
     seqs_of,
-    spawn_marked,
-    stopped,
+    spawn_stray,
     verify_log,
 )
 from tests.support import eventually, proc_state
@@ -77,7 +78,7 @@ async def test_graceful_restart_adopts_every_sandbox_and_subscribers_continue(
         assert frames[-2]["event"]["type"] == "daemon.stopping"  # type: ignore[index]
         for info in before.values():
             assert info.pid is not None and proc_state(info.pid) not in (None, "Z")
-            assert stopped(info.pid) == (info.status is Status.PAUSED)
+            assert paused(info.pid) == (info.status is Status.PAUSED)
 
         await daemon.start()
         async with open_client(daemon.url, ROOT) as client:
@@ -95,7 +96,7 @@ async def test_graceful_restart_adopts_every_sandbox_and_subscribers_continue(
         assert len(started) == 1 and started[0].recovered == len(before)
         for info in before.values():
             assert info.pid is not None
-            assert stopped(info.pid) == (info.status is Status.PAUSED)
+            assert paused(info.pid) == (info.status is Status.PAUSED)
 
         # Resubscribing with the last seq continues exactly there.
         more: list[dict[str, object]] = []
@@ -123,7 +124,7 @@ async def test_graceful_restart_adopts_every_sandbox_and_subscribers_continue(
             # A paused one that stayed paused resumes.
             resumed = await client.resume(sleepers[0].id)
             assert resumed.status is Status.RUNNING and resumed.pid == sleepers[0].pid
-            assert not stopped(sleepers[0].pid or 0)
+            assert not paused(sleepers[0].pid or 0)
 
 
 async def wait_for_status(client: Client, sandbox_id: str, status: Status) -> SandboxInfo:
@@ -162,10 +163,10 @@ async def test_sandboxes_changed_while_the_daemon_was_down(tmp_path: Path) -> No
             # While it is down: one killed, one stopped and one continued by hand.
             psutil.Process(pids["killed"]).kill()
             os.kill(pids["stopped"] or 0, signal.SIGSTOP)
-            os.kill(pids["continued"] or 0, signal.SIGCONT)
+            continue_by_hand(pids["continued"] or 0)
             await eventually(lambda: proc_state(pids["killed"] or 0) in (None, "Z"))
-            await eventually(lambda: stopped(pids["stopped"] or 0))
-            await eventually(lambda: not stopped(pids["continued"] or 0))
+            await eventually(lambda: paused(pids["stopped"] or 0))
+            await eventually(lambda: not paused(pids["continued"] or 0))
 
             # One whose pid the kernel gave to an unrelated process. A reuse cannot be
             # forced on demand; what it leaves behind can: a log whose recorded pid now
@@ -182,7 +183,7 @@ async def test_sandboxes_changed_while_the_daemon_was_down(tmp_path: Path) -> No
                         "reused",
                         "root",
                         ev.SandboxCreated(
-                            "sleep", "root", str(daemon.state_dir / "sandboxes" / "reused"), 39990
+                            "sleep", "root", str(daemon.config.sandboxes_dir / "reused"), 39990
                         ),
                     ),
                     ev.PendingEvent(
@@ -216,7 +217,7 @@ async def test_sandboxes_changed_while_the_daemon_was_down(tmp_path: Path) -> No
                 assert "gone" in (now["reused"].error or "")
                 for sid in ("stopped", "continued", "running", "paused"):
                     assert now[sid].pid == pids[sid]
-                    assert stopped(pids[sid] or 0) == (now[sid].status is Status.PAUSED), sid
+                    assert paused(pids[sid] or 0) == (now[sid].status is Status.PAUSED), sid
                 new = events_since(daemon.state_dir, head_before)
                 adopted = {e.sandbox_id for e in new if e.type == "sandbox.adopted"}
                 assert adopted == {"stopped", "continued", "running", "paused"}
@@ -229,7 +230,7 @@ async def test_sandboxes_changed_while_the_daemon_was_down(tmp_path: Path) -> No
             # The stranger was never signalled, nor stopped.
             assert stranger.poll() is None
             assert signals.read_text().split() == ["ready"]
-            assert not stopped(stranger.pid)
+            assert not paused(stranger.pid)
     finally:
         stranger.kill()
         stranger.wait()
@@ -240,6 +241,7 @@ async def test_operations_a_crash_cut_short_finish_or_undo(tmp_path: Path) -> No
     try:
         async with daemon_process(tmp_path) as daemon:
             state_dir = daemon.state_dir
+            sandboxes_dir = daemon.config.sandboxes_dir
             async with open_client(daemon.url, ROOT) as client:
                 infos = {
                     sid: await client.start(spec_id="sleep", sandbox_id=sid)
@@ -255,24 +257,24 @@ async def test_operations_a_crash_cut_short_finish_or_undo(tmp_path: Path) -> No
                         "half-started",
                         "root",
                         ev.SandboxCreated(
-                            "sleep", "root", str(state_dir / "sandboxes" / "half-started"), 39991
+                            "sleep", "root", str(sandboxes_dir / "half-started"), 39991
                         ),
                     )
                 ],
             )
-            (state_dir / "sandboxes" / "half-started").mkdir()
-            strays.append(spawn_marked(state_dir, "half-started"))
+            (sandboxes_dir / "half-started").mkdir()
+            strays.append(spawn_stray(state_dir, "half-started"))
             # Deletes cut after their processes were ended: one before its files went,
             # one after (sandbox.deleted is appended last).
             for sid in ("deleted-half", "deleted-most"):
                 psutil.Process(infos[sid].pid).kill()
-            shutil.rmtree(state_dir / "sandboxes" / "deleted-most")
+            remove_tree(sandboxes_dir / "deleted-most")
             # A sandbox whose every event the log lost (power loss before the sync): its
             # process, working dir and output are all that is left.
-            strays.append(spawn_marked(state_dir, "lost"))
-            (state_dir / "sandboxes" / "lost").mkdir()
+            strays.append(spawn_stray(state_dir, "lost"))
+            (sandboxes_dir / "lost").mkdir()
             (state_dir / "output" / "lost.log").write_text("hello\n")
-            await eventually(lambda: {"lost", "half-started"} <= set(marked_processes(state_dir)))
+            await eventually(lambda: {"lost", "half-started"} <= set(sandbox_processes(state_dir)))
 
             await daemon.start()
             for stray in strays:
@@ -292,13 +294,13 @@ async def test_operations_a_crash_cut_short_finish_or_undo(tmp_path: Path) -> No
                 error = now["half-started"].error or ""
                 assert "before the sandbox's process was recorded" in error
                 assert "1 leftover processes were ended" in error
-                assert set(marked_processes(state_dir)) == {"kept"}
-                assert not (state_dir / "sandboxes" / "lost").exists()
+                assert set(sandbox_processes(state_dir)) == {"kept"}
+                assert not (sandboxes_dir / "lost").exists()
                 assert not (state_dir / "output" / "lost.log").exists()
                 # The client's retry of each delete finishes it.
                 for sid in ("deleted-half", "deleted-most", "half-started"):
                     assert await client.delete(sid) is True
-                    assert not (state_dir / "sandboxes" / sid).exists()
+                    assert not (sandboxes_dir / sid).exists()
                 assert set(await everything(client)) == {"kept"}
             assert await daemon.terminate() == 0
             code, text = verify_log(state_dir)

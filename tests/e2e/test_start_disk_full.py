@@ -10,7 +10,6 @@ event, with the kernel's own ENOSPC.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import attrs
 import pytest
 import trio
 
-from sandboxd.actors import proctree
 from sandboxd.actors.errors import Unavailable
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.registry import Registry
@@ -28,14 +26,14 @@ from sandboxd.events.backend import Predicate, Store
 from sandboxd.events.projection import State, Status
 from sandboxd.events.store import open_store
 from sandboxd.events.subscriptions import Subscription
-from tests.daemon_process import daemon_config
-from tests.e2e.support import end_marked, fill, tmpfs
-from tests.support import eventually
+from tests.daemon_process import SANDBOX_PYTHON, boundary_for, daemon_config
+from tests.e2e.support import fill, tmpfs
+from tests.support import end_sandboxes, eventually, sandbox_pids
 
 #: Its process_started record is over a page: a full disk has no room for it.
 LONG = SpecConfig(
     id="long",
-    command=(sys.executable, "-c", "import time; time.sleep(60)", "x" * 6000),
+    command=(SANDBOX_PYTHON, "-c", "import time; time.sleep(60)", "x" * 6000),
     health_check_path="",
 )
 
@@ -82,15 +80,14 @@ async def test_a_start_cut_before_its_process_is_recorded_finishes_once_there_is
     tmp_path: Path,
 ) -> None:
     with tmpfs(tmp_path / "disk", "4m") as disk:
-        config = daemon_config(
-            disk / "state", (LONG,), on_shutdown="keep", base_working_dir=tmp_path / "sandboxes"
-        )
+        config = daemon_config(disk / "state", (LONG,), on_shutdown="keep")
+        boundary = boundary_for(config)
         try:
             async with open_store(config.state_dir) as real, trio.open_nursery() as nursery:
+                await nursery.start(boundary.run)
                 store = FillingAfterCreated(real, disk)
-                registry = Registry(
-                    config, store, SessionKeys.of_state_dir(config.state_dir), nursery
-                )
+                keys = SessionKeys.of_state_dir(config.state_dir)
+                registry = Registry(config, store, keys, nursery, boundary)
                 with pytest.raises(Unavailable, match="No space left on device"):
                     await registry.start_sandbox(Admin(), sandbox_id="s")
                 record = registry.state.sandboxes["s"]
@@ -105,10 +102,10 @@ async def test_a_start_cut_before_its_process_is_recorded_finishes_once_there_is
                 )
                 record = registry.state.sandboxes["s"]
                 assert record.pid is not None
-                marked = proctree.find_marked(registry.marker, sandbox_id="s")
-                assert [p.pid for p in marked["s"]] == [record.pid]
+                assert sandbox_pids(config.state_dir)["s"] == [record.pid]
 
                 assert await registry.delete(Admin(), "s") is True
                 nursery.cancel_scope.cancel()
         finally:
-            end_marked(config.state_dir)
+            boundary.close()
+            end_sandboxes(config.state_dir)

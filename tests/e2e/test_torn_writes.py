@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -30,16 +31,17 @@ from sandboxd.config import Config
 from sandboxd.events import framing, segments
 from sandboxd.events.projection import State, Status, copy_state
 from sandboxd.events.store import open_store
+from tests.daemon_process import reachable_dir
 from tests.e2e.support import (
     daemon_in_process,
-    end_marked,
     make_config,
-    marked_processes,
     read_log,
     replay,
-    spawn_marked,
+    sandbox_processes,
+    spawn_stray,
     verify_log,
 )
+from tests.support import end_sandboxes
 
 
 @attrs.frozen
@@ -62,10 +64,22 @@ class Template:
     late_pid: int
 
 
+def config_of(state_dir: Path, **changes: Any) -> Config:
+    """This suite's daemon, its working dirs in the state dir (the default): a restored
+    state dir brings them along. The state dir is where sandbox uids reach them."""
+    return make_config(state_dir, base_working_dir=None, **changes)
+
+
 @pytest.fixture
-async def template(tmp_path: Path) -> Template:
-    state_dir = tmp_path / "state"
-    config = make_config(state_dir, snapshot_every=1_000_000)
+def state_dir() -> Iterator[Path]:
+    state_dir = reachable_dir("torn-") / "state"
+    yield state_dir
+    end_sandboxes(state_dir)
+
+
+@pytest.fixture
+async def template(tmp_path: Path, state_dir: Path) -> Template:
+    config = config_of(state_dir, snapshot_every=1_000_000)
     async with daemon_in_process(config) as gateway:
         registry = gateway.registry
         early = await registry.start_sandbox(ADMIN, spec_id="sleep", sandbox_id="early")
@@ -83,13 +97,6 @@ async def template(tmp_path: Path) -> Template:
         for offset, seq, payload in found.frames
     ]
     return Template(files, last.relative_to(files), frames, early.pid, late.pid)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    state_dir = tmp_path / "state"
-    yield state_dir
-    end_marked(state_dir)
 
 
 def restore(template: Template, state_dir: Path, *, cut: int | None, snapshots: bool) -> None:
@@ -122,11 +129,11 @@ async def start_and_check(config: Config) -> tuple[State, set[str]]:
     for sandbox_id, record in served.sandboxes.items():
         assert record == replayed.sandboxes[sandbox_id], sandbox_id
     # Only live sandboxes of the log own processes and working dirs.
-    marked = set(marked_processes(config.state_dir))
+    marked = set(sandbox_processes(config.state_dir))
     for sandbox_id in marked:
         owner = served.sandboxes.get(sandbox_id)
         assert owner is not None and owner.pid is not None, (sandbox_id, owner)
-    dirs = {p.name for p in (config.state_dir / "sandboxes").iterdir()}
+    dirs = {p.name for p in config.sandboxes_dir.iterdir()}
     assert dirs <= set(served.sandboxes), dirs
     code, text = verify_log(config.state_dir)
     assert code == 0, text
@@ -136,7 +143,7 @@ async def start_and_check(config: Config) -> tuple[State, set[str]]:
 def late_process(state_dir: Path, marked: set[str], strays: list[subprocess.Popen[bytes]]) -> None:
     """Make sure a process marked as "late" runs: the original, or a stray in its place."""
     if "late" not in marked:
-        strays.append(spawn_marked(state_dir, "late"))
+        strays.append(spawn_stray(state_dir, "late"))
 
 
 def cuts(template: Template, every_byte: bool) -> list[int]:
@@ -166,10 +173,10 @@ async def test_the_log_cut_at_every_byte_of_its_last_records(
 ) -> None:
     created, started, running = template.frames[-3:]
     assert created[1] + 2 == started[1] + 1 == running[1]
-    config = make_config(state_dir)
+    config = config_of(state_dir)
     strays: list[subprocess.Popen[bytes]] = []
     outcomes: dict[str, int] = {}
-    marked = set(marked_processes(state_dir))  # then as the last check found them
+    marked = set(sandbox_processes(state_dir))  # then as the last check found them
     try:
         # Longest prefix first: the original "late" process is adopted while the log
         # holds its record, ended once it does not (then a stray stands in for it).
@@ -216,7 +223,7 @@ async def test_garbage_or_zeroes_after_the_last_record_are_cut(
     with (state_dir / template.segment).open("ab") as segment:
         segment.write(tail)
     with caplog.at_level(logging.INFO):
-        state, _ = await start_and_check(make_config(state_dir))
+        state, _ = await start_and_check(config_of(state_dir))
     assert any("cut a torn tail" in r.getMessage() for r in caplog.records)
     assert {s: r.status for s, r in state.sandboxes.items()} == {
         "early": Status.RUNNING,
@@ -234,7 +241,7 @@ async def test_a_corrupted_snapshot_is_set_aside(
     data[len(data) // 2] ^= 0x40
     snapshot.write_bytes(bytes(data))
     with caplog.at_level(logging.INFO):
-        state, _ = await start_and_check(make_config(state_dir))
+        state, _ = await start_and_check(config_of(state_dir))
     assert any("snapshot not used" in r.getMessage() for r in caplog.records)
     assert snapshot.with_name(snapshot.name + ".rejected").exists()
     assert state.sandboxes["late"].pid == template.late_pid
@@ -248,11 +255,11 @@ async def test_a_snapshot_newer_than_the_log_is_not_trusted(
     # later, still describes it): here, every record of "late".
     created = template.frames[-3]
     restore(template, state_dir, cut=created[0], snapshots=True)
-    assert "late" in marked_processes(state_dir)
+    assert "late" in sandbox_processes(state_dir)
     with caplog.at_level(logging.INFO):
-        state, _ = await start_and_check(make_config(state_dir))
+        state, _ = await start_and_check(config_of(state_dir))
     assert any("past the log's end" in r.getMessage() for r in caplog.records)
     assert list(state.sandboxes) == ["early"]
-    assert "late" not in marked_processes(state_dir)
+    assert "late" not in sandbox_processes(state_dir)
     assert not (state_dir / "sandboxes" / "late").exists()
     assert not (state_dir / "output" / "late.log").exists()

@@ -42,7 +42,7 @@ def test_the_record_has_the_wire_name_and_version() -> None:
         "sandbox_id": "a",
         "by": None,
         "data": {},
-        "v": 1,
+        "v": 2,
     }
 
 
@@ -77,6 +77,37 @@ def test_bad_records_are_refused(change: dict[str, object], message: str) -> Non
     assert decode(orjson.dumps(GOOD)).seq == 3
     with pytest.raises(DecodeError, match=message):
         decode(orjson.dumps({**GOOD, **change}))
+
+
+#: Version 1 records of the types version 2 added fields to (and one it did not), as written.
+V1_RECORDS = [
+    ("sandbox.created", {"spec_id": "s", "created_by_user_id": "u", "working_dir": "/", "port": 1}),
+    ("sandbox.process_started", {"pid": 5, "pgid": 5, "create_time": 1.5, "command": ["x"]}),
+    ("sandbox.exited", {"exit_code": None, "signal": 9}),
+    ("sandbox.paused", {}),
+]
+
+
+@pytest.mark.parametrize(("event_type", "data"), V1_RECORDS, ids=[t for t, _ in V1_RECORDS])
+def test_version_1_records_read_as_version_2_with_the_new_fields_null(
+    event_type: str, data: dict[str, object]
+) -> None:
+    record = {"v": 1, "seq": 3, "ts": "t", "type": event_type, "sandbox_id": "a", "by": None}
+    event = decode(orjson.dumps({**record, "data": data}))
+    added = set(event_to_dict(event)["data"]) - set(data)
+    assert (
+        added
+        == {
+            "sandbox.created": {"uid", "ports"},
+            "sandbox.process_started": {"uid"},
+            "sandbox.exited": {"reason", "memory_max"},
+            "sandbox.paused": set(),
+        }[event_type]
+    )
+    assert all(event_to_dict(event)["data"][name] is None for name in added)
+    # Written again, it is a version 2 record that reads back the same.
+    assert orjson.loads(encode(event))["v"] == ev.SCHEMA_VERSION == 2
+    assert decode(encode(event)) == event
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\x00\x00", b"null"])
@@ -122,10 +153,12 @@ def _check(tp: object, value: object) -> object:
 
 
 def _reference_record(cls: Any, value: object) -> object:
-    fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
-    if type(value) is not dict or value.keys() != fields.keys():
+    fields = {f.name: f for f in msgspec.structs.fields(cls)}
+    required = {name for name, f in fields.items() if f.required}
+    if type(value) is not dict or not required <= value.keys() <= fields.keys():
         raise _Refused(value)
-    return cls(*[_check(tp, value[name]) for name, tp in fields.items()])
+    # A field added with a default may be absent from older records: it takes the default.
+    return cls(**{name: _check(fields[name].type, v) for name, v in value.items()})
 
 
 def _reference_decode(raw: bytes) -> ev.Event:
@@ -133,8 +166,10 @@ def _reference_decode(raw: bytes) -> ev.Event:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise _Refused(raw) from None
-    if type(record) is not dict or record.get("v") != 1:
+    if type(record) is not dict or type(record.get("v")) is not int:
         raise _Refused(record)
+    if record["v"] not in (1, ev.SCHEMA_VERSION):
+        raise _Refused(record)  # version 1 is upcast: it only lacked fields with defaults
     if record.keys() != {"v", "seq", "ts", "type", "sandbox_id", "by", "data"}:
         raise _Refused(record)
     cls = ev.BY_TYPE.get(record["type"]) if type(record["type"]) is str else None
@@ -212,7 +247,7 @@ def test_records_of_the_replaced_codec_decode(cls: type[ev.Payload]) -> None:
                 "sandbox_id": event.sandbox_id,
                 "by": event.by,
                 "data": _as_builtins(event.data),
-                "v": 1,
+                "v": ev.SCHEMA_VERSION,
             }
         )
         assert decode(written) == event
@@ -227,3 +262,33 @@ def _as_builtins(value: object) -> object:
     if isinstance(value, list):
         return [_as_builtins(item) for item in value]
     return value
+
+
+CREATED_BEFORE_NAMED_PORTS = {
+    **GOOD,
+    "type": "sandbox.created",
+    "data": {"spec_id": "s", "created_by_user_id": None, "working_dir": "/w", "port": 30001},
+}
+
+
+def test_a_field_added_with_a_default_may_be_absent_from_older_records() -> None:
+    # sandbox.created's ports and exposed_urls' port came after schema version 1's first
+    # records: those decode with the defaults, under the same version.
+    old = decode(orjson.dumps(CREATED_BEFORE_NAMED_PORTS))
+    assert old.data == ev.SandboxCreated("s", None, "/w", 30001, None)
+    running = {**GOOD, "type": "sandbox.running"}
+    running["data"] = {"exposed_urls": [{"name": "AGENT_SERVER", "url": "http://h:1"}]}
+    assert decode(orjson.dumps(running)).data == ev.SandboxRunning(
+        [ev.ExposedUrl("AGENT_SERVER", "http://h:1", None)]
+    )
+    # A field without a default is still required, an unknown one still refused.
+    for change in ({"port": None}, {"ports": [], "surprise": 1}):
+        data = {**CREATED_BEFORE_NAMED_PORTS["data"], **change}  # type: ignore[dict-item]
+        data = {k: v for k, v in data.items() if v is not None}
+        with pytest.raises(DecodeError, match=r"missing fields|unknown fields"):
+            decode(orjson.dumps({**CREATED_BEFORE_NAMED_PORTS, "data": data}))
+    # What this version writes has every field.
+    new = ev.SandboxCreated("s", None, "/w", 30001, [ev.NamedPort("AGENT_SERVER", 30001)])
+    raw = encode(ev.Event(3, "t", "a", None, new))
+    assert orjson.loads(raw)["data"]["ports"] == [{"name": "AGENT_SERVER", "port": 30001}]
+    assert decode(raw).data == new

@@ -181,6 +181,8 @@ def test_seqs_must_increase() -> None:
         (ev.SandboxExited(3, None), "the process exited with code 3"),
         (ev.SandboxExited(None, 9), "the process was killed by signal 9"),
         (ev.SandboxExited(None, None), "exit status is unknown"),
+        (ev.SandboxExited(None, 9, "oom", 512 << 20), "killed: out of memory (limit 512 MiB)"),
+        (ev.SandboxExited(None, None, "oom", 3 << 29), "killed: out of memory (limit 1.5 GiB)"),
     ],
 )
 def test_an_exit_says_why(exited: ev.SandboxExited, reason: str) -> None:
@@ -189,3 +191,18 @@ def test_an_exit_says_why(exited: ev.SandboxExited, reason: str) -> None:
         apply(state, event)
     error = state.sandboxes["a"].error
     assert error is not None and reason in error
+
+
+def test_the_sandboxs_uid_is_kept_from_its_creation() -> None:
+    state = State()
+    created = ev.SandboxCreated("spec", None, "/w", 30000, uid=600123)
+    events = stamp(
+        [
+            ev.PendingEvent("a", None, created),
+            ev.PendingEvent("a", None, ev.ProcessStarted(5, 5, 1.5, ["x"], uid=600123)),
+            ev.PendingEvent("a", None, ev.SandboxExited(0, None)),
+        ]
+    )
+    for event in events:
+        apply(state, event)
+        assert state.sandboxes["a"].uid == 600123

@@ -16,6 +16,7 @@ from tests.gateway.support import (
     start_daemon,
     stop_daemon,
 )
+from tests.support import end_sandboxes
 
 
 @pytest.fixture
@@ -42,5 +43,6 @@ def daemon_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonP
         yield running
     finally:
         running.stop()
+        end_sandboxes(running.state_dir)
     # Whatever the tests sent, nothing failed inside the daemon.
     assert "Traceback" not in running.output(), running.output()

@@ -234,6 +234,7 @@ def malformed_requests(draw: st.DrawFn) -> tuple[int | str, str, dict[str, Any],
                 "spec_id": "x",
                 "subscription": "s1",
                 "after_seq": 0,
+                "session_api_key": "not-a-key",
             }[name]
     return draw(request_ids), op, params, offending
 

@@ -1,14 +1,19 @@
-"""The trio client library against a real daemon: typed results, one exception per code,
-and a subscription that survives cut connections without losing or repeating an event.
+"""Both client libraries against a real daemon, one contract: typed results, one exception
+per code, and a subscription that survives cut connections without losing or repeating an
+event. Each test runs with the trio client and with the asyncio one (sandboxd.aio, run in an
+asyncio loop of its own: tests/gateway/aio_bridge.py).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -16,18 +21,29 @@ from sandboxd.actors.info import SandboxInfo, SpecInfo
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.gateway import client as c
-from sandboxd.gateway.client import open_client
+from sandboxd.gateway.client import open_client as open_trio_client
+from sandboxd.gateway.protocol import _resume as resume
+from tests.gateway.aio_bridge import open_aio_client
 from tests.gateway.support import Daemon, make_config, start_daemon, stop_daemon
-from tests.support import TOKENS
+from tests.support import TOKENS, eventually
 
 ALICE, BOB, ROOT = TOKENS["alice"], TOKENS["bob"], TOKENS["root"]
+
+
+OpenClient = Callable[[str, str], AbstractAsyncContextManager[Any]]
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def open_client(request: pytest.FixtureRequest) -> OpenClient:
+    """The client under test: ``open_client`` of gateway/client.py or of sandboxd.aio."""
+    return open_trio_client if request.param == "trio" else open_aio_client
 
 
 def new_id() -> str:
     return "c-" + uuid.uuid4().hex[:12]
 
 
-async def test_typed_ops(daemon: Daemon) -> None:
+async def test_typed_ops(daemon: Daemon, open_client: OpenClient) -> None:
     async with open_client(daemon.url, ALICE) as client:
         info = await client.server_info()
         assert info.user == "alice" and info.admin is False and info.protocol == 1
@@ -42,8 +58,18 @@ async def test_typed_ops(daemon: Daemon) -> None:
         assert isinstance(started, SandboxInfo)
         assert started.status is Status.RUNNING and started.created_by_user_id == "alice"
         assert started.exposed_urls and started.exposed_urls[0].url.startswith("http://")
-        assert await client.get(sandbox_id) == started
+        got = await client.get(sandbox_id)
+        # get alone adds what its cgroup has used (null under markers); the rest is the same.
+        assert got is not None and attrs.evolve(got, usage=None) == started
+        boundary = (await client.server_info()).boundary
+        if boundary == "markers":
+            assert got.usage is None
+        else:
+            assert got.usage is not None and got.usage.pids == 1
         assert await client.batch_get([sandbox_id, "none"]) == [started, None]
+        stats = await client.stats([sandbox_id, "none"])
+        assert [s.id if s else None for s in stats] == [sandbox_id, None]
+        assert stats[0] is not None and (stats[0].usage is None) == (boundary == "markers")
         page = await client.search(limit=1)
         assert page.items == [started] and page.next_page_id is None
         assert [s.id async for s in client.search_all(status="RUNNING")] == [sandbox_id]
@@ -67,7 +93,7 @@ async def test_typed_ops(daemon: Daemon) -> None:
         assert await client.get(sandbox_id) is None
 
 
-async def test_one_exception_per_code(daemon: Daemon) -> None:
+async def test_one_exception_per_code(daemon: Daemon, open_client: OpenClient) -> None:
     async with open_client(daemon.url, ALICE) as client:
         with pytest.raises(c.NotFoundError, match="does not exist"):
             await client.pause("nobody")
@@ -100,7 +126,31 @@ async def test_one_exception_per_code(daemon: Daemon) -> None:
         assert isinstance(error.value, c.NotFoundError) and error.value.message
 
 
-async def test_connecting_errors(daemon: Daemon) -> None:
+async def test_an_admin_acts_for_a_user_and_finds_sandboxes_by_session_key(
+    daemon: Daemon, open_client: OpenClient
+) -> None:
+    async with open_client(daemon.url, ROOT) as root, open_client(daemon.url, ALICE) as alice:
+        info = await root.start(spec_id="sleep", owner="oh-user-7")
+        assert info.created_by_user_id == "oh-user-7" and info.session_api_key
+        assert (await root.search(owner="oh-user-7")).items == [info]
+        assert [s.id async for s in root.search_all(owner="oh-user-7")] == [info.id]
+        assert await alice.get(info.id) is None
+        assert await root.find_by_session_key(info.session_api_key) == info
+        assert await alice.find_by_session_key(info.session_api_key) is None
+        own = await alice.start(spec_id="sleep")
+        assert own.session_api_key
+        assert await alice.find_by_session_key(own.session_api_key) == own
+        await alice.pause(own.id)
+        assert await alice.find_by_session_key(own.session_api_key) is None  # RUNNING only
+        with pytest.raises(c.BadRequestError, match="'owner' may be given by an admin only"):
+            await alice.start(spec_id="sleep", owner="oh-user-7")
+        with pytest.raises(c.BadRequestError, match="'owner' may be given by an admin only"):
+            await alice.search(owner="alice")
+        with pytest.raises(c.BadRequestError, match="'session_api_key'"):
+            await alice.find_by_session_key("")
+
+
+async def test_connecting_errors(daemon: Daemon, open_client: OpenClient) -> None:
     with pytest.raises(c.AuthenticationError):
         async with open_client(daemon.url, "wrong-token-0123456789"):
             pass
@@ -116,7 +166,9 @@ async def test_connecting_errors(daemon: Daemon) -> None:
 
 
 async def test_a_connection_beyond_the_user_s_limit_is_refused_saying_why(
-    tmp_path: Path, nursery: trio.Nursery
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    open_client: OpenClient,
 ) -> None:
     config = make_config(tmp_path / "state", max_connections_per_user=2)
     daemon = await start_daemon(nursery, config)
@@ -134,7 +186,9 @@ async def test_a_connection_beyond_the_user_s_limit_is_refused_saying_why(
     await stop_daemon(daemon)
 
 
-async def test_errors_inside_the_block_come_out_unwrapped(daemon: Daemon) -> None:
+async def test_errors_inside_the_block_come_out_unwrapped(
+    daemon: Daemon, open_client: OpenClient
+) -> None:
     with pytest.raises(c.NotFoundError):
         async with open_client(daemon.url, ALICE) as client:
             await client.pause("nobody")
@@ -143,7 +197,7 @@ async def test_errors_inside_the_block_come_out_unwrapped(daemon: Daemon) -> Non
             raise KeyError("mine")
 
 
-async def test_many_concurrent_requests_never_busy(daemon: Daemon) -> None:
+async def test_many_concurrent_requests_never_busy(daemon: Daemon, open_client: OpenClient) -> None:
     async with open_client(daemon.url, ROOT) as client:
         results: list[int] = []
 
@@ -239,23 +293,41 @@ async def produce(daemon: Daemon, count: int, *, batch: int = 10) -> None:
 
 @pytest.mark.parametrize("batch", [False, True], ids=["event frames", "batch frames"])
 async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
-    daemon: Daemon, proxy: Proxy, batch: bool
+    daemon: Daemon,
+    proxy: Proxy,
+    open_client: OpenClient,
+    batch: bool,
 ) -> None:
     head = daemon.gateway.log.head_seq
     count = 3000
     cut_after = {200, 900, 1500, 2600}
     received: list[int] = []
+    # Each cut comes with events in flight, and the burst goes on only after it: a client
+    # that read ahead before the cut (websockets buffers what the socket held) still needs
+    # a new connection for the rest, so every cut is one that the stream must survive.
+    in_flight = 50
+    cut = {n: trio.Event() for n in cut_after}
+
+    async def burst() -> None:
+        produced = 0
+        for n in sorted(cut_after):
+            await produce(daemon, n + in_flight - produced)
+            produced = n + in_flight
+            await cut[n].wait()
+        await produce(daemon, count - produced)
+
     async with (
         open_client(proxy.url, ROOT) as client,
         trio.open_nursery() as nursery,
         client.subscribe(after_seq=head, batch=batch) as events,
     ):
-        nursery.start_soon(produce, daemon, count)
+        nursery.start_soon(burst)
         with trio.fail_after(30):
             async for event in events:
                 received.append(event.seq)
                 if len(received) in cut_after:
                     proxy.cut()
+                    cut[len(received)].set()
                 if event.seq == head + count:
                     break
         if batch:
@@ -269,9 +341,36 @@ async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
         assert proxy.connections >= 1 + 1 + len(cut_after)  # the client's, the first, reconnects
 
 
+async def test_requests_in_flight_when_the_connection_drops_are_lost_not_hung(
+    daemon: Daemon, proxy: Proxy, open_client: OpenClient
+) -> None:
+    async with open_client(proxy.url, ALICE) as client:
+        assert client.closed is False
+        lost: list[BaseException] = []
+
+        async def start_stuck() -> None:
+            # "stuck" waits out its ready_timeout (3 s): in flight when the cut comes.
+            try:
+                await client.start(spec_id="stuck")
+            except c.ConnectionLostError as exc:
+                lost.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(start_stuck)
+                await eventually(lambda: len(daemon.gateway.registry.state.sandboxes) == 3)
+                proxy.cut()
+        assert len(lost) == 3
+        assert all("closed" in str(exc) for exc in lost)
+        assert client.closed is True
+        with pytest.raises(c.ConnectionLostError):
+            await client.server_info()
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["event frames", "batch frames"])
 async def test_subscribe_from_now_resumes_from_where_it_began(
-    daemon: Daemon, proxy: Proxy, batch: bool
+    daemon: Daemon, proxy: Proxy, open_client: OpenClient, batch: bool
 ) -> None:
     async with (
         open_client(proxy.url, ROOT) as client,
@@ -294,10 +393,13 @@ async def test_subscribe_from_now_resumes_from_where_it_began(
 
 
 async def test_subscription_gives_up_after_its_retries(
-    daemon: Daemon, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+    daemon: Daemon,
+    proxy: Proxy,
+    monkeypatch: pytest.MonkeyPatch,
+    open_client: OpenClient,
 ) -> None:
-    monkeypatch.setattr(c, "RECONNECT_ATTEMPTS", 3)
-    monkeypatch.setattr(c, "RECONNECT_FIRST_DELAY", 0.01)
+    monkeypatch.setattr(resume, "RECONNECT_ATTEMPTS", 3)
+    monkeypatch.setattr(resume, "RECONNECT_FIRST_DELAY", 0.01)
     async with open_client(proxy.url, ROOT) as client, client.subscribe(after_seq=0) as events:
         await events.__anext__()
         proxy.stop_listening()
@@ -308,7 +410,7 @@ async def test_subscription_gives_up_after_its_retries(
                     pass
 
 
-async def test_gone(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_gone(tmp_path: Path, nursery: trio.Nursery, open_client: OpenClient) -> None:
     daemon = await start_daemon(nursery, make_config(tmp_path / "state", segment_bytes=4096))
     log = daemon.gateway.log
     await produce(daemon, 100)

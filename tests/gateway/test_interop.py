@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,7 +106,20 @@ def test_token_in_the_query_for_browsers(daemon_process: DaemonProcess) -> None:
 
 def test_server_info(root: Peer) -> None:
     info = root.call("server.info")
-    assert set(info) == {"version", "protocol", "user", "admin", "head_seq", "started_at"}
+    assert set(info) == {
+        "version",
+        "protocol",
+        "user",
+        "admin",
+        "head_seq",
+        "started_at",
+        "boundary",  # the extensions of docs/protocol.md: the boundary in force, ...
+        "isolation",
+        "limits",
+    }
+    assert info["boundary"] in ("cgroup2", "cgroup1", "markers")
+    assert info["isolation"] == ("dynamic" if os.geteuid() == 0 else "none (daemon not root)")
+    assert set(info["limits"]) == {"memory_max", "pids_max", "cpu_max"}
     assert info["protocol"] == 1
     assert info["user"] == "root"
     assert info["admin"] is True

@@ -23,12 +23,14 @@ from sandboxd.gateway.protocol import (
     RequestError,
     SandboxBatchGet,
     SandboxDelete,
+    SandboxFindBySessionKey,
     SandboxGet,
     SandboxLogs,
     SandboxPause,
     SandboxResume,
     SandboxSearch,
     SandboxStart,
+    SandboxStats,
     ServerInfo,
     SpecGet,
     SpecList,
@@ -45,10 +47,18 @@ from sandboxd.gateway.protocol import (
 # Kinds: "str", "int", "bool", "strs" (list of strings), "env" (object of strings);
 # a trailing "?" means optional, where null means the same as absent.
 SIGNATURES: dict[str, dict[str, str]] = {
-    "sandbox.start": {"spec_id": "str?", "sandbox_id": "str?", "env": "env?", "wait": "bool?"},
+    "sandbox.start": {
+        "spec_id": "str?",
+        "sandbox_id": "str?",
+        "env": "env?",
+        "wait": "bool?",
+        "owner": "str?",
+    },
     "sandbox.get": {"sandbox_id": "str"},
     "sandbox.batch_get": {"sandbox_ids": "strs"},
-    "sandbox.search": {"page_id": "str?", "limit": "int?", "status": "str?"},
+    "sandbox.stats": {"sandbox_ids": "strs"},
+    "sandbox.search": {"page_id": "str?", "limit": "int?", "status": "str?", "owner": "str?"},
+    "sandbox.find_by_session_key": {"session_api_key": "str"},
     "sandbox.pause": {"sandbox_id": "str"},
     "sandbox.resume": {"sandbox_id": "str"},
     "sandbox.delete": {"sandbox_id": "str"},
@@ -72,6 +82,7 @@ REQUIRED = {
     "spec_id": "default",
     "subscription": "s1",
     "after_seq": 0,
+    "session_api_key": "k" * 43,
 }
 # Fields that keep a default when absent and so do not take null.
 NOT_NULLABLE = {("sandbox.start", "wait"), ("sandbox.search", "limit")}
@@ -138,6 +149,9 @@ envs = st.dictionaries(env_names, st.text(max_size=8).filter(lambda v: "\0" not 
 statuses = st.sampled_from(["STARTING", "RUNNING", "PAUSED", "ERROR", "MISSING"])
 seqs = st.integers(min_value=0, max_value=2**63 - 1)
 
+owners = st.text(
+    st.characters(codec="utf-8", categories=["L", "N", "P", "S"]), min_size=1, max_size=40
+).filter(str.isprintable)
 VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
     SandboxStart: st.builds(
         SandboxStart,
@@ -145,15 +159,19 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         sandbox_id=st.none() | sandbox_ids,
         env=st.none() | envs,
         wait=st.booleans(),
+        owner=st.none() | owners,
     ),
     SandboxGet: st.builds(SandboxGet, sandbox_ids),
     SandboxBatchGet: st.builds(SandboxBatchGet, st.lists(sandbox_ids, max_size=100)),
+    SandboxStats: st.builds(SandboxStats, st.lists(sandbox_ids, max_size=100)),
     SandboxSearch: st.builds(
         SandboxSearch,
         page_id=st.none() | st.text(max_size=8),
         limit=st.integers(1, 100),
         status=st.none() | statuses,
+        owner=st.none() | owners,
     ),
+    SandboxFindBySessionKey: st.builds(SandboxFindBySessionKey, st.text(min_size=1, max_size=64)),
     SandboxPause: st.builds(SandboxPause, sandbox_ids),
     SandboxResume: st.builds(SandboxResume, sandbox_ids),
     SandboxDelete: st.builds(SandboxDelete, sandbox_ids),
@@ -372,6 +390,11 @@ def test_invalid_utf8_is_a_bad_request() -> None:
         ("sandbox.search", {"limit": 50.0}, "'limit'"),
         ("sandbox.search", {"limit": "50"}, "'limit'"),
         ("sandbox.search", {"status": "running"}, "'status'"),
+        ("sandbox.search", {"owner": ""}, "'owner'"),
+        ("sandbox.start", {"owner": "a" * 257}, "'owner'"),
+        ("sandbox.start", {"owner": "alice\n"}, "'owner'"),
+        ("sandbox.find_by_session_key", {"session_api_key": ""}, "'session_api_key'"),
+        ("sandbox.find_by_session_key", {"session_api_key": "k" * 257}, "'session_api_key'"),
         ("sandbox.logs", {"sandbox_id": "a", "tail_bytes": -1}, "'tail_bytes'"),
         ("sandbox.logs", {"sandbox_id": "a", "tail_bytes": (1 << 20) + 1}, "'tail_bytes'"),
         ("events.subscribe", {"after_seq": -1}, "'after_seq'"),
@@ -398,6 +421,9 @@ def test_values_out_of_bounds_are_bad_requests_naming_the_field(
         ("sandbox.batch_get", {"sandbox_ids": []}),
         ("sandbox.search", {"limit": 1, "status": "MISSING"}),
         ("sandbox.search", {"limit": 100}),
+        ("sandbox.search", {"owner": "o" * 256}),
+        ("sandbox.start", {"owner": "user@example.com"}),
+        ("sandbox.find_by_session_key", {"session_api_key": "k"}),
         ("sandbox.logs", {"sandbox_id": "a", "tail_bytes": 0}),
         ("sandbox.logs", {"sandbox_id": "a", "tail_bytes": 1 << 20}),
         ("events.subscribe", {"after_seq": 0, "types": sorted(EVENT_TYPES)}),

@@ -21,6 +21,12 @@ from sandboxd.gateway.protocol import calls
 from tests.events.strategies import events, records
 
 texts = st.text(max_size=12)
+usages = st.builds(
+    p.Usage,
+    cpu_seconds=st.none() | st.floats(0, 1e6),
+    memory_bytes=st.none() | st.integers(0, 2**40),
+    pids=st.integers(0, 2**22),
+)
 sandbox_infos = st.builds(
     p.SandboxInfo,
     id=texts,
@@ -36,6 +42,7 @@ sandbox_infos = st.builds(
     working_dir=texts,
     error=st.none() | texts,
     version=st.integers(1, 2**40),
+    usage=st.none() | usages,
 )
 spec_infos = st.builds(
     p.SpecInfo,
@@ -50,11 +57,16 @@ spec_infos = st.builds(
 
 # Each op's call, and what its result may be: the server's values, encoded as the server does.
 CASES: list[tuple[p.Call[Any], st.SearchStrategy[Any]]] = [
-    (calls.start(spec_id="s"), sandbox_infos),
+    (calls.start(spec_id="s", owner="oh-user"), sandbox_infos),
     (calls.get("a"), st.none() | sandbox_infos),
+    (calls.find_by_session_key("k"), st.none() | sandbox_infos),
     (calls.batch_get(["a", "b"]), st.lists(st.none() | sandbox_infos, max_size=3)),
     (
-        calls.search(limit=5),
+        calls.stats(["a", "b"]),
+        st.lists(st.none() | st.builds(p.SandboxUsage, texts, st.none() | usages), max_size=3),
+    ),
+    (
+        calls.search(limit=5, owner="oh-user"),
         st.builds(p.SearchPage, st.lists(sandbox_infos, max_size=3), st.none() | texts),
     ),
     (calls.pause("a"), sandbox_infos),
@@ -73,6 +85,9 @@ CASES: list[tuple[p.Call[Any], st.SearchStrategy[Any]]] = [
             admin=st.booleans(),
             head_seq=st.integers(0, 2**40),
             started_at=texts,
+            boundary=st.none() | st.sampled_from(["cgroup2", "cgroup1", "markers"]),
+            isolation=st.none() | texts,
+            limits=st.none() | st.dictionaries(texts, texts, max_size=3),
         ),
     ),
     (calls.subscribe(0), st.builds(p.Subscribed, texts, st.integers(0, 2**40))),

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandboxd.actors.boundary import Layout, discover
-from sandboxd.actors.cgroups import CgroupBoundary, SandboxCgroup
-from sandboxd.actors.confine import Confinement, open_confined_process
-from sandboxd.actors.identities import Identity, UidPool
-from sandboxd.actors.limits import Limits
-from sandboxd.actors.workdirs import make_base_dir, make_working_dir, remove_tree
+from sandboxd.actors.boundary.cgroups import CgroupBoundary, SandboxCgroup
+from sandboxd.actors.boundary.confine import Confinement, open_confined_process
+from sandboxd.actors.boundary.discovery import Layout, discover
+from sandboxd.actors.boundary.identities import Identity, UidPool
+from sandboxd.actors.boundary.limits import Limits
+from sandboxd.actors.boundary.workdirs import make_base_dir, make_working_dir, remove_tree
 
 PYTHON = "/usr/bin/python3"
 PROGRAMS = Path(__file__).parent / "programs"

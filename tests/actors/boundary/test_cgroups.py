@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandboxd.actors.boundary import Layout
-from sandboxd.actors.cgroupfs import parse_flat_keyed, sandbox_dir_name
-from sandboxd.actors.cgroups import CgroupBoundary, CgroupError, SandboxCgroup
-from sandboxd.actors.identities import UidPool
-from sandboxd.actors.limits import Limits
+from sandboxd.actors.boundary.cgroupfs import parse_flat_keyed, sandbox_dir_name
+from sandboxd.actors.boundary.cgroups import CgroupBoundary, CgroupError, SandboxCgroup
+from sandboxd.actors.boundary.discovery import Layout
+from sandboxd.actors.boundary.identities import UidPool
+from sandboxd.actors.boundary.limits import Limits
 from tests.actors.boundary.conftest import (
     PYTHON,
     TEST_UIDS,
@@ -62,18 +62,40 @@ async def test_create_list_and_remove(boundary: CgroupBoundary) -> None:
     assert boundary.sandbox_ids() == []
 
 
+async def test_parents_removed_while_empty_are_made_again(boundary: CgroupBoundary) -> None:
+    # An operator's clean-up of empty cgroups (or another program's) may take the
+    # daemon's parents while no sandbox has a cgroup: the next start still gets one.
+    await boundary.remove(boundary.create("first"))
+    for parent in reversed(boundary.parents):
+        os.rmdir(parent)
+    cgroup = boundary.create("second", Limits(pids_max=8))
+    assert all(os.path.isdir(d) for d in cgroup.dirs)
+    if (pids_dir := cgroup.controller_dirs.get("pids")) is not None:
+        assert Path(pids_dir, "pids.max").read_text().strip() == "8"
+
+
 async def test_the_child_is_in_every_cgroup_before_it_runs(harness: Harness) -> None:
-    cgroup = harness.create()
-    process = await harness.spawn(cgroup, SLEEP)
-    assert cgroup.pids() == [process.pid]
-    assert cgroup.populated()
-    placed = Path(f"/proc/{process.pid}/cgroup").read_text()
-    name = sandbox_dir_name(cgroup.sandbox_id)
-    for line in placed.splitlines():
-        hierarchy, controllers, path = line.split(":", 2)
-        wanted = hierarchy == "0" or set(controllers.split(",")) & set(cgroup.controller_dirs)
-        if wanted:
-            assert path.endswith(f"/{harness.boundary.name}/{name}"), line
+    name_of = {}
+    for limits in (Limits(cpu_max=0.5), Limits()):
+        cgroup = harness.create(limits)
+        process = await harness.spawn(cgroup, SLEEP)
+        assert cgroup.pids() == [process.pid]
+        assert cgroup.populated()
+        name_of[process.pid] = (cgroup, limits)
+    for pid, (cgroup, limits) in name_of.items():
+        placed = Path(f"/proc/{pid}/cgroup").read_text()
+        name = sandbox_dir_name(cgroup.sandbox_id)
+        v1_cpu = cgroup.controller_dirs.get("cpu") not in (None, cgroup.tree_dir)
+        for line in placed.splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            joined = set(controllers.split(",")) & set(cgroup.controller_dirs)
+            if v1_cpu and limits.cpu_max is None:
+                # A v1 cpu group only with a quota: as a group it would weigh as one task.
+                joined.discard("cpu")
+            if hierarchy == "0" or joined:
+                assert path.endswith(f"/{harness.boundary.name}/{name}"), line
+            elif "cpu" in controllers.split(","):
+                assert not path.endswith(f"/{name}"), line
 
 
 async def test_limits_are_written_where_the_host_keeps_them(boundary: CgroupBoundary) -> None:

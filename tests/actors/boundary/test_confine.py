@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import trio
 
-from sandboxd.actors.cgroups import SandboxCgroup
-from sandboxd.actors.confine import Confinement, ConfinementError, open_confined_process
-from sandboxd.actors.identities import Identity
+from sandboxd.actors.boundary.cgroups import SandboxCgroup
+from sandboxd.actors.boundary.confine import Confinement, ConfinementError, open_confined_process
+from sandboxd.actors.boundary.identities import Identity
 from tests.actors.boundary.conftest import PYTHON, Harness, needs_root, wait_for_file
 
 SLEEP = [PYTHON, "-c", "import time; time.sleep(600)"]

@@ -13,8 +13,7 @@ import trio
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sandboxd.actors.boundary_settings import SANDBOXES_KEYS, parse_boundary_settings
-from sandboxd.actors.identities import (
+from sandboxd.actors.boundary.identities import (
     DEFAULT_UID_RANGE,
     Accounts,
     Identity,
@@ -23,6 +22,7 @@ from sandboxd.actors.identities import (
     holders,
     parse_run_as,
 )
+from sandboxd.actors.boundary.settings import SANDBOXES_KEYS, parse_boundary_settings
 from tests.actors.boundary.conftest import PYTHON, Harness
 
 NOBODY = Accounts(users=[("root", 0), ("nobody", 65534)], groups=[("root", 0)])
@@ -242,9 +242,13 @@ def test_boundary_settings_from_a_config_file() -> None:
     )["sandboxes"]
     settings = parse_boundary_settings("sandboxes", raw, max_sandboxes=10, euid=0, accounts=NOBODY)
     assert settings.cgroup == "off"
-    assert settings.run_as.kind == "dynamic" and settings.run_as.uid_range == (700000, 700999)
+    assert (settings.run_as, settings.uid_range) == ("dynamic", (700000, 700999))
+    run_as = settings.resolve_run_as("sandboxes", max_sandboxes=10, euid=0, accounts=NOBODY)
+    assert run_as.kind == "dynamic" and run_as.uid_range == (700000, 700999)
     default = parse_boundary_settings("sandboxes", {}, max_sandboxes=10, euid=1000)
-    assert default.cgroup == "auto" and default.run_as.kind == "daemon"
+    assert default.cgroup == "auto" and default.run_as is None
+    assert default.resolve_run_as("sandboxes", max_sandboxes=10, euid=1000).kind == "daemon"
+    assert default.resolve_run_as("sandboxes", max_sandboxes=10, euid=0).kind == "dynamic"
 
 
 BAD = {

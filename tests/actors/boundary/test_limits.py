@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandboxd.actors.limits import (
+from sandboxd.actors.boundary.limits import (
     Limits,
     LimitsNotEnforceable,
     format_bytes,
@@ -142,3 +144,15 @@ def test_sizes_for_people() -> None:
     assert format_bytes(512 << 20) == "512 MiB"
     assert format_bytes(3 << 29) == "1.5 GiB"
     assert format_bytes(1000) == "1000 bytes"
+
+
+def test_the_package_names_everything_and_its_pure_modules_need_no_trio() -> None:
+    import sandboxd.actors.boundary as boundary
+
+    assert all(getattr(boundary, name) is not None for name in boundary.__all__)
+    # What the protocol's models reach through the specs: importable without trio.
+    code = (
+        "import sys; import sandboxd.actors.boundary.limits, sandboxd.actors.boundary.settings;"
+        " sys.exit('trio' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.actors.identities import Identity
-from sandboxd.actors.workdirs import (
+from sandboxd.actors.boundary.identities import Identity
+from sandboxd.actors.boundary.workdirs import (
     FS_APPEND_FL,
     FS_IMMUTABLE_FL,
     FS_IOC_GETFLAGS,
@@ -196,6 +196,7 @@ def test_remove_tree_of_a_deep_tree(tmp_path: Path) -> None:
 
 def test_remove_tree_of_nothing_and_of_a_link(tmp_path: Path) -> None:
     remove_tree(tmp_path / "absent")
+    remove_tree(tmp_path / "absent" / "too")  # a working dir whose base is gone: nothing to do
     outside = make_outside(tmp_path)
     link = tmp_path / "link"
     link.symlink_to(outside)

@@ -10,12 +10,12 @@
   /proc/self/cgroup names for it (the daemon's own cgroup in that hierarchy, so
   a limit on the daemon's cgroup still holds its sandboxes).
 - ``markers``: no writable cgroup hierarchy (or ``cgroup = "off"``). The
-  environment markers of actors/process.py find a sandbox's processes, and the
-  limits fall back to rlimits (actors/limits.py).
+  environment markers of actors/proctree.py find a sandbox's processes, and the
+  limits fall back to rlimits (boundary/limits.py).
 
 Discovery reads /proc/self/cgroup and /proc/self/mountinfo (both texts can be
 passed in, so it is tested on other hosts' texts) and checks access; it creates
-nothing. :func:`sandboxd.actors.cgroups.open_boundary` makes the cgroups.
+nothing. :func:`sandboxd.actors.boundary.cgroups.open_boundary` makes the cgroups.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import attrs
 
-from sandboxd.actors.cgroupfs import (
+from sandboxd.actors.boundary.cgroupfs import (
     LIMIT_CONTROLLERS,
     CgroupMount,
     dir_of,

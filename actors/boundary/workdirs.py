@@ -32,7 +32,7 @@ from pathlib import Path
 
 import attrs
 
-from sandboxd.actors.identities import Identity
+from sandboxd.actors.boundary.identities import Identity
 
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
@@ -119,7 +119,11 @@ def remove_tree(path: Path | str) -> None:
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     # O_PATH: the base dir (0711) need not be readable, only passable, to work in it.
-    parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # no parent, no tree
+
     try:
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)

@@ -18,13 +18,15 @@ from collections.abc import Callable
 import trio
 from inotify_simple import INotify, flags
 
-from sandboxd.actors.cgroupfs import EventsState, parse_events
+from sandboxd.actors.boundary.cgroupfs import EventsState, parse_events
 
 _IN_Q_OVERFLOW = 0x4000  # events were lost: every watch is woken to re-read its file
 
 
 class Watch:
     """The cgroup.events file of one cgroup, and a way to wait for a state of it."""
+
+    __slots__ = ("_changed", "path", "wd")  # one per sandbox
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "cgroup.events")

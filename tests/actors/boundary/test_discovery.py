@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from sandboxd.actors.boundary import Layout, discover, parse_cgroup_setting
-from sandboxd.actors.cgroups import open_boundary
+from sandboxd.actors.boundary.discovery import Layout, discover, parse_cgroup_setting
+from sandboxd.actors.boundary.in_force import open_boundary
+from sandboxd.actors.boundary.settings import BoundarySettings
 from tests.actors.boundary.test_cgroupfs import HYBRID_CGROUP, HYBRID_MOUNTINFO
 
 PURE_V2_MOUNTINFO = (
@@ -176,13 +177,31 @@ def test_this_host(layout: Layout) -> None:
 
 
 def test_open_boundary_says_what_is_in_force(layout: Layout, tmp_path: Path) -> None:
-    in_force = open_boundary("auto", state_dir=tmp_path)
+    in_force = open_boundary(BoundarySettings("auto"), state_dir=tmp_path, max_sandboxes=10)
     assert in_force.cgroups is not None
     try:
         assert in_force.mode == layout.mode
         assert in_force.controllers == set(layout.controllers)
         assert in_force.reason.startswith("cgroup v2 at ")
+        assert in_force.marker_env() == {}  # the cgroup holds the tree: no marker needed
+        assert in_force.isolation == "dynamic"  # root's default
+        assert in_force.limits_in_force() == {
+            "memory_max": "cgroup" if "memory" in layout.controllers else "RLIMIT_DATA",
+            "pids_max": "cgroup" if "pids" in layout.controllers else "RLIMIT_NPROC",
+            "cpu_max": "cgroup" if "cpu" in layout.controllers else "none",
+        }
     finally:
-        in_force.cgroups.close(remove_parents=True)
-    off = open_boundary("off", state_dir=tmp_path)
+        in_force.close(remove_parents=True)
+    off = open_boundary(
+        BoundarySettings("off", run_as="daemon"), state_dir=tmp_path, max_sandboxes=10
+    )
     assert off.mode == "markers" and off.cgroups is None and off.controllers == set()
+    # The marker says which daemon without saying where its state is.
+    assert off.marker_env() == {"SANDBOXD_DAEMON": off.marker}
+    assert off.marker.startswith("sandboxd-") and str(tmp_path) not in off.marker
+    assert off.isolation == "daemon"
+    assert off.limits_in_force() == {
+        "memory_max": "RLIMIT_DATA",
+        "pids_max": "none",  # RLIMIT_NPROC would count the daemon's own processes too
+        "cpu_max": "none",
+    }

@@ -5,7 +5,7 @@ cgroups are, the flat "key value" files the kernel keeps in every cgroup
 (cgroup.events, cpu.stat, memory.events, memory.oom_control), the names this
 daemon gives its cgroups, and the values it writes into limit files of either
 version. Everything here is a pure function of its arguments: the I/O lives in
-:mod:`sandboxd.actors.boundary` and :mod:`sandboxd.actors.cgroups`.
+:mod:`sandboxd.actors.boundary.discovery` and :mod:`sandboxd.actors.boundary.cgroups`.
 """
 
 from __future__ import annotations
@@ -230,6 +230,19 @@ class EventsState:
 def parse_events(text: str) -> EventsState:
     values = parse_flat_keyed(text)
     return EventsState(populated=values.get("populated", 0) == 1, frozen=values.get("frozen") == 1)
+
+
+@attrs.frozen
+class Usage:
+    """What a sandbox's cgroup has used: CPU time so far, memory now, processes now.
+
+    None where the host has no controller to say it. (Here, with the files it is
+    read from, so that the protocol's SandboxInfo can carry it without trio.)
+    """
+
+    cpu_seconds: float | None
+    memory_bytes: int | None
+    pids: int
 
 
 def parse_procs(text: str) -> list[int]:

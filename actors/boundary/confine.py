@@ -24,24 +24,30 @@ Why it is built this way (measured on Linux 6.18, this project's CI machine):
   as root, then no_new_privs, then the ids) is the one that works on every
   kernel.
 - ``preexec_fn`` makes CPython fork instead of vfork: that is the whole cost,
-  and it grows with the daemon's memory (measured on a quiet machine: 1.8 ms
-  over a raw spawn for a 25 MB parent, 2.6 ms at 60 MB, and far more on a
-  loaded one; the cgroup writes and id changes take microseconds). The fork
-  server (actors/forkserver.py) forks from a small process instead, for about
-  1 ms whatever the daemon's size: docs/boundary.md has the numbers. A helper
-  exec (a shell, then setpriv) costs two more execs and cannot set every
-  rlimit; clone3(CLONE_INTO_CGROUP) cannot run Python in the child.
+  and it grows with the daemon's memory (bench/boundary.py, on this 2-core VM
+  under load: 2.6 ms over a raw spawn for a 29 MB parent, 3.2 ms at 60 MB, the
+  daemon's RSS target; the cgroup writes and id changes take microseconds).
+  That is within the 5 ms a start may cost over a raw one. A fork server (a
+  small single-threaded process forking on the daemon's behalf, measured at
+  1.4-1.6 ms) was built and left: it saved about 1.5 ms at the price of a
+  second mechanism (exit statuses relayed over a socket, a fallback while it
+  restarts). A helper exec (a shell, then setpriv) costs two more execs and
+  cannot set every rlimit; clone3(CLONE_INTO_CGROUP) cannot run Python in the
+  child.
 
-``preexec_fn`` runs in a child forked from a multi-threaded process (the
-daemon's trio worker threads), which Python documents as unsafe: a lock held
-by another thread at the fork stays locked forever in the child. So the
-child-side code (:class:`_ChildSetup`) only calls functions resolved before
-the fork (``os.write``, ``resource.setrlimit``, a ctypes ``prctl`` with its
-argtypes set, ``os.setgroups``/``setresgid``/``setresuid``): each a thin
-wrapper of one syscall that takes no Python-level lock, imports nothing and
-allocates next to nothing. Any failure raises, and subprocess then kills the
-child before exec and raises in the parent: nothing runs outside its cgroup
-or under the wrong uid.
+Why ``preexec_fn`` is acceptable here. It runs in a child forked from a
+multi-threaded process (the daemon's trio worker threads), which Python
+documents as unsafe: a lock another thread held at the fork stays locked for
+ever in the child (the import lock, a logging handler's, malloc's arena). So
+the child-side code (:class:`_ChildSetup`) is pre-resolved syscalls only:
+functions bound at import (``os.write``, ``resource.setrlimit``, a ctypes
+``prctl`` with its argtypes set, ``os.setgroups``/``setresgid``/``setresuid``),
+arguments prepared in the parent; no import, no lock, no attribute lookup on a
+module another thread may be changing, and nothing allocated that another
+thread could hold a lock on (the few small objects come from CPython's own
+allocator, which the GIL guards, and the forking thread holds the GIL). Any
+failure raises, and subprocess then kills the child before exec and raises in
+the parent: nothing runs outside its cgroup or under the wrong uid.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 import trio
 
-from sandboxd.actors.identities import Identity
+from sandboxd.actors.boundary.identities import Identity
 
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -87,7 +93,7 @@ class Confinement:
     ``cgroup_procs``: the cgroup.procs files it joins (SandboxCgroup.procs_files());
     empty under the markers boundary. ``identity``: the uid, gid and groups it
     runs as; None keeps the daemon's own. ``rlimits``: (resource.RLIMIT_*, value)
-    pairs, soft and hard alike (actors/limits.py decides them).
+    pairs, soft and hard alike (boundary/limits.py decides them).
     """
 
     cgroup_procs: tuple[str, ...] = ()
