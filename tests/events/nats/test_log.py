@@ -306,3 +306,24 @@ async def test_a_stream_that_cannot_hold_the_log_is_refused_naming_why(
     with pytest.raises(LogUnavailable, match=rf"stream {name} cannot hold this log: its subjects"):
         async with open_store(tmp_path, _config(nats_cluster, name)):
             pass
+
+
+async def test_a_filtered_subscription_gets_its_sandbox_s_events_history_then_live(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    from sandboxd.events.subscriptions import EventFilter
+
+    config = _config(nats_cluster, stream_name())
+    async with open_store(tmp_path / "a", config) as a, open_store(tmp_path / "b", config) as b:
+        await _fill(a, 20)  # sbx-000000 (seqs 1-8), 000001 (9-16), 000002 (17-20)
+        wanted = EventFilter(sandbox_ids=frozenset({"sbx-000002"}))
+        got: list[int] = []
+        async with b.subscribe(0, wanted) as subscription:
+            items = subscription.items()
+            while not isinstance(item := await items.__anext__(), CaughtUp):
+                got.append(item.event.seq)
+            await a.append(sample_pending(24))  # sbx-000003 created: seq 21
+            await a.append(sample_pending(20))  # sbx-000002 resumed: seq 22
+            with trio.fail_after(10):
+                got.append((await subscription.__anext__()).event.seq)
+        assert got == [17, 18, 19, 20, 22]
