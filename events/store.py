@@ -27,6 +27,7 @@ from sandboxd.events import log as event_log
 from sandboxd.events import snapshots
 from sandboxd.events.errors import CorruptLog, only_exception
 from sandboxd.events.log import EventLog, open_event_log
+from sandboxd.events.log import replay as replay  # the file log's, for bench/eventlog.py
 from sandboxd.events.nats.settings import NatsSettings
 from sandboxd.events.projection import (
     ProjectionError,

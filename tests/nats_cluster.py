@@ -1,8 +1,8 @@
 """The suite's JetStream cluster: three real nats-servers on loopback, started once per session.
 
 Tests that share it keep apart by using a stream (or bucket) of their own
-(``stream_name``); a test that kills a server restarts it before it ends
-(``restarted``), so the next test finds three healthy servers again.
+(``stream_name``); a test that kills servers starts them again before it ends
+(``with restarted(cluster):``), so the next test finds three healthy servers.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClus
 
 
 @contextlib.contextmanager
-def restarted(cluster: LocalCluster, i: int) -> Iterator[None]:
-    """Whatever the block does to server ``i``, it runs again (healthy) afterwards."""
+def restarted(cluster: LocalCluster) -> Iterator[None]:
+    """Whatever the block kills, every server runs again, healthy, afterwards."""
     try:
         yield
     finally:
-        if not cluster.servers[i].running:
-            cluster.restart(i)
+        dead = [i for i, server in enumerate(cluster.servers) if not server.running]
+        if dead:
+            cluster.restart(*dead)

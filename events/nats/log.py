@@ -56,6 +56,7 @@ import trio
 
 from sandboxd.events.codec import DecodeError, encode, event_from_dict, now_ts
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable, only_exception
+from sandboxd.events.index import Selection
 from sandboxd.events.log import READ_BYTES, Page
 from sandboxd.events.nats.bridge import (
     Nats,
@@ -67,7 +68,7 @@ from sandboxd.events.nats.bridge import (
 from sandboxd.events.nats.settings import NatsSettings
 from sandboxd.events.projection import ProjectionError, State, apply
 from sandboxd.events.segments import Record
-from sandboxd.events.subscriptions import Filter, Subscription, matcher
+from sandboxd.events.subscriptions import Filter, LiveBatch, Subscription, matcher
 from sandboxd.events.types import Event, PendingEvent
 
 logger = logging.getLogger(__name__)
@@ -587,7 +588,7 @@ class NatsEventLog:
         from this node's own acknowledgements, whichever came first. A gap waits (for the
         consumer, else the watchdog)."""
         ahead = self._ahead
-        seq = self._head_seq + 1
+        seq = first_seq = self._head_seq + 1
         if seq not in ahead:
             return
         records: list[Record] = []
@@ -598,14 +599,15 @@ class NatsEventLog:
                 records.append(record)
             seq += 1
         self._head_seq = seq - 1
-        if records:
-            if self._on_durable is not None:
-                try:
-                    self._on_durable([r.event for r in records])
-                except Exception:
-                    logger.exception("on_durable failed for seqs up to %d", self._head_seq)
+        if records and self._on_durable is not None:
+            try:
+                self._on_durable([r.event for r in records])
+            except Exception:
+                logger.exception("on_durable failed for seqs up to %d", self._head_seq)
+        if self._subscribers:
+            batch = LiveBatch(first_seq, self._head_seq, records)  # one for all of them
             for subscriber in self._subscribers:
-                subscriber.publish(records)
+                subscriber.publish(batch)
         while self._waiting and self._waiting[0].last_seq <= self._head_seq:
             heapq.heappop(self._waiting).done.set()
         self._folded.set()
@@ -666,6 +668,29 @@ class NatsEventLog:
                     raise CorruptLog(self.directory, message.seq, message.seq, str(exc)) from None
             return records
         raise LogUnavailable(f"seq {after_seq + 1} of the stream could not be read in time")
+
+    async def read_selected(
+        self,
+        after_seq: int,
+        until_seq: int,
+        selection: Selection,
+        max_bytes: int = READ_BYTES,
+    ) -> Page:
+        """As ``EventLog.read_selected``: the records after ``after_seq`` (none past
+        ``until_seq``) of the selection's sandboxes and types. The stream has no index of
+        this log's: one history read, filtered here; ``next_after_seq`` is the last seq
+        looked at."""
+        records = await self.read_history(after_seq, until_seq, max_bytes)
+        if not records:
+            return Page([], after_seq)
+        ids, types = selection.sandbox_ids, selection.types
+        chosen = [
+            r
+            for r in records
+            if (ids is None or r.event.sandbox_id in ids)
+            and (types is None or r.event.data.TYPE in types)
+        ]
+        return Page(chosen, records[-1].event.seq)
 
     async def read_page(
         self,

@@ -17,7 +17,7 @@ from sandboxd.gateway.client import open_client
 from sandboxd.gateway.protocol import UnavailableError
 from tests.daemon_process import DaemonProcess
 from tests.e2e.support import ROOT, end_daemon, make_config
-from tests.nats_cluster import stream_name
+from tests.nats_cluster import restarted, stream_name
 
 
 @pytest.mark.parametrize(
@@ -74,15 +74,13 @@ async def test_nats_lost_while_running_answers_unavailable_then_recovers(
         await daemon.start()
         async with open_client(daemon.url, ROOT) as client:
             kept = await client.start(spec_id="sleep")
-            for i in range(3):
-                nats_cluster.kill(i)
-            try:
+            with restarted(nats_cluster):  # then every server back, its store as it was
+                for i in range(3):
+                    nats_cluster.kill(i)
                 with pytest.raises(UnavailableError, match="NATS did not answer"):
                     await client.start(spec_id="sleep")
                 # Reads are the node's own projection: they still answer.
                 assert (await client.get(kept.id)).id == kept.id
-            finally:
-                nats_cluster.restart(0, 1, 2)  # every server back, healthy, its store as it was
             # Appends work again once the stream has its leader back.
             with trio.fail_after(30):
                 while True:

@@ -22,7 +22,7 @@ from sandboxd.events.projection import State, apply, state_to_dict
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.events.subscriptions import CaughtUp
 from tests.events.strategies import histories, sample_pending
-from tests.nats_cluster import stream_name
+from tests.nats_cluster import restarted, stream_name
 from tests.support import eventually
 
 
@@ -216,8 +216,7 @@ async def _burst_with_a_kill(
             if len(acknowledged) >= 200:
                 enough.set()
 
-    victim = -1
-    try:
+    with restarted(cluster):
         async with trio.open_nursery() as nursery:
             for w in range(16):
                 nursery.start_soon(writer, w)
@@ -233,9 +232,6 @@ async def _burst_with_a_kill(
             acknowledged.append(await store.append(sample_pending(999_000)))
             resumed_after = trio.current_time() - killed_at
         process.wait()
-    finally:
-        if victim >= 0:
-            cluster.restart(victim)
     return acknowledged, resumed_after
 
 
@@ -310,3 +306,24 @@ async def test_a_stream_that_cannot_hold_the_log_is_refused_naming_why(
     with pytest.raises(LogUnavailable, match=rf"stream {name} cannot hold this log: its subjects"):
         async with open_store(tmp_path, _config(nats_cluster, name)):
             pass
+
+
+async def test_a_filtered_subscription_gets_its_sandbox_s_events_history_then_live(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    from sandboxd.events.subscriptions import EventFilter
+
+    config = _config(nats_cluster, stream_name())
+    async with open_store(tmp_path / "a", config) as a, open_store(tmp_path / "b", config) as b:
+        await _fill(a, 20)  # sbx-000000 (seqs 1-8), 000001 (9-16), 000002 (17-20)
+        wanted = EventFilter(sandbox_ids=frozenset({"sbx-000002"}))
+        got: list[int] = []
+        async with b.subscribe(0, wanted) as subscription:
+            items = subscription.items()
+            while not isinstance(item := await items.__anext__(), CaughtUp):
+                got.append(item.event.seq)
+            await a.append(sample_pending(24))  # sbx-000003 created: seq 21
+            await a.append(sample_pending(20))  # sbx-000002 resumed: seq 22
+            with trio.fail_after(10):
+                got.append((await subscription.__anext__()).event.seq)
+        assert got == [17, 18, 19, 20, 22]
