@@ -26,9 +26,10 @@ the forwarding node passes on as it is. A node that does not answer within
 request ``unavailable``: the client may try again, and once the node's lease
 has expired its sandboxes are MISSING.
 
-Measured (bench/cluster.py): a start through a node that is not the owner
-costs one NATS round trip over loopback more than a local one (``remote_start_ms_p50``
-beside ``local_start_ms_p50``).
+Measured (bench/cluster.py, loopback, 2 shared cores): a start through a node
+that is not the owner costs one NATS round trip and four bridge crossings more
+than through the owner, 1.2 to 2.5 ms at p50 (``remote_start_ms_p50`` 8.4 and
+8.6 beside ``local_start_ms_p50`` 5.9 and 7.4; docs/performance.md).
 """
 
 from __future__ import annotations

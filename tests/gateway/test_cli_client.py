@@ -175,6 +175,9 @@ def test_errors_are_one_line(daemon_process: DaemonProcess, tmp_path: Path) -> N
     failed = one_line_error(sandboxd(daemon_process, "start", "--spec", "fails"))
     assert failed.startswith("sandboxd: sandbox ") and "did not start" in failed
     assert "--env" in one_line_error(sandboxd(daemon_process, "start", "--env", "NOVALUE"))
+    # A daemon with no cluster runs nothing on another node; the message names it.
+    elsewhere = one_line_error(sandboxd(daemon_process, "start", "--node", "elsewhere"))
+    assert "node 'elsewhere' is not a node of this daemon's cluster" in elsewhere
     assert "sandbox_id" in one_line_error(sandboxd(daemon_process, "get", "not an id"))
 
 
