@@ -125,6 +125,8 @@ async def test_started_through_one_node_read_paused_deleted_through_the_others(
         # A start may name its node; a node that is not in the cluster is not found.
         named = await on_c.start(spec_id="sleep", node="node-a")
         assert named.node == "node-a"
+        # At once through another node, its fold maybe behind: it catches up, then acts.
+        assert (await on_b.pause(named.id)).status is Status.PAUSED
         with pytest.raises(NotFoundError, match="node 'node-z' is not a live node"):
             await on_b.start(spec_id="sleep", node="node-z")
         await on_b.delete(named.id)
