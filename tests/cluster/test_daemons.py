@@ -29,7 +29,7 @@ from sandboxd.events.projection import Status
 from sandboxd.gateway.client import Client, NotFoundError, UnavailableError, open_client
 from tests.daemon_process import DaemonProcess, daemon_config
 from tests.gateway.support import SPECS, make_config
-from tests.nats_cluster import stream_name
+from tests.nats_cluster import restarted, stream_name
 from tests.support import TOKENS, end_sandboxes, proc_state
 
 ROOT = TOKENS["root"]
@@ -232,3 +232,40 @@ async def eventually_status(client: Client, sandbox_id: str, status: Status, wit
             if info is not None and info.status is status:
                 return
             await trio.sleep(0.05)
+
+
+async def test_nats_lost_for_longer_than_a_lease_then_back_nodes_carry_on(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    async with cluster_nodes(nats_cluster, tmp_path, names=("node-a", "node-b")) as (a, b):
+        async with open_client(a.url, ROOT) as on_a:
+            kept = await on_a.start(spec_id="sleep", node="node-a")
+        with restarted(nats_cluster):  # then every server back, its store as it was
+            for i in range(len(nats_cluster.servers)):
+                nats_cluster.kill(i)
+            # Longer than a lease: every lease has lapsed by the time NATS is back.
+            await trio.sleep(2 * TTL)
+        # Each node takes its lease again; if node-b looked before node-a did, it recorded
+        # node-a's sandbox lost, and node-a adopts it again: either way it runs on.
+        async with open_client(b.url, ROOT) as on_b:
+            with trio.fail_after(60):
+                while True:
+                    info = await on_b.get(kept.id)
+                    nodes = (await on_b.server_info()).nodes
+                    if (
+                        info is not None
+                        and info.status is Status.RUNNING
+                        and nodes
+                        == [
+                            "node-a",
+                            "node-b",
+                        ]
+                    ):
+                        break
+                    await trio.sleep(0.1)
+            assert info.pid == kept.pid and a.alive() and b.alive()
+            assert proc_state(kept.pid or 0) not in (None, "Z")
+            assert "its lease expired; taking it again" in a.current_output()
+            # And it is still node-a's to act on.
+            assert (await on_b.pause(kept.id)).status is Status.PAUSED
+            assert await on_b.delete(kept.id) is True
