@@ -17,17 +17,27 @@ Appending (the writer task, like the file log's group commit):
    conflicting transitions of one sandbox, and the loser gets ``Conflict``;
 2. an ``append_many`` of several events goes as one atomic batch (stored all
    together or not at all, each event still conditional);
-3. the acknowledgement says the event is stored on a quorum (fsynced there,
-   with ``sync_interval: always``, docs/cluster.md); the appender is answered
-   once the node's own fold has reached that seq, so ``state`` already holds
-   it, as with the file log.
+3. each acknowledgement comes back on its own (not when its batch's slowest
+   does) and says the event is stored on a quorum (fsynced there, with
+   ``sync_interval: always``, docs/cluster.md); the appender is answered once
+   the node's own fold has reached that seq, so ``state`` already holds it,
+   as with the file log;
+4. what NATS did not answer is sent again, with the same ``Nats-Msg-Id``,
+   until ``ack_within``: the stream stores a message once whatever the tries.
 
-Folding (the tail): an ordered consumer from the head on delivers every
-message of the stream (this node's and the others'); each batch is decoded,
-folded (``on_durable``), handed to the subscriptions, and the appenders
-waiting for it are answered. If the consumer falls silent or skips, a
-watchdog reads the missing seqs with batched direct gets, so an acknowledged
-append is folded even while the consumer is being made again.
+Folding: records are put aside by seq as the node learns of them, and folded
+(``on_durable``), handed to the subscriptions, and their appenders answered
+as soon as they come next in seq order. A node learns of its own events from
+their acks (the record is built from what it sent: no decoding), and of every
+event from an ordered consumer that delivers the whole stream from its head
+on. If the consumer falls silent or skips, a watchdog reads the missing seqs
+with batched direct gets, so an acknowledged append is folded even while the
+consumer is being made again.
+
+Measured (bench/cluster.py, docs/performance.md): about 4,400 appends/s at
+256 in flight on a loaded 2-core machine, 0.44 of nats-py publishing the same
+records alone; this process spends about 2.7 times nats-py's CPU per event
+(the check, the fold, the consumer's copy of every message, two threads).
 
 Reading: ``read_history`` is one batched direct get (up to 256 KiB) per call,
 served by any replica; the catch-up subscriptions of subscriptions.py work on
