@@ -35,8 +35,8 @@ with batched direct gets, so an acknowledged append is folded even while the
 consumer is being made again.
 
 Measured (bench/cluster.py, docs/performance.md): about 4,400 appends/s at
-256 in flight on a loaded 2-core machine, 0.44 of nats-py publishing the same
-records alone; this process spends about 2.7 times nats-py's CPU per event
+256 in flight on a loaded 2-core machine, about half of nats-py publishing the
+same records alone; this process spends about 2.5 times nats-py's CPU per event
 (the check, the fold, the consumer's copy of every message, two threads).
 
 Reading: ``read_history`` is one batched direct get (up to 256 KiB) per call,
