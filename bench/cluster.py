@@ -45,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import trio
 
 from sandboxd.events import types as ev
 from sandboxd.events.codec import encode, now_ts
-from sandboxd.events.nats.bridge import Bridge
+from sandboxd.events.nats.bridge import WRONG_LAST_SEQUENCE, Bridge
 from sandboxd.events.nats.local_cluster import LocalCluster, local_cluster
 from sandboxd.events.nats.log import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID
 from sandboxd.events.nats.settings import NatsSettings
@@ -159,7 +160,16 @@ def bench_raw_publish(
                         EXPECTED_LAST_SUBJECT_SEQ: str(last),
                         MSG_ID: f"{run}-{w}-{next(ids)}",
                     }
-                    ack = await js.publish(subject, body, headers=headers, timeout=10)
+                    for attempt in itertools.count():
+                        try:
+                            ack = await js.publish(subject, body, headers=headers, timeout=10)
+                            break
+                        except nats.js.errors.BadRequestError as exc:
+                            # As the log does: the leader refuses for a moment a message of
+                            # a subject whose previous one it has not applied yet.
+                            if exc.err_code not in WRONG_LAST_SEQUENCE or attempt > 1000:
+                                raise
+                            await asyncio.sleep(0.001)
                     last = ack.seq
                     count += 1
                     if time.monotonic() >= deadline:

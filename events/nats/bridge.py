@@ -377,6 +377,7 @@ class Nats:
         on_messages: Callable[[list[StreamMessage]], None],
         *,
         idle_heartbeat: float = 1.0,
+        in_hand: int = 65536,
     ) -> AsyncIterator[None]:
         """Deliver every message of ``stream`` from ``start_seq`` on, in order, while the
         block runs: ``on_messages`` is called on the trio thread with batches of them.
@@ -386,18 +387,39 @@ class Nats:
         heartbeats go by (so within ``2 * idle_heartbeat`` seconds of losing the
         server it lived on). Messages are handed to trio in batches: the
         asyncio side queues them and schedules one trio call per wake-up.
+
+        Memory stays bounded if trio falls behind: once ``in_hand`` messages are
+        handed over and not yet taken, the asyncio side stops taking more; nats-py
+        then stops answering the consumer's flow control, and the server stops
+        sending until it does (the consumer is made with flow control on).
         """
         token = trio.lowlevel.current_trio_token()
         pending: list[StreamMessage] = []
+        counts = [0, 0]  # taken in (written by the asyncio thread), taken out (by trio's)
+        room = asyncio.Event()  # cleared only while this waits; set by trio once it took
+        room.set()
+        loop = self.bridge.loop
+
+        def take(batch: list[StreamMessage]) -> None:  # on the trio thread
+            counts[1] += len(batch)
+            on_messages(batch)
+            if not room.is_set():
+                loop.call_soon_threadsafe(room.set)
 
         def hand_over() -> None:  # on the asyncio thread, once per loop turn with messages
             batch = pending.copy()
             pending.clear()
-            token.run_sync_soon(on_messages, batch)
+            token.run_sync_soon(take, batch)
 
         async def on_message(message: Msg) -> None:
+            while counts[0] - counts[1] >= in_hand:  # trio is behind: let it catch up
+                room.clear()
+                if counts[0] - counts[1] < in_hand:  # it took some meanwhile
+                    break
+                await room.wait()
             if not pending:
-                self.bridge.loop.call_soon(hand_over)
+                loop.call_soon(hand_over)
+            counts[0] += 1
             seq = message.metadata.sequence.stream
             msg_id = message.headers.get("Nats-Msg-Id") if message.headers else None
             pending.append(StreamMessage(seq, message.subject, message.data, msg_id))
@@ -411,6 +433,9 @@ class Nats:
             idle_heartbeat=idle_heartbeat,
             deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
             config=nats.js.api.ConsumerConfig(opt_start_seq=start_seq),
+            # No limit here: a drop would leave a gap that nats-py's ordered consumer does
+            # not always notice. The server's flow control bounds what waits instead: it
+            # stops sending until nats-py has passed on what it sent.
             pending_msgs_limit=-1,
             pending_bytes_limit=-1,
         )

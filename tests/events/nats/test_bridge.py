@@ -145,3 +145,36 @@ async def test_key_value_create_is_exclusive(nats_cluster: LocalCluster) -> None
         entry = await kv.get("node-a")
         assert entry is not None and entry.value == b"3"
         assert await kv.keys() == ["node-a"]
+
+
+async def test_an_ordered_consumer_holds_at_most_in_hand_messages_for_a_slow_reader(
+    nats_cluster: LocalCluster,
+) -> None:
+    """trio falls behind (each batch blocks its thread): the asyncio side stops taking at
+    ``in_hand``, and the server's flow control holds back the rest. Every message still
+    arrives, once, in order."""
+    import time
+
+    name = stream_name()
+    async with connect(nats_cluster.urls) as nats:
+        await nats.ensure_stream(_stream(name))
+        subject = f"{name}.daemon"
+        for start in range(0, 300, 100):
+            items = [(subject, b"%d" % i, {}) for i in range(start, start + 100)]
+            await nats.publish_many(items, answer_within=5)
+        got: list[int] = []
+        sizes: list[int] = []
+        done = trio.Event()
+
+        def slow_reader(batch: list[StreamMessage]) -> None:
+            sizes.append(len(batch))
+            got.extend(m.seq for m in batch)
+            time.sleep(0.002)  # the trio thread is busy: this is what is tested
+            if len(got) >= 300:
+                done.set()
+
+        async with nats.ordered_consumer(name, f"{name}.>", 1, slow_reader, in_hand=8):
+            with trio.fail_after(60):
+                await done.wait()
+        assert got == list(range(1, 301))
+        assert max(sizes) <= 8
