@@ -171,6 +171,11 @@ class Nats:
     async def respond(self, message: Msg, data: bytes) -> None:
         await self._run(message.respond, data)
 
+    async def flush(self, answer_within: float = 5.0) -> None:
+        """Wait until the server has processed everything sent so far (a subscription
+        made just before is in place once this returns)."""
+        await self._run(self.client.flush, timeout=answer_within)  # type: ignore[arg-type]
+
     @contextlib.asynccontextmanager
     async def subscribe(
         self, subject: str, *, queue: str = "", buffer: int = 1024

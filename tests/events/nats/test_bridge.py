@@ -178,3 +178,23 @@ async def test_an_ordered_consumer_holds_at_most_in_hand_messages_for_a_slow_rea
                 await done.wait()
         assert got == list(range(1, 301))
         assert max(sizes) <= 8
+
+
+async def test_request_reply_between_two_connections_through_trio(
+    nats_cluster: LocalCluster,
+) -> None:
+    subject = f"{stream_name('rpc')}.node-a"
+    async with connect(nats_cluster.urls) as server, connect(nats_cluster.urls[1:]) as client:
+        async with server.subscribe(subject) as requests, trio.open_nursery() as nursery:
+
+            async def answer() -> None:
+                async for request in requests:
+                    await server.respond(request, request.data.upper())
+
+            nursery.start_soon(answer)
+            await server.flush()  # the subscription is in place
+            replies = [await client.request(subject, b"ping %d" % i, 5) for i in range(3)]
+            assert [r.data for r in replies] == [b"PING 0", b"PING 1", b"PING 2"]
+            nursery.cancel_scope.cancel()
+        with pytest.raises(NatsUnavailable):
+            await client.request(subject, b"nobody there", 0.5)
