@@ -112,6 +112,14 @@ class Node:
         except LogUnavailable as exc:
             log.warning("node %s: recording the adoptions failed: %s", self.id, exc)
 
+    async def readopt_forever(self, interval: float) -> None:
+        """``readopt`` every ``interval`` s: a loss recorded by a peer that looked before
+        this node took its lease again may be folded here after the ``readopt`` that
+        followed; so is one a peer recorded from a stale look. Both undone within a look."""
+        while True:
+            await trio.sleep(interval)
+            await self.readopt()
+
     async def leave(self) -> None:
         """Give the lease up now (a graceful stop): the others need not wait out its TTL."""
         with trio.move_on_after(2), trio.CancelScope(shield=True):
@@ -163,5 +171,6 @@ async def join_cluster(
             await node.look_again()
             nursery.start_soon(keep_lease, kv, lease, node.readopt)
             nursery.start_soon(watch_losses, kv, store, node.membership, lease.interval)
+            nursery.start_soon(node.readopt_forever, lease.interval)
             yield node
             nursery.cancel_scope.cancel()

@@ -243,6 +243,8 @@ async def serve_forwarded(
         nats.subscribe(subject(stream, me)) as messages,
         trio.open_nursery() as nursery,
     ):
+        # In place at the server before the node says it serves (and opens its gateway).
+        await nats.flush()
         task_status.started()
         async for message in messages:
             await slots.acquire()
