@@ -38,6 +38,7 @@ connection would take the listener and every other connection down with it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
@@ -47,7 +48,6 @@ from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable
 from sandboxd.events.segments import Record
@@ -57,6 +57,7 @@ from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.budget import ByteBudget
 from sandboxd.gateway.metrics import INVALID_OP
+from sandboxd.gateway.websocket import Closed, ServerWebSocket
 
 log = logging.getLogger(__name__)
 
@@ -133,40 +134,6 @@ class Requests:
         await self._idle.wait()
 
 
-class GuardedStream(trio.abc.Stream):
-    """A connection's transport, which sends nothing more after a send was cut short.
-
-    A ``send_all`` cancelled partway (the writer's send timeout, a ping's) may
-    leave a frame cut in half on the wire: whatever followed it, a close frame
-    included, would reach the peer as garbage, and trio's streams are in an
-    unknown state then anyway. So the next send fails as a broken stream, which
-    trio-websocket takes for an abrupt close, and the connection is dropped.
-    """
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.torn = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.torn:
-            await trio.lowlevel.checkpoint()
-            raise trio.BrokenResourceError("an earlier send was cut short")
-        try:
-            await self.stream.send_all(data)
-        except BaseException:
-            self.torn = True
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.stream.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 class _GoingAway:
     """Queued after the last frame of a connection that shut_down closes."""
 
@@ -225,7 +192,17 @@ class _Lanes:
         self._lanes: tuple[deque[_Item], deque[_Item]] = (deque(), deque())
         self._room = (trio.lowlevel.ParkingLot(), trio.lowlevel.ParkingLot())
         self._filled = trio.lowlevel.ParkingLot()
+        self._poked = False
         self.closed = False
+
+    @property
+    def empty(self) -> bool:
+        return not self._lanes[0] and not self._lanes[1]
+
+    def poke(self) -> None:
+        """Wake the writer with nothing queued: ``get`` returns None (bytes wait to be flushed)."""
+        self._poked = True
+        self._filled.unpark()
 
     def put_nowait(self, lane: int, item: _Item) -> bool:
         """Queue ``item`` if its lane has room; raises WouldBlock if it has not."""
@@ -245,9 +222,12 @@ class _Lanes:
             except trio.WouldBlock:
                 await self._room[lane].park()
 
-    async def get(self) -> _Item:
-        """The next frame: a reply if one waits, else a subscription's."""
+    async def get(self) -> _Item | None:
+        """The next frame: a reply if one waits, else a subscription's; None if poked."""
         while True:
+            if self._poked:
+                self._poked = False
+                return None
             for lane, queue in enumerate(self._lanes):
                 if queue:
                     self._room[lane].unpark()
@@ -294,7 +274,7 @@ class Connection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         user: User,
         name: str,
         *,
@@ -313,6 +293,8 @@ class Connection:
         self._timeouts = timeouts
         self._pacer = pacer
         self._lanes = _Lanes(SEND_QUEUE_FRAMES)
+        # What the socket did not take at once: the writer writes it.
+        ws.on_backlog = self._lanes.poke
         #: The bytes of the frames queued and not yet written.
         self.budget = ByteBudget(SEND_QUEUE_BYTES)
         self.read_slots = trio.CapacityLimiter(READ_SLOTS)
@@ -410,7 +392,7 @@ class Connection:
         while True:
             try:
                 message = await self.ws.get_message()
-            except ConnectionClosed:
+            except Closed:
                 return
             self._last_heard = trio.current_time()
             if isinstance(message, bytes):
@@ -464,25 +446,33 @@ class Connection:
     # -- writing ------------------------------------------------------------------------
 
     async def _queue(self, frame: str | _GoingAway, lane: int) -> None:
-        # Blocks while the queue is full: the client is not reading, so we stop
-        # reading it too, which pushes back on it through TCP. What a frame holds
-        # is its size in memory, which for a str of wide characters is more than
-        # its length.
+        # What a frame holds is its size in memory, which for a str of wide characters
+        # is more than its length.
         size = 0 if isinstance(frame, _GoingAway) else sys.getsizeof(frame)
-        # With room, the frame is queued before this task yields, as a memory
-        # channel's send does: a pump woken with an event queues it in the same
-        # scheduling batch, before a shutdown starting beside it can cut it off.
+        # As a memory channel's send: the frame is committed at the first check for
+        # cancellation, and the task yields once. A pump woken with an event sends it
+        # even if a shutdown beside it cuts the pump off right after.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self.budget.try_take(size):
-            try:
-                queued = self._lanes.put_nowait(lane, (frame, size))
-            except trio.WouldBlock:
-                self.budget.give_back(size)  # full in frames: wait below, in turn
-            else:
-                if not queued:
-                    self.budget.give_back(size)
-                await trio.lowlevel.cancel_shielded_checkpoint()
+        if not isinstance(frame, _GoingAway) and self._lanes.empty and self.ws.idle:
+            # Nothing queued nor unwritten: the frame goes to the socket from this task
+            # (ServerWebSocket.write), with no task switch; what the socket does not
+            # take the writer writes. It is written after this task's schedule point,
+            # not before: a request counts as in flight until its task has returned,
+            # so its client must not have the reply before (it would be told `busy`).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._lanes.empty and self.ws.idle:
+                if not self._lanes.closed:
+                    # A closed websocket: the reader and the writer find out.
+                    with contextlib.suppress(Closed):
+                        self.ws.write_message(frame)
                 return
+            if self._put_nowait(frame, size, lane):
+                return
+        elif self._put_nowait(frame, size, lane):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        # Full: the client is not reading, so we stop reading it too, which pushes
+        # back on it through TCP.
         await self.budget.take(size)
         try:
             queued = await self._lanes.put(lane, (frame, size))
@@ -492,10 +482,25 @@ class Connection:
         if not queued:
             self.budget.give_back(size)
 
+    def _put_nowait(self, frame: str | _GoingAway, size: int, lane: int) -> bool:
+        """Queue the frame if the queue has room (True: queued, or dropped as the writer
+        is gone); False if it must wait for room."""
+        if not self.budget.try_take(size):
+            return False
+        try:
+            queued = self._lanes.put_nowait(lane, (frame, size))
+        except trio.WouldBlock:
+            self.budget.give_back(size)  # full in frames: wait, in turn
+            return False
+        if not queued:
+            self.budget.give_back(size)
+        return True
+
     async def _writer(self) -> None:
         try:
             while True:
-                frame, size = await self._lanes.get()
+                item = await self._lanes.get()
+                frame, size = item if item is not None else (None, 0)
                 if isinstance(frame, _GoingAway):
                     # Every frame queued before it is out: now the close frame.
                     await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
@@ -503,8 +508,11 @@ class Connection:
                 timeout = self._timeouts.send_timeout
                 with trio.move_on_after(timeout) as waited:
                     try:
-                        await self.ws.send_message(frame)
-                    except ConnectionClosed:
+                        if frame is not None:
+                            self.ws.write_message(frame)
+                        # Written out (or nothing but a backlog to write: poked).
+                        await self.ws.flush()
+                    except Closed:
                         break
                     finally:
                         self.budget.give_back(size)
@@ -529,7 +537,7 @@ class Connection:
             with trio.move_on_after(timeout) as waited:
                 try:
                     await self.ws.ping()
-                except ConnectionClosed:
+                except Closed:
                     return
             if waited.cancelled_caught:
                 log.info("%s: closed, no pong within %.0f s", self.name, timeout)
