@@ -44,6 +44,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import Final
 
 import attrs
@@ -56,6 +57,7 @@ from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.budget import ByteBudget
+from sandboxd.gateway.fanout import PACE, Delivery, FanOut
 from sandboxd.gateway.metrics import INVALID_OP
 from sandboxd.gateway.websocket import Closed, ServerWebSocket
 
@@ -67,8 +69,8 @@ SEND_QUEUE_FRAMES: Final = 256
 SEND_QUEUE_BYTES: Final = 1 << 20
 #: A batch subscription that sent fewer than BATCH_RECORDS events (it is live, not
 #: catching up) waits this long before it takes the next, so that events gather
-#: into its next frame: measured in bench/gateway.py, see docs/performance.md.
-BATCH_PACE: Final = 0.1
+#: into its next frame (fanout.py): measured in bench/gateway.py, docs/performance.md.
+BATCH_PACE: Final = PACE
 #: Records a pump takes at once, and the stored bytes of one batch frame at most.
 BATCH_RECORDS: Final = 1024
 BATCH_BYTES: Final = 256 << 10
@@ -141,45 +143,6 @@ class _GoingAway:
 _Item = tuple["str | _GoingAway", int]
 
 
-class Pacer:
-    """Paces the live batch subscriptions' pumps: each waits for its group's next tick.
-
-    One timer for all of them instead of one sleep each (a sleep is a cancel
-    scope's deadline, and 1,000 of them expiring ten times a second took a
-    fifth of the event loop in bench/gateway.py); and the pumps of a group
-    wake together, ``GROUPS`` groups a ``BATCH_PACE`` apart in turn, so that
-    no more than a group's worth of frames is made at once, between which
-    requests get their turn.
-    """
-
-    GROUPS: Final = 10
-
-    def __init__(self, pace: float = BATCH_PACE) -> None:
-        self.pace = pace
-        self._ticks = [trio.Event() for _ in range(self.GROUPS)]
-        self._members = itertools.count()
-
-    def group(self) -> int:
-        """A group for a new pump: in turn, so the groups stay the same size."""
-        return next(self._members) % self.GROUPS
-
-    async def wait(self, group: int) -> None:
-        await self._ticks[group].wait()
-
-    async def run(self) -> None:
-        """Tick each group in turn, forever (a task of the gateway's)."""
-        step = self.pace / self.GROUPS
-        due = trio.current_time()
-        while True:
-            for group in range(self.GROUPS):
-                due += step
-                await trio.sleep_until(due)
-                tick, self._ticks[group] = self._ticks[group], trio.Event()
-                tick.set()
-            # Fallen far behind (a busy loop): start again from now, not in a rush.
-            due = max(due, trio.current_time() - self.pace)
-
-
 class _Lanes:
     """The writer's queue: two lanes of at most ``limit`` frames each, replies first.
 
@@ -244,7 +207,7 @@ class _Lanes:
         return left
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Pump:
     """A subscription of this connection: the log's, and the task that forwards it."""
 
@@ -254,7 +217,7 @@ class _Pump:
     last_seq: int
     #: Several events to a frame (the client asked with "batch": true).
     batch: bool = False
-    #: Its group in the pacer, if paced (see Pacer).
+    #: Its group in the fan-out, if paced (see fanout.py).
     group: int = 0
 
     @property
@@ -282,7 +245,7 @@ class Connection:
         requests: Requests,
         timeouts: Timeouts,
         count_reply: CountReply = _count_nothing,
-        pacer: Pacer | None = None,
+        fanout: FanOut | None = None,
     ) -> None:
         self.ws = ws
         self.user = user
@@ -291,7 +254,7 @@ class Connection:
         self._count_reply = count_reply
         self._requests = requests
         self._timeouts = timeouts
-        self._pacer = pacer
+        self._fanout = fanout
         self._lanes = _Lanes(SEND_QUEUE_FRAMES)
         # What the socket did not take at once: the writer writes it.
         ws.on_backlog = self._lanes.poke
@@ -320,7 +283,7 @@ class Connection:
         subscription only holds its place (the connection closes it if it ends first).
         With ``batch``, its events go several to a frame.
         """
-        group = 0 if self._pacer is None else self._pacer.group()
+        group = 0 if self._fanout is None else self._fanout.group()
         pump = _Pump(f"s{next(self._pump_ids)}", subscription, subscription.position, batch, group)
         self._pumps[pump.id] = pump
 
@@ -547,6 +510,34 @@ class Connection:
 
     # -- subscriptions ------------------------------------------------------------------
 
+    def _send_now(self, frame: str) -> bool:
+        """Write ``frame`` to the socket now if nothing waits before it (False: queue it)."""
+        if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
+            return False
+        # A closed websocket: the reader and the writer find out.
+        with contextlib.suppress(Closed):
+            self.ws.write_message(frame)
+        return True
+
+    def _deliver_live(self, pump: _Pump) -> Delivery:
+        """The fan-out's turn at a parked pump: its new events, sent from there if the
+        connection has nothing waiting (None: the pump stays parked); else the frames
+        for the pump to queue, or none if it must take over (history, the end)."""
+        subscription = pump.subscription
+        try:
+            batch = subscription.take_at_hand(BATCH_RECORDS)
+        except Exception:
+            return []  # the pump meets it again, in its own task, and ends the subscription
+        if batch is None:
+            return []
+        if not batch:
+            return None
+        frames = [p.encode_events_frame(pump.id, chunk) for chunk in _chunks(batch)]
+        if len(frames) == 1 and len(batch) < BATCH_RECORDS and self._send_now(frames[0]):
+            pump.last_seq = subscription.position
+            return None
+        return frames
+
     async def _forward(self, pump: _Pump) -> None:
         """A subscription's pump: the log's records, as frames, into the writer's queue."""
         subscription = pump.subscription
@@ -573,11 +564,17 @@ class Connection:
                             pump.last_seq = subscription.position
                             live = isinstance(batch, list) and len(batch) < BATCH_RECORDS
                             if pump.paced and live:
-                                # Not catching up: let the next events gather.
-                                if self._pacer is None:
+                                # Not catching up: let the next events gather. The
+                                # fan-out sends them, and wakes this task only for
+                                # what it cannot do (fanout.py).
+                                if self._fanout is None:
                                     await trio.sleep(BATCH_PACE)
-                                else:
-                                    await self._pacer.wait(pump.group)
+                                    continue
+                                deliver = partial(self._deliver_live, pump)
+                                frames = await self._fanout.park(pump, pump.group, deliver)
+                                for frame in frames:
+                                    await self._queue(frame, SUBSCRIPTIONS)
+                                pump.last_seq = subscription.position
                     except Gone as gone:
                         reason = (
                             "the log's retention overtook this subscription; events from seq"

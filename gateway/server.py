@@ -32,7 +32,8 @@ from sandboxd.events.codec import now_ts
 from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, check_path, token_from_handshake
-from sandboxd.gateway.connection import Connection, Pacer, Requests, Timeouts
+from sandboxd.gateway.connection import Connection, Requests, Timeouts
+from sandboxd.gateway.fanout import FanOut
 from sandboxd.gateway.front_door import FrontDoor, ReplayStream
 from sandboxd.gateway.metrics import Metrics
 from sandboxd.gateway.routes import Routes
@@ -73,8 +74,8 @@ class Gateway:
         self.requests = Requests()
         self._services = ops.Services(registry, event_log, self.started_at)
         self._connections: set[Connection] = set()
-        #: The tick the live batch subscriptions' pumps wait for (connection.Pacer).
-        self._pacer = Pacer()
+        #: The one task that delivers the live batch subscriptions' frames (fanout.py).
+        self.fanout = FanOut(requests=self.requests)
         #: Connections open or being opened, per user id: max_connections_per_user.
         self._per_user: Counter[str | None] = Counter()
         self._connection_numbers = itertools.count(1)
@@ -115,7 +116,7 @@ class Gateway:
         async with trio.open_nursery() as connections:
             # Connections live in their own nursery: drain() stops the listeners
             # alone, and in-flight requests on open connections run on.
-            connections.start_soon(self._pacer.run)
+            connections.start_soon(self.fanout.run)
             with trio.CancelScope() as self._listening:
                 async with trio.open_nursery() as listening:
                     await listening.start(
@@ -194,7 +195,7 @@ class Gateway:
             count_reply=self.metrics.count_request,
             requests=self.requests,
             timeouts=self.timeouts,
-            pacer=self._pacer,
+            fanout=self.fanout,
         )
         self._connections.add(connection)
         log.debug("%s: opened from %s", connection.name, _peer(stream))
