@@ -510,19 +510,10 @@ class Connection:
 
     # -- subscriptions ------------------------------------------------------------------
 
-    def _send_now(self, frame: str) -> bool:
-        """Write ``frame`` to the socket now if nothing waits before it (False: queue it)."""
-        if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
-            return False
-        # A closed websocket: the reader and the writer find out.
-        with contextlib.suppress(Closed):
-            self.ws.write_message(frame)
-        return True
-
     def _deliver_live(self, pump: _Pump) -> Delivery:
-        """The fan-out's turn at a parked pump: its new events, sent from there if the
-        connection has nothing waiting (None: the pump stays parked); else the frames
-        for the pump to queue, or none if it must take over (history, the end)."""
+        """The fan-out's turn at a parked pump: its new events, written to the socket from
+        there if the connection has nothing waiting (None: the pump stays parked); else
+        the frames for the pump to queue, or none if it must take over (history, the end)."""
         subscription = pump.subscription
         try:
             batch = subscription.take_at_hand(BATCH_RECORDS)
@@ -532,11 +523,15 @@ class Connection:
             return []
         if not batch:
             return None
-        frames = [p.encode_events_frame(pump.id, chunk) for chunk in _chunks(batch)]
-        if len(frames) == 1 and len(batch) < BATCH_RECORDS and self._send_now(frames[0]):
+        chunks = list(_chunks(batch))
+        free = self._lanes.empty and self.ws.idle and not self._lanes.closed
+        if free and len(chunks) == 1 and len(batch) < BATCH_RECORDS:
+            # A closed websocket: the reader and the writer find out.
+            with contextlib.suppress(Closed):
+                self.ws.write_text(p.events_frame_parts(pump.id, chunks[0]))
             pump.last_seq = subscription.position
             return None
-        return frames
+        return [p.encode_events_frame(pump.id, chunk) for chunk in chunks]
 
     async def _forward(self, pump: _Pump) -> None:
         """A subscription's pump: the log's records, as frames, into the writer's queue."""
