@@ -514,6 +514,13 @@ class Connection:
         """The fan-out's turn at a parked pump: its new events, written to the socket from
         there if the connection has nothing waiting (None: the pump stays parked); else
         the frames for the pump to queue, or none if it must take over (history, the end)."""
+        if not (self._lanes.empty and self.ws.idle):
+            # The socket has not taken the last frames yet: leave the events where they
+            # are (the subscription's live buffer, shared by all, or the disk once it
+            # overflows) and take them all into one frame on a later round, rather than
+            # queue frames here: a slow client costs no memory of its own, and gets
+            # bigger frames, not more of them.
+            return None
         subscription = pump.subscription
         try:
             batch = subscription.take_at_hand(BATCH_RECORDS)
@@ -524,8 +531,7 @@ class Connection:
         if not batch:
             return None
         chunks = list(_chunks(batch))
-        free = self._lanes.empty and self.ws.idle and not self._lanes.closed
-        if free and len(chunks) == 1 and len(batch) < BATCH_RECORDS:
+        if len(chunks) == 1 and len(batch) < BATCH_RECORDS and not self._lanes.closed:
             # A closed websocket: the reader and the writer find out.
             with contextlib.suppress(Closed):
                 self.ws.write_text(p.events_frame_parts(pump.id, chunks[0]))
