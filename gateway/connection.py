@@ -57,7 +57,7 @@ from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.budget import ByteBudget
-from sandboxd.gateway.fanout import PACE, Delivery, FanOut
+from sandboxd.gateway.fanout import PACE, FanOut
 from sandboxd.gateway.metrics import INVALID_OP
 from sandboxd.gateway.websocket import Closed, ServerWebSocket
 
@@ -510,34 +510,29 @@ class Connection:
 
     # -- subscriptions ------------------------------------------------------------------
 
-    def _deliver_live(self, pump: _Pump) -> Delivery:
+    def _deliver_live(self, pump: _Pump) -> bool:
         """The fan-out's turn at a parked pump: its new events, written to the socket from
-        there if the connection has nothing waiting (None: the pump stays parked); else
-        the frames for the pump to queue, or none if it must take over (history, the end)."""
-        if not (self._lanes.empty and self.ws.idle):
+        there. True: the pump's own task must take over (history, the gate, the end)."""
+        if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
             # The socket has not taken the last frames yet: leave the events where they
             # are (the subscription's live buffer, shared by all, or the disk once it
             # overflows) and take them all into one frame on a later round, rather than
             # queue frames here: a slow client costs no memory of its own, and gets
             # bigger frames, not more of them.
-            return None
+            return False
         subscription = pump.subscription
         try:
             batch = subscription.take_at_hand(BATCH_RECORDS)
         except Exception:
-            return []  # the pump meets it again, in its own task, and ends the subscription
-        if batch is None:
-            return []
+            return True  # the pump meets it again, in its own task, and ends the subscription
         if not batch:
-            return None
-        chunks = list(_chunks(batch))
-        if len(chunks) == 1 and len(batch) < BATCH_RECORDS and not self._lanes.closed:
-            # A closed websocket: the reader and the writer find out.
-            with contextlib.suppress(Closed):
-                self.ws.write_text(p.events_frame_parts(pump.id, chunks[0]))
-            pump.last_seq = subscription.position
-            return None
-        return [p.encode_events_frame(pump.id, chunk) for chunk in chunks]
+            return batch is None
+        # A closed websocket: the reader and the writer find out.
+        with contextlib.suppress(Closed):
+            for chunk in _chunks(batch):
+                self.ws.write_text(p.events_frame_parts(pump.id, chunk))
+        pump.last_seq = subscription.position
+        return False
 
     async def _forward(self, pump: _Pump) -> None:
         """A subscription's pump: the log's records, as frames, into the writer's queue."""
@@ -572,10 +567,7 @@ class Connection:
                                     await trio.sleep(BATCH_PACE)
                                     continue
                                 deliver = partial(self._deliver_live, pump)
-                                frames = await self._fanout.park(pump, pump.group, deliver)
-                                for frame in frames:
-                                    await self._queue(frame, SUBSCRIPTIONS)
-                                pump.last_seq = subscription.position
+                                await self._fanout.park(pump, pump.group, deliver)
                     except Gone as gone:
                         reason = (
                             "the log's retention overtook this subscription; events from seq"

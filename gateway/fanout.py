@@ -8,9 +8,10 @@ second took most of the event loop in bench/gateway.py), a pump with nothing
 more in hand *parks* here, and this one task goes round the parked pumps, a
 group of them each ``pace / GROUPS`` seconds, calling each one's ``deliver``:
 it takes what the subscription has at hand (no wait, no disk) and writes the
-frame to the socket there and then (connection.py). A pump is woken only when
-its subscription needs what only its own task can do: wait for room in a
-full queue, read the disk, or end.
+frame to the socket there and then (connection.py), or leaves the events in
+the subscription while the socket has not taken the last frame yet. A pump is
+woken only when its subscription needs what only its own task can do: read
+the disk, wait for the gate's token, or end.
 
 Requests first: the round is cut into slices of at most ``SLICE`` seconds
 (``BUSY_SLICE`` while any request is in flight), between which the task
@@ -33,9 +34,9 @@ import trio
 #: Seconds between two frames of one live batch subscription.
 PACE: Final = 0.1
 
-#: What ``deliver`` says: None, stay parked (nothing at hand, or it was sent);
-#: a list, wake the pump and hand it these frames to queue, in order (maybe none).
-Delivery = list[str] | None
+#: A parked pump's turn: sends what it can from here, and says whether the pump's own
+#: task must take over (True: it is woken).
+Deliver = Callable[[], bool]
 
 
 class InFlight(Protocol):
@@ -46,7 +47,7 @@ class InFlight(Protocol):
 @attrs.define(eq=False)
 class _Parked:
     task: trio.lowlevel.Task
-    deliver: Callable[[], Delivery]
+    deliver: Deliver
 
 
 class FanOut:
@@ -75,9 +76,9 @@ class FanOut:
     def parked(self) -> int:
         return sum(len(group) for group in self._groups)
 
-    async def park(self, key: object, group: int, deliver: Callable[[], Delivery]) -> list[str]:
-        """Wait until the round comes to ``group`` and ``deliver`` asks for the pump's
-        task: the frames it hands over, to queue in order."""
+    async def park(self, key: object, group: int, deliver: Deliver) -> None:
+        """Wait while the rounds come to ``group`` and ``deliver`` sends from here; return
+        once it says the pump's own task must take over."""
         await trio.lowlevel.checkpoint_if_cancelled()
         members = self._groups[group]
         members[key] = _Parked(trio.lowlevel.current_task(), deliver)
@@ -86,8 +87,7 @@ class FanOut:
             members.pop(key, None)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        frames: list[str] = await trio.lowlevel.wait_task_rescheduled(abort)
-        return frames
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def run(self) -> None:
         """Serve each group in turn, forever (a task of the gateway's)."""
@@ -106,11 +106,10 @@ class FanOut:
         for key, parked in list(members.items()):
             if members.get(key) is not parked:
                 continue  # gone (cancelled) while an earlier slice yielded
-            delivery = parked.deliver()
-            if delivery is not None:
+            if parked.deliver():
                 del members[key]
                 self.woken += 1
-                trio.lowlevel.reschedule(parked.task, outcome.Value(delivery))
+                trio.lowlevel.reschedule(parked.task, outcome.Value(None))
             busy = self._requests is not None and self._requests.in_flight > 0
             if time.perf_counter() - began > (self.BUSY_SLICE if busy else self.SLICE):
                 await trio.lowlevel.checkpoint()
