@@ -3,29 +3,32 @@
 The tasks of a connection share one nursery, in the manner of hypercorn's
 trio worker:
 
-- the reader takes frames off trio-websocket's queue at once (while that
-  queue is full trio-websocket answers neither pings nor close frames),
-  parses them (protocol/, no I/O) and starts a task per request, which
-  the ``answer`` given to the connection turns into a reply frame;
-- one writer is the only task that sends: every reply and subscription frame
-  goes through one queue bounded in frames and in bytes (budget.py), so a
-  client that stops reading holds at most that queue, and a connection that
-  stays unwritable for ``send_timeout`` is closed. The queue has two lanes,
-  and the writer takes replies ahead of subscription frames: a request is
-  answered first however many events wait (an unsubscribe's reply goes in the
+- the reader reads frames (``ServerWebSocket.get_message``: the socket is
+  read only when asked), parses them (protocol/, no I/O) and starts a task
+  per request, which the ``answer`` given to the connection turns into a
+  reply frame;
+- a frame with nothing queued nor unwritten before it goes to the socket from
+  the task that made it (one ``write(2)``, no task switch: websocket.py);
+  else it waits in one queue bounded in frames and in bytes (budget.py), so a
+  client that stops reading holds at most that queue, and the writer, the
+  only task that waits on the socket, writes it; a connection that stays
+  unwritable for ``send_timeout`` is closed. The queue has two lanes, and the
+  writer takes replies ahead of subscription frames: a request is answered
+  first however many events wait (an unsubscribe's reply goes in the
   subscriptions' lane, after the frames of the subscription it ends);
 - the keepalive pings a connection that has said nothing for
-  ``ping_interval`` and closes it if no pong comes within ``ping_timeout``
-  (trio-websocket has no keepalive of its own);
+  ``ping_interval`` and closes it if no pong comes within ``ping_timeout``;
 - each subscription's pump pulls from the log's subscription and pushes into
   that same queue; while it is full the pump simply stops pulling, and the
   log serves it from disk when it comes back, so a slow reader slows no one
   else. It takes every record at hand at once (``next_batch``); a
   subscription made with ``"batch": true`` gets them in one frame (the
-  stored bytes joined), and its pump, when it sent a small batch (it is live,
-  not catching up), waits ``BATCH_PACE`` before it takes the next, unless it
-  follows named sandboxes: a live firehose then costs a few frames a second
-  per subscriber, not one per event.
+  stored bytes joined). Such a pump, once live and not following named
+  sandboxes, parks in the gateway's ``FanOut`` (fanout.py): that one task
+  sends its frames from then on, at most one every ``BATCH_PACE`` (a live
+  firehose costs a few frames a second per subscriber, not one per event, and
+  no task switch each), and wakes the pump only for history, the read gate,
+  or the end.
 
 What the ops use of a connection is its public API: ``user``, ``name``,
 ``subscription_count``, ``open_subscription``, ``close_subscription`` and
