@@ -25,10 +25,12 @@ trio worker:
   subscription made with ``"batch": true`` gets them in one frame (the
   stored bytes joined). Such a pump, once live and not following named
   sandboxes, parks in the gateway's ``FanOut`` (fanout.py): that one task
-  sends its frames from then on, at most one every ``BATCH_PACE`` (a live
-  firehose costs a few frames a second per subscriber, not one per event, and
-  no task switch each), and wakes the pump only for history, the read gate,
-  or the end.
+  sends its frames from then on, at most one every ``BATCH_PACE`` while
+  events keep coming (a live firehose costs a few frames a second per
+  subscriber, not one per event, and no task switch each); after a pace with
+  none it hands the pump back to its subscription, so that the first event
+  after a lull goes out at once; and it wakes the pump for history, the read
+  gate, or the end.
 
 What the ops use of a connection is its public API: ``user``, ``name``,
 ``subscription_count``, ``open_subscription``, ``close_subscription`` and
@@ -515,7 +517,8 @@ class Connection:
 
     def _deliver_live(self, pump: _Pump) -> bool:
         """The fan-out's turn at a parked pump: its new events, written to the socket from
-        there. True: the pump's own task must take over (history, the gate, the end)."""
+        there. True: the pump's own task takes over (nothing new: it waits for the next
+        event itself; history, the gate, the end)."""
         if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
             # The socket has not taken the last frames yet: leave the events where they
             # are (the subscription's live buffer, shared by all, or the disk once it
@@ -529,7 +532,11 @@ class Connection:
         except Exception:
             return True  # the pump meets it again, in its own task, and ends the subscription
         if not batch:
-            return batch is None
+            # Nothing came for a whole pace (or what comes next needs the pump: history,
+            # the end): the pump waits on its subscription again, and the next event goes
+            # out at once rather than at the next round. Under a steady flow every round
+            # has something, and no pump wakes.
+            return True
         # A closed websocket: the reader and the writer find out.
         with contextlib.suppress(Closed):
             for chunk in _chunks(batch):

@@ -10,8 +10,11 @@ group of them each ``pace / GROUPS`` seconds, calling each one's ``deliver``:
 it takes what the subscription has at hand (no wait, no disk) and writes the
 frame to the socket there and then (connection.py), or leaves the events in
 the subscription while the socket has not taken the last frame yet. A pump is
-woken only when its subscription needs what only its own task can do: read
-the disk, wait for the gate's token, or end.
+woken when its subscription needs what only its own task can do (read the
+disk, wait for the gate's token, end), and when nothing came for a whole
+pace: it then waits on its subscription itself, so that the first event after
+a lull goes out at once, not at the next round. Under a steady flow every
+round finds something, and no pump wakes.
 
 Requests first: the round is cut into slices of at most ``SLICE`` seconds
 (``BUSY_SLICE`` while any request is in flight), between which the task
