@@ -26,6 +26,7 @@ subscriptions' live buffers (events/subscriptions.py).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -33,6 +34,8 @@ from typing import Final, Protocol
 import attrs
 import outcome
 import trio
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two frames of one live batch subscription.
 PACE: Final = 0.1
@@ -109,7 +112,13 @@ class FanOut:
         for key, parked in list(members.items()):
             if members.get(key) is not parked:
                 continue  # gone (cancelled) while an earlier slice yielded
-            if parked.deliver():
+            try:
+                wake = parked.deliver()
+            except Exception:
+                # Never let it escape: it would end the fan-out of every connection.
+                log.exception("the fan-out's delivery failed; its pump takes over")
+                wake = True
+            if wake:
                 del members[key]
                 self.woken += 1
                 trio.lowlevel.reschedule(parked.task, outcome.Value(None))

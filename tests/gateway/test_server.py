@@ -478,3 +478,28 @@ async def test_a_parked_pump_cancelled_leaves_the_fan_out(
             await fan_out.park(object(), 0, lambda: False)
         assert fan_out.parked == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_delivery_that_raises_wakes_its_pump_and_the_fan_out_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fan_out = fanout.FanOut(0.1)
+    turns: list[str] = []
+
+    def broken() -> bool:
+        turns.append("broken")
+        raise RuntimeError("a bug")
+
+    def fine() -> bool:
+        turns.append("fine")
+        return len(turns) >= 4
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fan_out.run)
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(fan_out.park, object(), 0, broken)
+            pumps.start_soon(fan_out.park, object(), 0, fine)
+        nursery.cancel_scope.cancel()
+    assert turns.count("broken") == 1 and turns.count("fine") >= 1
+    assert fan_out.woken == 2 and fan_out.parked == 0
+    assert "its pump takes over" in caplog.text
