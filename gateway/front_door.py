@@ -134,8 +134,8 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
     def __repr__(self) -> str:
-        # trio-websocket names a connection's peer by the stream's repr when it is no
-        # SocketStream: give it the address, as it would have found it.
+        # The gateway names a connection's peer by the stream's repr when it is no
+        # SocketStream (server.py's _peer): give it the address.
         if not isinstance(self.stream, trio.SocketStream):
             return repr(self.stream)  # in-memory, in tests
         try:

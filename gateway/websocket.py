@@ -293,7 +293,7 @@ class ServerWebSocket:
             self._parts.append(event.data)
             if self._part_bytes > self._max_message_bytes:
                 self._parts, self._part_bytes = [], 0
-                limit = f"messages must be at most {self._max_message_bytes} bytes"
+                limit = f"frames must be at most {self._max_message_bytes} bytes"
                 await self._start_close(TOO_BIG, limit)
                 raise Closed(CloseReason(TOO_BIG, limit))
             if not event.message_finished:
