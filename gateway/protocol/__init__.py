@@ -64,6 +64,7 @@ from sandboxd.gateway.protocol._frames import (
     encode_event_frame,
     encode_events_frame,
     encode_ok,
+    events_frame_parts,
     parse_frame,
 )
 from sandboxd.gateway.protocol._requests import (
@@ -206,6 +207,7 @@ __all__ = [
     "encode_ok",
     "encode_request",
     "error_from_reply",
+    "events_frame_parts",
     "first_of",
     "gave_up",
     "not_a_url",
