@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from sandboxd.actors.boundary.cgroupfs import daemon_dir_name
 from tests.daemon_process import STATE_DIRS, remove_reachable_dirs
 from tests.nats_cluster import nats_cluster  # noqa: F401  (a session fixture: one cluster)
 from tests.support import end_sandboxes
@@ -67,14 +68,33 @@ def _daemon_cgroups() -> set[Path]:
     return {path for pattern in patterns for path in root.glob(pattern) if path.is_dir()}
 
 
+def _daemon_names_under(basetemp: Path) -> set[str]:
+    """The parent cgroup names of the daemons whose state dirs were under ``basetemp``.
+
+    A name is a hash of its daemon's state dir (``daemon_dir_name``), so it is found by
+    hashing every dir this session made: the only cgroups that are this session's to
+    remove. Another suite on the same machine runs daemons of its own, whose parents may
+    be empty for a moment between two sandboxes.
+    """
+    dirs = (path for path in basetemp.rglob("*") if path.is_dir() and not path.is_symlink())
+    return {daemon_dir_name(str(path.resolve())) for path in dirs}
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _remove_daemon_cgroups() -> Iterator[None]:
+def _remove_daemon_cgroups(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A net under the per-test cleanup: a daemon cgroup the session made and left empty
     (a test whose daemon was not made by daemon_config) is removed at its end."""
     before = _daemon_cgroups()
     yield
+    ours = _daemon_names_under(tmp_path_factory.getbasetemp())
     for parent in _daemon_cgroups() - before:
-        for path in sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        if parent.name not in ours:
+            continue
+        try:
+            paths = sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True)
+        except FileNotFoundError:  # removed meanwhile, by its daemon
+            continue
+        for path in paths:
             with contextlib.suppress(OSError):  # busy: something still runs there
                 path.rmdir()
 
