@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 import attrs
 import trio
 
-from sandboxd.actors import output
+from sandboxd.actors import idle, output
 from sandboxd.actors.actor import SandboxActor, SandboxContext
 from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.boundary.identities import holders
@@ -35,7 +36,8 @@ from sandboxd.actors.errors import (
 )
 from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
-from sandboxd.actors.mailbox import Delete, Pause, Resume, Start
+from sandboxd.actors.labels import matches as label_matches
+from sandboxd.actors.mailbox import Delete, IdleCheck, Pause, Resume, Start
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.actors.visibility import sees_sandbox as visible
@@ -108,6 +110,8 @@ class Registry:
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
             nursery.start_soon(self.reclaim_uids_forever)
+        if any(spec.idle_timeout is not None for spec in config.specs):
+            nursery.start_soon(self.sweep_idle_forever)
 
     @property
     def state(self) -> State:
@@ -120,6 +124,27 @@ class Registry:
             files = [actor.output for actor in self._actors.values()]
             await trio.to_thread.run_sync(output.cap_outputs, files, self.config.output_cap_bytes)
             await trio.sleep(OUTPUT_SWEEP_INTERVAL)
+
+    async def sweep_idle_forever(self) -> None:
+        """Every ``idle_check_interval``: one sweep over every RUNNING sandbox whose spec has
+        an idle_timeout, its verdicts told to their actors (actors/idle.py)."""
+        sweep = idle.IdleSweep()
+        while True:
+            await trio.sleep(self.config.idle_check_interval)
+            watched = [
+                idle.Watched(record, actor.spec, actor.tree)
+                for actor in self._actors.values()
+                if actor.spec.idle_timeout is not None
+                and (record := self.state.sandboxes.get(actor.sandbox_id)) is not None
+                and record.status is Status.RUNNING
+            ]
+            samples = (
+                await trio.to_thread.run_sync(idle.measure, watched, time.time()) if watched else {}
+            )
+            for sandbox_id, verdict in sweep.sweep(watched, samples):
+                actor = self._actors.get(sandbox_id)
+                if actor is not None:
+                    actor.tell(IdleCheck(verdict))
 
     async def reclaim_uids_forever(self) -> None:
         """Give back to the pool each draining uid once nothing runs or remains under it."""
@@ -156,9 +181,11 @@ class Registry:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> SandboxInfo:
         """``owner``: an admin's start for that user, whose sandbox it then is (its
-        ``created_by_user_id``, who sees it, whose limit it counts against)."""
+        ``created_by_user_id``, who sees it, whose limit it counts against). ``labels``:
+        its tags, within actors/labels.py's bounds (the gateway checked them)."""
         if self._closed:
             raise Unavailable("the daemon is shutting down and starts no sandbox")
         _admin_only(caller, "owner", owner)
@@ -194,7 +221,7 @@ class Registry:
         named = tuple(
             ev.NamedPort(name, port) for name, port in zip(spec.ports, ports, strict=True)
         )
-        start = Start(caller.id, named, working_dir, uid, dict(env or {}), wait)
+        start = Start(caller.id, named, working_dir, uid, dict(env or {}), wait, dict(labels or {}))
         actor.enqueue(start)
         with trio.CancelScope(shield=True):  # an actor with its start queued must run
             await self._nursery.start(self._run_actor, actor, False)
@@ -323,10 +350,12 @@ class Registry:
         limit: int = MAX_PAGE,
         status: Status | None = None,
         owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[list[SandboxInfo], str | None]:
         """Newest first. The cursor is the creation seq of the last item given, so paging
         while sandboxes come and go neither repeats nor skips one that existed throughout.
-        ``owner`` (admins only): that user's sandboxes alone."""
+        ``owner`` (admins only): that user's sandboxes alone; ``labels``: those with every
+        one of these labels."""
         _admin_only(caller, "owner", owner)
         before = _parse_cursor(page_id)
         page: list[SandboxRecord] = []
@@ -336,6 +365,7 @@ class Registry:
                 not visible(caller, record)
                 or (status is not None and record.status is not status)
                 or (owner is not None and record.created_by_user_id != owner)
+                or (labels and not label_matches(record.labels, labels))
             ):
                 continue
             if len(page) == limit:

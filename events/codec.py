@@ -148,6 +148,14 @@ def _checker(tp: Any) -> Callable[[Any], Any]:
             return [item(x) for x in v]
 
         return check_list
+    if typing.get_origin(tp) is dict and args == (str, str):
+
+        def check_str_dict(v: Any) -> Any:
+            if type(v) is not dict or not all(type(x) is str for x in v.values()):
+                raise _Invalid(f"expected an object of strings, got {v!r}")
+            return v  # JSON object keys are strings already
+
+        return check_str_dict
     if attrs.has(tp):
         return _record_checker(tp)
     raise TypeError(f"the codec has no strict check for {tp!r}")

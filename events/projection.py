@@ -60,6 +60,11 @@ class SandboxRecord:
     #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
     #: named ports (see ``named_ports``).
     ports: tuple[ev.NamedPort, ...] = ()
+    #: What its starter tagged it with (sandbox.created); never changed afterwards.
+    labels: dict[str, str] = attrs.Factory(dict)
+    #: When the idle sweep's window in which it was first seen idle began (sandbox.idle);
+    #: None while it is active, and again after any other change of the sandbox.
+    idle_since: str | None = None
 
     @property
     def has_process(self) -> bool:
@@ -91,6 +96,9 @@ class State:
     #: another user has created it again. One small entry per sandbox created; tuples,
     #: so that a shallow copy of the map (copy_state) is a full one.
     owners: dict[str, tuple[Incarnation, ...]] = attrs.Factory(dict)
+    #: The labels of every labelled life (sandbox.created's), deleted ones included, by its
+    #: ``created_seq``: what the events' ``labels`` filter matches against.
+    labels: dict[int, dict[str, str]] = attrs.Factory(dict)
 
 
 def incarnation_at(state: State, sandbox_id: str, seq: int) -> Incarnation | None:
@@ -101,6 +109,12 @@ def incarnation_at(state: State, sandbox_id: str, seq: int) -> Incarnation | Non
         if incarnation.created_seq <= seq:
             return incarnation
     return None
+
+
+def labels_at(state: State, sandbox_id: str, seq: int) -> dict[str, str]:
+    """The labels of the life of ``sandbox_id`` an event at ``seq`` belongs to ({}: none)."""
+    life = incarnation_at(state, sandbox_id, seq)
+    return {} if life is None else state.labels.get(life.created_seq, {})
 
 
 _FIELDS = tuple(f.name for f in attrs.fields(SandboxRecord))
@@ -157,12 +171,14 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             working_dir=data.working_dir,
             uid=data.uid,
             ports=tuple(data.ports or ()),
+            labels=dict(data.labels or {}),
         )
     if record is None:
         raise ProjectionError(
             f"seq {event.seq}: {event.type} for sandbox {event.sandbox_id}, which does not exist"
         )
-    changed: dict[str, Any] = {"updated_at": event.ts, "version": event.seq}
+    # Any change of the sandbox ends an idle period; only the sweep's sandbox.idle starts one.
+    changed: dict[str, Any] = {"updated_at": event.ts, "version": event.seq, "idle_since": None}
     match data:
         case ev.ProcessStarted(pid=pid, pgid=pgid, create_time=create_time, command=command):
             if data.uid is not None:
@@ -198,6 +214,10 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
                 pgid=None,
                 **changed,
             )
+        case ev.SandboxIdle(since=since):
+            return _evolve(record, **(changed | {"idle_since": since}))
+        case ev.SandboxActive():
+            return _evolve(record, **changed)
         case ev.SandboxAdopted():
             # Adoption changes nothing a client sees; it only says the daemon watches again.
             return record
@@ -220,6 +240,8 @@ def apply(state: State, event: ev.Event) -> State:
         if isinstance(event.data, ev.SandboxCreated):
             born = Incarnation(event.seq, event.data.created_by_user_id)
             state.owners[sandbox_id] = (*state.owners.get(sandbox_id, ()), born)
+            if event.data.labels:
+                state.labels[event.seq] = dict(event.data.labels)
         if after is None:
             del state.sandboxes[sandbox_id]
         else:
@@ -230,7 +252,7 @@ def apply(state: State, event: ev.Event) -> State:
 
 def copy_state(state: State) -> State:
     # Records are immutable: shallow copies of the maps are a full copy of the state.
-    return State(dict(state.sandboxes), state.head_seq, dict(state.owners))
+    return State(dict(state.sandboxes), state.head_seq, dict(state.owners), dict(state.labels))
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
@@ -241,6 +263,8 @@ def state_to_dict(state: State) -> dict[str, Any]:
         "owners": {
             sandbox_id: [list(i) for i in lives] for sandbox_id, lives in state.owners.items()
         },
+        # {created_seq: labels} of labelled lives; absent from snapshots older than labels.
+        "labels": {str(seq): labels for seq, labels in state.labels.items()},
     }
 
 
@@ -253,7 +277,19 @@ def state_from_dict(raw: dict[str, Any]) -> State:
         {r.id: r for r in records},
         int(raw["head_seq"]),
         {sandbox_id: _incarnations(sandbox_id, lives) for sandbox_id, lives in owners.items()},
+        _labels(raw.get("labels", {})),
     )
+
+
+def _labels(raw: Any) -> dict[int, dict[str, str]]:
+    if type(raw) is not dict or not all(
+        seq.isdecimal()
+        and type(labels) is dict
+        and all(type(k) is str and type(v) is str for k, v in labels.items())
+        for seq, labels in raw.items()
+    ):
+        raise ValueError("labels must map creation seqs to objects of strings")
+    return {int(seq): labels for seq, labels in raw.items()}
 
 
 def _incarnations(sandbox_id: str, raw: Any) -> tuple[Incarnation, ...]:

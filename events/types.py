@@ -47,6 +47,9 @@ class SandboxCreated:
     ports: list[NamedPort] | None = None
     #: The uid the sandbox runs under, its own for its whole life; None: the daemon's.
     uid: int | None = None
+    #: What its starter tagged it with (``sandbox.start``'s ``labels``), for its whole life;
+    #: None: none (records older than labels too).
+    labels: dict[str, str] | None = None
 
 
 @attrs.frozen
@@ -75,6 +78,8 @@ class StartFailed:
 @attrs.frozen
 class SandboxPaused:
     TYPE: ClassVar[str] = "sandbox.paused"
+    #: Why the daemon paused it on its own (a policy: "idle since ..."); None: a user asked.
+    reason: str | None = None
 
 
 @attrs.frozen
@@ -119,6 +124,26 @@ class SandboxMissing:
 class SandboxDeleted:
     TYPE: ClassVar[str] = "sandbox.deleted"
     forced: bool
+    #: Why the daemon deleted it on its own (a policy: "idle since ..."); None: a user asked.
+    reason: str | None = None
+
+
+@attrs.frozen
+class SandboxIdle:
+    """The idle sweep found the RUNNING sandbox idle (actors/idle.py): nothing connected to
+    its ports and under its spec's ``idle_cpu_seconds`` of CPU in a sweep's window."""
+
+    TYPE: ClassVar[str] = "sandbox.idle"
+    since: str  # RFC 3339, UTC: when the window in which it was first seen idle began
+    reason: str  # what was seen
+
+
+@attrs.frozen
+class SandboxActive:
+    """The idle sweep found the sandbox it had recorded idle active again."""
+
+    TYPE: ClassVar[str] = "sandbox.active"
+    reason: str  # what was seen: a connection to which port, or how much CPU
 
 
 @attrs.frozen
@@ -148,6 +173,8 @@ Payload = (
     | SandboxAdopted
     | SandboxMissing
     | SandboxDeleted
+    | SandboxIdle
+    | SandboxActive
     | DaemonStarted
     | DaemonStopping
 )
@@ -165,6 +192,8 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     SandboxAdopted,
     SandboxMissing,
     SandboxDeleted,
+    SandboxIdle,
+    SandboxActive,
     DaemonStarted,
     DaemonStopping,
 )

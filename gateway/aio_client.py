@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TypeVar
 
 try:
@@ -196,13 +196,14 @@ class Client(p.ClientOps):
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Subscription:
         """Events with seq > after_seq (None: from now on), on a connection of their own.
 
         Use as ``async with client.subscribe(...) as events: async for event in events``.
         Closing the client closes it too.
         """
-        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types)
+        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, labels=labels)
         return Subscription(self, resumption)
 
 

@@ -86,10 +86,26 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     start.add_argument(
         "--owner", metavar="USER", help="admins: start it for this user, whose it then is"
     )
+    start.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="tag it with this label (repeatable)",
+    )
 
     ls = add("ls", run_ls, "list sandboxes, newest first")
     ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     ls.add_argument("--owner", metavar="USER", help="admins: only this user's sandboxes")
+    ls.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="only sandboxes with this label (repeatable: all must match)",
+    )
 
     for name, run, text in (
         ("get", run_get, "show one sandbox"),
@@ -249,6 +265,9 @@ def _print_sandbox(info: SandboxInfo, as_json: bool) -> None:
         ("created_at", info.created_at),
         ("updated_at", info.updated_at),
     ]
+    fields += [(f"label {key}", value) for key, value in sorted(info.labels.items())]
+    if info.idle_since:
+        fields.append(("idle_since", info.idle_since))
     for url in info.exposed_urls or ():
         fields.append((f"url {url.name}", url.url))
     if info.session_api_key:
@@ -276,14 +295,19 @@ def _print_event(event: Event, as_json: bool) -> None:
 # --- The commands -------------------------------------------------------------------------
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
+def _parse_env(pairs: list[str], option: str = "--env") -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise UsageError(f"--env {pair!r} must be NAME=VALUE")
+            raise UsageError(f"{option} {pair!r} must be NAME=VALUE")
         env[name] = value
     return env
+
+
+def _parse_labels(pairs: list[str]) -> dict[str, str] | None:
+    """--label K=V, repeated; the daemon's bounds are checked by the client before sending."""
+    return _parse_env(pairs, "--label") or None
 
 
 def run_start(args: argparse.Namespace) -> int:
@@ -294,6 +318,7 @@ def run_start(args: argparse.Namespace) -> int:
             env=_parse_env(args.env) or None,
             wait=args.wait,
             owner=args.owner,
+            labels=_parse_labels(args.labels),
         )
         _print_sandbox(info, args.json)
         return 0
@@ -303,7 +328,10 @@ def run_start(args: argparse.Namespace) -> int:
 
 def run_ls(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
-        items = [info async for info in client.search_all(status=args.status, owner=args.owner)]
+        search = client.search_all(
+            status=args.status, owner=args.owner, labels=_parse_labels(args.labels)
+        )
+        items = [info async for info in search]
         if args.json:
             _print_json(items)
         elif items:

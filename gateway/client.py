@@ -16,7 +16,7 @@ event exactly once, in order.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -265,12 +265,13 @@ class Client(p.ClientOps):
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Subscription:
         """Events with seq > after_seq (None: from now on), on a connection of their own.
 
         Use as ``async with client.subscribe(...) as events: async for event in events``.
         """
-        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types)
+        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, labels=labels)
         return Subscription(self._nursery, self.url, self._token, resumption)
 
 

@@ -193,15 +193,19 @@ class SandboxCgroup:
     def frozen(self) -> bool:
         return self._watch.state().frozen
 
-    def usage(self) -> Usage:
-        """CPU seconds so far, memory in use now, processes (and threads) now."""
-        cpu: float | None = None
+    def cpu_seconds(self) -> float | None:
+        """CPU its processes used so far, the ended ones' included: one small read."""
         stat = _read(os.path.join(self.tree_dir, "cpu.stat"))  # v2 keeps it with no controller
         if stat is not None and "usage_usec" in (values := parse_flat_keyed(stat)):
-            cpu = values["usage_usec"] / 1e6
-        elif (cpu_dir := self.controller_dirs.get("cpu")) is not None:
+            return values["usage_usec"] / 1e6
+        if (cpu_dir := self.controller_dirs.get("cpu")) is not None:
             usage_ns = _read(os.path.join(cpu_dir, "cpuacct.usage"))  # v1 cpu,cpuacct
-            cpu = int(usage_ns) / 1e9 if usage_ns else None
+            return int(usage_ns) / 1e9 if usage_ns else None
+        return None
+
+    def usage(self) -> Usage:
+        """CPU seconds so far, memory in use now, processes (and threads) now."""
+        cpu = self.cpu_seconds()
         memory: int | None = None
         if (memory_dir := self.controller_dirs.get("memory")) is not None:
             name = "memory.current" if memory_dir == self.tree_dir else "memory.usage_in_bytes"

@@ -14,7 +14,7 @@ clients follow.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from sandboxd.events.types import Event
 from sandboxd.gateway.protocol._errors import (
@@ -105,9 +105,10 @@ class Resumption:
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Resumption:
         """A subscription's memory, its params checked now (they are sent on each connect)."""
-        params = subscribe(after_seq, sandbox_id=sandbox_id, types=types).params
+        params = subscribe(after_seq, sandbox_id=sandbox_id, types=types, labels=labels).params
         assert isinstance(params, EventsSubscribe)
         return cls(params)
 
@@ -121,6 +122,7 @@ class Resumption:
             params.after_seq if self.last_seq is None else self.last_seq,
             sandbox_id=params.sandbox_id,
             types=params.types,
+            labels=params.labels,
         )
 
     def subscribe_reply(self, frame: str | bytes) -> Reply | None:

@@ -107,6 +107,11 @@ def _params(cls: type[P], **values: Any) -> P:
         raise BadRequestError(exc.message) from None
 
 
+def _dict(labels: Mapping[str, str] | None) -> dict[str, str] | None:
+    # An empty filter is no filter: left out, as None is.
+    return dict(labels) if labels else None
+
+
 def _as(cls: type[T] | Any) -> Callable[[Any], T]:
     def decode(result: Any) -> T:
         value: T = converter.structure(result, cls)
@@ -146,6 +151,7 @@ def start(
     env: Mapping[str, str] | None = None,
     wait: bool = True,
     owner: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[SandboxInfo]:
     params = _params(
         SandboxStart,
@@ -154,6 +160,7 @@ def start(
         env=None if env is None else dict(env),
         wait=wait,
         owner=owner,
+        labels=_dict(labels),
     )
     return Call(params, _as(SandboxInfo))
 
@@ -178,8 +185,16 @@ def search(
     limit: int = 100,
     status: str | None = None,
     owner: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[SearchPage]:
-    params = _params(SandboxSearch, page_id=page_id, limit=limit, status=status, owner=owner)
+    params = _params(
+        SandboxSearch,
+        page_id=page_id,
+        limit=limit,
+        status=status,
+        owner=owner,
+        labels=_dict(labels),
+    )
     return Call(params, _as(SearchPage))
 
 
@@ -228,8 +243,15 @@ def subscribe(
     *,
     sandbox_id: str | None = None,
     types: list[str] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[Subscribed]:
-    params = _params(EventsSubscribe, after_seq=after_seq, sandbox_id=sandbox_id, types=types)
+    params = _params(
+        EventsSubscribe,
+        after_seq=after_seq,
+        sandbox_id=sandbox_id,
+        types=types,
+        labels=_dict(labels),
+    )
     return Call(params, _as(Subscribed))
 
 
@@ -243,9 +265,15 @@ def read_events(
     limit: int = 1000,
     sandbox_id: str | None = None,
     types: list[str] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[EventPage[Event]]:
     params = _params(
-        EventsRead, after_seq=after_seq, limit=limit, sandbox_id=sandbox_id, types=types
+        EventsRead,
+        after_seq=after_seq,
+        limit=limit,
+        sandbox_id=sandbox_id,
+        types=types,
+        labels=_dict(labels),
     )
     return Call(params, _event_page)
 

@@ -33,6 +33,8 @@ def for_type(tp: Any) -> st.SearchStrategy[Any]:
         return st.none() | for_type(inner)
     if typing.get_origin(tp) is list:
         return st.lists(for_type(args[0]), max_size=4)
+    if typing.get_origin(tp) is dict:
+        return st.dictionaries(for_type(args[0]), for_type(args[1]), max_size=4)
     if attrs.has(tp):
         return records(tp)
     raise TypeError(f"no strategy for {tp!r}")

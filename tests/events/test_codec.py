@@ -28,11 +28,11 @@ def test_round_trip_of_each_type(cls: type[ev.Payload]) -> None:
 
 
 def test_the_record_has_the_wire_name_and_version() -> None:
-    event = ev.Event(7, "2026-01-01T00:00:00.000000Z", "a", None, ev.SandboxPaused())
+    event = ev.Event(7, "2026-01-01T00:00:00.000000Z", "a", None, ev.SandboxResumed())
     assert orjson.loads(encode(event)) == {
         "seq": 7,
         "ts": "2026-01-01T00:00:00.000000Z",
-        "type": "sandbox.paused",
+        "type": "sandbox.resumed",
         "sandbox_id": "a",
         "by": None,
         "data": {},
@@ -90,10 +90,10 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
     assert (
         added
         == {
-            "sandbox.created": {"uid", "ports"},
+            "sandbox.created": {"uid", "ports", "labels"},
             "sandbox.process_started": {"uid"},
             "sandbox.exited": {"reason", "memory_max"},
-            "sandbox.paused": set(),
+            "sandbox.paused": {"reason"},
         }[event_type]
     )
     assert all(event_to_dict(event)["data"][name] is None for name in added)

@@ -53,11 +53,18 @@ SIGNATURES: dict[str, dict[str, str]] = {
         "env": "env?",
         "wait": "bool?",
         "owner": "str?",
+        "labels": "env?",
     },
     "sandbox.get": {"sandbox_id": "str"},
     "sandbox.batch_get": {"sandbox_ids": "strs"},
     "sandbox.stats": {"sandbox_ids": "strs"},
-    "sandbox.search": {"page_id": "str?", "limit": "int?", "status": "str?", "owner": "str?"},
+    "sandbox.search": {
+        "page_id": "str?",
+        "limit": "int?",
+        "status": "str?",
+        "owner": "str?",
+        "labels": "env?",
+    },
     "sandbox.find_by_session_key": {"session_api_key": "str"},
     "sandbox.pause": {"sandbox_id": "str"},
     "sandbox.resume": {"sandbox_id": "str"},
@@ -66,9 +73,20 @@ SIGNATURES: dict[str, dict[str, str]] = {
     "spec.list": {},
     "spec.get": {"spec_id": "str"},
     "server.info": {},
-    "events.subscribe": {"after_seq": "int?", "sandbox_id": "str?", "types": "strs?"},
+    "events.subscribe": {
+        "after_seq": "int?",
+        "sandbox_id": "str?",
+        "types": "strs?",
+        "labels": "env?",
+    },
     "events.unsubscribe": {"subscription": "str"},
-    "events.read": {"after_seq": "int", "limit": "int?", "sandbox_id": "str?", "types": "strs?"},
+    "events.read": {
+        "after_seq": "int",
+        "limit": "int?",
+        "sandbox_id": "str?",
+        "types": "strs?",
+        "labels": "env?",
+    },
 }
 # One valid value per required field, so that a frame fails only where a test breaks it.
 REQUIRED = {
@@ -147,6 +165,9 @@ seqs = st.integers(min_value=0, max_value=2**63 - 1)
 owners = st.text(
     st.characters(codec="utf-8", categories=["L", "N", "P", "S"]), min_size=1, max_size=40
 ).filter(str.isprintable)
+labels = st.dictionaries(
+    st.from_regex(r"[a-z0-9_.-]{1,63}", fullmatch=True), st.text(max_size=256), max_size=32
+)
 VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
     SandboxStart: st.builds(
         SandboxStart,
@@ -155,6 +176,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         env=st.none() | envs,
         wait=st.booleans(),
         owner=st.none() | owners,
+        labels=st.none() | labels,
     ),
     SandboxGet: st.builds(SandboxGet, sandbox_ids),
     SandboxBatchGet: st.builds(SandboxBatchGet, st.lists(sandbox_ids, max_size=100)),
@@ -165,6 +187,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         limit=st.integers(1, 100),
         status=st.none() | statuses,
         owner=st.none() | owners,
+        labels=st.none() | labels,
     ),
     SandboxFindBySessionKey: st.builds(SandboxFindBySessionKey, st.text(min_size=1, max_size=64)),
     SandboxPause: st.builds(SandboxPause, sandbox_ids),
@@ -179,6 +202,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         after_seq=st.none() | seqs,
         sandbox_id=st.none() | sandbox_ids,
         types=st.none() | event_type_lists,
+        labels=st.none() | labels,
     ),
     EventsUnsubscribe: st.builds(EventsUnsubscribe, st.text(max_size=8)),
     EventsRead: st.builds(
@@ -187,6 +211,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         limit=st.integers(1, 1000),
         sandbox_id=st.none() | sandbox_ids,
         types=st.none() | event_type_lists,
+        labels=st.none() | labels,
     ),
 }
 
