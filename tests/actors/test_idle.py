@@ -1,0 +1,178 @@
+"""The idle sweep's parts: the kernel's TCP tables, CPU over a process tree, and the judgement
+of each window (plain code over samples)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import attrs
+import psutil
+import pytest
+
+from sandboxd.actors.idle import (
+    IdleSweep,
+    IdleVerdict,
+    Sample,
+    Watched,
+    cpu_of_process_trees,
+    established_ports,
+    format_ts,
+    judge,
+    parse_ts,
+    read_established_ports,
+)
+from sandboxd.actors.specs import SpecConfig
+from sandboxd.events.projection import SandboxRecord, Status
+from sandboxd.events.types import NamedPort
+
+TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:7531 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0100007F:7531 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0100007F:D431 0100007F:7531 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+   3: 0100007F:7532 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 0 3
+"""
+TCP6 = """\
+  sl  local_address                         remote_address                        st tx_queue
+   0: 00000000000000000000000001000000:7533 00000000000000000000000001000000:D433 01 0000000
+"""
+
+
+def test_established_ports_are_the_local_ports_of_established_sockets() -> None:
+    # 30001 listens (0A) and has a connection (01); 54321 is the client's end;
+    # 30002 is in TIME_WAIT (06), which is no connection.
+    assert established_ports(TCP) == {30001, 54321}
+    assert established_ports(TCP6) == {30003}
+    assert established_ports("header only\n") == set()
+
+
+def test_the_kernel_shows_a_real_connection() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert port not in read_established_ports()  # listening is not connected
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                assert port in read_established_ports()
+                assert client.getsockname()[1] in read_established_ports()
+    assert port not in read_established_ports()
+
+
+def test_cpu_of_a_process_tree_counts_its_descendants() -> None:
+    # A child that starts a grandchild; the grandchild burns CPU, the child sleeps.
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    code = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {burn!r} + 'time.sleep(60)'])\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20  # a wait for the OS, with a deadline
+        while (totals := cpu_of_process_trees({"tree": child.pid, "none": 2**22 + 1}))[
+            "tree"
+        ] < 0.3:
+            assert time.monotonic() < deadline, f"the grandchild's CPU never counted: {totals}"
+            time.sleep(0.01)
+        assert totals["none"] == 0.0
+    finally:
+        for process in [*psutil.Process(child.pid).children(recursive=True)]:
+            process.kill()
+        child.kill()
+        child.wait()
+
+
+# --- The judgement ---------------------------------------------------------------------------
+
+T0 = 1_800_000_000.0
+SPEC = SpecConfig(id="s", command=("x",), idle_timeout=10.0, idle_cpu_seconds=0.5)
+RECORD = SandboxRecord(
+    id="a",
+    spec_id="s",
+    created_by_user_id=None,
+    status=Status.RUNNING,
+    created_at=format_ts(T0 - 100),
+    updated_at=format_ts(T0 - 100),
+    created_seq=1,
+    version=3,
+    port=30001,
+    working_dir="/w",
+    ports=(NamedPort("AGENT_SERVER", 30001), NamedPort("VSCODE", 30002)),
+)
+
+
+def watched(**changes: Any) -> Watched:
+    return Watched(attrs.evolve(RECORD, **changes), SPEC, None)
+
+
+def test_ts_round_trip() -> None:
+    assert parse_ts(format_ts(T0 + 0.25)) == T0 + 0.25
+
+
+def test_a_quiet_window_begins_an_idle_period_at_its_start() -> None:
+    verdict = judge(watched(), Sample(T0, 1.0, ()), Sample(T0 + 2, 1.1, ()))
+    assert verdict == IdleVerdict(
+        3,
+        True,
+        "no connection to port 30001, 30002, CPU 0.10 s < 0.5 s in 2.0 s",
+        since=format_ts(T0),
+    )
+
+
+def test_an_idle_period_begins_no_earlier_than_the_last_change() -> None:
+    resumed = watched(updated_at=format_ts(T0 + 1))
+    verdict = judge(resumed, Sample(T0, 1.0, ()), Sample(T0 + 2, 1.0, ()))
+    assert verdict is not None and verdict.since == format_ts(T0 + 1)
+
+
+@pytest.mark.parametrize(
+    ("sample", "reason"),
+    [
+        (Sample(T0 + 2, 1.0, (30002,)), "a connection to port 30002"),
+        (Sample(T0 + 2, 1.5, ()), "CPU 0.50 s >= 0.5 s in 2.0 s"),
+    ],
+)
+def test_a_connection_or_cpu_is_activity(sample: Sample, reason: str) -> None:
+    before = Sample(T0, 1.0, ())
+    # Active while active: nothing new to record.
+    assert judge(watched(), before, sample) is None
+    # Active while idle: the period ends, with what was seen.
+    idle = watched(idle_since=format_ts(T0 - 5))
+    assert judge(idle, before, sample) == IdleVerdict(3, False, reason)
+
+
+def test_an_idle_period_expires_after_idle_timeout() -> None:
+    quiet = (Sample(T0, 1.0, ()), Sample(T0 + 2, 1.0, ()))
+    assert judge(watched(idle_since=format_ts(T0 - 7)), *quiet) is None  # 9 s: still idle
+    verdict = judge(watched(idle_since=format_ts(T0 - 8)), *quiet)
+    assert verdict is not None and verdict.idle
+    assert verdict.expired == (
+        f"idle since {format_ts(T0 - 8)} for 10 s:"
+        " no connection to port 30001, 30002, CPU 0.00 s < 0.5 s in 2.0 s"
+    )
+
+
+def test_without_a_cpu_reading_nothing_is_judged() -> None:
+    assert judge(watched(), Sample(T0, None, ()), Sample(T0 + 2, 1.0, ())) is None
+    assert judge(watched(), Sample(T0, 1.0, ()), Sample(T0 + 2, None, (30001,))) is None
+
+
+def test_the_sweep_needs_two_samples_and_forgets_what_it_no_longer_watches() -> None:
+    sweep = IdleSweep()
+    one = [watched()]
+    assert sweep.sweep(one, {"a": Sample(T0, 1.0, ())}) == []  # a baseline only
+    (found,) = sweep.sweep(one, {"a": Sample(T0 + 2, 1.0, ())})
+    assert found[0] == "a" and found[1].idle
+    assert sweep.sweep([], {}) == []  # paused, say: not watched
+    assert sweep.sweep(one, {"a": Sample(T0 + 60, 1.0, ())}) == []  # a fresh baseline
+
+
+def test_a_sample_is_wall_clock_time() -> None:
+    # Samples and idle_since must mean the same to the next daemon: both are wall time.
+    assert abs(parse_ts(format_ts(time.time())) - time.time()) < 5
