@@ -243,6 +243,7 @@ def subscribe(
     *,
     sandbox_id: str | None = None,
     types: list[str] | None = None,
+    batch: bool = False,
     labels: Mapping[str, str] | None = None,
 ) -> Call[Subscribed]:
     params = _params(
@@ -250,6 +251,7 @@ def subscribe(
         after_seq=after_seq,
         sandbox_id=sandbox_id,
         types=types,
+        batch=batch or None,  # left out unless asked for: an older server knows no batch
         labels=_dict(labels),
     )
     return Call(params, _as(Subscribed))

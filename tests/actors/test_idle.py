@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-import attrs
+import msgspec
 import psutil
 import pytest
 
@@ -108,7 +108,7 @@ RECORD = SandboxRecord(
 
 
 def watched(**changes: Any) -> Watched:
-    return Watched(attrs.evolve(RECORD, **changes), SPEC, None)
+    return Watched(msgspec.structs.replace(RECORD, **changes), SPEC, None)
 
 
 def test_ts_round_trip() -> None:
