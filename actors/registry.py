@@ -129,22 +129,31 @@ class Registry:
         """Every ``idle_check_interval``: one sweep over every RUNNING sandbox whose spec has
         an idle_timeout, its verdicts told to their actors (actors/idle.py)."""
         sweep = idle.IdleSweep()
-        while True:
-            await trio.sleep(self.config.idle_check_interval)
-            watched = [
-                idle.Watched(record, actor.spec, actor.tree)
-                for actor in self._actors.values()
-                if actor.spec.idle_timeout is not None
-                and (record := self.state.sandboxes.get(actor.sandbox_id)) is not None
-                and record.status is Status.RUNNING
-            ]
-            samples = (
-                await trio.to_thread.run_sync(idle.measure, watched, time.time()) if watched else {}
-            )
-            for sandbox_id, verdict in sweep.sweep(watched, samples):
-                actor = self._actors.get(sandbox_id)
-                if actor is not None:
-                    actor.tell(IdleCheck(verdict))
+        try:
+            while True:
+                await trio.sleep(self.config.idle_check_interval)
+                watched = self.idle_watched()
+                # A cancel waits for the thread (run_sync's default), so the sweep's
+                # descriptors are closed below only once it is done with them.
+                samples = await trio.to_thread.run_sync(
+                    sweep.measure, watched, time.time(), self.config.port_range
+                )
+                for sandbox_id, verdict in sweep.sweep(watched, samples):
+                    actor = self._actors.get(sandbox_id)
+                    if actor is not None:
+                        actor.tell(IdleCheck(verdict))
+        finally:
+            sweep.close()
+
+    def idle_watched(self) -> list[idle.Watched]:
+        """The sandboxes the idle sweep looks at: RUNNING, their spec has an idle_timeout."""
+        return [
+            idle.Watched(record, actor.spec, actor.tree)
+            for actor in self._actors.values()
+            if actor.spec.idle_timeout is not None
+            and (record := self.state.sandboxes.get(actor.sandbox_id)) is not None
+            and record.status is Status.RUNNING
+        ]
 
     async def reclaim_uids_forever(self) -> None:
         """Give back to the pool each draining uid once nothing runs or remains under it."""

@@ -1,9 +1,9 @@
-"""The idle sweep's parts: the kernel's TCP tables, CPU over a process tree, and the judgement
-of each window (plain code over samples)."""
+"""The idle sweep's parts: CPU over a process tree, and the judgement of each window (plain
+code over samples). Its connections are test_connections.py's."""
 
 from __future__ import annotations
 
-import socket
+import os
 import subprocess
 import sys
 import time
@@ -13,55 +13,21 @@ import msgspec
 import psutil
 import pytest
 
+from sandboxd.actors.boundary.discovery import discover
 from sandboxd.actors.idle import (
+    CpuCounters,
     IdleSweep,
     IdleVerdict,
     Sample,
     Watched,
     cpu_of_process_trees,
-    established_ports,
     format_ts,
     judge,
     parse_ts,
-    read_established_ports,
 )
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.events.projection import SandboxRecord, Status
 from sandboxd.events.types import NamedPort
-
-TCP = """\
-  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:7531 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
-   1: 0100007F:7531 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1
-   2: 0100007F:D431 0100007F:7531 01 00000000:00000000 00:00000000 00000000     0        0 3 1
-   3: 0100007F:7532 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 0 3
-"""
-TCP6 = """\
-  sl  local_address                         remote_address                        st tx_queue
-   0: 00000000000000000000000001000000:7533 00000000000000000000000001000000:D433 01 0000000
-"""
-
-
-def test_established_ports_are_the_local_ports_of_established_sockets() -> None:
-    # 30001 listens (0A) and has a connection (01); 54321 is the client's end;
-    # 30002 is in TIME_WAIT (06), which is no connection.
-    assert established_ports(TCP) == {30001, 54321}
-    assert established_ports(TCP6) == {30003}
-    assert established_ports("header only\n") == set()
-
-
-def test_the_kernel_shows_a_real_connection() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        assert port not in read_established_ports()  # listening is not connected
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            accepted, _ = server.accept()
-            with accepted:
-                assert port in read_established_ports()
-                assert client.getsockname()[1] in read_established_ports()
-    assert port not in read_established_ports()
 
 
 def test_cpu_of_a_process_tree_counts_its_descendants() -> None:
@@ -176,3 +142,45 @@ def test_the_sweep_needs_two_samples_and_forgets_what_it_no_longer_watches() -> 
 def test_a_sample_is_wall_clock_time() -> None:
     # Samples and idle_since must mean the same to the next daemon: both are wall time.
     assert abs(parse_ts(format_ts(time.time())) - time.time()) < 5
+
+
+# --- CPU counters of cgroups, kept open ------------------------------------------------------
+
+
+def test_cpu_counters_read_a_real_cgroup_and_let_go_of_it() -> None:
+    layout = discover().layout
+    if layout is None or os.geteuid() != 0:
+        pytest.skip("needs a writable cgroup v2 hierarchy")
+    directory = os.path.join(layout.tree, f"sandboxd-idle-test-{os.getpid()}")
+    os.mkdir(directory)
+    counters = CpuCounters()
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+    try:
+        path = os.path.join(directory, "cpu.stat")
+        assert counters.read("a", path) == 0.0  # nothing ran in it yet
+        with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
+            procs.write(str(child.pid))
+        deadline = time.monotonic() + 20  # the OS's doing: waited for, with a deadline
+        while (used := counters.read("a", path)) is None or used < 0.2:
+            assert time.monotonic() < deadline, f"no CPU counted: {used}"
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(directory)  # with the counter's descriptor still open
+                break
+            except OSError:  # busy until the killed child has left it
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+    # Removed: no evidence, and its descriptor let go.
+    assert list(counters._open) == ["a"]
+    assert counters.read("a", path) is None and counters._open == {}
+    # A sandbox no longer watched lets go of its descriptor; another path, another file.
+    assert counters.read("b", "/proc/self/stat") is None  # no usage_usec in it
+    assert list(counters._open) == ["b"]
+    counters.keep_only(["c"])
+    assert counters._open == {}
+    counters.close()
