@@ -289,8 +289,9 @@ def _cpu_words(used: float, limit: float, window: float) -> str:
 
 
 def parse_ts(ts: str) -> float:
-    """Seconds since the epoch of an RFC 3339 time the log wrote (codec.now_ts)."""
-    return datetime.strptime(ts, _TS_FORMAT).replace(tzinfo=UTC).timestamp()
+    """Seconds since the epoch of an RFC 3339 time the log wrote (codec.now_ts). The C
+    parser: a tenth of strptime's time, which was most of a sweep of idle sandboxes."""
+    return datetime.fromisoformat(ts).timestamp()
 
 
 def format_ts(seconds: float) -> str:
