@@ -229,6 +229,8 @@ class SandboxActor:
                 return
             if isinstance(message, Start | Pause | Resume | Delete):
                 message.reply.fail(NotFound(f"sandbox {self.sandbox_id} does not exist"))
+            elif isinstance(message, IdleCheck):
+                message.handled.set()  # dropped: the sweep need not wait for it
 
     async def _handle(self, message: Message) -> None:
         match message:
@@ -510,15 +512,19 @@ class SandboxActor:
     # -- notices ------------------------------------------------------------------------
 
     async def _notice(self, notice: Notice) -> None:
-        record = self._ctx.state.sandboxes.get(self.sandbox_id)
-        if record is None:
-            return
         try:
-            await self._react(notice, record)
-        except Unavailable:
-            self._retry_later(notice)
-        except Exception:
-            log.exception("sandbox %s: handling %s failed", record.id, type(notice).__name__)
+            record = self._ctx.state.sandboxes.get(self.sandbox_id)
+            if record is None:
+                return
+            try:
+                await self._react(notice, record)
+            except Unavailable:
+                self._retry_later(notice)
+            except Exception:
+                log.exception("sandbox %s: handling %s failed", record.id, type(notice).__name__)
+        finally:
+            if isinstance(notice, IdleCheck):
+                notice.handled.set()
 
     async def _react(self, notice: Notice, record: SandboxRecord) -> None:
         """Record what a watcher saw, if it still applies to the sandbox as it is now."""

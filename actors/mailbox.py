@@ -157,10 +157,12 @@ class Relaunch:
 @attrs.frozen
 class IdleCheck:
     """The idle sweep's verdict (actors/idle.py): record the sandbox idle or active again,
-    and do its spec's on_idle once ``verdict.expired``."""
+    and do its spec's on_idle once ``verdict.expired``. ``handled`` is set once the actor
+    has (or has dropped it), for the sweep, which paces its verdicts by it."""
 
     verdict: IdleVerdict
     attempt: int = 0
+    handled: trio.Event = attrs.field(factory=trio.Event, eq=False, repr=False)
 
 
 Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Relaunch | IdleCheck

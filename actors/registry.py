@@ -58,6 +58,8 @@ OUTPUT_SWEEP_INTERVAL = 1.0
 #: made only while some uid drains. The pool hands out never-used uids first, so a
 #: drained uid is needed back only once the whole range has gone round.
 UID_SWEEP_INTERVAL = 10.0
+#: Idle verdicts told to actors at once (each may append an event): see _tell_idle_verdicts.
+IDLE_VERDICTS_AT_ONCE = 50
 
 
 class Caller(Protocol):
@@ -138,12 +140,28 @@ class Registry:
                 samples = await trio.to_thread.run_sync(
                     sweep.measure, watched, time.time(), self.config.port_range
                 )
-                for sandbox_id, verdict in sweep.sweep(watched, samples):
-                    actor = self._actors.get(sandbox_id)
-                    if actor is not None:
-                        actor.tell(IdleCheck(verdict))
+                verdicts = sweep.sweep(watched, samples)
+                with trio.move_on_after(self.config.idle_check_interval):
+                    await self._tell_idle_verdicts(verdicts)
         finally:
             sweep.close()
+
+    async def _tell_idle_verdicts(self, verdicts: list[tuple[str, idle.IdleVerdict]]) -> None:
+        """Tell each actor its verdict, IDLE_VERDICTS_AT_ONCE at a time: a thousand sandboxes
+        that fall idle together would otherwise be a thousand actors suspended in the log's
+        append at once, whose frames the allocator keeps: measured at 1,000 (bench/
+        sandboxes.py's scale role), 68-69 MB of RSS after told all at once, 63 MB told 50
+        at a time, 62-63 MB told nothing. Bounded by the sweep's interval (the caller's
+        deadline): a verdict not told by then is judged again at the next sweep."""
+        for first in range(0, len(verdicts), IDLE_VERDICTS_AT_ONCE):
+            told = []
+            for sandbox_id, verdict in verdicts[first : first + IDLE_VERDICTS_AT_ONCE]:
+                actor = self._actors.get(sandbox_id)
+                check = IdleCheck(verdict)
+                if actor is not None and actor.tell(check):
+                    told.append(check)
+            for check in told:
+                await check.handled.wait()
 
     def idle_watched(self) -> list[idle.Watched]:
         """The sandboxes the idle sweep looks at: RUNNING, their spec has an idle_timeout."""

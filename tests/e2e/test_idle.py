@@ -68,7 +68,7 @@ BURN_SPEC = SpecConfig(
     health_check_path="",
     inherit_env=("PATH",),
     idle_timeout=60.0,
-    idle_cpu_seconds=0.02,
+    idle_cpu_seconds=0.005,  # 5 % of a CPU: a burner gets more even on a loaded machine
 )
 #: A long idle period, for the kill -9 half-way through it.
 LONG_SPEC = SpecConfig(
@@ -188,7 +188,7 @@ async def test_cpu_keeps_a_sandbox_active(daemon: DaemonProcess) -> None:
             # Then it burns a CPU: active again by its CPU alone (nothing connects to it).
             active = await next_event(client, info.id, ["sandbox.active"], after_seq=idle.seq)
             assert isinstance(active.data, ev.SandboxActive)
-            assert active.data.reason.startswith("CPU ") and ">= 0.02 s" in active.data.reason
+            assert active.data.reason.startswith("CPU ") and ">= 0.005 s" in active.data.reason
             # And it stays active while it burns: sweeps go by, with no idle period.
             control = await client.start(spec_id="idle-pause")
             await next_event(client, control.id, ["sandbox.paused"])
