@@ -24,9 +24,10 @@ port range, one read of ``cpu.stat`` per watched sandbox (one pass over /proc
 for all of those under markers). What one sweep costs at scale is
 bench/sandboxes.py's ``idle_sweep_ms_1000`` (docs/performance.md).
 
-The judgement (``IdleSweep.judge``) is plain code over samples, without I/O;
-``measure`` is the I/O. The sweep does not block on an actor: its verdict
-goes to a full mailbox not at all, and the next sweep decides again.
+The judgement (``judge``) is plain code over samples, without I/O;
+``IdleSweep.measure`` is the I/O. The registry tells the verdicts to the
+actors (``Registry.sweep_idle_forever``); one that cannot be told is judged
+again at the next sweep.
 """
 
 from __future__ import annotations
