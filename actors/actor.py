@@ -155,8 +155,8 @@ class SandboxActor:
         return self._tree
 
     def tell(self, notice: IdleCheck) -> bool:
-        """Post ``notice`` if its mailbox has room now; False if not (the idle sweep, which
-        tells every sandbox and waits for none, tells it again at its next sweep)."""
+        """Post ``notice`` if its mailbox has room now, without waiting; False if not (the
+        idle sweep then judges the sandbox again at its next sweep)."""
         try:
             self._send.send_nowait(notice)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):

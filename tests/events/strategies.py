@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from typing import Any
@@ -40,6 +41,7 @@ def for_type(tp: Any) -> st.SearchStrategy[Any]:
     raise TypeError(f"no strategy for {tp!r}")
 
 
+@functools.cache  # histories() draws from it per event: built once per class, not each time
 def records(cls: type[Any]) -> st.SearchStrategy[Any]:
     """Any instance of a class (a msgspec Struct) of the catalogue."""
     fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
