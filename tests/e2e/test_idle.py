@@ -228,3 +228,28 @@ async def test_an_idle_period_survives_kill_9_of_the_daemon(daemon: DaemonProces
     # One idle period in the log: the restarted daemon did not begin another.
     assert [e.seq for e in events_of(daemon, info.id, "sandbox.idle")] == [idle.seq]
     assert events_of(daemon, info.id, "sandbox.active") == []
+
+
+async def test_idle_under_the_markers_boundary(tmp_path: Path) -> None:
+    """No cgroup: CPU is read from /proc over the main process and its descendants."""
+    config = daemon_config(
+        tmp_path / "state", SPECS, on_shutdown="keep", idle_check_interval=SWEEP, cgroup="off"
+    )
+    daemon = DaemonProcess(tmp_path, config)
+    try:
+        await daemon.start()
+        async with open_client(daemon.url, ROOT) as client:
+            assert (await client.server_info()).boundary == "markers"
+            burner = await client.start(spec_id="idle-burn")
+            quiet = await client.start(spec_id="idle-pause")
+            event = await next_event(client, quiet.id, ["sandbox.paused"])
+            assert isinstance(event.data, ev.SandboxPaused) and event.data.reason is not None
+            assert event.data.reason.startswith("idle since ")
+            idle = await next_event(client, burner.id, ["sandbox.idle"])
+            active = await next_event(client, burner.id, ["sandbox.active"], after_seq=idle.seq)
+            assert isinstance(active.data, ev.SandboxActive)
+            assert active.data.reason.startswith("CPU ")
+            await client.delete(burner.id)
+    finally:
+        end_daemon(daemon)
+    assert "Traceback" not in daemon.output(), daemon.output()
