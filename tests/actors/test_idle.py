@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import psutil
 import pytest
+import trio
 
 from sandboxd.actors.boundary.discovery import discover
 from sandboxd.actors.idle import (
@@ -25,9 +27,12 @@ from sandboxd.actors.idle import (
     judge,
     parse_ts,
 )
+from sandboxd.actors.mailbox import IdleCheck
 from sandboxd.actors.specs import SpecConfig
+from sandboxd.events import types as ev
 from sandboxd.events.projection import SandboxRecord, Status
 from sandboxd.events.types import NamedPort
+from tests.actors.test_registry import ALICE, plain, running
 
 
 def test_cpu_of_a_process_tree_counts_its_descendants() -> None:
@@ -184,3 +189,34 @@ def test_cpu_counters_read_a_real_cgroup_and_let_go_of_it() -> None:
     counters.keep_only(["c"])
     assert counters._open == {}
     counters.close()
+
+
+# --- The actor's side: a verdict acts only on the record it was made on ---------------------
+
+
+async def test_a_stale_verdict_is_dropped_and_a_current_one_acted_on(tmp_path: Path) -> None:
+    spec = plain("quiet", "-c", "import time; time.sleep(600)", idle_timeout=3600.0)
+    async with running(tmp_path, spec) as harness:
+        registry = harness.registry
+        info = await registry.start_sandbox(ALICE, spec_id="quiet")
+        actor = registry._actors[info.id]
+        since = format_ts(time.time() - 10)
+
+        async def tell(verdict: IdleVerdict) -> list[str]:
+            check = IdleCheck(verdict)
+            assert actor.tell(check)
+            with trio.fail_after(10):
+                await check.handled.wait()
+            return [e.type for e in await harness.events_of(info.id)]
+
+        before = [e.type for e in await harness.events_of(info.id)]
+        # Made on an older record (version - 1): the sandbox changed since; nothing is done.
+        stale = IdleVerdict(info.version - 1, True, "quiet", since, expired="idle for ever")
+        assert await tell(stale) == before
+        # Made on the record as it is: recorded idle, then paused with the words given.
+        current = IdleVerdict(info.version, True, "quiet", since, expired="idle for ever")
+        assert await tell(current) == [*before, "sandbox.idle", "sandbox.paused"]
+        paused = (await harness.events_of(info.id))[-1].data
+        assert isinstance(paused, ev.SandboxPaused) and paused.reason == "idle for ever"
+        got = registry.get(ALICE, info.id)
+        assert got is not None and got.status is Status.PAUSED and got.idle_since is None
