@@ -62,6 +62,7 @@ from sandboxd.gateway.protocol._frames import (
     encode_event_frame,
     encode_events_frame,
     encode_ok,
+    events_frame_parts,
     parse_frame,
 )
 from sandboxd.gateway.protocol._requests import (
@@ -203,6 +204,7 @@ __all__ = [
     "encode_ok",
     "encode_request",
     "error_from_reply",
+    "events_frame_parts",
     "gave_up",
     "not_a_url",
     "parse_frame",
