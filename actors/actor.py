@@ -32,6 +32,7 @@ from sandboxd.actors.boundary.limits import LimitsNotEnforceable, format_bytes
 from sandboxd.actors.boundary.trees import SandboxTree
 from sandboxd.actors.boundary.workdirs import make_working_dir, remove_tree
 from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
+from sandboxd.actors.idle import IdleVerdict
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.launch import Placeholders, StartPlan, plan_start
 from sandboxd.actors.mailbox import (
@@ -39,6 +40,7 @@ from sandboxd.actors.mailbox import (
     Delete,
     Exited,
     Healthy,
+    IdleCheck,
     Message,
     Notice,
     Pause,
@@ -148,6 +150,20 @@ class SandboxActor:
             raise NotFound(f"sandbox {self.sandbox_id} does not exist")
         return record
 
+    @property
+    def tree(self) -> SandboxTree | None:
+        """Its processes on the boundary in force; None until it first has some."""
+        return self._tree
+
+    def tell(self, notice: IdleCheck) -> bool:
+        """Post ``notice`` if its mailbox has room now, without waiting; False if not (the
+        idle sweep then judges the sandbox again at its next sweep)."""
+        try:
+            self._send.send_nowait(notice)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
     def usage(self) -> Usage | None:
         """What its cgroup has used so far (None under markers, or before it has a tree)."""
         return self._tree.usage() if self._tree is not None else None
@@ -214,6 +230,8 @@ class SandboxActor:
                 return
             if isinstance(message, Start | Pause | Resume | Delete):
                 message.reply.fail(NotFound(f"sandbox {self.sandbox_id} does not exist"))
+            elif isinstance(message, IdleCheck):
+                message.handled.set()  # dropped: the sweep need not wait for it
 
     async def _handle(self, message: Message) -> None:
         match message:
@@ -298,6 +316,7 @@ class SandboxActor:
             uid=start.uid,
             ports=list(start.ports),
             node=self._ctx.node,
+            labels=dict(start.labels) or None,
         )
         try:
             event = await self._record(created, start.by)
@@ -495,15 +514,19 @@ class SandboxActor:
     # -- notices ------------------------------------------------------------------------
 
     async def _notice(self, notice: Notice) -> None:
-        record = self._ctx.state.sandboxes.get(self.sandbox_id)
-        if record is None:
-            return
         try:
-            await self._react(notice, record)
-        except Unavailable:
-            self._retry_later(notice)
-        except Exception:
-            log.exception("sandbox %s: handling %s failed", record.id, type(notice).__name__)
+            record = self._ctx.state.sandboxes.get(self.sandbox_id)
+            if record is None:
+                return
+            try:
+                await self._react(notice, record)
+            except Unavailable:
+                self._retry_later(notice)
+            except Exception:
+                log.exception("sandbox %s: handling %s failed", record.id, type(notice).__name__)
+        finally:
+            if isinstance(notice, IdleCheck):
+                notice.handled.set()
 
     async def _react(self, notice: Notice, record: SandboxRecord) -> None:
         """Record what a watcher saw, if it still applies to the sandbox as it is now."""
@@ -553,6 +576,10 @@ class SandboxActor:
                 await self._record(ev.SandboxHealthy())
             case Relaunch() if starting and record.pid is None and self._process is None:
                 await self._launch()
+            case IdleCheck(verdict=verdict) if (
+                record.status is Status.RUNNING and record.version == verdict.version
+            ):
+                await self._idle_check(verdict, record)
             case _:
                 pass  # no longer applies: the sandbox moved on since it was posted
 
@@ -571,6 +598,30 @@ class SandboxActor:
             return None
         return OutOfMemory(tree.memory_limit())
 
+    async def _idle_check(self, verdict: IdleVerdict, record: SandboxRecord) -> None:
+        """Record what the idle sweep saw; once the idle period lasted idle_timeout, do
+        on_idle. The verdict was made on this very record (its version), so it holds."""
+        if not verdict.idle:
+            await self._record(ev.SandboxActive(verdict.reason))
+            return
+        if record.idle_since is None:
+            assert verdict.since is not None
+            await self._record(ev.SandboxIdle(verdict.since, verdict.reason))
+        if verdict.expired is None:
+            return
+        log.info("sandbox %s: %s: %s", self.sandbox_id, self.spec.on_idle, verdict.expired)
+        if self.spec.on_idle == "delete":
+            await self._delete(None, reason=verdict.expired)
+        else:
+            await self._move(
+                None,
+                Status.RUNNING,
+                Status.PAUSED,
+                SandboxTree.pause,
+                SandboxTree.resume,
+                reason=verdict.expired,
+            )
+
     # -- commands -----------------------------------------------------------------------
 
     async def _move(
@@ -580,11 +631,14 @@ class SandboxActor:
         target: Status,
         act: Callable[[SandboxTree, ProcessId], Awaitable[None]],
         undo: Callable[[SandboxTree, ProcessId], Awaitable[None]],
+        *,
+        reason: str | None = None,
     ) -> SandboxRecord:
         """Take the whole tree from ``source`` to ``target``: act, then record.
 
         Already at ``target`` is a no-op, as protocol.md says. If the log cannot
         record the change, the tree is put back, as if the op was never asked.
+        ``reason``: why the daemon itself moves it (a policy), for the pause's event.
         """
         record = self.record
         if record.status is target:
@@ -595,13 +649,16 @@ class SandboxActor:
             )
         await act(self._tree, self._process)
         try:
-            await self._record(_EVENT_FOR[target], by)
+            event = _EVENT_FOR[target]
+            if reason is not None and isinstance(event, ev.SandboxPaused):
+                event = ev.SandboxPaused(reason=reason)
+            await self._record(event, by)
         except Unavailable:
             await undo(self._tree, self._process)
             raise
         return self.record
 
-    async def _delete(self, by: str | None) -> bool:
+    async def _delete(self, by: str | None, *, reason: str | None = None) -> bool:
         record = self.record
         self._cancel_watchers()
         boundary = self._ctx.boundary
@@ -612,7 +669,7 @@ class SandboxActor:
         self._process = None
         await boundary.remove_tree(tree)
         await trio.to_thread.run_sync(_remove_sandbox_files, Path(record.working_dir), self.output)
-        await self._record(ev.SandboxDeleted(forced), by)
+        await self._record(ev.SandboxDeleted(forced, reason=reason), by)
         self._done = True
         self._answer_start(NotFound(f"sandbox {self.sandbox_id} was deleted while it started"))
         self._ctx.release(self.sandbox_id, [named.port for named in record.named_ports])

@@ -30,6 +30,11 @@ class SandboxInfo:
     working_dir: str
     error: str | None
     version: int
+    #: Its tags (sandbox.start's labels); {} if none. An extension of protocol.md.
+    labels: dict[str, str] = attrs.Factory(dict)
+    #: With an idle_timeout: when its current idle period began (actors/idle.py); null while
+    #: it is active, or not watched. An extension of protocol.md.
+    idle_since: str | None = None
     #: Read from its cgroup for sandbox.get only (null in search and batch_get: four
     #: file reads per sandbox would break search's bound), null under markers.
     usage: Usage | None = None
@@ -63,6 +68,8 @@ def sandbox_info(
         working_dir=record.working_dir,
         error=record.error,
         version=record.version,
+        labels=record.labels,
+        idle_since=record.idle_since,
         usage=usage,
         node=record.node,
     )

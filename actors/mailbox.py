@@ -18,6 +18,7 @@ import attrs
 import outcome
 import trio
 
+from sandboxd.actors.idle import IdleVerdict
 from sandboxd.actors.proctree import ExitStatus, ProcessId
 from sandboxd.events.projection import SandboxRecord
 from sandboxd.events.types import NamedPort
@@ -80,6 +81,7 @@ class Start:
     uid: int | None
     env: Mapping[str, str]
     wait: bool
+    labels: Mapping[str, str] = attrs.field(factory=dict)
     reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
 
     @property
@@ -152,6 +154,17 @@ class Relaunch:
     attempt: int = 0
 
 
-Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Relaunch
+@attrs.frozen
+class IdleCheck:
+    """The idle sweep's verdict (actors/idle.py): record the sandbox idle or active again,
+    and do its spec's on_idle once ``verdict.expired``. ``handled`` is set once the actor
+    has (or has dropped it), for the sweep, which paces its verdicts by it."""
+
+    verdict: IdleVerdict
+    attempt: int = 0
+    handled: trio.Event = attrs.field(factory=trio.Event, eq=False, repr=False)
+
+
+Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Relaunch | IdleCheck
 
 Message = Command | Notice

@@ -12,6 +12,7 @@ import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
@@ -47,6 +48,12 @@ class SpecConfig:
     #: The named ports each sandbox gets, each its own: the first is health-checked, is
     #: ``{port}`` and ``PORT``; every one is ``{port_NAME}`` and ``SANDBOX_PORT_NAME``.
     ports: tuple[str, ...] = DEFAULT_PORTS
+    #: Seconds a RUNNING sandbox may stay idle before ``on_idle`` is done to it (None: for
+    #: ever). Idle: nothing connected to its ports, and under ``idle_cpu_seconds`` of CPU
+    #: used by its whole tree in each of the idle sweep's windows (actors/idle.py).
+    idle_timeout: float | None = None
+    on_idle: Literal["pause", "delete"] = "pause"
+    idle_cpu_seconds: float = 0.5
     created_at: str = attrs.Factory(now_ts)
 
     def placeholders(self) -> frozenset[str]:

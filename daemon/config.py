@@ -103,6 +103,7 @@ class Config:
     output_cap_bytes: int = 8 << 20  # per sandbox, before its one rotation
     unhealthy_after: int = 3  # failed liveness probes in a row before ERROR
     shutdown_grace: float = 10.0  # seconds for in-flight ops on SIGTERM
+    idle_check_interval: float = 10.0  # seconds between idle sweeps (actors/idle.py)
     segment_bytes: int = 64 << 20
     snapshot_every: int = 10_000
     retention: Literal["all", "snapshots"] = "all"
@@ -155,6 +156,13 @@ def _number(key: str, value: Any, *, minimum: float, allow_min: bool = True) -> 
         bound = "at least" if allow_min else "more than"
         raise ConfigError(f"{key} must be {bound} {minimum}, not {value!r}")
     return float(value)
+
+
+def _interval(key: str, value: Any, *, low: float, high: float) -> float:
+    seconds = _number(key, value, minimum=low)
+    if seconds > high:
+        raise ConfigError(f"{key} must be at most {high:g} seconds, not {value!r}")
+    return seconds
 
 
 def _count(key: str, value: Any, *, minimum: int = 1) -> int:
@@ -299,6 +307,7 @@ _SANDBOXES = {
     "output_cap_bytes": lambda k, v: _count(k, v, minimum=4096),
     "unhealthy_after": _count,
     "shutdown_grace": lambda k, v: _number(k, v, minimum=0),
+    "idle_check_interval": lambda k, v: _interval(k, v, low=0.05, high=3600),
     # Checked together by parse_boundary_settings, once the table's other keys are known.
     **{name: lambda k, v: v for name in SANDBOXES_KEYS},
 }
@@ -397,6 +406,9 @@ _SPEC = {
     "cpu_max": _from_value_error(parse_cpu),
     "limits_required": lambda k, v: _expect(k, v, bool, "true or false"),
     "ports": _port_names,
+    "idle_timeout": lambda k, v: _number(k, v, minimum=0, allow_min=False),
+    "on_idle": lambda k, v: _choice(k, v, ("pause", "delete")),
+    "idle_cpu_seconds": lambda k, v: _number(k, v, minimum=0, allow_min=False),
 }
 #: The spec keys that make its Limits.
 _LIMIT_KEYS = ("memory_max", "pids_max", "cpu_max")

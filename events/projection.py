@@ -68,6 +68,11 @@ class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
     #: While MISSING because its node was lost: the status it had, which adopting it
     #: again restores (its process is kept in the record meanwhile).
     before_lost: Status | None = None
+    #: What its starter tagged it with (sandbox.created); never changed afterwards.
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    #: When the idle sweep's window in which it was first seen idle began (sandbox.idle);
+    #: None while it is active, and again after any other change of the sandbox.
+    idle_since: str | None = None
 
     @property
     def has_process(self) -> bool:
@@ -99,6 +104,9 @@ class State:
     #: another user has created it again. One small entry per sandbox created; tuples,
     #: so that a shallow copy of the map (copy_state) is a full one.
     owners: dict[str, tuple[Incarnation, ...]] = attrs.Factory(dict)
+    #: The labels of every labelled life (sandbox.created's), deleted ones included, by its
+    #: ``created_seq``: what the events' ``labels`` filter matches against.
+    labels: dict[int, dict[str, str]] = attrs.Factory(dict)
 
 
 def incarnation_at(state: State, sandbox_id: str, seq: int) -> Incarnation | None:
@@ -109,6 +117,12 @@ def incarnation_at(state: State, sandbox_id: str, seq: int) -> Incarnation | Non
         if incarnation.created_seq <= seq:
             return incarnation
     return None
+
+
+def labels_at(state: State, sandbox_id: str, seq: int) -> dict[str, str]:
+    """The labels of the life of ``sandbox_id`` an event at ``seq`` belongs to ({}: none)."""
+    life = incarnation_at(state, sandbox_id, seq)
+    return {} if life is None else state.labels.get(life.created_seq, {})
 
 
 _evolve = msgspec.structs.replace
@@ -128,6 +142,9 @@ def _exit_reason(data: ev.SandboxExited) -> str:
 
 # -- the status machine: one transition per event type -----------------------------------
 #
+# Every change of a sandbox ends its idle period (idle_since=None); only the idle
+# sweep's sandbox.idle begins one, and adoption by a restarted daemon leaves it going.
+#
 # A table rather than a ``match``: the fold's hot path, and one dict lookup costs
 # less than trying the class patterns in turn (0.46 against 0.8 us an event on
 # replay, bench/eventlog.py). Each takes the record, the payload, ts and seq.
@@ -145,13 +162,20 @@ def _process_started(
         uid=record.uid if data.uid is None else data.uid,
         updated_at=ts,
         version=seq,
+        idle_since=None,
     )
 
 
 def _running(record: SandboxRecord, data: ev.SandboxRunning, ts: str, seq: int) -> SandboxRecord:
     urls = tuple(data.exposed_urls)
     return _evolve(
-        record, status=Status.RUNNING, exposed_urls=urls, error=None, updated_at=ts, version=seq
+        record,
+        status=Status.RUNNING,
+        exposed_urls=urls,
+        error=None,
+        updated_at=ts,
+        version=seq,
+        idle_since=None,
     )
 
 
@@ -164,23 +188,28 @@ def _start_failed(record: SandboxRecord, data: ev.StartFailed, ts: str, seq: int
         pgid=None,
         updated_at=ts,
         version=seq,
+        idle_since=None,
     )
 
 
 def _paused(record: SandboxRecord, data: ev.SandboxPaused, ts: str, seq: int) -> SandboxRecord:
-    return _evolve(record, status=Status.PAUSED, updated_at=ts, version=seq)
+    return _evolve(record, status=Status.PAUSED, updated_at=ts, version=seq, idle_since=None)
 
 
 def _running_again(
     record: SandboxRecord, data: ev.SandboxResumed | ev.SandboxHealthy, ts: str, seq: int
 ) -> SandboxRecord:
-    return _evolve(record, status=Status.RUNNING, error=None, updated_at=ts, version=seq)
+    return _evolve(
+        record, status=Status.RUNNING, error=None, updated_at=ts, version=seq, idle_since=None
+    )
 
 
 def _unhealthy(
     record: SandboxRecord, data: ev.SandboxUnhealthy, ts: str, seq: int
 ) -> SandboxRecord:
-    return _evolve(record, status=Status.ERROR, error=data.reason, updated_at=ts, version=seq)
+    return _evolve(
+        record, status=Status.ERROR, error=data.reason, updated_at=ts, version=seq, idle_since=None
+    )
 
 
 def _exited(record: SandboxRecord, data: ev.SandboxExited, ts: str, seq: int) -> SandboxRecord:
@@ -192,6 +221,7 @@ def _exited(record: SandboxRecord, data: ev.SandboxExited, ts: str, seq: int) ->
         pgid=None,
         updated_at=ts,
         version=seq,
+        idle_since=None,
     )
 
 
@@ -223,6 +253,7 @@ def _missing(record: SandboxRecord, data: ev.SandboxMissing, ts: str, seq: int) 
             before_lost=record.status,
             updated_at=ts,
             version=seq,
+            idle_since=None,
         )
     return _evolve(
         record,
@@ -233,6 +264,7 @@ def _missing(record: SandboxRecord, data: ev.SandboxMissing, ts: str, seq: int) 
         before_lost=None,
         updated_at=ts,
         version=seq,
+        idle_since=None,
     )
 
 
@@ -240,7 +272,16 @@ def _deleted(record: SandboxRecord, data: ev.SandboxDeleted, ts: str, seq: int) 
     return None
 
 
+def _idle(record: SandboxRecord, data: ev.SandboxIdle, ts: str, seq: int) -> SandboxRecord:
+    return _evolve(record, idle_since=data.since, updated_at=ts, version=seq)
+
+
+def _active(record: SandboxRecord, data: ev.SandboxActive, ts: str, seq: int) -> SandboxRecord:
+    return _evolve(record, idle_since=None, updated_at=ts, version=seq)
+
+
 _Transition = Callable[[SandboxRecord, Any, str, int], SandboxRecord | None]
+
 
 #: What each event about an existing sandbox does to its record (sandbox.created, which
 #: makes one, is apart; daemon.* events are about no sandbox).
@@ -256,6 +297,8 @@ _TRANSITIONS: dict[type[ev.Payload], _Transition] = {
     ev.SandboxAdopted: _adopted,
     ev.SandboxMissing: _missing,
     ev.SandboxDeleted: _deleted,
+    ev.SandboxIdle: _idle,
+    ev.SandboxActive: _active,
 }
 
 
@@ -275,6 +318,7 @@ def _created(event: ev.Event, data: ev.SandboxCreated) -> SandboxRecord:
         uid=data.uid,
         ports=tuple(data.ports or ()),
         node=data.node,
+        labels=dict(data.labels) if data.labels else {},
     )
 
 
@@ -326,6 +370,8 @@ def apply(state: State, event: ev.Event) -> State:
             if isinstance(data, ev.SandboxCreated):
                 born = Incarnation(seq, data.created_by_user_id)
                 state.owners[sandbox_id] = (*state.owners.get(sandbox_id, ()), born)
+                if data.labels:
+                    state.labels[seq] = dict(data.labels)
             sandboxes[sandbox_id] = after
     state.head_seq = seq
     return state
@@ -333,7 +379,7 @@ def apply(state: State, event: ev.Event) -> State:
 
 def copy_state(state: State) -> State:
     # Records are immutable: shallow copies of the maps are a full copy of the state.
-    return State(dict(state.sandboxes), state.head_seq, dict(state.owners))
+    return State(dict(state.sandboxes), state.head_seq, dict(state.owners), dict(state.labels))
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
@@ -344,6 +390,8 @@ def state_to_dict(state: State) -> dict[str, Any]:
         "owners": {
             sandbox_id: [list(i) for i in lives] for sandbox_id, lives in state.owners.items()
         },
+        # {created_seq: labels} of labelled lives; absent from snapshots older than labels.
+        "labels": {str(seq): labels for seq, labels in state.labels.items()},
     }
 
 
@@ -356,7 +404,19 @@ def state_from_dict(raw: dict[str, Any]) -> State:
         {r.id: r for r in records},
         int(raw["head_seq"]),
         {sandbox_id: _incarnations(sandbox_id, lives) for sandbox_id, lives in owners.items()},
+        _labels(raw.get("labels", {})),
     )
+
+
+def _labels(raw: Any) -> dict[int, dict[str, str]]:
+    if type(raw) is not dict or not all(
+        seq.isdecimal()
+        and type(labels) is dict
+        and all(type(k) is str and type(v) is str for k, v in labels.items())
+        for seq, labels in raw.items()
+    ):
+        raise ValueError("labels must map creation seqs to objects of strings")
+    return {int(seq): labels for seq, labels in raw.items()}
 
 
 def _incarnations(sandbox_id: str, raw: Any) -> tuple[Incarnation, ...]:

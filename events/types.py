@@ -60,6 +60,9 @@ class SandboxCreated(_Payload, frozen=True, gc=False):
     #: The node that runs its processes and records its transitions, for its whole life
     #: (docs/cluster.md); None: a record older than nodes, the only daemon's.
     node: str | None = None
+    #: What its starter tagged it with (``sandbox.start``'s ``labels``), for its whole life;
+    #: None: none (records older than labels too).
+    labels: dict[str, str] | None = None
 
 
 class ProcessStarted(_Payload, frozen=True, gc=False):
@@ -84,6 +87,8 @@ class StartFailed(_Payload, frozen=True, gc=False):
 
 class SandboxPaused(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.paused"
+    #: Why the daemon paused it on its own (a policy: "idle since ..."); None: a user asked.
+    reason: str | None = None
 
 
 class SandboxResumed(_Payload, frozen=True, gc=False):
@@ -125,6 +130,24 @@ class SandboxMissing(_Payload, frozen=True, gc=False):
 class SandboxDeleted(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.deleted"
     forced: bool
+    #: Why the daemon deleted it on its own (a policy: "idle since ..."); None: a user asked.
+    reason: str | None = None
+
+
+class SandboxIdle(_Payload, frozen=True, gc=False):
+    """The idle sweep found the RUNNING sandbox idle (actors/idle.py): nothing connected to
+    its ports and under its spec's ``idle_cpu_seconds`` of CPU in a sweep's window."""
+
+    TYPE: ClassVar[str] = "sandbox.idle"
+    since: str  # RFC 3339, UTC: when the window in which it was first seen idle began
+    reason: str  # what was seen
+
+
+class SandboxActive(_Payload, frozen=True, gc=False):
+    """The idle sweep found the sandbox it had recorded idle active again."""
+
+    TYPE: ClassVar[str] = "sandbox.active"
+    reason: str  # what was seen: a connection to which port, or how much CPU
 
 
 class DaemonStarted(_Payload, frozen=True, gc=False):
@@ -152,6 +175,8 @@ Payload = (
     | SandboxAdopted
     | SandboxMissing
     | SandboxDeleted
+    | SandboxIdle
+    | SandboxActive
     | DaemonStarted
     | DaemonStopping
 )
@@ -169,6 +194,8 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     SandboxAdopted,
     SandboxMissing,
     SandboxDeleted,
+    SandboxIdle,
+    SandboxActive,
     DaemonStarted,
     DaemonStopping,
 )

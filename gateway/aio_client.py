@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TypeVar
 
 try:
@@ -260,6 +260,7 @@ class Client(p.ClientOps):
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
         batch: bool = True,
     ) -> Subscription:
         """Events with seq > after_seq (None: from now on), on a connection of their own.
@@ -269,7 +270,9 @@ class Client(p.ClientOps):
         The server sends them several to a frame (``batch``; False: one a frame, for a
         server older than batch frames).
         """
-        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, batch=batch)
+        resumption = p.Resumption.of(
+            after_seq, sandbox_id=sandbox_id, types=types, labels=labels, batch=batch
+        )
         return Subscription(self, p.Endpoints(self._endpoints.urls, first=self.url), resumption)
 
 

@@ -93,10 +93,26 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     start.add_argument(
         "--node", metavar="NODE", help="a cluster's node to run it on (default: the least busy)"
     )
+    start.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="tag it with this label (repeatable)",
+    )
 
     ls = add("ls", run_ls, "list sandboxes, newest first")
     ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     ls.add_argument("--owner", metavar="USER", help="admins: only this user's sandboxes")
+    ls.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="only sandboxes with this label (repeatable: all must match)",
+    )
 
     for name, run, text in (
         ("get", run_get, "show one sandbox"),
@@ -271,6 +287,9 @@ def _print_sandbox(info: SandboxInfo, as_json: bool) -> None:
         ("updated_at", info.updated_at),
         ("node", info.node or "-"),
     ]
+    fields += [(f"label {key}", value) for key, value in sorted(info.labels.items())]
+    if info.idle_since:
+        fields.append(("idle_since", info.idle_since))
     for url in info.exposed_urls or ():
         fields.append((f"url {url.name}", url.url))
     if info.session_api_key:
@@ -298,14 +317,19 @@ def _print_event(event: Event, as_json: bool) -> None:
 # --- The commands -------------------------------------------------------------------------
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
+def _parse_env(pairs: list[str], option: str = "--env") -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise UsageError(f"--env {pair!r} must be NAME=VALUE")
+            raise UsageError(f"{option} {pair!r} must be NAME=VALUE")
         env[name] = value
     return env
+
+
+def _parse_labels(pairs: list[str]) -> dict[str, str] | None:
+    """--label K=V, repeated; the daemon's bounds are checked by the client before sending."""
+    return _parse_env(pairs, "--label") or None
 
 
 def run_start(args: argparse.Namespace) -> int:
@@ -317,6 +341,7 @@ def run_start(args: argparse.Namespace) -> int:
             wait=args.wait,
             owner=args.owner,
             node=args.node,
+            labels=_parse_labels(args.labels),
         )
         _print_sandbox(info, args.json)
         return 0
@@ -326,7 +351,10 @@ def run_start(args: argparse.Namespace) -> int:
 
 def run_ls(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
-        items = [info async for info in client.search_all(status=args.status, owner=args.owner)]
+        search = client.search_all(
+            status=args.status, owner=args.owner, labels=_parse_labels(args.labels)
+        )
+        items = [info async for info in search]
         if args.json:
             _print_json(items)
         elif items:

@@ -18,7 +18,7 @@ client uses the first that answers and fails over to the others
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -330,6 +330,7 @@ class Client(p.ClientOps):
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
         batch: bool = True,
     ) -> Subscription:
         """Events with seq > after_seq (None: from now on), on a connection of their own.
@@ -338,7 +339,9 @@ class Client(p.ClientOps):
         The server sends them several to a frame (``batch``; False: one a frame, for a
         server older than batch frames).
         """
-        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, batch=batch)
+        resumption = p.Resumption.of(
+            after_seq, sandbox_id=sandbox_id, types=types, labels=labels, batch=batch
+        )
         endpoints = p.Endpoints(self._endpoints.urls, first=self.url)
         return Subscription(self._nursery, endpoints, self._token, resumption)
 

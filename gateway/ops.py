@@ -18,10 +18,12 @@ import orjson
 import trio
 
 from sandboxd import __version__
+from sandboxd.actors.labels import matches as label_matches
 from sandboxd.actors.visibility import knows_sandbox_id, sees_event
 from sandboxd.events.log import Page
-from sandboxd.events.projection import State, Status
+from sandboxd.events.projection import State, Status, labels_at
 from sandboxd.events.subscriptions import EventFilter, Filter, Subscription
+from sandboxd.events.types import Event
 from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
@@ -116,6 +118,7 @@ async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
         wait=q.wait,
         owner=q.owner,
         node=q.node,
+        labels=q.labels,
     )
     return info, None
 
@@ -136,7 +139,7 @@ async def _stats(s: Services, c: Connection, q: p.SandboxStats) -> _Result:
 async def _search(s: Services, c: Connection, q: p.SandboxSearch) -> _Result:
     status = None if q.status is None else Status(q.status)
     items, next_page_id = s.registry.search(
-        c.user, page_id=q.page_id, limit=q.limit, status=status, owner=q.owner
+        c.user, page_id=q.page_id, limit=q.limit, status=status, owner=q.owner, labels=q.labels
     )
     return p.SearchPage(items, next_page_id), None
 
@@ -203,22 +206,46 @@ async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
 
 
 def _event_filter(
-    state: State, user: User, sandbox_id: str | None, types: list[str] | None
+    state: State,
+    user: User,
+    sandbox_id: str | None,
+    types: list[str] | None,
+    labels: dict[str, str] | None = None,
 ) -> EventFilter:
-    """The filter of a subscription or a read: the request's own, and the user's view."""
+    """The filter of a subscription or a read: the request's own, and the user's view.
+
+    ``labels`` are matched against the labels of the life of the event's sandbox id at
+    its seq (projection.labels_at): a deleted sandbox's events keep the labels it had.
+    The view and the labels are one predicate, both looked up in the projection.
+    """
     if sandbox_id is not None and not knows_sandbox_id(user, state, sandbox_id):
         raise p.ProtocolError(
             p.ErrorCode.NOT_FOUND, f"'sandbox_id' {sandbox_id} names no sandbox visible to you."
         )
+    visible = None if user.admin else partial(sees_event, user, state)
+    if labels:
+        visible = partial(_labelled, state, dict(labels), visible)
     return EventFilter(
         sandbox_ids=None if sandbox_id is None else frozenset({sandbox_id}),
         types=frozenset(types) if types else None,
-        visible=None if user.admin else partial(sees_event, user, state),
+        visible=visible,
     )
 
 
+def _labelled(
+    state: State,
+    wanted: dict[str, str],
+    visible: Callable[[Event], bool] | None,
+    event: Event,
+) -> bool:
+    """An event of a sandbox that had every label wanted (a daemon event has none)."""
+    if event.sandbox_id is None or (visible is not None and not visible(event)):
+        return False
+    return label_matches(labels_at(state, event.sandbox_id, event.seq), wanted)
+
+
 async def _subscribe(s: Services, c: Connection, q: p.EventsSubscribe) -> _Result:
-    matches = _event_filter(s.registry.state, c.user, q.sandbox_id, q.types)
+    matches = _event_filter(s.registry.state, c.user, q.sandbox_id, q.types, q.labels)
     if c.subscription_count >= MAX_SUBSCRIPTIONS:
         raise p.ProtocolError(
             p.ErrorCode.LIMIT_EXCEEDED,
@@ -245,7 +272,7 @@ async def _unsubscribe(s: Services, c: Connection, q: p.EventsUnsubscribe) -> _R
 
 
 async def _read(s: Services, c: Connection, q: p.EventsRead) -> _Result:
-    matches = _event_filter(s.registry.state, c.user, q.sandbox_id, q.types)
+    matches = _event_filter(s.registry.state, c.user, q.sandbox_id, q.types, q.labels)
     release = await _take_read_slot(c)
     try:
         page = await s.log.read_page(q.after_seq, limit=q.limit, event_filter=matches)

@@ -143,7 +143,7 @@ def _spec_table(spec: SpecConfig) -> dict[str, Any]:
     table = {
         f.name: getattr(spec, f.name)
         for f in attrs.fields(SpecConfig)
-        if f.name not in ("created_at", "limits")
+        if f.name not in ("created_at", "limits") and getattr(spec, f.name) is not None
     }
     limits = {f.name: getattr(spec.limits, f.name) for f in attrs.fields(Limits)}
     table |= {name: value for name, value in limits.items() if value is not None}

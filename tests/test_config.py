@@ -108,6 +108,14 @@ def test_a_full_file() -> None:
         ("[cluster]\nnode_id = 1", "cluster.node_id"),
         ("[cluster]\nlease_ttl = 0.5", "cluster.lease_ttl"),
         ("[cluster]\nnodes = 3", "cluster.nodes"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nidle_timeout = 0", "specs[0].idle_timeout"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nidle_timeout = -5", "specs[0].idle_timeout"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nidle_timeout = '1m'", "specs[0].idle_timeout"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\non_idle = 'stop'", "specs[0].on_idle"),
+        ("[[specs]]\nid = 'x'\ncommand = ['a']\nidle_cpu_seconds = 0", "idle_cpu_seconds"),
+        ("[sandboxes]\nidle_check_interval = 0", "sandboxes.idle_check_interval"),
+        ("[sandboxes]\nidle_check_interval = 7200", "sandboxes.idle_check_interval"),
+        ("[sandboxes]\nidle_check_interval = true", "sandboxes.idle_check_interval"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_key(text: str, named: str) -> None:
@@ -267,3 +275,15 @@ def test_serve_stops_before_starting_on_a_bad_key(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
     assert "sandboxes.stop_timout" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_idle_keys() -> None:
+    config = parse(
+        "[sandboxes]\nidle_check_interval = 2\n"
+        "[[specs]]\nid = 'x'\ncommand = ['a']\nidle_timeout = 600\non_idle = 'delete'\n"
+    )
+    (spec,) = config.specs
+    assert config.idle_check_interval == 2.0
+    assert (spec.idle_timeout, spec.on_idle, spec.idle_cpu_seconds) == (600.0, "delete", 0.5)
+    # The defaults: no idle timeout, and a sweep every 10 s (which then has nothing to do).
+    assert Config().idle_check_interval == 10.0 and Config().specs[0].idle_timeout is None

@@ -32,6 +32,9 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
             health_interval=0.0,
             limits=Limits(memory_max=64 << 20, pids_max=50, cpu_max=0.5, required=True),
             ports=("AGENT_SERVER", "VSCODE"),
+            idle_timeout=30.0,
+            on_idle="delete",
+            idle_cpu_seconds=0.25,
         ),
         SpecConfig(id="some-limits", command=("true",), limits=Limits(pids_max=3)),
     )
@@ -62,6 +65,7 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         allow_existing_uids=True,
         node_id="node-x",
         lease_ttl=2.5,
+        idle_check_interval=2.5,
     )
     defaults = Config()
     for field in attrs.fields(Config):

@@ -72,12 +72,16 @@ class CgroupTimeout(CgroupError):
 # -- small file helpers: one syscall each, errors with the path --------------------------
 
 
-def _read(path: str) -> str | None:
+def _read(path: str, *, whole: bool = True) -> str | None:
+    """The file's text (None if it or its cgroup is gone); ``whole=False``: its first 64 KiB
+    in one read, for the small files that fit (a syscall fewer)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
+        if not whole:
+            return os.read(fd, 65536).decode("ascii", "replace")
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
@@ -193,15 +197,26 @@ class SandboxCgroup:
     def frozen(self) -> bool:
         return self._watch.state().frozen
 
+    @property
+    def cpu_stat_path(self) -> str:
+        """Its v2 ``cpu.stat`` (v2 keeps it with no controller): ``usage_usec``, its CPU."""
+        return os.path.join(self.tree_dir, "cpu.stat")
+
+    def cpu_seconds(self) -> float | None:
+        """CPU its processes used so far, the ended ones' included: one small read."""
+        # v2 keeps it with no controller. One read: the file is a few lines (the idle sweep
+        # reads it for every watched sandbox).
+        stat = _read(os.path.join(self.tree_dir, "cpu.stat"), whole=False)
+        if stat is not None and "usage_usec" in (values := parse_flat_keyed(stat)):
+            return values["usage_usec"] / 1e6
+        if (cpu_dir := self.controller_dirs.get("cpu")) is not None:
+            usage_ns = _read(os.path.join(cpu_dir, "cpuacct.usage"))  # v1 cpu,cpuacct
+            return int(usage_ns) / 1e9 if usage_ns else None
+        return None
+
     def usage(self) -> Usage:
         """CPU seconds so far, memory in use now, processes (and threads) now."""
-        cpu: float | None = None
-        stat = _read(os.path.join(self.tree_dir, "cpu.stat"))  # v2 keeps it with no controller
-        if stat is not None and "usage_usec" in (values := parse_flat_keyed(stat)):
-            cpu = values["usage_usec"] / 1e6
-        elif (cpu_dir := self.controller_dirs.get("cpu")) is not None:
-            usage_ns = _read(os.path.join(cpu_dir, "cpuacct.usage"))  # v1 cpu,cpuacct
-            cpu = int(usage_ns) / 1e9 if usage_ns else None
+        cpu = self.cpu_seconds()
         memory: int | None = None
         if (memory_dir := self.controller_dirs.get("memory")) is not None:
             name = "memory.current" if memory_dir == self.tree_dir else "memory.usage_in_bytes"

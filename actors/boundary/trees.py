@@ -106,6 +106,11 @@ class SandboxTree:
         """CPU seconds, memory and processes now; None under markers (no cgroup to ask)."""
         return self.cgroup.usage() if self.cgroup is not None else None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU its cgroup's processes used so far; None under markers (actors/idle.py asks
+        /proc there, for every sandbox at once)."""
+        return self.cgroup.cpu_seconds() if self.cgroup is not None else None
+
     def oom_kills(self) -> int | None:
         """How many of its processes the OOM killer ended so far; None: nobody counts."""
         return self.cgroup.oom_kills() if self.cgroup is not None else None

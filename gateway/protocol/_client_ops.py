@@ -54,12 +54,21 @@ class ClientOps(ABC):
         wait: bool = True,
         owner: str | None = None,
         node: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> SandboxInfo:
         """``owner`` (admins only): the user the sandbox is started for, and belongs to.
-        ``node``: the node of a cluster to run it on (default: the least busy one)."""
+        ``node``: the node of a cluster to run it on (default: the least busy one).
+        ``labels``: tags of your choosing, for its whole life (search and events filter
+        on them)."""
         return await self.call(
             calls.start(
-                spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait, owner=owner, node=node
+                spec_id=spec_id,
+                sandbox_id=sandbox_id,
+                env=env,
+                wait=wait,
+                owner=owner,
+                node=node,
+                labels=labels,
             )
         )
 
@@ -80,19 +89,25 @@ class ClientOps(ABC):
         limit: int = 100,
         status: str | None = None,
         owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> SearchPage:
-        """``owner`` (admins only): that user's sandboxes alone."""
+        """``owner`` (admins only): that user's sandboxes alone. ``labels``: only those with
+        every one of these labels."""
         return await self.call(
-            calls.search(page_id=page_id, limit=limit, status=status, owner=owner)
+            calls.search(page_id=page_id, limit=limit, status=status, owner=owner, labels=labels)
         )
 
     async def search_all(
-        self, *, status: str | None = None, owner: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> AsyncIterator[SandboxInfo]:
         """Every visible sandbox, newest first, page by page."""
         page_id: str | None = None
         while True:
-            page = await self.search(page_id=page_id, status=status, owner=owner)
+            page = await self.search(page_id=page_id, status=status, owner=owner, labels=labels)
             for item in page.items:
                 yield item
             if page.next_page_id is None:
@@ -135,9 +150,13 @@ class ClientOps(ABC):
         limit: int = 1000,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> EventPage[Event]:
+        """``labels``: only the events of sandboxes that had every one of these labels."""
         return await self.call(
-            calls.read_events(after_seq, limit=limit, sandbox_id=sandbox_id, types=types)
+            calls.read_events(
+                after_seq, limit=limit, sandbox_id=sandbox_id, types=types, labels=labels
+            )
         )
 
     @abstractmethod
@@ -147,6 +166,7 @@ class ClientOps(ABC):
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Any:
         """Events with seq > after_seq (None: from now on), on a connection of their own,
         resumed across drops (``Resumption``); the transport's async iterator of ``Event``s."""

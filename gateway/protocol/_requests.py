@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
+from sandboxd.actors.labels import labels_problem
 from sandboxd.events.projection import Status
 from sandboxd.events.types import EVENT_TYPES
 from sandboxd.gateway.protocol._converter import converter
@@ -102,6 +103,11 @@ def _env(_: object, attribute: "attrs.Attribute[Any]", value: dict[str, str] | N
             raise _bad(f"'{attribute.name}[{_show(key)}]' must not contain a NUL character.")
 
 
+def _labels(_: object, attribute: "attrs.Attribute[Any]", value: dict[str, str] | None) -> None:
+    if value is not None and (problem := labels_problem(attribute.name, value)) is not None:
+        raise _bad(problem)
+
+
 def _owner(_: object, attribute: "attrs.Attribute[Any]", value: str | None) -> None:
     # A user id of the admin's own choosing (an OpenHands user, say): any printable text.
     if value is not None and not (1 <= len(value) <= 256 and value.isprintable()):
@@ -141,6 +147,8 @@ class SandboxStart:
     owner: str | None = attrs.field(default=None, validator=_owner)
     #: The node to run it on (docs/cluster.md); None: the one with the fewest running.
     node: str | None = attrs.field(default=None, validator=_node)
+    #: Tags of the starter's choosing, for its whole life (actors/labels.py's bounds).
+    labels: dict[str, str] | None = attrs.field(default=None, validator=_labels)
 
 
 @attrs.frozen
@@ -169,6 +177,8 @@ class SandboxSearch:
     status: str | None = attrs.field(default=None, validator=_status)
     #: Admins only: the sandboxes of this user alone.
     owner: str | None = attrs.field(default=None, validator=_owner)
+    #: Only the sandboxes that have every one of these labels.
+    labels: dict[str, str] | None = attrs.field(default=None, validator=_labels)
 
 
 @attrs.frozen
@@ -227,6 +237,8 @@ class EventsSubscribe:
     #: True: events come several to a frame, ``{"subscription", "events": [...]}``;
     #: absent (None) or false: one a frame, as before batches.
     batch: bool | None = None
+    #: Only the events of sandboxes that had every one of these labels.
+    labels: dict[str, str] | None = attrs.field(default=None, validator=_labels)
 
 
 @attrs.frozen
@@ -242,6 +254,8 @@ class EventsRead:
     limit: int = attrs.field(default=1000, validator=_between(1, 1000))
     sandbox_id: str | None = attrs.field(default=None, validator=_sandbox_id)
     types: list[str] | None = attrs.field(default=None, validator=_event_types)
+    #: Only the events of sandboxes that had every one of these labels.
+    labels: dict[str, str] | None = attrs.field(default=None, validator=_labels)
 
 
 Params = (

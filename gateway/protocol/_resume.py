@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from sandboxd.events.types import Event
 from sandboxd.gateway.protocol._errors import (
@@ -109,13 +109,16 @@ class Resumption:
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
         batch: bool = False,
     ) -> Resumption:
         """A subscription's memory, its params checked now (they are sent on each connect).
 
         ``batch``: the server may send several events to a frame (both clients ask for it;
         False for a server older than batch frames, which refuses the param)."""
-        params = subscribe(after_seq, sandbox_id=sandbox_id, types=types, batch=batch).params
+        params = subscribe(
+            after_seq, sandbox_id=sandbox_id, types=types, labels=labels, batch=batch
+        ).params
         assert isinstance(params, EventsSubscribe)
         return cls(params)
 
@@ -131,6 +134,7 @@ class Resumption:
             sandbox_id=params.sandbox_id,
             types=params.types,
             batch=bool(params.batch),
+            labels=params.labels,
         )
 
     def subscribe_reply(self, frame: str | bytes) -> Reply | None:

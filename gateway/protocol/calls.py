@@ -107,6 +107,11 @@ def _params(cls: type[P], **values: Any) -> P:
         raise BadRequestError(exc.message) from None
 
 
+def _dict(labels: Mapping[str, str] | None) -> dict[str, str] | None:
+    # An empty filter is no filter: left out, as None is.
+    return dict(labels) if labels else None
+
+
 def _as(cls: type[T] | Any) -> Callable[[Any], T]:
     def decode(result: Any) -> T:
         value: T = converter.structure(result, cls)
@@ -147,6 +152,7 @@ def start(
     wait: bool = True,
     owner: str | None = None,
     node: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[SandboxInfo]:
     params = _params(
         SandboxStart,
@@ -156,6 +162,7 @@ def start(
         wait=wait,
         owner=owner,
         node=node,
+        labels=_dict(labels),
     )
     return Call(params, _as(SandboxInfo))
 
@@ -180,8 +187,16 @@ def search(
     limit: int = 100,
     status: str | None = None,
     owner: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[SearchPage]:
-    params = _params(SandboxSearch, page_id=page_id, limit=limit, status=status, owner=owner)
+    params = _params(
+        SandboxSearch,
+        page_id=page_id,
+        limit=limit,
+        status=status,
+        owner=owner,
+        labels=_dict(labels),
+    )
     return Call(params, _as(SearchPage))
 
 
@@ -231,6 +246,7 @@ def subscribe(
     sandbox_id: str | None = None,
     types: list[str] | None = None,
     batch: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[Subscribed]:
     params = _params(
         EventsSubscribe,
@@ -238,6 +254,7 @@ def subscribe(
         sandbox_id=sandbox_id,
         types=types,
         batch=batch or None,  # left out unless asked for: an older server knows no batch
+        labels=_dict(labels),
     )
     return Call(params, _as(Subscribed))
 
@@ -252,9 +269,15 @@ def read_events(
     limit: int = 1000,
     sandbox_id: str | None = None,
     types: list[str] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Call[EventPage[Event]]:
     params = _params(
-        EventsRead, after_seq=after_seq, limit=limit, sandbox_id=sandbox_id, types=types
+        EventsRead,
+        after_seq=after_seq,
+        limit=limit,
+        sandbox_id=sandbox_id,
+        types=types,
+        labels=_dict(labels),
     )
     return Call(params, _event_page)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from typing import Any
@@ -33,11 +34,14 @@ def for_type(tp: Any) -> st.SearchStrategy[Any]:
         return st.none() | for_type(inner)
     if typing.get_origin(tp) is list:
         return st.lists(for_type(args[0]), max_size=4)
+    if typing.get_origin(tp) is dict:
+        return st.dictionaries(for_type(args[0]), for_type(args[1]), max_size=4)
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return records(tp)
     raise TypeError(f"no strategy for {tp!r}")
 
 
+@functools.cache  # histories() draws from it per event: built once per class, not each time
 def records(cls: type[Any]) -> st.SearchStrategy[Any]:
     """Any instance of a class (a msgspec Struct) of the catalogue."""
     fields = {f.name: f.type for f in msgspec.structs.fields(cls)}

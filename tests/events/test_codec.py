@@ -34,11 +34,11 @@ def test_round_trip_of_each_type(cls: type[ev.Payload]) -> None:
 
 
 def test_the_record_has_the_wire_name_and_version() -> None:
-    event = ev.Event(7, "2026-01-01T00:00:00.000000Z", "a", None, ev.SandboxPaused())
+    event = ev.Event(7, "2026-01-01T00:00:00.000000Z", "a", None, ev.SandboxResumed())
     assert orjson.loads(encode(event)) == {
         "seq": 7,
         "ts": "2026-01-01T00:00:00.000000Z",
-        "type": "sandbox.paused",
+        "type": "sandbox.resumed",
         "sandbox_id": "a",
         "by": None,
         "data": {},
@@ -98,11 +98,11 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
     assert (
         added
         == {
-            # and "node", an optional field added later (docs/events.md), null as well
-            "sandbox.created": {"uid", "ports", "node"},
+            # and "node" and "labels", optional fields added later (docs/events.md), null too
+            "sandbox.created": {"uid", "ports", "node", "labels"},
             "sandbox.process_started": {"uid"},
             "sandbox.exited": {"reason", "memory_max"},
-            "sandbox.paused": set(),
+            "sandbox.paused": {"reason"},
         }[event_type]
     )
     assert all(event_to_dict(event)["data"][name] is None for name in added)
@@ -150,6 +150,10 @@ def _check(tp: object, value: object) -> object:
         if type(value) is not list:
             raise _Refused(value)
         return [_check(args[0], item) for item in value]
+    if typing.get_origin(tp) is dict:  # labels: an object of strings
+        if type(value) is not dict:
+            raise _Refused(value)
+        return {key: _check(args[1], item) for key, item in value.items()}
     return _reference_record(tp, value)
 
 

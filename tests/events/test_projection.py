@@ -18,6 +18,7 @@ from sandboxd.events.projection import (
     apply,
     copy_state,
     incarnation_at,
+    labels_at,
     state_from_dict,
     state_to_dict,
 )
@@ -242,3 +243,64 @@ def test_the_sandboxs_uid_is_kept_from_its_creation() -> None:
     for event in events:
         apply(state, event)
         assert state.sandboxes["a"].uid == 600123
+
+
+# --- Idle periods and labels (issue 10) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payloads", "idle_since"),
+    [
+        ((ev.SandboxRunning([]), ev.SandboxIdle("T1", "quiet")), "T1"),
+        # Adoption by a restarted daemon changes nothing: the period goes on.
+        ((ev.SandboxRunning([]), ev.SandboxIdle("T1", "quiet"), ev.SandboxAdopted(5)), "T1"),
+        ((ev.SandboxRunning([]), ev.SandboxIdle("T1", "quiet"), ev.SandboxActive("busy")), None),
+        # Any other change of the sandbox ends the period too.
+        ((ev.SandboxRunning([]), ev.SandboxIdle("T1", "q"), ev.SandboxPaused("idle")), None),
+        ((ev.SandboxRunning([]), ev.SandboxIdle("T1", "q"), ev.SandboxUnhealthy("x")), None),
+        ((ev.SandboxRunning([]), ev.SandboxIdle("T1", "q"), ev.SandboxExited(0, None)), None),
+    ],
+)
+def test_idle_since_follows_the_idle_events(
+    payloads: tuple[ev.Payload, ...], idle_since: str | None
+) -> None:
+    state = State()
+    events = _sandbox_events(*payloads)
+    for event in events:
+        apply(state, event)
+    record = state.sandboxes["a"]
+    assert record.idle_since == idle_since
+    assert state_from_dict(state_to_dict(state)).sandboxes["a"] == record
+
+
+def test_labels_stay_with_their_life_after_delete_and_across_snapshots() -> None:
+    labelled = ev.SandboxCreated("default", "alice", "/w", 30001, labels={"team": "a"})
+    plain = ev.SandboxCreated("default", "bob", "/w", 30001)
+    events = stamp(
+        [
+            ev.PendingEvent("a", "alice", labelled),
+            ev.PendingEvent("a", "alice", ev.SandboxDeleted(False)),
+            ev.PendingEvent("a", "bob", plain),  # the id again: a life with no labels
+        ]
+    )
+    state = State()
+    for event in events:
+        apply(state, event)
+    assert state.sandboxes["a"].labels == {}
+    for restored in (state, state_from_dict(state_to_dict(state))):
+        assert labels_at(restored, "a", events[0].seq) == {"team": "a"}
+        assert labels_at(restored, "a", events[1].seq) == {"team": "a"}  # its deletion
+        assert labels_at(restored, "a", events[2].seq) == {}
+        assert labels_at(restored, "b", events[2].seq) == {}
+
+
+def test_a_snapshot_older_than_labels_reads_with_none() -> None:
+    state = State()
+    for event in _sandbox_events(ev.SandboxRunning([])):
+        apply(state, event)
+    raw = state_to_dict(state)
+    del raw["labels"]
+    for record in raw["sandboxes"]:
+        del record["labels"], record["idle_since"]
+    restored = state_from_dict(raw)
+    assert restored.labels == {} and restored.sandboxes["a"] == state.sandboxes["a"]

@@ -54,11 +54,18 @@ SIGNATURES: dict[str, dict[str, str]] = {
         "wait": "bool?",
         "owner": "str?",
         "node": "str?",
+        "labels": "env?",
     },
     "sandbox.get": {"sandbox_id": "str"},
     "sandbox.batch_get": {"sandbox_ids": "strs"},
     "sandbox.stats": {"sandbox_ids": "strs"},
-    "sandbox.search": {"page_id": "str?", "limit": "int?", "status": "str?", "owner": "str?"},
+    "sandbox.search": {
+        "page_id": "str?",
+        "limit": "int?",
+        "status": "str?",
+        "owner": "str?",
+        "labels": "env?",
+    },
     "sandbox.find_by_session_key": {"session_api_key": "str"},
     "sandbox.pause": {"sandbox_id": "str"},
     "sandbox.resume": {"sandbox_id": "str"},
@@ -72,9 +79,16 @@ SIGNATURES: dict[str, dict[str, str]] = {
         "sandbox_id": "str?",
         "types": "strs?",
         "batch": "bool?",
+        "labels": "env?",
     },
     "events.unsubscribe": {"subscription": "str"},
-    "events.read": {"after_seq": "int", "limit": "int?", "sandbox_id": "str?", "types": "strs?"},
+    "events.read": {
+        "after_seq": "int",
+        "limit": "int?",
+        "sandbox_id": "str?",
+        "types": "strs?",
+        "labels": "env?",
+    },
 }
 # One valid value per required field, so that a frame fails only where a test breaks it.
 REQUIRED = {
@@ -153,6 +167,9 @@ seqs = st.integers(min_value=0, max_value=2**63 - 1)
 owners = st.text(
     st.characters(codec="utf-8", categories=["L", "N", "P", "S"]), min_size=1, max_size=40
 ).filter(str.isprintable)
+labels = st.dictionaries(
+    st.from_regex(r"[a-z0-9_.-]{1,63}", fullmatch=True), st.text(max_size=256), max_size=32
+)
 VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
     SandboxStart: st.builds(
         SandboxStart,
@@ -162,6 +179,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         wait=st.booleans(),
         owner=st.none() | owners,
         node=st.none() | st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+        labels=st.none() | labels,
     ),
     SandboxGet: st.builds(SandboxGet, sandbox_ids),
     SandboxBatchGet: st.builds(SandboxBatchGet, st.lists(sandbox_ids, max_size=100)),
@@ -172,6 +190,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         limit=st.integers(1, 100),
         status=st.none() | statuses,
         owner=st.none() | owners,
+        labels=st.none() | labels,
     ),
     SandboxFindBySessionKey: st.builds(SandboxFindBySessionKey, st.text(min_size=1, max_size=64)),
     SandboxPause: st.builds(SandboxPause, sandbox_ids),
@@ -187,6 +206,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         sandbox_id=st.none() | sandbox_ids,
         types=st.none() | event_type_lists,
         batch=st.none() | st.booleans(),
+        labels=st.none() | labels,
     ),
     EventsUnsubscribe: st.builds(EventsUnsubscribe, st.text(max_size=8)),
     EventsRead: st.builds(
@@ -195,6 +215,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         limit=st.integers(1, 1000),
         sandbox_id=st.none() | sandbox_ids,
         types=st.none() | event_type_lists,
+        labels=st.none() | labels,
     ),
 }
 
