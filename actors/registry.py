@@ -36,6 +36,7 @@ from sandboxd.actors.errors import (
 from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.mailbox import Delete, Pause, Resume, Start
+from sandboxd.actors.output_follow import OutputFollow, OutputWatcher
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.actors.visibility import sees_sandbox as visible
@@ -105,6 +106,9 @@ class Registry:
             environ=os.environ,
             url_host=config.url_host,
         )
+        #: Wakes the followers of output files (sandbox.logs with follow) as they grow.
+        self.output_watcher = OutputWatcher()
+        nursery.start_soon(self.output_watcher.run)
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
             nursery.start_soon(self.reclaim_uids_forever)
@@ -388,6 +392,11 @@ class Registry:
     def logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> tuple[str, bool]:
         actor = self._visible_actor(caller, sandbox_id)
         return actor.output.tail(tail_bytes)
+
+    async def follow_logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> OutputFollow:
+        """The tail of the output, and a follower of what the sandbox writes after it."""
+        actor = self._visible_actor(caller, sandbox_id)
+        return await OutputFollow.open(actor.output, self.output_watcher, tail_bytes)
 
     # -- commands -----------------------------------------------------------------------
 

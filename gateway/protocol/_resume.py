@@ -156,7 +156,8 @@ class Resumption:
         if isinstance(parsed, CaughtUpFrame):
             self.caught_up = True
             return None
-        assert isinstance(parsed, EndedFrame)
+        if not isinstance(parsed, EndedFrame):
+            return None  # an output follow's frame: never on an event subscription's connection
         # Shutdown or a lagging stream overtaken: resubscribing tells which
         # (a restarted daemon continues, a `gone` is raised).
         log.info("subscription ended by the server: %s", parsed.reason)

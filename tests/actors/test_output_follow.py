@@ -1,0 +1,224 @@
+"""Reading a sandbox's output by position: across rotations, to the end after a delete, and
+through inotify, with a real child writing as fast as it can across the cap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sandboxd.actors import output
+from sandboxd.actors.output_follow import CHUNK_BYTES, OutputEnded, OutputFollow, OutputWatcher
+from tests.actors.children.support import Sandboxes
+from tests.support import eventually
+
+
+def _read_all(out: output.OutputFile, position: int) -> tuple[bytes, int]:
+    """Everything readable from ``position`` on; fails on a loss."""
+    parts: list[bytes] = []
+    while True:
+        chunk = out.read_from(position, 1000)
+        assert chunk.lost == 0, chunk
+        if not chunk.data:
+            return b"".join(parts), chunk.position
+        parts.append(chunk.data)
+        position = chunk.position
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.binary(min_size=1, max_size=9000).map(lambda b: ("write", b)),
+            st.just(("cap", b"")),
+            st.just(("read", b"")),
+        ),
+        max_size=30,
+    )
+)
+def test_a_follower_reads_every_byte_once_across_any_rotations(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, bytes]]
+) -> None:
+    # A cap under a block rotates by truncate, over it by collapse (ext4 here): both
+    # keep positions straight for a follower that keeps up.
+    for cap in (4096, 5000):
+        directory = output.OutputDir(tmp_path_factory.mktemp("out"))
+        out = directory.file("sb")
+        os.close(out.open_for_child(cap))
+        tail, truncated, position = out.tail_to_follow(0)
+        assert (tail, truncated, position) == (b"", False, 0)
+        written, seen = b"", b""
+        for action, data in steps:
+            if action == "write":
+                with open(out.path, "ab") as f:
+                    f.write(data)
+                written += data
+            elif action == "cap":
+                # The follower reads before each rotation: at most cap + 9000 behind.
+                got, position = _read_all(out, position)
+                seen += got
+                out.cap(cap)
+            else:
+                got, position = _read_all(out, position)
+                seen += got
+        got, position = _read_all(out, position)
+        assert seen + got == written
+        assert position == len(written)
+        out.unfollow()
+        out.remove()
+
+
+def test_a_follower_behind_reads_on_from_the_rotation_then_loses_only_what_is_gone(
+    tmp_path: Path,
+) -> None:
+    out = output.OutputDir(tmp_path).file("sb")
+    os.close(out.open_for_child(8192))
+    _, _, position = out.tail_to_follow(0)
+    block = os.statvfs(tmp_path).f_bsize
+    data = bytes(range(256)) * (3 * block // 256) + b"tail"
+    out.path.write_bytes(data)
+    assert out.cap(block) is True  # 3 blocks + 4 bytes: the first 3 blocks go
+    if out.rotates_losslessly:
+        assert out.path.read_bytes() == b"tail"
+        # Behind by more than the rotation keeps: what is gone is counted, then it goes on.
+        chunk = out.read_from(position, 100)
+        assert chunk.lost == 2 * block and chunk.data == b""
+        got, end = _read_all(out, chunk.position)
+        assert got == data[2 * block :] and end == len(data)
+    out.unfollow()
+
+
+def test_removal_waits_for_followers_to_read_to_the_end(tmp_path: Path) -> None:
+    out = output.OutputDir(tmp_path).file("sb")
+    os.close(out.open_for_child(1 << 20))
+    out.path.write_bytes(b"before ")
+    _, _, position = out.tail_to_follow(100)
+    assert position == 7
+    with open(out.path, "ab") as f:
+        f.write(b"last words")
+    out.remove()
+    assert list(tmp_path.iterdir()) == []
+    chunk = out.read_from(position, 100)
+    assert chunk.data == b"last words" and not chunk.removed
+    assert out.read_from(chunk.position, 100).removed
+    out.unfollow()  # the last follower closes the descriptor
+    assert out.read_from(chunk.position, 100).removed
+
+
+def test_the_tail_stops_before_a_character_half_written(tmp_path: Path) -> None:
+    out = output.OutputDir(tmp_path).file("sb")
+    os.close(out.open_for_child(1 << 20))
+    out.path.write_bytes("ab€".encode()[:-1])  # € is 3 bytes: 2 of them so far
+    tail, truncated, position = out.tail_to_follow(100)
+    assert (tail, truncated, position) == (b"ab", False, 2)
+    out.unfollow()
+
+
+_WRITER = r"""
+import os, sys, time
+total, line = int(sys.argv[1]), 0
+while total > 0:
+    if line % 100 == 0:
+        time.sleep(0.002)  # about 2 MB/s: a follower half a second late is still in time
+    text = (f"{line:08d} " + "é€" * (line % 7) + "x" * (line % 97) + "\n").encode()
+    # Each line in two writes, cut inside a character where it has one.
+    cut = len(text) // 2
+    os.write(1, text[:cut])
+    os.write(1, text[cut:])
+    total -= len(text)
+    line += 1
+os.write(1, b"done\n")
+"""
+
+
+def expected_writer_output(total: int) -> str:
+    lines, line = [], 0
+    while total > 0:
+        text = f"{line:08d} " + "é€" * (line % 7) + "x" * (line % 97) + "\n"
+        lines.append(text)
+        total -= len(text.encode())
+        line += 1
+    return "".join(lines) + "done\n"
+
+
+async def test_a_follow_sees_every_byte_once_while_a_child_writes_across_many_rotations(
+    sandboxes: Sandboxes, nursery: trio.Nursery
+) -> None:
+    cap = 1 << 20
+    total = 6 << 20
+    sandbox_id = sandboxes.new_id()
+    out = sandboxes.output(sandbox_id)
+    watcher = OutputWatcher()
+    await nursery.start(watcher.run)
+    # The file exists (empty) before the child: the follow starts at its beginning.
+    os.close(out.open_for_child(cap))
+    follow = await OutputFollow.open(out, watcher, 0)
+    assert follow.tail == "" and follow.position == 0
+    spawned = await sandboxes.spawn(
+        "-c", _WRITER, str(total), sandbox_id=sandbox_id, output_cap_bytes=cap
+    )
+    rotations = 0
+    received: list[str] = []
+
+    async def rotate_all_along() -> None:
+        nonlocal rotations
+        while True:
+            rotations += await trio.to_thread.run_sync(out.cap, cap)
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as rotating:
+        rotating.start_soon(rotate_all_along)
+        with trio.fail_after(60):
+            while not "".join(received[-2:]).endswith("done\n"):
+                await follow.wait()
+                received.append(await follow.read())
+        rotating.cancel_scope.cancel()
+    text = "".join(received)
+    assert rotations >= 4
+    assert out.rotates_losslessly
+    assert text == expected_writer_output(total)
+    # A chunk, plus at most the 3 bytes of a character the one before it cut.
+    assert max(len(part.encode()) for part in received) <= CHUNK_BYTES + 3
+    with trio.fail_after(10):
+        await spawned.wait()
+
+    # Deleted: the follower reads to the end, then ends with the reason.
+    out.remove()
+    with pytest.raises(OutputEnded, match="deleted"):
+        with trio.fail_after(5):
+            while True:
+                await follow.wait()
+                assert await follow.read() == ""
+    follow.close()
+    assert len(watcher) == 0
+
+
+async def test_a_follow_wakes_on_a_write_and_costs_no_wakeup_while_idle(
+    sandboxes: Sandboxes, nursery: trio.Nursery
+) -> None:
+    sandbox_id = sandboxes.new_id()
+    out = sandboxes.output(sandbox_id)
+    watcher = OutputWatcher()
+    await nursery.start(watcher.run)
+    os.close(out.open_for_child(1 << 20))
+    follow = await OutputFollow.open(out, watcher, 0)
+    assert await follow.read() == ""
+    woken = trio.Event()
+
+    async def waiter() -> None:
+        await follow.wait()
+        woken.set()
+
+    nursery.start_soon(waiter)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not woken.is_set()  # nothing written: it sleeps
+    with open(out.path, "ab") as f:
+        f.write(b"hi")
+    await eventually(woken.is_set, within=5)
+    assert await follow.read() == "hi"
+    follow.close()
