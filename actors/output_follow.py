@@ -48,6 +48,12 @@ from sandboxd.actors.output import OutputFile
 #: control byte takes six) it stays far below the reply size a client accepts.
 CHUNK_BYTES: Final = 64 << 10
 
+#: The least time between two readings of the inotify descriptor: a child that writes on
+#: makes an event per write, which the kernel merges into one while it is not read, so
+#: followers are woken at most this often, and what was written meanwhile goes out in one
+#: frame. The first write after a quiet spell is noticed at once.
+BATCH_SECONDS: Final = 0.01
+
 _MASK: Final = flags.MODIFY | flags.ATTRIB | flags.DELETE_SELF
 _IN_Q_OVERFLOW: Final = 0x4000  # events were lost: every watch is woken to read again
 
@@ -131,6 +137,7 @@ class OutputWatcher:
                     if event.mask & flags.IGNORED:  # the file is gone: no more events
                         del self._by_wd[event.wd]
                     changed.notify()
+                await trio.sleep(BATCH_SECONDS)
         finally:
             self._close()
 

@@ -18,6 +18,7 @@ import orjson
 import trio
 
 from sandboxd import __version__
+from sandboxd.actors.errors import NotFound
 from sandboxd.actors.visibility import knows_sandbox_id, sees_event
 from sandboxd.events.log import Page
 from sandboxd.events.projection import State, Status
@@ -158,6 +159,12 @@ async def _follow_logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
     release = await _take_read_slot(c)
     try:
         follow = await s.registry.follow_logs(c.user, q.sandbox_id, q.tail_bytes)
+    except NotFound:
+        release()
+        raise p.ProtocolError(
+            p.ErrorCode.NOT_FOUND,
+            f"'sandbox_id' {q.sandbox_id} names no sandbox visible to you.",
+        ) from None
     except BaseException:
         release()
         raise
