@@ -222,3 +222,31 @@ async def test_a_follow_wakes_on_a_write_and_costs_no_wakeup_while_idle(
     await eventually(woken.is_set, within=5)
     assert await follow.read() == "hi"
     follow.close()
+
+
+async def test_a_follow_goes_on_across_a_restart_of_the_sandbox(
+    sandboxes: Sandboxes, nursery: trio.Nursery
+) -> None:
+    # A restart spawns the next process through the actor's same OutputFile: the same
+    # descriptor, so its followers simply read on. Its earlier output over the cap is
+    # rotated at that spawn (open_for_child): positions stay straight across it too.
+    sandbox_id = sandboxes.new_id()
+    out = sandboxes.output(sandbox_id)
+    watcher = OutputWatcher()
+    await nursery.start(watcher.run)
+    os.close(out.open_for_child(8192))
+    follow = await OutputFollow.open(out, watcher, 0)
+    code = "import os, sys; os.write(1, sys.argv[1].encode() * int(sys.argv[2]))"
+    received = ""
+    for round_, (text, count) in enumerate([("a", 10000), ("b", 3), ("c", 20000)]):
+        spawned = await sandboxes.spawn(
+            "-c", code, text, str(count), sandbox_id=sandbox_id, output_cap_bytes=8192
+        )
+        with trio.fail_after(10):
+            await spawned.wait()
+            while received.count(text) < count:
+                await follow.wait()
+                received += await follow.read()
+        assert round_ == 0 or Path(output.rotated_path(str(out.path))).exists()
+    assert received == "a" * 10000 + "bbb" + "c" * 20000
+    follow.close()

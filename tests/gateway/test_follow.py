@@ -310,3 +310,31 @@ def test_cli_logs_follow_prints_until_the_sandbox_is_deleted(daemon: DaemonProce
     assert err.strip() == "sandboxd: the sandbox was deleted"
     missing = cli(daemon, "logs", "-f", sandbox_id)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+async def test_a_follow_ends_with_shutdown_when_the_daemon_stops(
+    tmp_path: Path,
+) -> None:
+    config = daemon_config(tmp_path / "state", FOLLOW_SPECS, on_shutdown="keep")
+    running = DaemonProcess(tmp_path, config)
+    await running.start()
+    try:
+        async with open_client(running.url, ALICE) as client:
+            info = await client.start(spec_id="farewell", sandbox_id=_new_id())
+        async with trio_peer(running.url, ALICE) as peer:
+            result = await peer.call("sandbox.logs", sandbox_id=info.id, follow=True)
+            assert running.process is not None
+            running.process.terminate()
+            with trio.fail_after(20):
+                frame = await peer.recv()
+                while "output" in frame:
+                    frame = await peer.recv()
+            assert frame == {
+                "subscription": result["subscription"],
+                "ended": True,
+                "reason": "shutdown",
+            }
+    finally:
+        if running.alive():
+            running.stop()
+        end_sandboxes(running.state_dir)
