@@ -497,17 +497,11 @@ def _partial_utf8_end(data: bytes) -> int:
     """How many bytes at the end of ``data`` are a character not yet whole (0 to 3)."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
-        if byte & 0xC0 != 0x80:  # the lead byte (or an ASCII one)
-            need = (
-                2
-                if byte & 0xE0 == 0xC0
-                else 3
-                if byte & 0xF0 == 0xE0
-                else 4
-                if byte & 0xF8 == 0xF0
-                else 1
-            )
-            return back if back < need else 0
+        if byte & 0xC0 == 0x80:
+            continue  # a continuation byte: its lead is further back
+        # The lead byte says how long its character is: 11110xxx 4, 1110xxxx 3, 110xxxxx 2.
+        length = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
+        return back if back < length else 0
     return 0
 
 

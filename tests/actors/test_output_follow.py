@@ -119,6 +119,31 @@ def test_the_tail_stops_before_a_character_half_written(tmp_path: Path) -> None:
     out.unfollow()
 
 
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(min_size=1, max_size=40), cut=st.integers(0, 200), tail=st.integers(1, 200))
+def test_a_tail_and_its_follow_split_text_only_between_characters(
+    tmp_path_factory: pytest.TempPathFactory, text: str, cut: int, tail: int
+) -> None:
+    data = text.encode("utf-8", "surrogatepass")
+    cut = min(cut, len(data))
+    out = output.OutputDir(tmp_path_factory.mktemp("out")).file("sb")
+    os.close(out.open_for_child(1 << 20))
+    out.path.write_bytes(data[:cut])  # the child has written this much so far
+    head, truncated, position = out.tail_to_follow(tail)
+    with open(out.path, "ab") as f:
+        f.write(data[cut:])
+    rest, _ = _read_all(out, position)
+    # What the tail shows and what the follow reads next are whole characters, and
+    # together the end of the text, each byte once.
+    assert head + rest == data[len(data) - len(head) - len(rest) :]
+    assert position + len(rest) == len(data)
+    if not truncated:
+        assert head + rest == data
+    head.decode("utf-8", "surrogatepass")
+    rest.decode("utf-8", "surrogatepass")
+    out.unfollow()
+
+
 _WRITER = r"""
 import os, sys, time
 total, line = int(sys.argv[1]), 0
