@@ -74,7 +74,7 @@ class Chunk:
     #: Bytes between the position asked for and the oldest one still kept: a rotation
     #: dropped them before they were read. ``position`` is then the oldest kept.
     lost: int = 0
-    #: The sandbox's output was removed (deleted) and everything in it is read.
+    #: The sandbox's output was removed (deleted): ``data`` is the last of it, if any.
     removed: bool = False
 
 
@@ -228,7 +228,7 @@ class OutputFile:
             self._end_seen = end
             if position >= self._base:
                 data = _pread_all(fd, min(limit, end - position), position - self._base)
-                return Chunk(data, position + len(data), removed=self._removed and not data)
+                return Chunk(data, position + len(data), removed=self._removed)
             if self._rotated is not None and self._rotated[0] <= position < self._rotated[1]:
                 rotated = self._open_rotated()
                 if rotated is not None:

@@ -218,9 +218,12 @@ class OutputFollow:
                 "faster, or call sandbox.logs again"
             )
         self.position = chunk.position
-        self._more = len(chunk.data) == CHUNK_BYTES
-        text = self._decoder.decode(chunk.data, final=chunk.removed)
-        if chunk.removed and not text:
+        # Removed, the file says so by no event any more (its unlink's may have come
+        # before this read began): read on until it is empty, without waiting.
+        self._more = len(chunk.data) == CHUNK_BYTES or chunk.removed
+        last = chunk.removed and not chunk.data
+        text = self._decoder.decode(chunk.data, final=last)
+        if last and not text:
             raise OutputEnded("the sandbox was deleted")
         return text
 

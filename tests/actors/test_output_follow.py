@@ -104,8 +104,9 @@ def test_removal_waits_for_followers_to_read_to_the_end(tmp_path: Path) -> None:
     out.remove()
     assert list(tmp_path.iterdir()) == []
     chunk = out.read_from(position, 100)
-    assert chunk.data == b"last words" and not chunk.removed
-    assert out.read_from(chunk.position, 100).removed
+    assert chunk.data == b"last words" and chunk.removed
+    end = out.read_from(chunk.position, 100)
+    assert end.data == b"" and end.removed
     out.unfollow()  # the last follower closes the descriptor
     assert out.read_from(chunk.position, 100).removed
 
@@ -274,4 +275,28 @@ async def test_a_follow_goes_on_across_a_restart_of_the_sandbox(
                 received += await follow.read()
         assert round_ == 0 or Path(output.rotated_path(str(out.path))).exists()
     assert received == "a" * 10000 + "bbb" + "c" * 20000
+    follow.close()
+
+
+async def test_a_delete_noticed_before_the_last_read_still_ends_the_follow(
+    sandboxes: Sandboxes, nursery: trio.Nursery
+) -> None:
+    # The last words and the delete's unlink come in one batch of the watcher: the read
+    # that gets the words begins after both were noticed, so no event is left to wait
+    # for. It must end all the same (it hung, once under load).
+    out = sandboxes.output(sandboxes.new_id())
+    watcher = OutputWatcher()
+    await nursery.start(watcher.run)
+    os.close(out.open_for_child(1 << 20))
+    follow = await OutputFollow.open(out, watcher, 0)
+    assert await follow.read() == ""
+    with open(out.path, "ab") as f:
+        f.write(b"bye\n")
+    out.remove()  # no checkpoint between: the watcher sees both at once
+    with trio.fail_after(5):
+        await follow.wait()
+        assert await follow.read() == "bye\n"
+        await follow.wait()
+        with pytest.raises(OutputEnded, match="deleted"):
+            await follow.read()
     follow.close()
