@@ -1,9 +1,10 @@
 """The frames a server sends: encoded on the server's side, parsed on a client's.
 
 A server frame is a reply to a request (``Reply``) or a frame of a
-subscription: of an event subscription (``EventFrame``, ``CaughtUpFrame``,
-``EndedFrame``) or of an output follow (``OutputFrame``, ``OutputEndedFrame``:
-an ``ended`` frame with no ``last_seq``, since output has no seq to resume at).
+subscription: of an event subscription (``EventFrame``, ``EventsFrame`` for
+a subscription that asked for batches, ``CaughtUpFrame``, ``EndedFrame``) or
+of an output follow (``OutputFrame``, ``OutputEndedFrame``: an ``ended`` frame
+with no ``last_seq``, since output has no seq to resume at).
 ``parse_frame`` turns the text of one into one of those, or raises
 ``MalformedFrameError``; it does no I/O and needs no trio, so any client (the
 trio one, an asyncio one) reads the server with it.
@@ -56,6 +57,15 @@ class EventFrame:
 
 
 @attrs.frozen
+class EventsFrame:
+    """Several events of a subscription, in seq order (one ``EventFrame`` each, in
+    effect): what a subscription made with ``"batch": true`` receives."""
+
+    subscription: str
+    events: list[EventFrame]
+
+
+@attrs.frozen
 class CaughtUpFrame:
     """Sent once per subscription: history up to ``seq`` is sent, live from here."""
 
@@ -91,7 +101,9 @@ class OutputEndedFrame:
     ended: Literal[True] = True
 
 
-Frame = Reply | EventFrame | CaughtUpFrame | EndedFrame | OutputFrame | OutputEndedFrame
+Frame = (
+    Reply | EventFrame | EventsFrame | CaughtUpFrame | EndedFrame | OutputFrame | OutputEndedFrame
+)
 
 
 # --- The server's side: text out ----------------------------------------------------------
@@ -119,6 +131,13 @@ def encode_event_frame(subscription: str, event: bytes | Mapping[str, Any]) -> s
     if not isinstance(event, bytes):
         event = orjson.dumps(event, default=converter.unstructure)
     return (b'{"subscription":' + orjson.dumps(subscription) + b',"event":' + event + b"}").decode()
+
+
+def encode_events_frame(subscription: str, events: list[bytes]) -> str:
+    """A batch subscription's frame of several events, each as the log stored it: the
+    stored bytes joined, not decoded nor encoded again (once per event, not per frame)."""
+    head = b'{"subscription":' + orjson.dumps(subscription) + b',"events":['
+    return (head + b",".join(events) + b"]}").decode()
 
 
 def encode_caught_up(subscription: str, seq: int) -> str:
@@ -169,6 +188,16 @@ def parse_frame(frame: str | bytes) -> Frame:
             if type(raw) is not dict or not _int(raw.get("seq")):
                 raise _malformed("an event without a seq", doc)
             return EventFrame(subscription, raw["seq"], raw)
+        if "events" in doc:
+            raws = doc["events"]
+            if type(raws) is not list or not raws:
+                raise _malformed("an events frame without events", doc)
+            frames = []
+            for raw in raws:
+                if type(raw) is not dict or not _int(raw.get("seq")):
+                    raise _malformed("an event without a seq", doc)
+                frames.append(EventFrame(subscription, raw["seq"], raw))
+            return EventsFrame(subscription, frames)
         if doc.get("caught_up") is True and _int(doc.get("seq")):
             return CaughtUpFrame(subscription, doc["seq"])
         if doc.get("ended") is True and _int(doc.get("last_seq")):
