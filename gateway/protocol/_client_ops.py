@@ -211,6 +211,7 @@ class LogFollowOps(ABC):
     ``aclose`` and ``__anext__`` (the tail first, if any, then each chunk)."""
 
     _stream: OutputStream
+    _truncated: bool | None = None
 
     @property
     def truncated(self) -> bool | None:
@@ -222,9 +223,8 @@ class LogFollowOps(ABC):
         """Why the server ended the follow ("the sandbox was deleted", ...); None while on."""
         return self._stream.ended
 
-    _truncated: bool | None = None
-
     async def __aenter__(self) -> Self:
+        # Open at once: a sandbox that does not exist is said at the ``async with``.
         await self.open()
         return self
 
