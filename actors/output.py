@@ -100,6 +100,9 @@ class OutputDir:
             raise
         # Closed with the object: one directory for the daemon's life, a few in tests.
         weakref.finalize(self, os.close, self.fd)
+        #: Whether its filesystem collapses ranges, for lossless rotations (None: not
+        #: tried yet): one filesystem, so one answer for every output file in it.
+        self.collapses: bool | None = None
 
     def file(self, sandbox_id: str) -> OutputFile:
         return OutputFile(self, f"{sandbox_id}.log")
@@ -143,13 +146,11 @@ class OutputFile:
         self._end_seen = 0
         #: Followers reading through the descriptor: a removal keeps it open for them.
         self._followers = 0
-        #: Whether the filesystem collapses ranges (None: not tried yet).
-        self._collapses: bool | None = None
 
     @property
     def rotates_losslessly(self) -> bool:
-        """Whether its rotations so far collapsed the file in place (none lost a byte)."""
-        return self._collapses is True
+        """Whether rotations collapse the file in place (none loses a byte) where it is."""
+        return self._dir.collapses is True
 
     def open_for_child(self, cap_bytes: int) -> int:
         """A descriptor of the output file for a new process of the sandbox (the caller
@@ -336,7 +337,7 @@ class OutputFile:
         size = os.fstat(fd).st_size
         if size <= cap_bytes:
             return False
-        if self._collapses is not False:
+        if self._dir.collapses is not False:
             # The head of the file up to the last whole block before its end (a collapse
             # must end before the end of the file, on a block boundary).
             block = os.fstatvfs(fd).f_bsize
@@ -361,17 +362,17 @@ class OutputFile:
             err = ctypes.get_errno()
             os.unlink(self._tmp_name, dir_fd=dir_fd)
             if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-                if self._collapses is None:
+                if self._dir.collapses is None:
                     log.info(
-                        "%s: the filesystem cannot collapse a range (%s): its output rotates "
-                        "by copy and truncate, which loses what is written meanwhile",
-                        self.path,
+                        "%s: its filesystem cannot collapse a range (%s): sandboxes' output "
+                        "rotates by copy and truncate, which loses what is written meanwhile",
+                        self._dir.path,
                         os.strerror(err),
                     )
-                self._collapses = False
+                self._dir.collapses = False
                 return False
             raise OSError(err, os.strerror(err), self.name)
-        self._collapses = True
+        self._dir.collapses = True
         os.replace(self._tmp_name, self.rotated_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         self._rotated = (self._base + start, self._base + keep_from)
         self._base += keep_from
