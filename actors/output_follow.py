@@ -83,6 +83,9 @@ class OutputWatcher:
     def __init__(self) -> None:
         self._inotify = INotify(nonblocking=True)
         self._by_wd: dict[int, _Watch] = {}
+        #: Watches being added in a thread: inotify gives a file's existing watch again,
+        #: so none is removed from the kernel meanwhile (the new user would get no event).
+        self._adding = 0
         self._closed = False
 
     def __len__(self) -> int:
@@ -93,7 +96,11 @@ class OutputWatcher:
         if self._closed:
             return None
         # In a thread: the file's lock may be held by a rotation's copy for a few ms.
-        wd = await trio.to_thread.run_sync(output.watch, self._add_watch)
+        self._adding += 1
+        try:
+            wd = await trio.to_thread.run_sync(output.watch, self._add_watch)
+        finally:
+            self._adding -= 1
         if wd is None or self._closed:
             return None
         watch = self._by_wd.get(wd)
@@ -108,8 +115,8 @@ class OutputWatcher:
 
     def unwatch(self, watch: _Watch) -> None:
         watch.users -= 1
-        if watch.users > 0 or self._by_wd.get(watch.wd) is not watch:
-            return
+        if watch.users > 0 or self._adding or self._by_wd.get(watch.wd) is not watch:
+            return  # (one left unused while adding is taken up again, or goes with its file)
         del self._by_wd[watch.wd]
         if not self._closed:
             with contextlib.suppress(OSError):  # EINVAL: the kernel dropped it with its file

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -312,3 +314,51 @@ async def test_a_delete_noticed_before_the_last_read_still_ends_the_follow(
         with pytest.raises(OutputEnded, match="deleted"):
             await follow.read()
     follow.close()
+
+
+class _GatedWatch(output.OutputFile):
+    """An output file whose next watch, once added, waits for the test to let it go on."""
+
+    def __init__(self, directory: output.OutputDir, name: str) -> None:
+        super().__init__(directory, name)
+        self.gate = False
+        self.added = threading.Event()
+        self.go = threading.Event()
+
+    def watch(self, add_watch: Callable[[str], int]) -> int | None:
+        wd = super().watch(add_watch)
+        if self.gate:
+            self.added.set()
+            self.go.wait(10)
+        return wd
+
+
+async def test_a_follower_leaving_while_another_joins_leaves_the_joiner_its_events(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # inotify gives the second follower the first one's watch again; if the first,
+    # leaving, removed it from the kernel meanwhile, the second never heard a write.
+    out = _GatedWatch(output.OutputDir(tmp_path), "sb.log")
+    watcher = OutputWatcher()
+    await nursery.start(watcher.run)
+    os.close(out.open_for_child(1 << 20))
+    first = await OutputFollow.open(out, watcher, 0)
+    out.gate = True
+    joined: list[OutputFollow] = []
+
+    async def join() -> None:
+        joined.append(await OutputFollow.open(out, watcher, 0))
+
+    nursery.start_soon(join)
+    await trio.to_thread.run_sync(out.added.wait, 10)  # its watch is added, not yet known
+    first.close()
+    out.go.set()
+    await eventually(lambda: bool(joined))
+    second = joined[0]
+    assert await second.read() == ""
+    with open(out.path, "ab") as f:
+        f.write(b"heard")
+    with trio.fail_after(5):
+        await second.wait()
+    assert await second.read() == "heard"
+    second.close()
