@@ -36,15 +36,22 @@ CAP = 1 << 20
 # Each waits for a file "go" in its working dir, so a test follows it from its first byte.
 _WAIT_FOR_GO = "import os, sys, time\nwhile not os.path.exists('go'): time.sleep(0.005)\n"
 # The writer of tests/actors/test_output_follow.py (lines cut inside characters), at about
-# 1 MB/s, then it sleeps.
+# 1 MB/s; half-way it waits (up to a minute) until its file is shorter than what it wrote
+# (rotated, then or before), so a rotation falls in the middle of what is followed. Then
+# it sleeps.
 _WRITER = _WAIT_FOR_GO + (
-    "total, line = int(os.environ['TOTAL']), 0\n"
+    "total, line, wrote = int(os.environ['TOTAL']), 0, 0\n"
+    "half, deadline = total // 2, time.monotonic() + 60\n"
     "while total > 0:\n"
     "    if line % 50 == 0: time.sleep(0.002)\n"
     "    text = ('%08d ' % line + 'é€' * (line % 7) + 'x' * (line % 97) + '\\n').encode()\n"
     "    cut = len(text) // 2\n"
     "    os.write(1, text[:cut]); os.write(1, text[cut:])\n"
-    "    total -= len(text); line += 1\n"
+    "    total -= len(text); line += 1; wrote += len(text)\n"
+    "    if half and total <= half:\n"
+    "        half = 0\n"
+    "        while os.fstat(1).st_size >= wrote and time.monotonic() < deadline:\n"
+    "            time.sleep(0.01)\n"
     "os.write(1, b'done\\n')\n"
     "time.sleep(600)\n"
 )
@@ -108,12 +115,12 @@ def _rss_kib(pid: int) -> int:
 async def test_a_follow_sees_every_byte_once_across_the_daemons_rotations(
     daemon: DaemonProcess,
 ) -> None:
-    total = 5 << 20
+    total = 3 << 20  # over CAP by half of it at the rotation the writer waits for
     async with open_client(daemon.url, ALICE) as client:
         info = await client.start(spec_id="writer", sandbox_id=_new_id(), env={"TOTAL": str(total)})
         rotated = daemon.state_dir / "output" / f"{info.id}.log.1"
         received: list[str] = []
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             async with client.follow_logs(info.id, tail_bytes=0) as output:
                 assert output.truncated is False
                 _go(info)
