@@ -73,7 +73,11 @@ def _remove_daemon_cgroups() -> Iterator[None]:
     before = _daemon_cgroups()
     yield
     for parent in _daemon_cgroups() - before:
-        for path in sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            paths = sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True)
+        except FileNotFoundError:  # removed meanwhile (by its daemon, or another session)
+            continue
+        for path in paths:
             with contextlib.suppress(OSError):  # busy: something still runs there
                 path.rmdir()
 
