@@ -68,6 +68,7 @@ from sandboxd.gateway.protocol._frames import (
     encode_ok,
     encode_output_ended,
     encode_output_frame,
+    events_frame_parts,
     parse_frame,
 )
 from sandboxd.gateway.protocol._requests import (
@@ -219,6 +220,7 @@ __all__ = [
     "encode_output_frame",
     "encode_request",
     "error_from_reply",
+    "events_frame_parts",
     "gave_up",
     "not_a_url",
     "parse_frame",
