@@ -21,6 +21,16 @@ where it did:
   the daemon's user (fstat), else refused: unread, untruncated, and replaced at
   the sandbox's next spawn. A restarted daemon reopens output files this way.
 
+Followers (``sandbox.logs`` with ``follow``, actors/output_follow.py) read the
+output as one stream of *positions*: a position counts the bytes of the output
+since the daemon opened it, so it means the same byte before and after a
+rotation. Where the filesystem can (ext4, XFS: ``FALLOC_FL_COLLAPSE_RANGE``), a
+rotation removes the file's head in place, atomically with respect to the
+child's O_APPEND writes: no byte the child writes is lost, and a follower goes
+on seamlessly (from ``ID.log.1`` if it was behind). Elsewhere (tmpfs, btrfs) the
+rotation falls back to copy-then-truncate, which loses what the child writes in
+the few microseconds between the last copy and the truncation.
+
 Everything here blocks (a stat, a copy of at most the cap): callers run it in a
 worker thread. Each file has a lock, so the sweep, a reader and a delete never
 act on one descriptor at once.
@@ -29,19 +39,43 @@ act on one descriptor at once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Final
+
+import attrs
 
 log = logging.getLogger(__name__)
 
 _OPEN = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+#: fallocate(2)'s mode that removes a block-aligned range and shifts the rest down.
+_FALLOC_FL_COLLAPSE_RANGE: Final = 0x08
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+@attrs.frozen
+class Chunk:
+    """What ``OutputFile.read_from`` found at a position of the output."""
+
+    #: The bytes from the position asked for (empty: nothing new).
+    data: bytes
+    #: Where the next read starts.
+    position: int
+    #: Bytes between the position asked for and the oldest one still kept: a rotation
+    #: dropped them before they were read. ``position`` is then the oldest kept.
+    lost: int = 0
+    #: The sandbox's output was removed (deleted): ``data`` is the last of it, if any.
+    removed: bool = False
 
 
 class OutputDir:
@@ -66,6 +100,9 @@ class OutputDir:
             raise
         # Closed with the object: one directory for the daemon's life, a few in tests.
         weakref.finalize(self, os.close, self.fd)
+        #: Whether its filesystem collapses ranges, for lossless rotations (None: not
+        #: tried yet): one filesystem, so one answer for every output file in it.
+        self.collapses: bool | None = None
 
     def file(self, sandbox_id: str) -> OutputFile:
         return OutputFile(self, f"{sandbox_id}.log")
@@ -101,6 +138,19 @@ class OutputFile:
         self._fd: int | None = None
         self._removed = False
         self._refused = False  # a warning once, not once a sweep
+        #: The position (bytes of output since the daemon opened it) of the file's first byte.
+        self._base = 0
+        #: The positions ``ID.log.1`` holds, start and end, if this daemon rotated it.
+        self._rotated: tuple[int, int] | None = None
+        #: The furthest end a reader saw: a file shorter than that was cut by someone else.
+        self._end_seen = 0
+        #: Followers reading through the descriptor: a removal keeps it open for them.
+        self._followers = 0
+
+    @property
+    def rotates_losslessly(self) -> bool:
+        """Whether rotations collapse the file in place (none loses a byte) where it is."""
+        return self._dir.collapses is True
 
     def open_for_child(self, cap_bytes: int) -> int:
         """A descriptor of the output file for a new process of the sandbox (the caller
@@ -144,32 +194,81 @@ class OutputFile:
         as garbage.
         """
         with self._lock:
-            fd = self._open(create=False)
-            rotated = self._open_rotated()
-            try:
-                if tail_bytes <= 0:
-                    size = 0 if fd is None else os.fstat(fd).st_size
-                    return "", size > 0 or rotated is not None
-                current, current_more = (b"", False) if fd is None else _read_tail(fd, tail_bytes)
-                older = b""
-                if rotated is not None and len(current) < tail_bytes:
-                    older, _ = _read_tail(rotated, tail_bytes - len(current))
-            finally:
-                if rotated is not None:
-                    os.close(rotated)
-        data = older + current
-        # A rotation always drops the start of the output (it only keeps the newest
-        # cap bytes), so if .1 exists something older is gone.
-        truncated = current_more or rotated is not None
-        if truncated:
-            data = _drop_partial_utf8_start(data)
+            data, truncated, _ = self._tail(tail_bytes)
         return data.decode("utf-8", errors="replace"), truncated
 
+    def tail_to_follow(self, tail_bytes: int) -> tuple[bytes, bool, int]:
+        """The tail (as ``tail``, undecoded), and the position a follower goes on from.
+
+        One step under the lock, so nothing falls between the tail and the follow.
+        The tail stops before a character the child has only begun to write: its
+        follower reads it whole.
+        """
+        with self._lock:
+            data, truncated, position = self._tail(tail_bytes)
+            cut = _partial_utf8_end(data)
+            self._followers += 1
+            return data[: len(data) - cut], truncated, position - cut
+
+    def read_from(self, position: int, limit: int) -> Chunk:
+        """At most ``limit`` bytes of the output from ``position`` on, wherever they are now.
+
+        From ``ID.log.1`` if a rotation moved them there since, from the file
+        otherwise. Bytes no longer kept anywhere are counted as ``lost``.
+        """
+        with self._lock:
+            fd = self._fd if self._removed else self._open(create=False)
+            if fd is None:
+                return Chunk(b"", position, removed=self._removed)
+            size = os.fstat(fd).st_size
+            if self._base + size < self._end_seen:
+                # Cut by someone else (a sandbox may truncate its own stdout): what it
+                # writes next comes after everything read so far.
+                self._base = self._end_seen
+            end = self._base + size
+            self._end_seen = end
+            if position >= self._base:
+                data = _pread_all(fd, min(limit, end - position), position - self._base)
+                return Chunk(data, position + len(data), removed=self._removed)
+            if self._rotated is not None and self._rotated[0] <= position < self._rotated[1]:
+                rotated = self._open_rotated()
+                if rotated is not None:
+                    try:
+                        start, stop = self._rotated
+                        data = _pread_all(rotated, min(limit, stop - position), position - start)
+                    finally:
+                        os.close(rotated)
+                    if data:
+                        return Chunk(data, position + len(data))
+            oldest = self._base
+            if self._rotated is not None and position < self._rotated[0] <= self._base:
+                oldest = self._rotated[0]  # .1 still holds what comes after the gap
+            return Chunk(b"", oldest, lost=oldest - position)
+
+    def unfollow(self) -> None:
+        """A follower is done; the last one after a removal closes the descriptor."""
+        with self._lock:
+            self._followers -= 1
+            if self._removed and self._followers == 0 and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def watch(self, add_watch: Callable[[str], int]) -> int | None:
+        """``add_watch`` called on the file the daemon's descriptor holds, under the lock."""
+        with self._lock:
+            fd = self._fd if self._removed else self._open(create=False)
+            return None if fd is None else add_watch(f"/proc/self/fd/{fd}")
+
     def remove(self) -> None:
-        """Close the daemon's descriptor and remove both names (never following them)."""
+        """Close the daemon's descriptor and remove both names (never following them).
+
+        The descriptor stays open while followers read it (``unfollow``).
+        """
         with self._lock:
             self._removed = True
-            if self._fd is not None:
+            # Followers read to the end of it first (the sandbox is gone: its size is
+            # final); the last of them closes it.
+            if self._fd is not None and self._followers == 0:
                 os.close(self._fd)
                 self._fd = None
             for name in (self.name, self.rotated_name, self._tmp_name):
@@ -207,21 +306,96 @@ class OutputFile:
     def _open_rotated(self) -> int | None:
         return _open_trusted(self.rotated_name, self._dir.fd, _READ)
 
+    def _tail(self, tail_bytes: int) -> tuple[bytes, bool, int]:
+        """The last ``tail_bytes`` bytes, whether there was more, and the position of the end."""
+        fd = self._open(create=False)
+        rotated = self._open_rotated()
+        try:
+            if tail_bytes <= 0:
+                size = 0 if fd is None else os.fstat(fd).st_size
+                return b"", size > 0 or rotated is not None, self._base + size
+            current, current_more, current_end = (
+                (b"", False, 0) if fd is None else _read_tail(fd, tail_bytes)
+            )
+            end = self._base + current_end
+            self._end_seen = max(self._end_seen, end)
+            older = b""
+            if rotated is not None and len(current) < tail_bytes:
+                older, _, _ = _read_tail(rotated, tail_bytes - len(current))
+        finally:
+            if rotated is not None:
+                os.close(rotated)
+        data = older + current
+        # A rotation always drops the start of the output (it only keeps the newest
+        # cap bytes), so if .1 exists something older is gone.
+        truncated = current_more or rotated is not None
+        if truncated:
+            data = _drop_partial_utf8_start(data)
+        return data, truncated, end
+
     def _cap(self, fd: int, cap_bytes: int) -> bool:
-        if os.fstat(fd).st_size <= cap_bytes:
+        size = os.fstat(fd).st_size
+        if size <= cap_bytes:
             return False
+        if self._dir.collapses is not False:
+            # The head of the file up to the last whole block before its end (a collapse
+            # must end before the end of the file, on a block boundary).
+            block = os.fstatvfs(fd).f_bsize
+            keep_from = (size - 1) // block * block
+            if keep_from > 0 and self._rotate_by_collapse(fd, keep_from, cap_bytes):
+                return True
+        return self._rotate_by_truncate(fd, cap_bytes)
+
+    def _rotate_by_collapse(self, fd: int, keep_from: int, cap_bytes: int) -> bool:
+        """Move the newest ``cap_bytes`` before ``keep_from`` to ``ID.log.1`` and remove the
+        file's first ``keep_from`` bytes in place: lossless, whatever the child writes
+        meanwhile (its O_APPEND writes and the collapse take the same inode lock).
+        Measured: 3 ms for an 8 MiB head on ext4. False if the filesystem cannot."""
+        dir_fd = self._dir.fd
+        start = max(0, keep_from - cap_bytes)
+        dst = self._new_tmp()
+        try:
+            _copy_range(fd, dst, start, keep_from)
+        finally:
+            os.close(dst)
+        if _libc.fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, keep_from) != 0:
+            err = ctypes.get_errno()
+            os.unlink(self._tmp_name, dir_fd=dir_fd)
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                if self._dir.collapses is None:
+                    log.info(
+                        "%s: its filesystem cannot collapse a range (%s): sandboxes' output "
+                        "rotates by copy and truncate, which loses what is written meanwhile",
+                        self._dir.path,
+                        os.strerror(err),
+                    )
+                self._dir.collapses = False
+                return False
+            raise OSError(err, os.strerror(err), self.name)
+        self._dir.collapses = True
+        os.replace(self._tmp_name, self.rotated_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        self._rotated = (self._base + start, self._base + keep_from)
+        self._base += keep_from
+        self._end_seen = max(self._end_seen, self._base)
+        return True
+
+    def _new_tmp(self) -> int:
         dir_fd = self._dir.fd
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_name, dir_fd=dir_fd)  # a rotation cut short, or planted
-        dst = os.open(
+        return os.open(
             self._tmp_name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
             dir_fd=dir_fd,
         )
+
+    def _rotate_by_truncate(self, fd: int, cap_bytes: int) -> bool:
+        dir_fd = self._dir.fd
+        dst = self._new_tmp()
         try:
             end = os.fstat(fd).st_size
-            pos = max(0, end - cap_bytes)
+            pos = first = max(0, end - cap_bytes)
             # Catch up a few times with what the child appended while we copied,
             # so that the loss window shrinks to the gap before ftruncate.
             for _ in range(3):
@@ -234,6 +408,11 @@ class OutputFile:
             os.close(dst)
         # rename replaces whatever the name is (a link included) and never follows it.
         os.replace(self._tmp_name, self.rotated_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        # What was written after ``pos`` and before the truncation is in neither file:
+        # positions go on as if it had never been written.
+        self._rotated = (self._base + first, self._base + pos)
+        self._base += pos
+        self._end_seen = max(self._end_seen, self._base)
         return True
 
 
@@ -288,7 +467,8 @@ def _copy_range(src: int, dst: int, pos: int, end: int) -> int:
     return pos
 
 
-def _read_tail(fd: int, n: int) -> tuple[bytes, bool]:
+def _read_tail(fd: int, n: int) -> tuple[bytes, bool, int]:
+    """The last ``n`` bytes of the file, whether there was more, and the offset they end at."""
     size = os.fstat(fd).st_size
     start = max(0, size - n)
     parts = []
@@ -299,7 +479,31 @@ def _read_tail(fd: int, n: int) -> tuple[bytes, bool]:
             break
         parts.append(chunk)
         pos += len(chunk)
-    return b"".join(parts), start > 0
+    return b"".join(parts), start > 0, pos
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _partial_utf8_end(data: bytes) -> int:
+    """How many bytes at the end of ``data`` are a character not yet whole (0 to 3)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:
+            continue  # a continuation byte: its lead is further back
+        # The lead byte says how long its character is: 11110xxx 4, 1110xxxx 3, 110xxxxx 2.
+        length = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
+        return back if back < length else 0
+    return 0
 
 
 def _drop_partial_utf8_start(data: bytes) -> bytes:

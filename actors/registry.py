@@ -38,6 +38,7 @@ from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo, sandbox_in
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.labels import matches as label_matches
 from sandboxd.actors.mailbox import Delete, IdleCheck, Pause, Resume, Start
+from sandboxd.actors.output_follow import OutputFollow, OutputWatcher
 from sandboxd.actors.ports import PortAllocator, PortsExhausted
 from sandboxd.actors.specs import SpecConfig
 from sandboxd.actors.visibility import sees_sandbox as visible
@@ -110,6 +111,9 @@ class Registry:
             url_host=config.url_host,
             node=config.node_id,
         )
+        #: Wakes the followers of output files (sandbox.logs with follow) as they grow.
+        self.output_watcher = OutputWatcher()
+        nursery.start_soon(self.output_watcher.run)
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
             nursery.start_soon(self.reclaim_uids_forever)
@@ -458,6 +462,11 @@ class Registry:
     def logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> tuple[str, bool]:
         actor = self._visible_actor(caller, sandbox_id)
         return actor.output.tail(tail_bytes)
+
+    async def follow_logs(self, caller: Caller, sandbox_id: str, tail_bytes: int) -> OutputFollow:
+        """The tail of the output, and a follower of what the sandbox writes after it."""
+        actor = self._visible_actor(caller, sandbox_id)
+        return await OutputFollow.open(actor.output, self.output_watcher, tail_bytes)
 
     # -- commands -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ result types and exception classes are the very same classes. It needs the
 ``aio`` extra (the `websockets` package) and imports no trio.
 """
 
-from sandboxd.gateway.aio_client import Client, Subscription, connect, open_client
+from sandboxd.gateway.aio_client import Client, LogFollow, Subscription, connect, open_client
 from sandboxd.gateway.protocol import (
     AuthenticationError,
     BadRequestError,
@@ -22,6 +22,7 @@ from sandboxd.gateway.protocol import (
     ConnectError,
     ConnectionLostError,
     EventPage,
+    FollowedLogs,
     GoneError,
     InternalError,
     LimitExceededError,
@@ -50,9 +51,11 @@ __all__ = [
     "ConnectError",
     "ConnectionLostError",
     "EventPage",
+    "FollowedLogs",
     "GoneError",
     "InternalError",
     "LimitExceededError",
+    "LogFollow",
     "Logs",
     "MalformedFrameError",
     "NotFoundError",

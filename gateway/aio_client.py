@@ -160,7 +160,8 @@ class Client(p.ClientOps):
         self._slots = asyncio.Semaphore(p.MAX_IN_FLIGHT)
         self._failing_over = asyncio.Lock()
         self._closed = False
-        self._subscriptions: set[Subscription] = set()
+        #: Event subscriptions and output follows made here: closing the client closes them.
+        self._subscriptions: set[Subscription | LogFollow] = set()
         self._line = self._serve(_Line(endpoints.current, ws))
 
     @property
@@ -274,6 +275,79 @@ class Client(p.ClientOps):
             after_seq, sandbox_id=sandbox_id, types=types, labels=labels, batch=batch
         )
         return Subscription(self, p.Endpoints(self._endpoints.urls, first=self.url), resumption)
+
+    def follow_logs(self, sandbox_id: str, *, tail_bytes: int = 65536) -> LogFollow:
+        """The sandbox's output as it is written, on a connection of its own.
+
+        Use as ``async with client.follow_logs(id) as output: async for text in output``:
+        the tail, then each chunk written after it, until the sandbox is deleted
+        (``output.ended`` says why it stopped). Not resumed across connections: a
+        dropped one raises ``ConnectionLostError``. Closing the client closes it too.
+        """
+        return LogFollow(self, p.OutputStream(sandbox_id, tail_bytes=tail_bytes))
+
+
+class LogFollow(p.LogFollowOps):
+    """A sandbox's output as it is written; made by Client.follow_logs (protocol.OutputStream
+    knows what to send and what each frame means; this class does the I/O, with no task)."""
+
+    def __init__(self, client: Client, stream: p.OutputStream) -> None:
+        self._client = client
+        self._stream = stream
+        self._ws: ClientConnection | None = None
+        self._tail: str | None = None
+        self._closed = False
+        client._subscriptions.add(self)
+
+    async def open(self) -> None:
+        if self._ws is not None or self._closed:
+            return
+        client = self._client
+        ws = self._ws = await _connect(client.url, client._token)
+        try:
+            await ws.send(self._stream.request())
+            while (logs := self._stream.reply(await ws.recv())) is None:
+                pass
+        except ConnectionClosed:
+            await self.aclose()
+            raise ConnectionLostError(
+                f"the connection to {client.url} closed before the reply to sandbox.logs"
+            ) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        self._truncated = logs.truncated
+        self._tail = logs.data
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._client._subscriptions.discard(self)
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                await ws.close()
+            except BaseException:
+                ws.transport.abort()  # cancelled while closing: drop it now
+                raise
+
+    async def __anext__(self) -> str:
+        if self._ws is None and not self._closed:
+            await self.open()
+        if self._tail:
+            tail, self._tail = self._tail, None
+            return tail
+        while self._ws is not None:
+            try:
+                received = self._stream.receive(await self._ws.recv())
+            except ConnectionClosed:
+                url = self._client.url
+                await self.aclose()
+                raise ConnectionLostError(f"{p.closed(url)} while following output") from None
+            if isinstance(received, str):
+                return received
+            if isinstance(received, p.OutputEnd):
+                await self.aclose()
+        raise StopAsyncIteration
 
 
 class Subscription(p.SubscriptionOps):

@@ -127,6 +127,12 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     logs.add_argument(
         "--tail", type=int, default=65536, metavar="N", help="bytes to print (default 65536)"
     )
+    logs.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing what the sandbox writes, until Ctrl-C or the sandbox is deleted",
+    )
 
     events = add("events", run_events, "print events of the log")
     events.add_argument(
@@ -415,6 +421,8 @@ def run_logs(args: argparse.Namespace) -> int:
 
     async def body(client: Client) -> int:
         try:
+            if args.follow:
+                return await _follow_logs(client, args)
             logs = await client.logs(args.sandbox_id, tail_bytes=args.tail)
         except NotFoundError:
             raise _no_sandbox(args.sandbox_id) from None
@@ -426,6 +434,23 @@ def run_logs(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, body)
+
+
+async def _follow_logs(client: Client, args: argparse.Namespace) -> int:
+    """Print the tail, then each chunk as it comes (``--json``: one ``{"output": TEXT}`` a
+    line, then ``{"ended": REASON}``), until the sandbox is deleted."""
+    async with client.follow_logs(args.sandbox_id, tail_bytes=args.tail) as output:
+        async for text in output:
+            if args.json:
+                print(orjson.dumps({"output": text}).decode(), flush=True)
+            else:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        if args.json:
+            print(orjson.dumps({"ended": output.ended}).decode(), flush=True)
+        else:
+            print(f"sandboxd: {output.ended}", file=sys.stderr)
+    return 0
 
 
 def run_events(args: argparse.Namespace) -> int:

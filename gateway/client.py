@@ -42,6 +42,7 @@ from sandboxd.gateway.protocol import (
     ConnectError,
     ConnectionLostError,
     EventPage,
+    FollowedLogs,
     GoneError,
     InternalError,
     LimitExceededError,
@@ -71,9 +72,11 @@ __all__ = [
     "ConnectError",
     "ConnectionLostError",
     "EventPage",
+    "FollowedLogs",
     "GoneError",
     "InternalError",
     "LimitExceededError",
+    "LogFollow",
     "Logs",
     "MalformedFrameError",
     "NotFoundError",
@@ -344,6 +347,75 @@ class Client(p.ClientOps):
         )
         endpoints = p.Endpoints(self._endpoints.urls, first=self.url)
         return Subscription(self._nursery, endpoints, self._token, resumption)
+
+    def follow_logs(self, sandbox_id: str, *, tail_bytes: int = 65536) -> LogFollow:
+        """The sandbox's output as it is written, on a connection of its own.
+
+        Use as ``async with client.follow_logs(id) as output: async for text in output``:
+        the tail, then each chunk written after it, until the sandbox is deleted
+        (``output.ended`` says why it stopped). Not resumed across connections: a
+        dropped one raises ``ConnectionLostError``.
+        """
+        stream = p.OutputStream(sandbox_id, tail_bytes=tail_bytes)
+        return LogFollow(self._nursery, self.url, self._token, stream)
+
+
+class LogFollow(p.LogFollowOps):
+    """A sandbox's output as it is written; made by Client.follow_logs (protocol.OutputStream
+    knows what to send and what each frame means; this class does the I/O)."""
+
+    def __init__(self, nursery: trio.Nursery, url: str, token: str, stream: p.OutputStream):
+        self._nursery = nursery
+        self._url = url
+        self._token = token
+        self._stream = stream
+        self._ws: WebSocketConnection | None = None
+        self._tail: str | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        if self._ws is not None or self._closed:
+            return
+        ws = self._ws = await _connect(self._nursery, self._url, self._token)
+        try:
+            await ws.send_message(self._stream.request())
+            while (logs := self._stream.reply(await ws.get_message())) is None:
+                pass
+        except ConnectionClosed:
+            await self.aclose()
+            raise ConnectionLostError(
+                f"the connection to {self._url} closed before the reply to sandbox.logs"
+            ) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        self._truncated = logs.truncated
+        self._tail = logs.data
+
+    async def aclose(self) -> None:
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await ws.aclose()
+
+    async def __anext__(self) -> str:
+        if self._ws is None and not self._closed:
+            await self.open()
+        if self._tail:
+            tail, self._tail = self._tail, None
+            return tail
+        while self._ws is not None:
+            try:
+                received = self._stream.receive(await self._ws.get_message())
+            except ConnectionClosed:
+                await self.aclose()
+                raise ConnectionLostError(f"{p.closed(self._url)} while following output") from None
+            if isinstance(received, str):
+                return received
+            if isinstance(received, p.OutputEnd):
+                await self.aclose()
+        raise StopAsyncIteration
 
 
 class Subscription(p.SubscriptionOps):

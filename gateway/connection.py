@@ -30,11 +30,15 @@ trio worker:
   subscriber, not one per event, and no task switch each); after a pace with
   none it hands the pump back to its subscription, so that the first event
   after a lull goes out at once; and it wakes the pump for history, the read
-  gate, or the end.
+  gate, or the end;
+- each output follow's pump (sandbox.logs with follow) pushes a sandbox's
+  output file into the subscriptions' lane: the file is its buffer, it holds
+  one chunk at most, and it ends (an ``ended`` frame with the reason) once
+  the output's rotation drops bytes it had not sent yet.
 
 What the ops use of a connection is its public API: ``user``, ``name``,
-``subscription_count``, ``open_subscription``, ``close_subscription`` and
-``read_slots``, the tokens a request or a subscription holds while it has
+``subscription_count``, ``open_subscription``, ``open_output_follow``,
+``close_subscription`` and ``read_slots``, the tokens a request or a subscription holds while it has
 history or output in hand (so the subscriptions and reads of a client that
 does not read hold READ_SLOTS pages between them, not one each).
 Every failure is caught where it happens: an exception escaping one
@@ -55,6 +59,7 @@ from typing import Final
 import attrs
 import trio
 
+from sandboxd.actors.output_follow import OutputEnded, OutputFollow
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable
 from sandboxd.events.segments import Record
 from sandboxd.events.subscriptions import CaughtUp, Subscription
@@ -237,6 +242,16 @@ class _Pump:
     done: trio.Event = attrs.Factory(trio.Event)
 
 
+@attrs.define
+class _OutputPump:
+    """An output follow of this connection: the follower, and the task that forwards it."""
+
+    id: str
+    follow: OutputFollow
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
 class Connection:
     """One client's websocket, from the accepted handshake until it closes."""
 
@@ -267,7 +282,8 @@ class Connection:
         self.budget = ByteBudget(SEND_QUEUE_BYTES)
         self.read_slots = trio.CapacityLimiter(READ_SLOTS)
         self._in_flight = 0
-        self._pumps: dict[str, _Pump] = {}
+        #: Subscriptions of either kind, by id: one namespace, one limit, one unsubscribe.
+        self._pumps: dict[str, _Pump | _OutputPump] = {}
         self._pump_ids = itertools.count(1)
         self._last_heard = trio.current_time()
         self._nursery: trio.Nursery | None = None
@@ -298,6 +314,17 @@ class Connection:
 
         return pump.id, start
 
+    def open_output_follow(self, follow: OutputFollow) -> tuple[str, Callable[[], None]]:
+        """Take an output ``follow`` on, as ``open_subscription`` takes a log's subscription."""
+        pump = _OutputPump(f"s{next(self._pump_ids)}", follow)
+        self._pumps[pump.id] = pump
+
+        def start() -> None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._forward_output, pump)
+
+        return pump.id, start
+
     async def close_subscription(self, sub_id: str) -> bool:
         """End a subscription; once this returns no frame of it follows. False: no such id."""
         pump = self._pumps.get(sub_id)
@@ -324,7 +351,10 @@ class Connection:
             # must not stay registered with the log.
             with trio.CancelScope(shield=True):
                 for pump in list(self._pumps.values()):
-                    await pump.subscription.aclose()
+                    if isinstance(pump, _OutputPump):
+                        pump.follow.close()
+                    else:
+                        await pump.subscription.aclose()
 
     async def shut_down(self) -> None:
         """The daemon stops: `ended` (reason "shutdown") for each subscription, then 1001."""
@@ -335,7 +365,10 @@ class Connection:
             with trio.move_on_after(self._timeouts.farewell):
                 for pump in pumps:
                     await pump.done.wait()
-                    ended = p.encode_ended(pump.id, "shutdown", pump.last_seq)
+                    if isinstance(pump, _OutputPump):
+                        ended = p.encode_output_ended(pump.id, "shutdown")
+                    else:
+                        ended = p.encode_ended(pump.id, "shutdown", pump.last_seq)
                     await self._queue(ended, SUBSCRIPTIONS)
                 await self._queue(_GoingAway(), SUBSCRIPTIONS)
                 await self._closed.wait()
@@ -602,6 +635,38 @@ class Connection:
                 await self._queue(ended, SUBSCRIPTIONS)
         finally:
             self._pumps.pop(pump.id, None)
+            pump.done.set()
+
+    async def _forward_output(self, pump: _OutputPump) -> None:
+        """An output follow's pump: what the sandbox writes, as frames, into the writer's queue."""
+        follow = pump.follow
+        reason: str | None = None
+        try:
+            with pump.scope:
+                try:
+                    while True:
+                        await follow.wait()
+                        # Output in hand only with a read slot, as history is (READ_SLOTS);
+                        # waiting for output holds none.
+                        async with self.read_slots:
+                            text = await follow.read()
+                            if text:
+                                await self._queue(
+                                    p.encode_output_frame(pump.id, text), SUBSCRIPTIONS
+                                )
+                except OutputEnded as end:
+                    reason = str(end)
+                except OSError as exc:
+                    reason = f"the sandbox's output cannot be read: {exc}"
+            if reason is not None:
+                await self._queue(p.encode_output_ended(pump.id, reason), SUBSCRIPTIONS)
+        except Exception:
+            log.exception("%s: output follow %s failed", self.name, pump.id)
+            with trio.move_on_after(self._timeouts.farewell):
+                await self._queue(p.encode_output_ended(pump.id, "internal error"), SUBSCRIPTIONS)
+        finally:
+            self._pumps.pop(pump.id, None)
+            follow.close()
             pump.done.set()
 
 

@@ -18,6 +18,7 @@ import orjson
 import trio
 
 from sandboxd import __version__
+from sandboxd.actors.errors import NotFound
 from sandboxd.actors.labels import matches as label_matches
 from sandboxd.actors.visibility import knows_sandbox_id, sees_event
 from sandboxd.events.log import Page
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Open subscriptions per connection: each holds a live buffer in the log.
+#: Open subscriptions per connection, event subscriptions (each holds a live buffer in
+#: the log) and output follows (each an inotify watch and a file's place) together.
 MAX_SUBSCRIPTIONS: Final = 64
 
 
@@ -161,6 +163,8 @@ async def _delete(s: Services, c: Connection, q: p.SandboxDelete) -> _Result:
 
 
 async def _logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
+    if q.follow:
+        return await _follow_logs(s, c, q)
     release = await _take_read_slot(c)
     try:
         # Reading a file: off the event loop.
@@ -171,6 +175,35 @@ async def _logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
         release()
         raise
     return p.Logs(data, truncated), release
+
+
+async def _follow_logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
+    _check_room_for_a_subscription(c)
+    release = await _take_read_slot(c)
+    try:
+        follow = await s.registry.follow_logs(c.user, q.sandbox_id, q.tail_bytes)
+    except NotFound:
+        release()
+        raise p.ProtocolError(
+            p.ErrorCode.NOT_FOUND,
+            f"'sandbox_id' {q.sandbox_id} names no sandbox visible to you.",
+        ) from None
+    except BaseException:
+        release()
+        raise
+    try:
+        _check_room_for_a_subscription(c)  # others may have opened while the tail was read
+        sub_id, start = c.open_output_follow(follow)
+    except BaseException:
+        follow.close()
+        release()
+        raise
+
+    def then() -> None:
+        release()
+        start()
+
+    return p.FollowedLogs(follow.tail, follow.truncated, sub_id), then
 
 
 # -- specs and the server -------------------------------------------------------------------
@@ -246,12 +279,7 @@ def _labelled(
 
 async def _subscribe(s: Services, c: Connection, q: p.EventsSubscribe) -> _Result:
     matches = _event_filter(s.registry.state, c.user, q.sandbox_id, q.types, q.labels)
-    if c.subscription_count >= MAX_SUBSCRIPTIONS:
-        raise p.ProtocolError(
-            p.ErrorCode.LIMIT_EXCEEDED,
-            f"This connection has {MAX_SUBSCRIPTIONS} subscriptions, the most it may hold;"
-            " unsubscribe from one first.",
-        )
+    _check_room_for_a_subscription(c)
     head_seq = s.log.head_seq
     # Absent after_seq: what comes after the head_seq of the reply. Records in
     # hand only with one of the connection's read slots: see connection.py.
@@ -260,6 +288,16 @@ async def _subscribe(s: Services, c: Connection, q: p.EventsSubscribe) -> _Resul
     )
     sub_id, start = c.open_subscription(subscription, batch=bool(q.batch))
     return p.Subscribed(sub_id, head_seq), start
+
+
+def _check_room_for_a_subscription(c: Connection) -> None:
+    # Event subscriptions and output follows count together.
+    if c.subscription_count >= MAX_SUBSCRIPTIONS:
+        raise p.ProtocolError(
+            p.ErrorCode.LIMIT_EXCEEDED,
+            f"This connection has {MAX_SUBSCRIPTIONS} subscriptions, the most it may hold;"
+            " unsubscribe from one first.",
+        )
 
 
 async def _unsubscribe(s: Services, c: Connection, q: p.EventsUnsubscribe) -> _Result:

@@ -13,6 +13,7 @@ is a thin layer around it.
     _results     what the ops answer: SandboxInfo, SandboxUsage, SpecInfo, SearchPage,
                  Logs, ServerDetails, Subscribed, EventPage; decode_event
     _frames      the server's frames: encode_* on its side, parse_frame on a client's
+    _follow      a client's follow of a sandbox's output (sandbox.logs with follow)
     calls        one Call per op for clients: its request, and its typed result
     _client_ops  every op as a typed method over an abstract call: both clients' API
     _exchanges   a client's requests in flight on one connection, by id
@@ -22,7 +23,7 @@ is a thin layer around it.
 """
 
 from sandboxd.gateway.protocol import calls
-from sandboxd.gateway.protocol._client_ops import ClientOps, SubscriptionOps
+from sandboxd.gateway.protocol._client_ops import ClientOps, LogFollowOps, SubscriptionOps
 from sandboxd.gateway.protocol._converter import converter
 from sandboxd.gateway.protocol._errors import (
     AuthenticationError,
@@ -51,12 +52,15 @@ from sandboxd.gateway.protocol._errors import (
 )
 from sandboxd.gateway.protocol._exchanges import Exchanges
 from sandboxd.gateway.protocol._failover import Endpoints, first_of
+from sandboxd.gateway.protocol._follow import FOLLOW_ID, OutputEnd, OutputStream
 from sandboxd.gateway.protocol._frames import (
     CaughtUpFrame,
     EndedFrame,
     EventFrame,
     EventsFrame,
     Frame,
+    OutputEndedFrame,
+    OutputFrame,
     Reply,
     encode_caught_up,
     encode_ended,
@@ -64,6 +68,8 @@ from sandboxd.gateway.protocol._frames import (
     encode_event_frame,
     encode_events_frame,
     encode_ok,
+    encode_output_ended,
+    encode_output_frame,
     events_frame_parts,
     parse_frame,
 )
@@ -93,6 +99,7 @@ from sandboxd.gateway.protocol._requests import (
 )
 from sandboxd.gateway.protocol._results import (
     EventPage,
+    FollowedLogs,
     Logs,
     SandboxInfo,
     SandboxUsage,
@@ -131,6 +138,7 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "CLOSE_UNSUPPORTED",
     "CONNECT_TIMEOUT",
+    "FOLLOW_ID",
     "MAX_FRAME_BYTES",
     "MAX_IN_FLIGHT",
     "MAX_REPLY_BYTES",
@@ -157,13 +165,19 @@ __all__ = [
     "EventsSubscribe",
     "EventsUnsubscribe",
     "Exchanges",
+    "FollowedLogs",
     "Frame",
     "GoneError",
     "InternalError",
     "LimitExceededError",
+    "LogFollowOps",
     "Logs",
     "MalformedFrameError",
     "NotFoundError",
+    "OutputEnd",
+    "OutputEndedFrame",
+    "OutputFrame",
+    "OutputStream",
     "Params",
     "ProtocolError",
     "Reply",
@@ -205,6 +219,8 @@ __all__ = [
     "encode_event_frame",
     "encode_events_frame",
     "encode_ok",
+    "encode_output_ended",
+    "encode_output_frame",
     "encode_request",
     "error_from_reply",
     "events_frame_parts",

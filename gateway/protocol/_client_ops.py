@@ -18,6 +18,7 @@ from typing import Any, Self, TypeVar
 
 from sandboxd.events.types import Event
 from sandboxd.gateway.protocol import calls
+from sandboxd.gateway.protocol._follow import OutputStream
 from sandboxd.gateway.protocol._results import (
     EventPage,
     Logs,
@@ -130,6 +131,13 @@ class ClientOps(ABC):
     async def logs(self, sandbox_id: str, *, tail_bytes: int = 65536) -> Logs:
         return await self.call(calls.logs(sandbox_id, tail_bytes=tail_bytes))
 
+    @abstractmethod
+    def follow_logs(self, sandbox_id: str, *, tail_bytes: int = 65536) -> Any:
+        """The sandbox's output as it is written, on a connection of its own: the last
+        ``tail_bytes`` bytes, then every chunk written after them, each byte once, until
+        the sandbox is deleted (``ended`` says why it stopped); the transport's async
+        iterator of ``str`` (``LogFollowOps``)."""
+
     # -- specs and the server -----------------------------------------------------------
 
     async def specs(self) -> list[SpecInfo]:
@@ -219,3 +227,45 @@ class SubscriptionOps(ABC):
 
     @abstractmethod
     async def _reconnect(self) -> None: ...
+
+
+class LogFollowOps(ABC):
+    """What both clients' output follows are, but for their I/O: the async context and
+    iterator protocols, and what the server said; a transport supplies ``open``,
+    ``aclose`` and ``__anext__`` (the tail first, if any, then each chunk)."""
+
+    _stream: OutputStream
+    _truncated: bool | None = None
+
+    @property
+    def truncated(self) -> bool | None:
+        """Whether older output than the tail exists (None until open)."""
+        return self._truncated
+
+    @property
+    def ended(self) -> str | None:
+        """Why the server ended the follow ("the sandbox was deleted", ...); None while on."""
+        return self._stream.ended
+
+    async def __aenter__(self) -> Self:
+        # Open at once: a sandbox that does not exist is said at the ``async with``.
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and ask for the tail (iterating does it on demand)."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...

@@ -1,8 +1,10 @@
 """The frames a server sends: encoded on the server's side, parsed on a client's.
 
 A server frame is a reply to a request (``Reply``) or a frame of a
-subscription (``EventFrame``, ``EventsFrame`` for a subscription that asked for
-batches, ``CaughtUpFrame``, ``EndedFrame``).
+subscription: of an event subscription (``EventFrame``, ``EventsFrame`` for
+a subscription that asked for batches, ``CaughtUpFrame``, ``EndedFrame``) or
+of an output follow (``OutputFrame``, ``OutputEndedFrame``: an ``ended`` frame
+with no ``last_seq``, since output has no seq to resume at).
 ``parse_frame`` turns the text of one into one of those, or raises
 ``MalformedFrameError``; it does no I/O and needs no trio, so any client (the
 trio one, an asyncio one) reads the server with it.
@@ -82,7 +84,26 @@ class EndedFrame:
     ended: Literal[True] = True
 
 
-Frame = Reply | EventFrame | EventsFrame | CaughtUpFrame | EndedFrame
+@attrs.frozen
+class OutputFrame:
+    """Output a followed sandbox wrote (sandbox.logs with follow), in order, each byte once."""
+
+    subscription: str
+    output: str
+
+
+@attrs.frozen
+class OutputEndedFrame:
+    """The follow is over: the sandbox was deleted, the reader fell behind, a shutdown."""
+
+    subscription: str
+    reason: str
+    ended: Literal[True] = True
+
+
+Frame = (
+    Reply | EventFrame | EventsFrame | CaughtUpFrame | EndedFrame | OutputFrame | OutputEndedFrame
+)
 
 
 # --- The server's side: text out ----------------------------------------------------------
@@ -133,6 +154,14 @@ def encode_ended(subscription: str, reason: str, last_seq: int) -> str:
     return _dumps(EndedFrame(subscription, reason, last_seq))
 
 
+def encode_output_frame(subscription: str, output: str) -> str:
+    return _dumps(OutputFrame(subscription, output))
+
+
+def encode_output_ended(subscription: str, reason: str) -> str:
+    return _dumps(OutputEndedFrame(subscription, reason))
+
+
 # --- A client's side: text in -------------------------------------------------------------
 
 
@@ -179,6 +208,12 @@ def parse_frame(frame: str | bytes) -> Frame:
             return CaughtUpFrame(subscription, doc["seq"])
         if doc.get("ended") is True and _int(doc.get("last_seq")):
             return EndedFrame(subscription, str(doc.get("reason")), doc["last_seq"])
+        if "output" in doc:
+            if type(doc["output"]) is not str:
+                raise _malformed("an output frame without text", doc)
+            return OutputFrame(subscription, doc["output"])
+        if doc.get("ended") is True and "last_seq" not in doc:
+            return OutputEndedFrame(subscription, str(doc.get("reason")))
         raise _malformed("a subscription frame", doc)
     request_id = doc.get("id")
     if not (request_id is None or type(request_id) is str or _int(request_id)):

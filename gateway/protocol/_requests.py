@@ -210,6 +210,8 @@ class SandboxLogs:
     OP: ClassVar[str] = "sandbox.logs"
     sandbox_id: str = attrs.field(validator=_sandbox_id)
     tail_bytes: int = attrs.field(default=65536, validator=_between(0, 1 << 20))
+    #: The tail, then every chunk written after it, as frames of a subscription.
+    follow: bool = False
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from sandboxd.gateway.protocol._errors import MalformedFrameError
 
 __all__ = [
     "EventPage",
+    "FollowedLogs",
     "Logs",
     "SandboxInfo",
     "SandboxUsage",
@@ -55,6 +56,16 @@ class Logs:
 
     data: str
     truncated: bool
+
+
+@attrs.frozen
+class FollowedLogs:
+    """sandbox.logs with follow: the tail, and the subscription whose frames carry what
+    the sandbox writes after it (``{"subscription": S, "output": TEXT}``)."""
+
+    data: str
+    truncated: bool
+    subscription: str
 
 
 @attrs.frozen

@@ -168,8 +168,7 @@ class Resumption:
             self._pending.extend(parsed.events)
         elif isinstance(parsed, CaughtUpFrame):
             self.caught_up = True
-        else:
-            assert isinstance(parsed, EndedFrame)
+        elif isinstance(parsed, EndedFrame):
             # Shutdown or a lagging stream overtaken: resubscribing tells which
             # (a restarted daemon continues, a `gone` is raised).
             log.info("subscription ended by the server: %s", parsed.reason)

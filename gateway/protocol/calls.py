@@ -46,6 +46,7 @@ from sandboxd.gateway.protocol._requests import (
 )
 from sandboxd.gateway.protocol._results import (
     EventPage,
+    FollowedLogs,
     Logs,
     SandboxInfo,
     SandboxUsage,
@@ -220,6 +221,12 @@ def delete(sandbox_id: str) -> Call[bool]:
 def logs(sandbox_id: str, *, tail_bytes: int = 65536) -> Call[Logs]:
     params = _params(SandboxLogs, sandbox_id=sandbox_id, tail_bytes=tail_bytes)
     return Call(params, _as(Logs))
+
+
+def follow_logs(sandbox_id: str, *, tail_bytes: int = 65536) -> Call[FollowedLogs]:
+    """sandbox.logs with follow: the tail now, the output after it as subscription frames."""
+    params = _params(SandboxLogs, sandbox_id=sandbox_id, tail_bytes=tail_bytes, follow=True)
+    return Call(params, _as(FollowedLogs))
 
 
 # --- Specs and the server -----------------------------------------------------------------

@@ -52,10 +52,13 @@ def test_both_clients_are_one_api() -> None:
         *aio_sub,
         "caught_up",  # an instance attribute of both
     }
+    # And the same output follow.
+    assert _public(sandboxd.aio.LogFollow) == _public(trio_client.LogFollow)
+    assert {"open", "aclose", "truncated", "ended"} <= set(_public(trio_client.LogFollow))
     # The same names, and the very same result types and exception classes.
     assert set(sandboxd.aio.__all__) == set(trio_client.__all__) | {"connect"}
     for name in trio_client.__all__:
-        if name not in ("Client", "Subscription", "open_client"):
+        if name not in ("Client", "Subscription", "LogFollow", "open_client"):
             assert getattr(sandboxd.aio, name) is getattr(trio_client, name), name
     assert sandboxd.aio.NotFoundError is p.NotFoundError
 

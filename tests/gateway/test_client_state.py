@@ -4,6 +4,7 @@ delivering each event once, in order."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -140,3 +141,51 @@ def test_the_reconnect_policy() -> None:
     assert not p.worth_retrying(p.AuthenticationError("token", "ws://x"))
     assert not p.worth_retrying(p.GoneError("old"))
     assert "gave up after 10 attempts: cut" in str(p.gave_up(p.ConnectionLostError("cut")))
+
+
+# -- an output follow (protocol/_follow.py) ---------------------------------------------
+
+
+@given(st.text(max_size=10), st.text(), st.text(max_size=40))
+def test_output_frames_round_trip(subscription: str, text: str, reason: str) -> None:
+    assert p.parse_frame(p.encode_output_frame(subscription, text)) == p.OutputFrame(
+        subscription, text
+    )
+    ended = p.parse_frame(p.encode_output_ended(subscription, reason))
+    assert ended == p.OutputEndedFrame(subscription, reason)
+    # An event subscription's `ended` carries last_seq, an output follow's does not.
+    assert isinstance(p.parse_frame(p.encode_ended(subscription, reason, 3)), p.EndedFrame)
+
+
+def test_an_output_stream_takes_its_reply_then_its_own_frames() -> None:
+    stream = p.OutputStream("box-1", tail_bytes=10)
+    sent = orjson.loads(stream.request())
+    assert sent == {
+        "id": p.FOLLOW_ID,
+        "op": "sandbox.logs",
+        "sandbox_id": "box-1",
+        "tail_bytes": 10,
+        "follow": True,
+    }
+    assert stream.reply(p.encode_output_frame("s1", "early")) is None
+    logs = stream.reply(
+        reply(p.FOLLOW_ID, {"data": "tail", "truncated": True, "subscription": "s1"})
+    )
+    assert logs == p.FollowedLogs("tail", True, "s1")
+    assert stream.receive(p.encode_output_frame("s2", "not ours")) is None
+    assert stream.receive(p.encode_output_frame("s1", "more")) == "more"
+    assert stream.receive(event_frame("s1", 4)) is None
+    end = stream.receive(p.encode_output_ended("s1", "the sandbox was deleted"))
+    assert isinstance(end, p.OutputEnd) and end.reason == "the sandbox was deleted"
+    assert stream.ended == "the sandbox was deleted"
+
+
+def test_an_output_stream_raises_the_error_of_its_reply_and_checks_params_first() -> None:
+    stream = p.OutputStream("box-1")
+    error = p.ProtocolError(p.ErrorCode.NOT_FOUND, "'sandbox_id' box-1 names no sandbox.")
+    with pytest.raises(p.NotFoundError, match="'sandbox_id'"):
+        stream.reply(p.encode_error(p.FOLLOW_ID, error))
+    with pytest.raises(p.BadRequestError, match="'tail_bytes'"):
+        p.OutputStream("box-1", tail_bytes=-1)
+    with pytest.raises(p.BadRequestError, match="'sandbox_id'"):
+        p.OutputStream("not a box id!")

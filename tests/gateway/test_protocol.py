@@ -70,7 +70,7 @@ SIGNATURES: dict[str, dict[str, str]] = {
     "sandbox.pause": {"sandbox_id": "str"},
     "sandbox.resume": {"sandbox_id": "str"},
     "sandbox.delete": {"sandbox_id": "str"},
-    "sandbox.logs": {"sandbox_id": "str", "tail_bytes": "int?"},
+    "sandbox.logs": {"sandbox_id": "str", "tail_bytes": "int?", "follow": "bool?"},
     "spec.list": {},
     "spec.get": {"spec_id": "str"},
     "server.info": {},
@@ -101,7 +101,8 @@ REQUIRED = {
 }
 # Fields that keep a default when absent and so do not take null.
 NOT_NULLABLE = {("sandbox.start", "wait"), ("sandbox.search", "limit")}
-NOT_NULLABLE |= {("sandbox.logs", "tail_bytes"), ("events.read", "limit")}
+NOT_NULLABLE |= {("sandbox.logs", "tail_bytes"), ("sandbox.logs", "follow")}
+NOT_NULLABLE |= {("events.read", "limit")}
 
 
 def minimal(op: str) -> dict[str, Any]:
@@ -196,7 +197,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
     SandboxPause: st.builds(SandboxPause, sandbox_ids),
     SandboxResume: st.builds(SandboxResume, sandbox_ids),
     SandboxDelete: st.builds(SandboxDelete, sandbox_ids),
-    SandboxLogs: st.builds(SandboxLogs, sandbox_ids, st.integers(0, 1 << 20)),
+    SandboxLogs: st.builds(SandboxLogs, sandbox_ids, st.integers(0, 1 << 20), st.booleans()),
     SpecList: st.just(SpecList()),
     SpecGet: st.builds(SpecGet, st.text(max_size=8)),
     ServerInfo: st.just(ServerInfo()),
