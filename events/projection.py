@@ -60,6 +60,17 @@ class SandboxRecord:
     #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
     #: named ports (see ``named_ports``).
     ports: tuple[ev.NamedPort, ...] = ()
+    #: How its last process ended, where known (sandbox.exited, sandbox.start_failed).
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    #: How many times its command was run again (sandbox.restarted, for any reason).
+    restarts: int = 0
+    #: When the restart policy last restarted it (the ``ts`` of its on-failure
+    #: ``sandbox.restarted`` events, oldest first, the latest MAX_FAILURE_RESTARTS
+    #: only): the window of ``restart_max`` in ``restart_window`` is counted from
+    #: the log, so a daemon restart neither forgets nor resets it. A resume's
+    #: restart (a person stepped in) empties it.
+    failure_restarts: tuple[str, ...] = ()
 
     @property
     def has_process(self) -> bool:
@@ -70,6 +81,10 @@ class SandboxRecord:
         """Every port it holds, by name: one created before named ports held ``port`` alone,
         the agent server's."""
         return self.ports or (ev.NamedPort("AGENT_SERVER", self.port),)
+
+
+#: The most on-failure restarts a record remembers: the bound of ``restart_max``.
+MAX_FAILURE_RESTARTS = 100
 
 
 class Incarnation(NamedTuple):
@@ -179,9 +194,16 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
             return _evolve(
                 record, status=Status.RUNNING, exposed_urls=tuple(urls), error=None, **changed
             )
-        case ev.StartFailed(reason=reason):
+        case ev.StartFailed(reason=reason, exit_code=exit_code):
             return _evolve(
-                record, status=Status.ERROR, error=reason, pid=None, pgid=None, **changed
+                record,
+                status=Status.ERROR,
+                error=reason,
+                pid=None,
+                pgid=None,
+                exit_code=exit_code,
+                exit_signal=None,
+                **changed,
             )
         case ev.SandboxPaused():
             return _evolve(record, status=Status.PAUSED, **changed)
@@ -190,12 +212,33 @@ def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
         case ev.SandboxUnhealthy(reason=reason):
             return _evolve(record, status=Status.ERROR, error=reason, **changed)
         case ev.SandboxExited():
+            error = _exit_reason(data)
+            if data.restart is not None:
+                error += f"; {data.restart}"
             return _evolve(
                 record,
                 status=Status.ERROR,
-                error=_exit_reason(data),
+                error=error,
                 pid=None,
                 pgid=None,
+                exit_code=data.exit_code,
+                exit_signal=data.signal,
+                **changed,
+            )
+        case ev.SandboxRestarted():
+            if data.trigger == ev.RESTART_ON_FAILURE:
+                recent = (*record.failure_restarts, event.ts)[-MAX_FAILURE_RESTARTS:]
+            else:
+                recent = ()
+            return _evolve(
+                record,
+                status=Status.STARTING,
+                error=None,
+                pid=None,
+                pgid=None,
+                create_time=None,
+                restarts=record.restarts + 1,
+                failure_restarts=recent,
                 **changed,
             )
         case ev.SandboxAdopted():

@@ -75,6 +75,9 @@ class StartFailed:
 @attrs.frozen
 class SandboxPaused:
     TYPE: ClassVar[str] = "sandbox.paused"
+    #: Why, when the daemon paused it by itself ("make room for ID": on_full =
+    #: "pause_oldest"); None for a client's pause, and in records older than policies.
+    reason: str | None = None
 
 
 @attrs.frozen
@@ -101,6 +104,29 @@ class SandboxExited:
     #: "oom": the OOM killer ended it (its cgroup's memory limit was reached).
     reason: str | None = None
     memory_max: int | None = None  # with reason "oom": the limit in force, in bytes
+    #: The restart policy's verdict when it gave up on the sandbox ("restart = on-failure
+    #: gave up: ..."); None when it has none, or did not give up.
+    restart: str | None = None
+
+
+#: ``SandboxRestarted.trigger``: a client's resume of a sandbox whose process is gone.
+RESTART_ON_RESUME = "resume"
+#: ``SandboxRestarted.trigger``: the spec's ``restart = "on-failure"``, after a failure.
+RESTART_ON_FAILURE = "on-failure"
+
+
+@attrs.frozen
+class SandboxRestarted:
+    """Its spec's command runs again, in the same working dir with the same id, ports and
+    session key: STARTING, then ``sandbox.process_started`` and RUNNING, as a start."""
+
+    TYPE: ClassVar[str] = "sandbox.restarted"
+    reason: str  # "resumed by USER", "restart = on-failure: the process exited with code 3"
+    trigger: str  # RESTART_ON_RESUME or RESTART_ON_FAILURE
+    #: How the process before ended, where known (None: killed for being unhealthy,
+    #: ended while the daemon was down, or never started).
+    exit_code: int | None = None
+    signal: int | None = None
 
 
 @attrs.frozen
@@ -148,6 +174,7 @@ Payload = (
     | SandboxAdopted
     | SandboxMissing
     | SandboxDeleted
+    | SandboxRestarted
     | DaemonStarted
     | DaemonStopping
 )
@@ -165,6 +192,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     SandboxAdopted,
     SandboxMissing,
     SandboxDeleted,
+    SandboxRestarted,
     DaemonStarted,
     DaemonStopping,
 )

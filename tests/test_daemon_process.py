@@ -31,6 +31,9 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
             health_interval=0.0,
             limits=Limits(memory_max=64 << 20, pids_max=50, cpu_max=0.5, required=True),
             ports=("AGENT_SERVER", "VSCODE"),
+            restart="on-failure",
+            restart_max=7,
+            restart_window=2.5,
         ),
         SpecConfig(id="some-limits", command=("true",), limits=Limits(pids_max=3)),
     )
@@ -49,6 +52,8 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         max_sandboxes=7,
         max_sandboxes_per_user=3,
         on_shutdown="stop",
+        max_running=2,
+        on_full="pause_oldest",
         output_cap_bytes=8192,
         unhealthy_after=5,
         shutdown_grace=0.5,

@@ -35,7 +35,7 @@ def test_the_record_has_the_wire_name_and_version() -> None:
         "type": "sandbox.paused",
         "sandbox_id": "a",
         "by": None,
-        "data": {},
+        "data": {"reason": None},
         "v": 2,
     }
 
@@ -92,8 +92,9 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
         == {
             "sandbox.created": {"uid", "ports"},
             "sandbox.process_started": {"uid"},
-            "sandbox.exited": {"reason", "memory_max"},
-            "sandbox.paused": set(),
+            # And the optional fields added since (issue 10's policies), null too.
+            "sandbox.exited": {"reason", "memory_max", "restart"},
+            "sandbox.paused": {"reason"},
         }[event_type]
     )
     assert all(event_to_dict(event)["data"][name] is None for name in added)
