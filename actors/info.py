@@ -32,6 +32,9 @@ class SandboxInfo:
     #: Read from its cgroup for sandbox.get only (null in search and batch_get: four
     #: file reads per sandbox would break search's bound), null under markers.
     usage: Usage | None = None
+    #: How many times its command was run again (sandbox.restarted: a resume of a
+    #: sandbox whose process was gone, or its restart policy), since it was created.
+    restarts: int = 0
 
 
 @attrs.frozen
@@ -61,6 +64,7 @@ def sandbox_info(
         error=record.error,
         version=record.version,
         usage=usage,
+        restarts=record.restarts,
     )
 
 
