@@ -251,3 +251,58 @@ def test_serve_stops_before_starting_on_a_bad_key(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
     assert "sandboxes.stop_timout" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[sandboxes]\nmax_running = 0", "sandboxes.max_running must be at least 1, not 0"),
+        ("[sandboxes]\nmax_running = -3", "sandboxes.max_running must be at least 1, not -3"),
+        ("[sandboxes]\nmax_running = 1.5", "sandboxes.max_running must be an integer, not 1.5"),
+        (
+            "[sandboxes]\non_full = 'pause'",
+            "sandboxes.on_full must be one of 'refuse', 'pause_oldest', not 'pause'",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart = 'always'",
+            "specs[0].restart must be one of 'no', 'on-failure', not 'always'",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart_window = 0",
+            "specs[0].restart_window must be more than 0, not 0",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart_max = 0",
+            "specs[0].restart_max must be at least 1, not 0",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart_max = 101",
+            "specs[0].restart_max must be at most 100, not 101",
+        ),
+    ],
+)
+def test_policy_keys_are_checked_at_load(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
+def test_policy_keys() -> None:
+    assert (load_config(None).max_running, load_config(None).on_full) == (None, "refuse")
+    config = parse(
+        """
+        [sandboxes]
+        max_running = 4
+        on_full = "pause_oldest"
+        [[specs]]
+        id = "x"
+        command = ["a"]
+        restart = "on-failure"
+        restart_max = 5
+        restart_window = 30
+        """
+    )
+    assert (config.max_running, config.on_full) == (4, "pause_oldest")
+    spec = config.specs[0]
+    assert (spec.restart, spec.restart_max, spec.restart_window) == ("on-failure", 5, 30.0)
+    assert load_config(None).specs[0].restart == "no"
