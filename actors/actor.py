@@ -515,6 +515,12 @@ class SandboxActor:
         readiness awaited.
         """
         await self._record(ev.SandboxRestarted(reason, trigger, exit_code, exit_signal), by)
+        # The process before has ended (or was ended: unhealthy, not ready in time): its
+        # exit watch, which would wait for the new tree too, ends; the child is reaped.
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+        if self._child is not None:
+            await self._child.wait()
         self._process = None
         self._child = None
         self._policy_restart = trigger == ev.RESTART_ON_FAILURE

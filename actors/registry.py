@@ -523,7 +523,12 @@ class Registry:
         """
         actor = self._visible_actor(caller, sandbox_id)
         record = self.state.sandboxes[sandbox_id]
-        counted = self._runs(sandbox_id, record) or sandbox_id in self._yielding
+        counted = (
+            self._runs(sandbox_id, record)
+            or sandbox_id in self._yielding
+            # A gone one whose spec is no longer configured cannot run: the actor says so.
+            or (record.status is not Status.PAUSED and record.spec_id not in self.specs)
+        )
         victims = [] if counted else self._make_room(actor.owner, sandbox_id)
         if not counted:
             self._resuming.add(sandbox_id)
