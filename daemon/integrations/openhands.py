@@ -88,6 +88,7 @@ STATUS_EVENTS: Final = [
     "sandbox.missing",
     "sandbox.paused",
     "sandbox.resumed",
+    "sandbox.restarted",
     "sandbox.deleted",
 ]
 

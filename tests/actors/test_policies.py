@@ -368,3 +368,40 @@ async def test_a_sandbox_runs_again_after_its_empty_cgroup_was_removed(tmp_path:
         again = await harness.registry.resume(ALICE, info.id)
         assert again.status is Status.RUNNING and again.pid is not None
         assert harness.processes(info.id) == [again.pid]
+
+
+async def test_a_policy_restart_that_never_gets_ready_counts_as_a_failure(
+    tmp_path: Path,
+) -> None:
+    # Serves on its first run; every later run never answers its health check.
+    once = plain(
+        "once",
+        "-c",
+        "import os, pathlib, sys, time; p = pathlib.Path('served');"
+        " p.exists() and time.sleep(600); p.touch();"
+        f" os.execv(sys.executable, [sys.executable, '-I', {AGENT_SERVER!r}, '--port',"
+        " sys.argv[1]])",
+        "{port}",
+        health_check_path="/alive",
+        ready_timeout=1.0,
+        health_interval=0,
+        restart="on-failure",
+        restart_max=2,
+    )
+    async with running(tmp_path, once) as harness:
+        info = await harness.registry.start_sandbox(ALICE)
+        assert info.pid is not None
+        os.kill(info.pid, signal.SIGKILL)
+        info = await wait_for(harness, ALICE, info.id, Status.ERROR, restarts=2)
+        assert info.error is not None and info.error.endswith(
+            "within 1 s; restart = on-failure gave up: 2 restarts in the last 60 s,"
+            " restart_max is 2"
+        )
+        events = [e.data for e in await harness.events_of(info.id)]
+        reasons = [d.reason for d in events if isinstance(d, ev.SandboxRestarted)]
+        assert reasons == [
+            "restart = on-failure: the process was killed by signal 9",
+            "restart = on-failure: the sandbox did not answer 200 on /alive within 1 s",
+        ]
+        assert isinstance(events[-1], ev.StartFailed)
+        assert harness.processes(info.id) == []  # each run that never got ready was ended
