@@ -7,6 +7,7 @@ and, for ``sandbox.get`` and ``sandbox.stats`` only, what its cgroup has used.
 from __future__ import annotations
 
 import attrs
+import msgspec
 
 from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.specs import SpecConfig
@@ -72,7 +73,9 @@ def _exposed_urls(record: SandboxRecord) -> list[ExposedUrl]:
     """Each with its port: a URL recorded before named ports has the port of its name."""
     ports = {named.name: named.port for named in record.named_ports}
     return [
-        url if url.port is not None else attrs.evolve(url, port=ports.get(url.name, record.port))
+        url
+        if url.port is not None
+        else msgspec.structs.replace(url, port=ports.get(url.name, record.port))
         for url in record.exposed_urls
     ]
 

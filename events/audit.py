@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from sandboxd.events import segments, snapshots
+from sandboxd.events import framing, segments, snapshots
 from sandboxd.events.errors import CorruptLog
+from sandboxd.events.index import IndexFileError, Postings, Selection
 from sandboxd.events.projection import ProjectionError, State, apply, state_to_dict
-from sandboxd.events.segments import Segment
+from sandboxd.events.segments import Record, Segment
 
 
 class _NoLog(Exception):
@@ -90,12 +91,18 @@ def dump(
     """
     err = err or sys.stderr
     note = None
+    selection = None
+    if sandbox_id is not None or types is not None:
+        selection = Selection(
+            None if sandbox_id is None else frozenset({sandbox_id}),
+            None if types is None else frozenset(types),
+        )
     try:
         for segment, following, segment_note in _checked_segments(state_dir, inspect_all=False):
             note = segment_note or note
             if following is not None and following.first_seq <= after_seq + 1:
                 continue
-            for _offset, (event, raw) in segments.iter_segment(segment, after_seq, following):
+            for event, raw in _records(segment, following, after_seq, selection):
                 if sandbox_id is not None and event.sandbox_id != sandbox_id:
                     continue
                 if types is not None and event.type not in types:
@@ -113,19 +120,56 @@ def dump(
     return 0
 
 
+def _records(
+    segment: Segment, following: Segment | None, after_seq: int, selection: Selection | None
+) -> Iterator[Record]:
+    """The segment's records after ``after_seq``; with a selection, through the segment's
+    index file where it has a good one: only the records that can match are read."""
+    found = None
+    if selection is not None:
+        found = segments.load_index(segment.path, segment.first_seq, segment.end)
+    if found is None or selection is None:
+        for _offset, record in segments.iter_segment(segment, after_seq, following):
+            yield record
+        return
+    postings = found.postings
+    if (
+        postings.end == segment.end
+        and following is not None
+        and postings.next_seq != following.first_seq
+    ):
+        raise CorruptLog(
+            segment.path,
+            postings.end,
+            postings.next_seq,
+            f"the segment ends before seq {postings.next_seq}, "
+            f"the next one starts at {following.first_seq}",
+        )
+    offsets = postings.select(selection.sandbox_ids, selection.types, 0, postings.end)
+    yield from segments.iter_selected(segment.path, offsets, postings.end, after_seq)
+    if postings.end < segment.end:  # the index covers the segment's first frames only
+        rest = Segment(segment.first_seq, segment.path, segment.end, None)
+        rest.add_known(postings.next_seq, postings.end)
+        start = max(after_seq, postings.next_seq - 1)
+        for _offset, record in segments.iter_segment(rest, start, following):
+            yield record
+
+
 def verify(state_dir: Path, out: TextIO) -> int:
     """Check every record and snapshot; return 0 if all is well, 1 naming the first bad record.
 
     Checked: each segment's header, every frame's checksum, seq contiguity
     within and across segments, that every record decodes (with the seq its
-    frame says), that the projection folds every event, and that every
-    snapshot decodes, checks out and equals the fold of the log at its seq.
+    frame says), that the projection folds every event, that every snapshot
+    decodes, checks out and equals the fold of the log at its seq, and that
+    every index file the daemon would use says what the segment holds.
     """
     saved = {seq: path for seq, path in snapshots.list_snapshots(state_dir / "snapshots")}
     state = State()
     count = segment_count = 0
     first = last = None
     bad_snapshots: list[str] = []  # ones the daemon would trust: verify fails
+    bad_indexes: list[str] = []  # the same for index files
     notes: list[str] = []  # ones it would set aside: worth knowing, not a failure
     try:
         if 0 in saved:
@@ -134,16 +178,28 @@ def verify(state_dir: Path, out: TextIO) -> int:
             segment_count += 1
             if note:
                 notes.append(note)
-            for offset, (event, _raw) in segments.iter_segment(segment, 0, following):
+            held = _index_held(segment, notes)
+            found = Postings(segment.first_seq)
+            for offset, (event, raw) in segments.iter_segment(segment, 0, following):
                 try:
                     apply(state, event)
                 except ProjectionError as exc:
                     raise CorruptLog(segment.path, offset, event.seq, str(exc)) from None
+                if held is not None and offset < held.end:
+                    found.add(offset, event.sandbox_id, event.type)
+                    end = offset + framing.FRAME_OVERHEAD + len(raw)
+                    found.advance(end, event.seq + 1, (offset, framing.frame_crc(event.seq, raw)))
                 count += 1
                 first = event.seq if first is None else first
                 last = event.seq
                 if event.seq in saved:
                     _compare_snapshot(saved.pop(event.seq), state, event.ts, bad_snapshots, notes)
+            if held is not None and found != held:
+                bad_indexes.append(
+                    f"{segments.index_path(segment.path)}: it differs from its segment"
+                    " (filtered reads would miss records); remove it, and the daemon"
+                    " rebuilds it"
+                )
     except _NoLog as exc:
         print(f"sandboxd log verify: {exc}", file=out)
         return 1
@@ -164,9 +220,11 @@ def verify(state_dir: Path, out: TextIO) -> int:
             notes.append(f"{path}: covers seq {seq}, before the log's start (not used)")
     for note in notes:
         print(f"note: {note}", file=out)
-    if bad_snapshots:
+    if bad_snapshots or bad_indexes:
         for problem in bad_snapshots:
             print(f"bad snapshot: {problem}", file=out)
+        for problem in bad_indexes:
+            print(f"bad index: {problem}", file=out)
         return 1
     span = f"seqs {first}..{last}" if count else "no records"
     print(
@@ -175,6 +233,19 @@ def verify(state_dir: Path, out: TextIO) -> int:
         file=out,
     )
     return 0
+
+
+def _index_held(segment: Segment, notes: list[str]) -> Postings | None:
+    """The postings of the segment's index file if the daemon would use them."""
+    try:
+        return segments.check_index(segment.path, segment.first_seq, segment.end).postings
+    except FileNotFoundError:
+        return None
+    except IndexFileError as exc:
+        notes.append(
+            f"{segments.index_path(segment.path)}: not used ({exc}); the daemon rebuilds it"
+        )
+        return None
 
 
 def _compare_snapshot(

@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,14 +42,17 @@ import trio
 from sandboxd.events import framing, segments
 from sandboxd.events.codec import encode, now_ts
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable, only_exception
+from sandboxd.events.index import Postings, Selection
 from sandboxd.events.segments import Record, Segment
 from sandboxd.events.subscriptions import (
     ALL,
     CaughtUp,
     EventFilter,
     Filter,
+    LiveBatch,
     Subscription,
     matcher,
+    selection_of,
 )
 from sandboxd.events.types import Event, PendingEvent
 
@@ -77,6 +80,9 @@ DEFAULT_SUBSCRIBER_BUFFER = 8192
 #: How much one history read takes from disk: large enough to amortize the
 #: thread hop, small enough that decoding it does not hold up the event loop.
 READ_BYTES = 256 << 10
+#: Closed segments whose postings stay in memory (about 16 bytes a record: 4 MiB for a
+#: 64 MiB segment of 200-byte records); others' are read from their index file again.
+POSTINGS_KEPT = 4
 
 OnDurable = Callable[[list[Event]], None]
 T = TypeVar("T")
@@ -132,6 +138,7 @@ class _Batch:
     records: list[Record]
     tickets: list[_Ticket]
     index: list[tuple[int, int]]  # (seq, offset within data)
+    offsets: list[int]  # of each record's frame within data
 
 
 class EventLog:
@@ -171,7 +178,15 @@ class EventLog:
         self._room = trio.lowlevel.ParkingLot()
         self._writer: trio.lowlevel.Task | None = None  # set while it waits for work
         self._needs_cut = False  # the active file may hold bytes past its durable end
-        self._subscribers: set[Subscription] = set()
+        #: Subscriptions get each durable batch: those filtered by sandbox only the records
+        #: of their sandboxes, found by sandbox id (O(matching), not O(subscriptions)).
+        self._firehose: set[Subscription] = set()
+        self._by_sandbox: dict[str, set[Subscription]] = {}
+        #: One postings build at a time (a filtered read of an unindexed segment).
+        self._indexing = trio.Lock()
+        self._postings_kept: OrderedDict[int, Segment] = OrderedDict()
+        #: Where index files are written in the background (set by open_event_log).
+        self._nursery: trio.Nursery | None = None
         self._closing = False
         self._closed = False
         self._damage_reported: set[tuple[Path, int]] = set()
@@ -204,7 +219,13 @@ class EventLog:
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscribers)
+        return len(self._firehose) + len(self._routed())
+
+    def _routed(self) -> set[Subscription]:
+        return set().union(*self._by_sandbox.values())
+
+    def _subscriptions(self) -> list[Subscription]:
+        return [*self._firehose, *self._routed()]
 
     # Metrics hook (issue 13): read at scrape time.
 
@@ -217,7 +238,7 @@ class EventLog:
     def subscriber_lag(self) -> int:
         """Events the slowest subscriber has yet to pass: head_seq minus its position."""
         # 0 when none lags (a subscription may start past the head).
-        return max([0, *(self._head_seq - s.position for s in self._subscribers)])
+        return max([0, *(self._head_seq - s.position for s in self._subscriptions())])
 
     # -- appending ---------------------------------------------------------------------
 
@@ -320,6 +341,7 @@ class EventLog:
         size = 0
         frames: list[bytes] = []
         records: list[Record] = []  # one per frame, in the same order
+        offsets: list[int] = []  # where each frame starts in the batch
         taken: list[_Ticket] = []
         index: list[tuple[int, int]] = []
         every = segments.INDEX_EVERY
@@ -336,6 +358,7 @@ class EventLog:
                     frame = encode_frame(seq, raw)
                     records.append(new_tuple(Record, (event, raw)))
                     frames.append(frame)
+                    offsets.append(size)
                     if seq % every == 0:
                         index.append((seq, size))
                     size += len(frame)
@@ -343,7 +366,7 @@ class EventLog:
             except Exception as exc:
                 # An event the codec cannot write fails its own append (all of an
                 # append_many), not the batch.
-                del records[start:], frames[start:]
+                del records[start:], frames[start:], offsets[start:]
                 while index and index[-1][0] >= start_seq:
                     index.pop()
                 seq, size = start_seq, start_size
@@ -354,7 +377,7 @@ class EventLog:
         if not taken:
             return None
         self._next_seq = seq
-        return _Batch(first_seq, b"".join(frames), records, taken, index)
+        return _Batch(first_seq, b"".join(frames), records, taken, index, offsets)
 
     async def _write(self, batch: _Batch) -> None:
         active = self._active
@@ -380,15 +403,43 @@ class EventLog:
             self.on_synced(seconds)
 
     async def _roll(self, first_seq: int) -> None:
-        """Start a new segment; the old one is complete and durable."""
+        """Start a new segment; the old one is complete and durable, and its index is
+        written beside it in the background."""
         fd = await _in_thread(segments.create_segment, self.directory, first_seq)
         # No await from here on: the swap must not be cut in half by a cancellation.
         os.close(self._fd)  # its data is synced: nothing for close to wait for
         self._fd = fd
+        closed = self._active
         path = self.directory / segments.segment_name(first_seq)
         self._active = Segment(first_seq, path, framing.HEADER_SIZE, first_seq)
+        self._active.postings = Postings(first_seq)  # whole from the start: the writer keeps it
         self._segments.append(self._active)
         self._first_seqs.append(first_seq)
+        if self._nursery is None:
+            return
+        if closed.postings is not None and _is_whole(closed):
+            self._keep_postings(closed)
+            self._nursery.start_soon(self._write_index, closed, closed.postings)
+        else:
+            # Indexed since a crash only in part: read it once, in the background.
+            self._nursery.start_soon(self._index_closed, closed)
+
+    async def _index_closed(self, segment: Segment) -> None:
+        try:
+            await self._whole_postings(segment)
+        except CorruptLog as damage:
+            self._report_damage(damage)
+        except OSError as exc:
+            logger.warning("could not index %s: %s", segment.path, exc)
+
+    async def _write_index(self, segment: Segment, postings: Postings) -> None:
+        """Write a segment's index file (a cache: a failure costs a rebuild, later)."""
+        try:
+            await trio.to_thread.run_sync(
+                segments.write_index, segment.path, postings, segment.seq_index()
+            )
+        except OSError as exc:
+            logger.warning("could not write the index of %s: %s", segment.path, exc)
 
     def _durable(self, batch: _Batch) -> None:
         """The batch is on disk: now, and in this order, fold, answer, publish."""
@@ -403,6 +454,14 @@ class EventLog:
         records = batch.records
         last_frame = active.end - framing.FRAME_OVERHEAD - len(records[-1].raw)
         self._head_position = (active.first_seq, last_frame)
+        postings = active.postings
+        if postings is not None and postings.end == offset:  # else a build fills it in
+            add = postings.add
+            for record, at in zip(records, batch.offsets, strict=True):
+                event = record.event
+                add(offset + at, event.sandbox_id, event.data.TYPE)
+            crc = int.from_bytes(batch.data[batch.offsets[-1] : batch.offsets[-1] + 4], "little")
+            postings.advance(active.end, last_seq + 1, (last_frame, crc))
         if self._on_durable is not None:
             try:
                 self._on_durable([r.event for r in records])
@@ -420,8 +479,27 @@ class EventLog:
                 reschedule(task, value([r.event for r in chunk]))
             else:
                 reschedule(task, value(records[ticket.start].event))
-        for subscriber in self._subscribers:
-            subscriber.publish(records)
+        first_seq = batch.first_seq
+        if self._firehose:
+            whole = LiveBatch(first_seq, last_seq, records)  # one for all of them
+            for subscriber in self._firehose:
+                subscriber.publish(whole)
+        if self._by_sandbox:
+            self._publish_by_sandbox(records, first_seq, last_seq)
+
+    def _publish_by_sandbox(self, records: list[Record], first_seq: int, last_seq: int) -> None:
+        """Each subscription filtered by sandbox gets the batch's records of its sandboxes,
+        found by sandbox id: a record costs a dict lookup, and a subscription costs
+        something only when it has a record in the batch."""
+        chosen: dict[Subscription, list[Record]] = {}
+        by_sandbox = self._by_sandbox
+        for record in records:
+            followers = by_sandbox.get(record.event.sandbox_id)  # type: ignore[arg-type]
+            if followers:
+                for subscriber in followers:
+                    chosen.setdefault(subscriber, []).append(record)
+        for subscriber, matching in chosen.items():
+            subscriber.publish(LiveBatch(first_seq, last_seq, matching))
 
     def _fail(self, batch: _Batch, exc: Exception) -> None:
         for ticket in batch.tickets:
@@ -438,9 +516,10 @@ class EventLog:
             self._queue.popleft().resolve(outcome.Error(closed))
         self._queued = 0
         self._room.unpark_all()
-        for subscriber in list(self._subscribers):
+        for subscriber in self._subscriptions():
             subscriber.end()
-        self._subscribers.clear()
+        self._firehose.clear()
+        self._by_sandbox.clear()
         os.close(self._fd)
 
     def _close(self) -> None:
@@ -457,7 +536,13 @@ class EventLog:
         return self._segments[max(bisect.bisect_right(self._first_seqs, seq) - 1, 0)]
 
     async def _ensure_indexed(self, segment: Segment) -> None:
+        """Know a closed segment's last seq and its sparse seq index: from its index file
+        if it has a good one, else by walking its frames (lengths and seqs only)."""
         if segment.indexed:
+            return
+        loaded = await self._load_index(segment)
+        if loaded is not None and loaded.end == segment.end:
+            segment.next_seq = loaded.next_seq
             return
         found = await trio.to_thread.run_sync(
             functools.partial(
@@ -471,6 +556,101 @@ class EventLog:
         segment.next_seq = found.segment.next_seq
         segment.index_seqs = found.segment.index_seqs
         segment.index_offsets = found.segment.index_offsets
+
+    async def _load_index(self, segment: Segment) -> Postings | None:
+        """The postings of a segment's index file, if it has one that matches it (they
+        may cover only its first frames); its seq index is taken into the segment's."""
+        loaded = await trio.to_thread.run_sync(
+            segments.load_index, segment.path, segment.first_seq, segment.end
+        )
+        if loaded is None:
+            return None
+        segment.merge_index(loaded.seq_index)
+        return loaded.postings
+
+    async def _whole_postings(self, segment: Segment) -> Postings:
+        """The segment's postings, whole up to its end: from its index file, and what that
+        lacks built by reading it (once; a closed segment's index is then written out).
+
+        The active segment's are kept up to date by the writer, which adds a batch
+        only to postings whole up to where the batch starts; a closed segment's are
+        kept for the ``POSTINGS_KEPT`` segments read most recently.
+        """
+        async with self._indexing:
+            if segment.postings is None:
+                segment.postings = await self._load_index(segment) or Postings(segment.first_seq)
+            while not _is_whole(segment):
+                have = segment.postings
+                # The active segment may grow during the build: then build the rest.
+                piece = await trio.to_thread.run_sync(
+                    segments.build_postings, segment.path, have.end, have.next_seq, segment.end
+                )
+                have.extend(piece.postings)
+                segment.merge_index(piece.seq_index)
+                if segment is not self._active and have.end == segment.end:
+                    segment.next_seq = have.next_seq
+                    await self._write_index(segment, have)
+        postings = segment.postings
+        if segment is not self._active:
+            self._keep_postings(segment)
+        return postings
+
+    def _keep_postings(self, segment: Segment) -> None:
+        """Keep the postings of the closed segments read most recently, drop the others'."""
+        self._postings_kept.pop(segment.first_seq, None)
+        self._postings_kept[segment.first_seq] = segment
+        while len(self._postings_kept) > POSTINGS_KEPT:
+            _, dropped = self._postings_kept.popitem(last=False)
+            if dropped is not self._active:
+                dropped.postings = None
+
+    async def read_selected(
+        self,
+        after_seq: int,
+        until_seq: int,
+        selection: Selection,
+        max_bytes: int = READ_BYTES,
+    ) -> Page:
+        """The records from ``after_seq + 1`` on, none past ``until_seq``, that the
+        selection can match, found through the segment index: records of other
+        sandboxes or types are neither read nor decoded.
+
+        One segment per call, at most about ``max_bytes`` of records;
+        ``next_after_seq`` says how far the selection has been looked at (past
+        ``after_seq`` when ``after_seq < until_seq <= head_seq``).
+        """
+        if after_seq + 1 < self.oldest_seq:
+            await trio.lowlevel.checkpoint()
+            raise Gone(self.oldest_seq)
+        until_seq = min(until_seq, self._head_seq)
+        if after_seq >= until_seq:
+            await trio.lowlevel.checkpoint()
+            return Page([], after_seq)
+        segment = self._segment_for(after_seq + 1)
+        try:
+            await self._ensure_indexed(segment)
+            postings = await self._whole_postings(segment)
+            low, _ = segment.locate(after_seq + 1)
+            high = segment.bound(until_seq)
+            candidates = postings.select(selection.sandbox_ids, selection.types, low, high)
+            records, taken = await trio.to_thread.run_sync(
+                segments.read_frames_at,
+                segment.path,
+                candidates,
+                segment.end,
+                after_seq,
+                until_seq,
+                max_bytes,
+            )
+        except FileNotFoundError:
+            raise Gone(self.oldest_seq) from None
+        except CorruptLog as damage:
+            self._report_damage(damage)
+            raise
+        if taken < len(candidates):
+            return Page(records, records[-1].event.seq)
+        assert segment.next_seq is not None
+        return Page(records, min(until_seq, segment.next_seq - 1))
 
     async def read_history(
         self, after_seq: int, until_seq: int, max_bytes: int = READ_BYTES
@@ -538,37 +718,45 @@ class EventLog:
     ) -> Page:
         """Up to ``limit`` records with seq above ``after_seq`` that match the filter.
 
-        Scans at most about ``max_scan`` records, so a filter that matches
+        Scans at most about ``max_scan`` seqs, so a filter that matches
         little does not hold the caller for long; ``next_after_seq`` says
-        where the scan stopped, to read on from there. A damaged record ends
-        the page before it; reading on from there raises ``CorruptLog``.
+        where the scan stopped, to read on from there. A filter that names
+        sandboxes or types is answered through the segment index, reading only
+        the records that can match. A damaged record ends the page before it;
+        reading on from there raises ``CorruptLog``.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
         matches = matcher(event_filter)
+        selection = selection_of(event_filter)
         found: list[Record] = []
         position = after_seq
-        scanned = 0
         head = self._head_seq
         if after_seq + 1 < self.oldest_seq:
             await trio.lowlevel.checkpoint()
             raise Gone(self.oldest_seq)
-        while position < head and scanned < max_scan:
+        while position < head and position - after_seq < max_scan:
             try:
-                history = await self.read_history(position, head)
+                if selection is None:
+                    history, reached = await self.read_history(position, head), position
+                else:
+                    until = min(head, after_seq + max_scan)
+                    page = await self.read_selected(position, until, selection)
+                    history, reached = page.records, page.next_after_seq
             except CorruptLog:
                 if position == after_seq:
                     raise
                 break  # what came before the damage is this page; the next one raises
             for record in history:
                 position = record.event.seq
-                scanned += 1
                 if matches(record.event):
                     found.append(record)
                     if len(found) == limit:
                         return Page(found, position)
-                if scanned >= max_scan:
+                if position - after_seq >= max_scan:
                     break
+            else:
+                position = max(position, reached)
         await trio.lowlevel.checkpoint()
         return Page(found, position)
 
@@ -654,11 +842,23 @@ class EventLog:
         subscription = Subscription(
             self, start, event_filter, limit, page_bytes=page_bytes, gate=gate
         )
-        self._subscribers.add(subscription)
+        selection = selection_of(event_filter)
+        if selection is None or selection.sandbox_ids is None:
+            self._firehose.add(subscription)
+        else:
+            for sandbox_id in selection.sandbox_ids:
+                self._by_sandbox.setdefault(sandbox_id, set()).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscribers.discard(subscription)
+        self._firehose.discard(subscription)
+        selection = subscription.selection
+        for sandbox_id in () if selection is None else selection.sandbox_ids or ():
+            followers = self._by_sandbox.get(sandbox_id)
+            if followers is not None:
+                followers.discard(subscription)
+                if not followers:
+                    del self._by_sandbox[sandbox_id]
 
     # -- retention ---------------------------------------------------------------------
 
@@ -672,7 +872,10 @@ class EventLog:
             doomed.append(self._segments.pop(0))
             self._first_seqs.pop(0)
         for segment in doomed:
+            self._postings_kept.pop(segment.first_seq, None)
             await trio.to_thread.run_sync(segment.path.unlink)
+            unlink_index = functools.partial(segment.index_path.unlink, missing_ok=True)
+            await trio.to_thread.run_sync(unlink_index)
         if doomed:
             await trio.to_thread.run_sync(segments.fsync_dir, self.directory)
             logger.info(
@@ -708,6 +911,11 @@ def _uncancellable(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
+def _is_whole(segment: Segment) -> bool:
+    """Whether the segment's postings cover all of it."""
+    return segment.postings is not None and segment.postings.end == segment.end
+
+
 def _timed(fn: Callable[..., object], *args: Any) -> float:
     """Call ``fn(*args)``; return the seconds it took."""
     started = time.perf_counter()
@@ -728,7 +936,8 @@ def _open_files(
     if not found:
         fd = segments.create_segment(directory, 1)
         path = directory / segments.segment_name(1)
-        return [Segment(1, path, framing.HEADER_SIZE, 1)], fd, Recovery(), None
+        segment = Segment(1, path, framing.HEADER_SIZE, 1, postings=Postings(1))
+        return [segment], fd, Recovery(), None
     closed = [Segment(first, path, path.stat().st_size, None) for first, path in found[:-1]]
     first_seq, path = found[-1]
     recovered = segments.recover_segment(path, first_seq)
@@ -743,9 +952,17 @@ def _open_files(
             recovered.reason,
             (recovered.segment.next_seq or 1) - 1,
         )
+    active = recovered.segment
+    # After a clean shutdown its index file covers it whole, and the writer goes on
+    # from there; else the part it lacks is built when a filtered read needs it.
+    loaded = segments.load_index(path, first_seq, active.end)
+    if loaded is not None:
+        active.postings = loaded.postings
+    elif active.end == framing.HEADER_SIZE:
+        active.postings = Postings(first_seq)
     fd = segments.open_for_append(path)
     position = (first_seq, recovered.last) if recovered.last >= 0 else None
-    return [*closed, recovered.segment], fd, recovery, position
+    return [*closed, active], fd, recovery, position
 
 
 @asynccontextmanager
@@ -781,10 +998,16 @@ async def open_event_log(
     )
     try:
         async with trio.open_nursery() as nursery:
+            log._nursery = nursery
             await nursery.start(log._run_writer)
             try:
                 yield log
             finally:
                 log._close()
+        # The next start-up then finds the active segment indexed too.
+        active = log._active
+        if active.postings is not None and _is_whole(active):
+            with trio.CancelScope(shield=True):
+                await log._write_index(active, active.postings)
     except BaseExceptionGroup as group:
         raise only_exception(group) from None

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import enum
 import itertools
-import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import attrs
+import msgspec
 
 from sandboxd.events import types as ev
-from sandboxd.events.codec import converter
 
 
 class Status(enum.StrEnum):
@@ -38,8 +38,11 @@ class ProjectionError(ValueError):
     """An event that cannot follow the state before it: the log is inconsistent."""
 
 
-@attrs.frozen
-class SandboxRecord:
+class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """One sandbox as the log describes it. A msgspec Struct: the fold makes a new one
+    for almost every event, and ``msgspec.structs.replace`` does that in C (0.2 us,
+    against 1.5 us for an attrs class of 16 fields; bench/eventlog.py's replay)."""
+
     id: str
     spec_id: str
     created_by_user_id: str | None
@@ -118,17 +121,7 @@ def incarnation_at(state: State, sandbox_id: str, seq: int) -> Incarnation | Non
     return None
 
 
-_FIELDS = tuple(f.name for f in attrs.fields(SandboxRecord))
-_ALL_FIELDS = operator.attrgetter(*_FIELDS)
-_POSITION = {name: i for i, name in enumerate(_FIELDS)}
-
-
-def _evolve(record: SandboxRecord, **changes: Any) -> SandboxRecord:
-    """``attrs.evolve``, specialised: the fold's hot path, about twice as fast on replay."""
-    values = list(_ALL_FIELDS(record))
-    for name, value in changes.items():
-        values[_POSITION[name]] = value
-    return SandboxRecord(*values)
+_evolve = msgspec.structs.replace
 
 
 def _exit_reason(data: ev.SandboxExited) -> str:
@@ -143,6 +136,162 @@ def _exit_reason(data: ev.SandboxExited) -> str:
     return f"the process exited with code {data.exit_code}"
 
 
+# -- the status machine: one transition per event type -----------------------------------
+#
+# A table rather than a ``match``: the fold's hot path, and one dict lookup costs
+# less than trying the class patterns in turn (0.46 against 0.8 us an event on
+# replay, bench/eventlog.py). Each takes the record, the payload, ts and seq.
+
+
+def _process_started(
+    record: SandboxRecord, data: ev.ProcessStarted, ts: str, seq: int
+) -> SandboxRecord:
+    return _evolve(
+        record,
+        pid=data.pid,
+        pgid=data.pgid,
+        create_time=data.create_time,
+        command=tuple(data.command),
+        uid=record.uid if data.uid is None else data.uid,
+        updated_at=ts,
+        version=seq,
+    )
+
+
+def _running(record: SandboxRecord, data: ev.SandboxRunning, ts: str, seq: int) -> SandboxRecord:
+    urls = tuple(data.exposed_urls)
+    return _evolve(
+        record, status=Status.RUNNING, exposed_urls=urls, error=None, updated_at=ts, version=seq
+    )
+
+
+def _start_failed(record: SandboxRecord, data: ev.StartFailed, ts: str, seq: int) -> SandboxRecord:
+    return _evolve(
+        record,
+        status=Status.ERROR,
+        error=data.reason,
+        pid=None,
+        pgid=None,
+        exit_code=data.exit_code,
+        exit_signal=None,
+        updated_at=ts,
+        version=seq,
+    )
+
+
+def _paused(record: SandboxRecord, data: ev.SandboxPaused, ts: str, seq: int) -> SandboxRecord:
+    return _evolve(record, status=Status.PAUSED, updated_at=ts, version=seq)
+
+
+def _running_again(
+    record: SandboxRecord, data: ev.SandboxResumed | ev.SandboxHealthy, ts: str, seq: int
+) -> SandboxRecord:
+    return _evolve(record, status=Status.RUNNING, error=None, updated_at=ts, version=seq)
+
+
+def _unhealthy(
+    record: SandboxRecord, data: ev.SandboxUnhealthy, ts: str, seq: int
+) -> SandboxRecord:
+    return _evolve(record, status=Status.ERROR, error=data.reason, updated_at=ts, version=seq)
+
+
+def _exited(record: SandboxRecord, data: ev.SandboxExited, ts: str, seq: int) -> SandboxRecord:
+    error = _exit_reason(data)
+    if data.restart is not None:
+        error += f"; {data.restart}"  # the restart policy gave up
+    return _evolve(
+        record,
+        status=Status.ERROR,
+        error=error,
+        pid=None,
+        pgid=None,
+        exit_code=data.exit_code,
+        exit_signal=data.signal,
+        updated_at=ts,
+        version=seq,
+    )
+
+
+def _restarted(
+    record: SandboxRecord, data: ev.SandboxRestarted, ts: str, seq: int
+) -> SandboxRecord:
+    if data.trigger == ev.RESTART_ON_FAILURE:
+        recent = (*record.failure_restarts, ts)[-MAX_FAILURE_RESTARTS:]
+    else:
+        recent = ()  # a person stepped in: the policy's count starts again
+    return _evolve(
+        record,
+        status=Status.STARTING,
+        error=None,
+        pid=None,
+        pgid=None,
+        create_time=None,
+        restarts=record.restarts + 1,
+        failure_restarts=recent,
+        updated_at=ts,
+        version=seq,
+    )
+
+
+def _adopted(record: SandboxRecord, data: ev.SandboxAdopted, ts: str, seq: int) -> SandboxRecord:
+    # Adoption changes nothing a client sees; it only says the daemon watches again.
+    return record
+
+
+def _missing(record: SandboxRecord, data: ev.SandboxMissing, ts: str, seq: int) -> SandboxRecord:
+    return _evolve(
+        record,
+        status=Status.MISSING,
+        error=data.reason,
+        pid=None,
+        pgid=None,
+        updated_at=ts,
+        version=seq,
+    )
+
+
+def _deleted(record: SandboxRecord, data: ev.SandboxDeleted, ts: str, seq: int) -> None:
+    return None
+
+
+_Transition = Callable[[SandboxRecord, Any, str, int], SandboxRecord | None]
+
+#: What each event about an existing sandbox does to its record (sandbox.created, which
+#: makes one, is apart; daemon.* events are about no sandbox).
+_TRANSITIONS: dict[type[ev.Payload], _Transition] = {
+    ev.ProcessStarted: _process_started,
+    ev.SandboxRunning: _running,
+    ev.StartFailed: _start_failed,
+    ev.SandboxPaused: _paused,
+    ev.SandboxResumed: _running_again,
+    ev.SandboxHealthy: _running_again,
+    ev.SandboxUnhealthy: _unhealthy,
+    ev.SandboxExited: _exited,
+    ev.SandboxAdopted: _adopted,
+    ev.SandboxMissing: _missing,
+    ev.SandboxDeleted: _deleted,
+    ev.SandboxRestarted: _restarted,
+}
+
+
+def _created(event: ev.Event, data: ev.SandboxCreated) -> SandboxRecord:
+    assert event.sandbox_id is not None
+    return SandboxRecord(
+        id=event.sandbox_id,
+        spec_id=data.spec_id,
+        created_by_user_id=data.created_by_user_id,
+        status=Status.STARTING,
+        created_at=event.ts,
+        updated_at=event.ts,
+        created_seq=event.seq,
+        version=event.seq,
+        port=data.port,
+        working_dir=data.working_dir,
+        uid=data.uid,
+        ports=tuple(data.ports or ()),
+    )
+
+
 def _size(size: int) -> str:
     # The words of actors/boundary/limits.format_bytes (events import nothing of actors).
     for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -153,121 +302,46 @@ def _size(size: int) -> str:
 
 
 def step(record: SandboxRecord | None, event: ev.Event) -> SandboxRecord | None:
-    """The status machine: one sandbox's record after ``event``."""
+    """The status machine: one sandbox's record after ``event`` (None once deleted)."""
     data = event.data
-    if isinstance(data, ev.SandboxCreated):
+    if type(data) is ev.SandboxCreated:
         if record is not None:
             raise ProjectionError(f"seq {event.seq}: sandbox {event.sandbox_id} already exists")
-        assert event.sandbox_id is not None
-        return SandboxRecord(
-            id=event.sandbox_id,
-            spec_id=data.spec_id,
-            created_by_user_id=data.created_by_user_id,
-            status=Status.STARTING,
-            created_at=event.ts,
-            updated_at=event.ts,
-            created_seq=event.seq,
-            version=event.seq,
-            port=data.port,
-            working_dir=data.working_dir,
-            uid=data.uid,
-            ports=tuple(data.ports or ()),
-        )
+        return _created(event, data)
+    transition = _TRANSITIONS.get(type(data))
+    if transition is None:
+        raise ProjectionError(f"seq {event.seq}: {event.type} is not an event about a sandbox")
     if record is None:
         raise ProjectionError(
             f"seq {event.seq}: {event.type} for sandbox {event.sandbox_id}, which does not exist"
         )
-    changed: dict[str, Any] = {"updated_at": event.ts, "version": event.seq}
-    match data:
-        case ev.ProcessStarted(pid=pid, pgid=pgid, create_time=create_time, command=command):
-            if data.uid is not None:
-                changed["uid"] = data.uid
-            return _evolve(
-                record,
-                pid=pid,
-                pgid=pgid,
-                create_time=create_time,
-                command=tuple(command),
-                **changed,
-            )
-        case ev.SandboxRunning(exposed_urls=urls):
-            return _evolve(
-                record, status=Status.RUNNING, exposed_urls=tuple(urls), error=None, **changed
-            )
-        case ev.StartFailed(reason=reason, exit_code=exit_code):
-            return _evolve(
-                record,
-                status=Status.ERROR,
-                error=reason,
-                pid=None,
-                pgid=None,
-                exit_code=exit_code,
-                exit_signal=None,
-                **changed,
-            )
-        case ev.SandboxPaused():
-            return _evolve(record, status=Status.PAUSED, **changed)
-        case ev.SandboxResumed() | ev.SandboxHealthy():
-            return _evolve(record, status=Status.RUNNING, error=None, **changed)
-        case ev.SandboxUnhealthy(reason=reason):
-            return _evolve(record, status=Status.ERROR, error=reason, **changed)
-        case ev.SandboxExited():
-            error = _exit_reason(data)
-            if data.restart is not None:
-                error += f"; {data.restart}"
-            return _evolve(
-                record,
-                status=Status.ERROR,
-                error=error,
-                pid=None,
-                pgid=None,
-                exit_code=data.exit_code,
-                exit_signal=data.signal,
-                **changed,
-            )
-        case ev.SandboxRestarted():
-            if data.trigger == ev.RESTART_ON_FAILURE:
-                recent = (*record.failure_restarts, event.ts)[-MAX_FAILURE_RESTARTS:]
-            else:
-                recent = ()
-            return _evolve(
-                record,
-                status=Status.STARTING,
-                error=None,
-                pid=None,
-                pgid=None,
-                create_time=None,
-                restarts=record.restarts + 1,
-                failure_restarts=recent,
-                **changed,
-            )
-        case ev.SandboxAdopted():
-            # Adoption changes nothing a client sees; it only says the daemon watches again.
-            return record
-        case ev.SandboxMissing(reason=reason):
-            return _evolve(
-                record, status=Status.MISSING, error=reason, pid=None, pgid=None, **changed
-            )
-        case ev.SandboxDeleted():
-            return None
-    raise ProjectionError(f"seq {event.seq}: {event.type} is not an event about a sandbox")
+    return transition(record, data, event.ts, event.seq)
 
 
 def apply(state: State, event: ev.Event) -> State:
     """Fold one event into ``state`` (in place, see the module's docstring) and return it."""
-    if event.seq <= state.head_seq:
-        raise ProjectionError(f"seq {event.seq} does not follow {state.head_seq}")
+    seq = event.seq
+    if seq <= state.head_seq:
+        raise ProjectionError(f"seq {seq} does not follow {state.head_seq}")
     sandbox_id = event.sandbox_id
     if sandbox_id is not None:
-        after = step(state.sandboxes.get(sandbox_id), event)
-        if isinstance(event.data, ev.SandboxCreated):
-            born = Incarnation(event.seq, event.data.created_by_user_id)
-            state.owners[sandbox_id] = (*state.owners.get(sandbox_id, ()), born)
-        if after is None:
-            del state.sandboxes[sandbox_id]
+        sandboxes = state.sandboxes
+        data = event.data
+        kind = type(data)
+        record = sandboxes.get(sandbox_id)
+        transition = _TRANSITIONS.get(kind)
+        if transition is not None and record is not None:
+            after = transition(record, data, event.ts, seq)  # step's common case, inline
         else:
-            state.sandboxes[sandbox_id] = after
-    state.head_seq = event.seq
+            after = step(record, event)
+        if after is None:
+            del sandboxes[sandbox_id]
+        else:
+            if isinstance(data, ev.SandboxCreated):
+                born = Incarnation(seq, data.created_by_user_id)
+                state.owners[sandbox_id] = (*state.owners.get(sandbox_id, ()), born)
+            sandboxes[sandbox_id] = after
+    state.head_seq = seq
     return state
 
 
@@ -279,7 +353,7 @@ def copy_state(state: State) -> State:
 def state_to_dict(state: State) -> dict[str, Any]:
     return {
         "head_seq": state.head_seq,
-        "sandboxes": [converter.unstructure(r) for r in state.sandboxes.values()],
+        "sandboxes": [msgspec.to_builtins(r) for r in state.sandboxes.values()],
         # {id: [[created_seq, owner], ...]}, oldest first.
         "owners": {
             sandbox_id: [list(i) for i in lives] for sandbox_id, lives in state.owners.items()
@@ -288,7 +362,7 @@ def state_to_dict(state: State) -> dict[str, Any]:
 
 
 def state_from_dict(raw: dict[str, Any]) -> State:
-    records = [converter.structure(r, SandboxRecord) for r in raw["sandboxes"]]
+    records = [msgspec.convert(r, SandboxRecord) for r in raw["sandboxes"]]
     owners = raw["owners"]
     if not isinstance(owners, dict):
         raise ValueError("owners must be an object")

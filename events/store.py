@@ -15,6 +15,7 @@ since the log is the audit trail.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ from sandboxd.events.projection import (
     copy_state,
     step,
 )
-from sandboxd.events.segments import Segment, iter_segment
+from sandboxd.events.segments import Segment, fold_segment
 from sandboxd.events.subscriptions import Filter, Subscription
 from sandboxd.events.types import Event, PendingEvent
 
@@ -172,7 +173,7 @@ class Store:
                 "removed the events before it: the state cannot be rebuilt",
             )
         replayed, last_ts = await trio.to_thread.run_sync(
-            _replay, state, log.snapshot_segments(), state.head_seq
+            replay, state, log.snapshot_segments(), state.head_seq
         )
         self.state = state
         self._last_ts = last_ts if replayed else (chosen.anchor_ts if chosen else None)
@@ -251,27 +252,24 @@ class Store:
         return state.head_seq
 
 
-def _replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[int, str | None]:
+def replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[int, str | None]:
     """Fold every record after ``after_seq`` into ``state`` (blocking; in a thread).
 
-    An event the projection refuses stops the replay as a ``CorruptLog``
-    naming its record: the log does not describe a history this code accepts.
+    Returns how many it folded and the ts of the last. An event the projection
+    refuses stops the replay as a ``CorruptLog`` naming its record: the log does
+    not describe a history this code accepts.
     """
-    count = 0
-    last_ts = None
+    last = None
     first_seqs = [s.first_seq for s in segment_list]
     start = max(bisect.bisect_right(first_seqs, after_seq + 1) - 1, 0)
+    fold = functools.partial(apply, state)
     for i in range(start, len(segment_list)):
-        segment = segment_list[i]
         following = segment_list[i + 1] if i + 1 < len(segment_list) else None
-        for offset, (event, _raw) in iter_segment(segment, after_seq, following):
-            try:
-                apply(state, event)
-            except ProjectionError as exc:
-                raise CorruptLog(segment.path, offset, event.seq, str(exc)) from None
-            count += 1
-            last_ts = event.ts
-    return count, last_ts
+        event = fold_segment(segment_list[i], fold, after_seq, following, refused=ProjectionError)
+        last = event or last
+    if last is None:
+        return 0, None
+    return last.seq - after_seq, last.ts  # seqs are contiguous: fold_segment checks
 
 
 @asynccontextmanager

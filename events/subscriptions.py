@@ -23,7 +23,7 @@ What a subscription holds in memory:
   every other subscription's (the writer hands each the same batch), so all
   subscriptions together hold the newest ``limit`` events once, plus pointers;
 - the records in hand: one history read of at most ``page_bytes`` of stored
-  records (decoded, they take about five times that), or one live batch.
+  records (decoded, they take about three times that), or one live batch.
 
 A subscription given a ``gate`` (a ``trio.CapacityLimiter``) takes records in
 hand only while it holds one of the gate's tokens, and gives it back once it
@@ -31,19 +31,39 @@ has delivered them: a connection of many subscriptions that its client does
 not read holds as many pages as its gate has tokens, not one per
 subscription. Tokens go round in turn (the limiter is fair), so no
 subscription of the gate starves.
+
+A subscription whose filter names sandboxes or types (an ``EventFilter``)
+reads its history through the segment index (``index.py``): the records of
+other sandboxes and types are neither read nor decoded, so catching up on one
+sandbox in a long log costs what that sandbox has.
+
+The log routes its durable batches by sandbox: a subscription filtered by
+sandbox is handed only the records of its sandboxes, and only batches that
+have some (a dict lookup per record: O(matching), not O(subscriptions)). Each
+live batch carries the seqs it spans, and everything matching from
+``_covered_from`` on is in the buffer, so a gap between what the subscription
+passed and its next live batch needs no disk read.
+
+``next_batch`` hands out every matching record that is at hand at once (up
+to a limit) instead of one per call: a reader that forwards records (the
+gateway) pays the task switch once per batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import attrs
 import trio
 
+from sandboxd.events.index import Selection
 from sandboxd.events.segments import Record
 from sandboxd.events.types import Event
+
+if TYPE_CHECKING:
+    from sandboxd.events.log import Page
 
 
 @attrs.frozen
@@ -73,6 +93,15 @@ ALL = EventFilter()
 Filter = EventFilter | Callable[[Event], bool] | None
 
 
+def selection_of(event_filter: Filter) -> Selection | None:
+    """What the index can select for ``event_filter``; None when it cannot narrow it."""
+    if not isinstance(event_filter, EventFilter):
+        return None
+    if event_filter.sandbox_ids is None and event_filter.types is None:
+        return None
+    return Selection(event_filter.sandbox_ids, event_filter.types)
+
+
 def matcher(event_filter: Filter) -> Callable[[Event], bool]:
     if event_filter is None:
         return _everything
@@ -94,6 +123,22 @@ class CaughtUp:
     seq: int
 
 
+#: A batch of at most this many records gives the gate's token back when it is handed
+#: out; a bigger one keeps it until the next call (see ``next_batch``).
+SMALL_BATCH = 64
+
+
+class LiveBatch(NamedTuple):
+    """A durable batch as the log publishes it: its seqs run from ``first_seq`` to
+    ``last_seq``; ``records`` are those of them that may match (all of them, handed to
+    every subscription alike, unless the log routed the batch by sandbox: then those of
+    the subscription's sandboxes)."""
+
+    first_seq: int
+    last_seq: int
+    records: list[Record]
+
+
 class _Source(Protocol):
     """What a subscription needs of the log."""
 
@@ -103,6 +148,10 @@ class _Source(Protocol):
     async def read_history(
         self, after_seq: int, until_seq: int, max_bytes: int
     ) -> list[Record]: ...
+
+    async def read_selected(
+        self, after_seq: int, until_seq: int, selection: Selection, max_bytes: int
+    ) -> Page: ...
 
     def unsubscribe(self, subscription: Subscription) -> None: ...
 
@@ -128,15 +177,24 @@ class Subscription:
     ):
         self._source = source
         self._matches = matcher(event_filter)
+        self._selection = selection_of(event_filter)
         self._limit = limit
         self._page_bytes = page_bytes
         self._gate = gate
         self._holding = False  # one of the gate's tokens, while records are in hand
+        self._batching = False  # in next_batch: the token stays with the batch
         #: Every event up to here was delivered or filtered out.
         self.position = after_seq
-        self._live: deque[list[Record]] = deque()
+        self._live: deque[LiveBatch] = deque()
         self._live_count = 0
+        #: Every matching record from this seq on is in the live buffer (or was taken
+        #: from it): the log publishes every batch after the subscription's start, and
+        #: only a full buffer drops some. Gaps past it need no disk read.
+        self._covered_from = source.head_seq + 1
         self._ready: deque[Record] = deque()
+        #: Once ``_ready`` is delivered, every event up to here was (a read through
+        #: the index looks at more seqs than it returns records for).
+        self._passed = after_seq
         self._waiter: trio.lowlevel.Task | None = None
         self._closed = False
         self._caught_up = False
@@ -159,15 +217,25 @@ class Subscription:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def selection(self) -> Selection | None:
+        """What of its filter the segment index (and the log's routing) can answer."""
+        return self._selection
+
     # -- called by the log's writer, synchronously: must never block -------------------
 
-    def publish(self, records: list[Record]) -> None:
+    def publish(self, batch: LiveBatch) -> None:
+        """A durable batch, or the records of it that may match (the log leaves out
+        batches with none, when it routes by sandbox). The same object goes to every
+        subscription that gets the whole batch: one append here per batch."""
         if self._closed:
             return
-        self._live.append(records)
-        self._live_count += len(records)
+        self._live.append(batch)
+        self._live_count += len(batch.records)
         while self._live_count > self._limit:
-            self._live_count -= len(self._live.popleft())
+            dropped = self._live.popleft()
+            self._live_count -= len(dropped.records)
+            self._covered_from = dropped.last_seq + 1  # the disk has what went
             self.dropped_batches += 1
         self._wake()
 
@@ -175,6 +243,7 @@ class Subscription:
         """The log closes: iteration stops; ``position`` says where to resume."""
         self._closed = True
         self._ready.clear()
+        self._passed = self.position  # what was in hand is not passed
         self._live.clear()
         self._live_count = 0
         self._let_go()
@@ -222,11 +291,47 @@ class Subscription:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return item
 
-    async def _take(self) -> Record | CaughtUp:
+    async def next_batch(self, max_records: int = 1024) -> list[Record] | CaughtUp:
+        """The next matching records, as many as are at hand (at least one, at most
+        ``max_records``), or the ``CaughtUp`` marker, as ``items()`` would yield them."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._ready:
+            self._let_go()  # the caller is done with the last batch: its token goes
+        self._blocked = False
+        # A big batch is in the caller's hands until it asks again: the gate's token
+        # (if any) is kept till then. A small one (a live batch, most often) gives it
+        # back at once, so that the subscriptions sharing a gate all take theirs in
+        # one go: a connection's subscriptions hold READ_SLOTS big batches, and up to
+        # SMALL_BATCH records each besides.
+        self._batching = True
+        try:
+            first = await self._take()
+            if isinstance(first, CaughtUp):
+                batch: list[Record] | CaughtUp = first
+            else:
+                batch = [first]
+                while len(batch) < max_records and (record := self._take_at_hand()) is not None:
+                    batch.append(record)
+                if len(batch) <= SMALL_BATCH and not self._ready:
+                    self._let_go()
+        finally:
+            self._batching = False
+        if not self._blocked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
+
+    def batches(self, max_records: int = 1024) -> _Batches:
+        """Iterate over ``next_batch(max_records)`` until the subscription ends."""
+        return _Batches(self, max_records)
+
+    def _take_at_hand(self) -> Record | None:
+        """The next matching record from what is in hand or in the live buffer, if it
+        continues where the subscription stands (and the gate lets it take a batch in
+        hand at once); None when it would need the disk or to wait."""
         while True:
             while self._ready:
                 record = self._ready.popleft()
-                if not self._ready:
+                if not self._ready and not self._batching:
                     self._let_go()  # the last record in hand: the next page is another's turn
                 seq = record.event.seq
                 if seq <= self.position:
@@ -235,28 +340,47 @@ class Subscription:
                 self.position = seq
                 if matched:
                     return record
+            if self._passed > self.position:
+                self.position = self._passed
+            if self._closed:
+                return None
+            if not self._live:
+                if self.position + 1 >= self._covered_from:
+                    # Nothing since is ours: the buffer would hold it.
+                    self.position = max(self.position, self._source.head_seq)
+                return None
+            if self._continues() and (self._holding or self._hold_now()):
+                entry = self._live.popleft()
+                self._live_count -= len(entry.records)
+                self._ready.extend(entry.records)
+                self._passed = max(self._passed, entry.last_seq)
+                continue
+            return None
+
+    def _continues(self) -> bool:
+        """Whether the oldest live batch goes on from ``position``: it starts right after
+        it, or nothing in between can match (it is past ``_covered_from``)."""
+        position = self.position + 1
+        return self._live[0].first_seq <= position or position >= self._covered_from
+
+    async def _take(self) -> Record | CaughtUp:
+        while True:
+            record = self._take_at_hand()
+            if record is not None:
+                return record
             if self._closed:
                 self._let_go()
                 raise StopAsyncIteration
-            live = bool(self._live) and self._live[0][0].event.seq <= self.position + 1
-            until = self._live[0][0].event.seq - 1 if self._live else self._source.head_seq
+            live = bool(self._live) and self._continues()
+            until = self._live[0].first_seq - 1 if self._live else self._source.head_seq
             if live or self.position < until:
                 if not self._holding and not await self._hold():
                     continue  # it waited for its turn: look again at what there is now
                 if live:
-                    batch = self._live.popleft()
-                    self._live_count -= len(batch)
-                    self._ready.extend(batch)
-                    continue
+                    continue  # in hand now: _take_at_hand takes it
                 self.disk_reads += 1
                 self._blocked = True
-                history = await self._source.read_history(self.position, until, self._page_bytes)
-                if self._closed:
-                    self._let_go()
-                    raise StopAsyncIteration
-                if not history or history[0].event.seq != self.position + 1:
-                    raise RuntimeError(f"the log returned no history after seq {self.position}")
-                self._ready.extend(history)
+                await self._read_history(until)
                 continue
             self._let_go()
             if not self._caught_up:
@@ -265,20 +389,45 @@ class Subscription:
             self._blocked = True
             await self._wait()
 
-    async def _hold(self) -> bool:
-        """Take a token of the gate: True if it was free at once, False after waiting."""
-        if self._gate is None:
-            self._holding = True
-            return True
-        try:
-            self._gate.acquire_on_behalf_of_nowait(self)
-        except trio.WouldBlock:
-            self._blocked = True
-            await self._gate.acquire_on_behalf_of(self)
-            self._holding = True
-            return False
+    async def _read_history(self, until: int) -> None:
+        """Put the next records after ``position`` (up to ``until``) from disk in hand."""
+        if self._selection is None:
+            history = await self._source.read_history(self.position, until, self._page_bytes)
+            passed = history[-1].event.seq if history else self.position
+        else:
+            page = await self._source.read_selected(
+                self.position, until, self._selection, self._page_bytes
+            )
+            history, passed = page.records, page.next_after_seq
+        if self._closed:
+            self._let_go()
+            raise StopAsyncIteration
+        if passed <= self.position or (
+            self._selection is None and history[0].event.seq != self.position + 1
+        ):
+            raise RuntimeError(f"the log returned no history after seq {self.position}")
+        self._ready.extend(history)
+        self._passed = passed
+
+    def _hold_now(self) -> bool:
+        """Take a token of the gate if one is free at once (and none is waited for)."""
+        if self._gate is not None:
+            try:
+                self._gate.acquire_on_behalf_of_nowait(self)
+            except trio.WouldBlock:
+                return False
         self._holding = True
         return True
+
+    async def _hold(self) -> bool:
+        """Take a token of the gate: True if it was free at once, False after waiting."""
+        if self._hold_now():
+            return True
+        assert self._gate is not None
+        self._blocked = True
+        await self._gate.acquire_on_behalf_of(self)
+        self._holding = True
+        return False
 
     def _let_go(self) -> None:
         if self._holding:
@@ -296,6 +445,18 @@ class Subscription:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Batches:
+    def __init__(self, subscription: Subscription, max_records: int):
+        self._subscription = subscription
+        self._max_records = max_records
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[Record] | CaughtUp:
+        return await self._subscription.next_batch(self._max_records)
 
 
 class _Items:

@@ -196,13 +196,16 @@ class Client(p.ClientOps):
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        batch: bool = True,
     ) -> Subscription:
         """Events with seq > after_seq (None: from now on), on a connection of their own.
 
         Use as ``async with client.subscribe(...) as events: async for event in events``.
         Closing the client closes it too.
+        The server sends them several to a frame (``batch``; False: one a frame, for a
+        server older than batch frames).
         """
-        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types)
+        resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, batch=batch)
         return Subscription(self, resumption)
 
 
@@ -241,6 +244,9 @@ class Subscription(p.SubscriptionOps):
         while True:
             if self._closed:
                 raise StopAsyncIteration
+            event = self._resumption.next_event()
+            if event is not None:
+                return event
             if self._ws is None:
                 await self._reconnect()
             assert self._ws is not None
@@ -249,8 +255,6 @@ class Subscription(p.SubscriptionOps):
             except ConnectionClosed:
                 await self._drop()
                 continue
-            if isinstance(received, Event):
-                return received
             if isinstance(received, p.Ended):
                 await self._drop()
             elif self._resumption.caught_up:

@@ -10,14 +10,22 @@ trio worker:
 - one writer is the only task that sends: every reply and subscription frame
   goes through one queue bounded in frames and in bytes (budget.py), so a
   client that stops reading holds at most that queue, and a connection that
-  stays unwritable for ``send_timeout`` is closed;
+  stays unwritable for ``send_timeout`` is closed. The queue has two lanes,
+  and the writer takes replies ahead of subscription frames: a request is
+  answered first however many events wait (an unsubscribe's reply goes in the
+  subscriptions' lane, after the frames of the subscription it ends);
 - the keepalive pings a connection that has said nothing for
   ``ping_interval`` and closes it if no pong comes within ``ping_timeout``
   (trio-websocket has no keepalive of its own);
 - each subscription's pump pulls from the log's subscription and pushes into
   that same queue; while it is full the pump simply stops pulling, and the
   log serves it from disk when it comes back, so a slow reader slows no one
-  else.
+  else. It takes every record at hand at once (``next_batch``); a
+  subscription made with ``"batch": true`` gets them in one frame (the
+  stored bytes joined), and its pump, when it sent a small batch (it is live,
+  not catching up), waits ``BATCH_PACE`` before it takes the next, unless it
+  follows named sandboxes: a live firehose then costs a few frames a second
+  per subscriber, not one per event.
 
 What the ops use of a connection is its public API: ``user``, ``name``,
 ``subscription_count``, ``open_subscription``, ``close_subscription`` and
@@ -33,7 +41,8 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import attrs
@@ -41,6 +50,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable
+from sandboxd.events.segments import Record
 from sandboxd.events.subscriptions import CaughtUp, Subscription
 from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
@@ -54,9 +64,19 @@ log = logging.getLogger(__name__)
 #: bigger than that goes alone); a full queue makes subscriptions stop pulling.
 SEND_QUEUE_FRAMES: Final = 256
 SEND_QUEUE_BYTES: Final = 1 << 20
+#: A batch subscription that sent fewer than BATCH_RECORDS events (it is live, not
+#: catching up) waits this long before it takes the next, so that events gather
+#: into its next frame: measured in bench/gateway.py, see docs/performance.md.
+BATCH_PACE: Final = 0.1
+#: Records a pump takes at once, and the stored bytes of one batch frame at most.
+BATCH_RECORDS: Final = 1024
+BATCH_BYTES: Final = 256 << 10
+#: The writer's lanes: replies go ahead of subscription frames.
+REPLIES: Final = 0
+SUBSCRIPTIONS: Final = 1
 #: Requests and subscriptions of one connection that may have history or output in
 #: hand at once: each holds at most a page of the log (events.log.READ_BYTES of
-#: stored records, about five times that decoded) or one reply.
+#: stored records, about three times that decoded) or one reply.
 READ_SLOTS: Final = 2
 
 #: Run once the reply a request's answer made is queued, or given up on (a subscription's
@@ -151,6 +171,99 @@ class _GoingAway:
     """Queued after the last frame of a connection that shut_down closes."""
 
 
+_Item = tuple["str | _GoingAway", int]
+
+
+class Pacer:
+    """Paces the live batch subscriptions' pumps: each waits for its group's next tick.
+
+    One timer for all of them instead of one sleep each (a sleep is a cancel
+    scope's deadline, and 1,000 of them expiring ten times a second took a
+    fifth of the event loop in bench/gateway.py); and the pumps of a group
+    wake together, ``GROUPS`` groups a ``BATCH_PACE`` apart in turn, so that
+    no more than a group's worth of frames is made at once, between which
+    requests get their turn.
+    """
+
+    GROUPS: Final = 10
+
+    def __init__(self, pace: float = BATCH_PACE) -> None:
+        self.pace = pace
+        self._ticks = [trio.Event() for _ in range(self.GROUPS)]
+        self._members = itertools.count()
+
+    def group(self) -> int:
+        """A group for a new pump: in turn, so the groups stay the same size."""
+        return next(self._members) % self.GROUPS
+
+    async def wait(self, group: int) -> None:
+        await self._ticks[group].wait()
+
+    async def run(self) -> None:
+        """Tick each group in turn, forever (a task of the gateway's)."""
+        step = self.pace / self.GROUPS
+        due = trio.current_time()
+        while True:
+            for group in range(self.GROUPS):
+                due += step
+                await trio.sleep_until(due)
+                tick, self._ticks[group] = self._ticks[group], trio.Event()
+                tick.set()
+            # Fallen far behind (a busy loop): start again from now, not in a rush.
+            due = max(due, trio.current_time() - self.pace)
+
+
+class _Lanes:
+    """The writer's queue: two lanes of at most ``limit`` frames each, replies first.
+
+    ``put_nowait`` and ``put`` say False once the writer is gone (``close``):
+    nothing more can be said on the connection then.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lanes: tuple[deque[_Item], deque[_Item]] = (deque(), deque())
+        self._room = (trio.lowlevel.ParkingLot(), trio.lowlevel.ParkingLot())
+        self._filled = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def put_nowait(self, lane: int, item: _Item) -> bool:
+        """Queue ``item`` if its lane has room; raises WouldBlock if it has not."""
+        if self.closed:
+            return False
+        queue = self._lanes[lane]
+        if len(queue) >= self._limit:
+            raise trio.WouldBlock
+        queue.append(item)
+        self._filled.unpark()
+        return True
+
+    async def put(self, lane: int, item: _Item) -> bool:
+        while True:
+            try:
+                return self.put_nowait(lane, item)
+            except trio.WouldBlock:
+                await self._room[lane].park()
+
+    async def get(self) -> _Item:
+        """The next frame: a reply if one waits, else a subscription's."""
+        while True:
+            for lane, queue in enumerate(self._lanes):
+                if queue:
+                    self._room[lane].unpark()
+                    return queue.popleft()
+            await self._filled.park()
+
+    def close(self) -> list[_Item]:
+        """The writer is gone: what was queued is dropped (and returned, to give back)."""
+        self.closed = True
+        left = [*self._lanes[0], *self._lanes[1]]
+        for queue, room in zip(self._lanes, self._room, strict=True):
+            queue.clear()
+            room.unpark_all()
+        return left
+
+
 @attrs.define
 class _Pump:
     """A subscription of this connection: the log's, and the task that forwards it."""
@@ -159,6 +272,19 @@ class _Pump:
     subscription: Subscription
     #: The last seq delivered or passed over: where `ended` tells the client to resume.
     last_seq: int
+    #: Several events to a frame (the client asked with "batch": true).
+    batch: bool = False
+    #: Its group in the pacer, if paced (see Pacer).
+    group: int = 0
+
+    @property
+    def paced(self) -> bool:
+        """Whether the pump waits between small batches: a batch subscription that does
+        not name its sandboxes (one that does gets their events alone, a few a second:
+        waiting would only delay them)."""
+        selection = self.subscription.selection
+        return self.batch and (selection is None or selection.sandbox_ids is None)
+
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     done: trio.Event = attrs.Factory(trio.Event)
 
@@ -176,6 +302,7 @@ class Connection:
         requests: Requests,
         timeouts: Timeouts,
         count_reply: CountReply = _count_nothing,
+        pacer: Pacer | None = None,
     ) -> None:
         self.ws = ws
         self.user = user
@@ -184,9 +311,8 @@ class Connection:
         self._count_reply = count_reply
         self._requests = requests
         self._timeouts = timeouts
-        self._send, self._outbox = trio.open_memory_channel[tuple[str | _GoingAway, int]](
-            SEND_QUEUE_FRAMES
-        )
+        self._pacer = pacer
+        self._lanes = _Lanes(SEND_QUEUE_FRAMES)
         #: The bytes of the frames queued and not yet written.
         self.budget = ByteBudget(SEND_QUEUE_BYTES)
         self.read_slots = trio.CapacityLimiter(READ_SLOTS)
@@ -203,13 +329,17 @@ class Connection:
     def subscription_count(self) -> int:
         return len(self._pumps)
 
-    def open_subscription(self, subscription: Subscription) -> tuple[str, Callable[[], None]]:
+    def open_subscription(
+        self, subscription: Subscription, *, batch: bool = False
+    ) -> tuple[str, Callable[[], None]]:
         """Take the log's ``subscription`` on: its id here, and what starts its pump.
 
         Start the pump once the reply naming the id is queued; until then the
         subscription only holds its place (the connection closes it if it ends first).
+        With ``batch``, its events go several to a frame.
         """
-        pump = _Pump(f"s{next(self._pump_ids)}", subscription, subscription.position)
+        group = 0 if self._pacer is None else self._pacer.group()
+        pump = _Pump(f"s{next(self._pump_ids)}", subscription, subscription.position, batch, group)
         self._pumps[pump.id] = pump
 
         def start() -> None:
@@ -255,8 +385,9 @@ class Connection:
             with trio.move_on_after(self._timeouts.farewell):
                 for pump in pumps:
                     await pump.done.wait()
-                    await self._queue(p.encode_ended(pump.id, "shutdown", pump.last_seq))
-                await self._queue(_GoingAway())
+                    ended = p.encode_ended(pump.id, "shutdown", pump.last_seq)
+                    await self._queue(ended, SUBSCRIPTIONS)
+                await self._queue(_GoingAway(), SUBSCRIPTIONS)
                 await self._closed.wait()
             # A client too slow to take its farewell in time is closed all the same.
             await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
@@ -297,7 +428,7 @@ class Connection:
         except p.RequestError as bad:
             # Not the op the frame names: a client must not choose the metrics' labels.
             self._count_reply(INVALID_OP, bad.code)
-            await self._queue(p.encode_error(bad.request_id, bad))
+            await self._queue(p.encode_error(bad.request_id, bad), REPLIES)
             return
         refusal = None
         if self._requests.refusing:
@@ -306,7 +437,7 @@ class Connection:
             refusal = errors.busy()
         if refusal is not None:
             self._count_reply(request.op, refusal.code)
-            await self._queue(p.encode_error(request.id, refusal))
+            await self._queue(p.encode_error(request.id, refusal), REPLIES)
             return
         self._in_flight += 1
         self._requests.begin()
@@ -317,8 +448,10 @@ class Connection:
         try:
             frame, code, then = await self._answer(self, request)
             self._count_reply(request.op, code)
+            # An unsubscribe's reply must come after the frames of what it ended.
+            lane = SUBSCRIPTIONS if isinstance(request.params, p.EventsUnsubscribe) else REPLIES
             try:
-                await self._queue(frame)
+                await self._queue(frame, lane)
             finally:
                 if then is not None:
                     then()
@@ -330,7 +463,7 @@ class Connection:
 
     # -- writing ------------------------------------------------------------------------
 
-    async def _queue(self, frame: str | _GoingAway) -> None:
+    async def _queue(self, frame: str | _GoingAway, lane: int) -> None:
         # Blocks while the queue is full: the client is not reading, so we stop
         # reading it too, which pushes back on it through TCP. What a frame holds
         # is its size in memory, which for a str of wide characters is more than
@@ -342,27 +475,27 @@ class Connection:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.budget.try_take(size):
             try:
-                self._send.send_nowait((frame, size))
+                queued = self._lanes.put_nowait(lane, (frame, size))
             except trio.WouldBlock:
                 self.budget.give_back(size)  # full in frames: wait below, in turn
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self.budget.give_back(size)
-                return
             else:
+                if not queued:
+                    self.budget.give_back(size)
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
         await self.budget.take(size)
         try:
-            await self._send.send((frame, size))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self.budget.give_back(size)
+            queued = await self._lanes.put(lane, (frame, size))
         except BaseException:
             self.budget.give_back(size)
             raise
+        if not queued:
+            self.budget.give_back(size)
 
     async def _writer(self) -> None:
-        async with self._outbox:
-            async for frame, size in self._outbox:
+        try:
+            while True:
+                frame, size = await self._lanes.get()
                 if isinstance(frame, _GoingAway):
                     # Every frame queued before it is out: now the close frame.
                     await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
@@ -379,6 +512,9 @@ class Connection:
                     log.warning("%s: closed, it took no data for %.0f s", self.name, timeout)
                     await self._close(p.CLOSE_NOT_READING, "the client stopped reading")
                     return
+        finally:
+            for _frame, size in self._lanes.close():
+                self.budget.give_back(size)
         # The connection is gone: nothing can be said on it any more.
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -404,21 +540,36 @@ class Connection:
     # -- subscriptions ------------------------------------------------------------------
 
     async def _forward(self, pump: _Pump) -> None:
-        """A subscription's pump: the log's items, as frames, into the writer's queue."""
+        """A subscription's pump: the log's records, as frames, into the writer's queue."""
         subscription = pump.subscription
         reason: str | None = None
         try:
             with pump.scope:
                 async with subscription:
                     try:
-                        async for item in subscription.items():
-                            if isinstance(item, CaughtUp):
-                                await self._queue(p.encode_caught_up(pump.id, item.seq))
+                        async for batch in subscription.batches(BATCH_RECORDS):
+                            if isinstance(batch, CaughtUp):
+                                frame = p.encode_caught_up(pump.id, batch.seq)
+                                await self._queue(frame, SUBSCRIPTIONS)
+                            elif pump.batch:
+                                for chunk in _chunks(batch):
+                                    frame = p.encode_events_frame(pump.id, chunk)
+                                    await self._queue(frame, SUBSCRIPTIONS)
                             else:
-                                await self._queue(p.encode_event_frame(pump.id, item.raw))
-                            # Only what is queued counts: an item taken but cut off
+                                for record in batch:
+                                    frame = p.encode_event_frame(pump.id, record.raw)
+                                    await self._queue(frame, SUBSCRIPTIONS)
+                                    pump.last_seq = record.event.seq
+                            # Only what is queued counts: a batch taken but cut off
                             # on its way to the queue must be sent again on resume.
                             pump.last_seq = subscription.position
+                            live = isinstance(batch, list) and len(batch) < BATCH_RECORDS
+                            if pump.paced and live:
+                                # Not catching up: let the next events gather.
+                                if self._pacer is None:
+                                    await trio.sleep(BATCH_PACE)
+                                else:
+                                    await self._pacer.wait(pump.group)
                     except Gone as gone:
                         reason = (
                             "the log's retention overtook this subscription; events from seq"
@@ -433,14 +584,30 @@ class Connection:
                     # Not cut off while sending: everything up to position is passed.
                     pump.last_seq = subscription.position
                 if reason is not None:
-                    await self._queue(p.encode_ended(pump.id, reason, pump.last_seq))
+                    ended = p.encode_ended(pump.id, reason, pump.last_seq)
+                    await self._queue(ended, SUBSCRIPTIONS)
         except Exception:
             log.exception("%s: subscription %s failed", self.name, pump.id)
             with trio.move_on_after(self._timeouts.farewell):
-                await self._queue(p.encode_ended(pump.id, "internal error", pump.last_seq))
+                ended = p.encode_ended(pump.id, "internal error", pump.last_seq)
+                await self._queue(ended, SUBSCRIPTIONS)
         finally:
             self._pumps.pop(pump.id, None)
             pump.done.set()
+
+
+def _chunks(records: list[Record]) -> Iterator[list[bytes]]:
+    """The records' stored bytes, in runs of at most BATCH_BYTES (a bigger record alone)."""
+    chunk: list[bytes] = []
+    size = 0
+    for record in records:
+        if chunk and size + len(record.raw) > BATCH_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(record.raw)
+        size += len(record.raw)
+    if chunk:
+        yield chunk
 
 
 def _utf8_len(text: str) -> int:

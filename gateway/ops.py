@@ -209,7 +209,7 @@ async def _subscribe(s: Services, c: Connection, q: p.EventsSubscribe) -> _Resul
     subscription = s.log.subscribe(
         head_seq if q.after_seq is None else q.after_seq, matches, gate=c.read_slots
     )
-    sub_id, start = c.open_subscription(subscription)
+    sub_id, start = c.open_subscription(subscription, batch=bool(q.batch))
     return p.Subscribed(sub_id, head_seq), start
 
 

@@ -38,7 +38,7 @@ from sandboxd.events.codec import now_ts
 from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, check_path, token_from_handshake
-from sandboxd.gateway.connection import Connection, GuardedStream, Requests, Timeouts
+from sandboxd.gateway.connection import Connection, GuardedStream, Pacer, Requests, Timeouts
 from sandboxd.gateway.front_door import FrontDoor
 from sandboxd.gateway.metrics import Metrics
 from sandboxd.gateway.routes import Routes
@@ -80,6 +80,8 @@ class Gateway:
         self.requests = Requests()
         self._services = ops.Services(registry, event_log, self.started_at)
         self._connections: set[Connection] = set()
+        #: The tick the live batch subscriptions' pumps wait for (connection.Pacer).
+        self._pacer = Pacer()
         #: Connections open or being opened, per user id: max_connections_per_user.
         self._per_user: Counter[str | None] = Counter()
         self._connection_numbers = itertools.count(1)
@@ -120,6 +122,7 @@ class Gateway:
         async with trio.open_nursery() as connections:
             # Connections live in their own nursery: drain() stops the listeners
             # alone, and in-flight requests on open connections run on.
+            connections.start_soon(self._pacer.run)
             with trio.CancelScope() as self._listening:
                 async with trio.open_nursery() as listening:
                     await listening.start(
@@ -203,6 +206,7 @@ class Gateway:
             count_reply=self.metrics.count_request,
             requests=self.requests,
             timeouts=self.timeouts,
+            pacer=self._pacer,
         )
         self._connections.add(connection)
         log.debug("%s: opened from %s", connection.name, _peer(stream))

@@ -1,7 +1,8 @@
 """The frames a server sends: encoded on the server's side, parsed on a client's.
 
 A server frame is a reply to a request (``Reply``) or a frame of a
-subscription (``EventFrame``, ``CaughtUpFrame``, ``EndedFrame``).
+subscription (``EventFrame``, ``EventsFrame`` for a subscription that asked for
+batches, ``CaughtUpFrame``, ``EndedFrame``).
 ``parse_frame`` turns the text of one into one of those, or raises
 ``MalformedFrameError``; it does no I/O and needs no trio, so any client (the
 trio one, an asyncio one) reads the server with it.
@@ -54,6 +55,15 @@ class EventFrame:
 
 
 @attrs.frozen
+class EventsFrame:
+    """Several events of a subscription, in seq order (one ``EventFrame`` each, in
+    effect): what a subscription made with ``"batch": true`` receives."""
+
+    subscription: str
+    events: list[EventFrame]
+
+
+@attrs.frozen
 class CaughtUpFrame:
     """Sent once per subscription: history up to ``seq`` is sent, live from here."""
 
@@ -72,7 +82,7 @@ class EndedFrame:
     ended: Literal[True] = True
 
 
-Frame = Reply | EventFrame | CaughtUpFrame | EndedFrame
+Frame = Reply | EventFrame | EventsFrame | CaughtUpFrame | EndedFrame
 
 
 # --- The server's side: text out ----------------------------------------------------------
@@ -100,6 +110,13 @@ def encode_event_frame(subscription: str, event: bytes | Mapping[str, Any]) -> s
     if not isinstance(event, bytes):
         event = orjson.dumps(event, default=converter.unstructure)
     return (b'{"subscription":' + orjson.dumps(subscription) + b',"event":' + event + b"}").decode()
+
+
+def encode_events_frame(subscription: str, events: list[bytes]) -> str:
+    """A batch subscription's frame of several events, each as the log stored it: the
+    stored bytes joined, not decoded nor encoded again (once per event, not per frame)."""
+    head = b'{"subscription":' + orjson.dumps(subscription) + b',"events":['
+    return (head + b",".join(events) + b"]}").decode()
 
 
 def encode_caught_up(subscription: str, seq: int) -> str:
@@ -142,6 +159,16 @@ def parse_frame(frame: str | bytes) -> Frame:
             if type(raw) is not dict or not _int(raw.get("seq")):
                 raise _malformed("an event without a seq", doc)
             return EventFrame(subscription, raw["seq"], raw)
+        if "events" in doc:
+            raws = doc["events"]
+            if type(raws) is not list or not raws:
+                raise _malformed("an events frame without events", doc)
+            frames = []
+            for raw in raws:
+                if type(raw) is not dict or not _int(raw.get("seq")):
+                    raise _malformed("an event without a seq", doc)
+                frames.append(EventFrame(subscription, raw["seq"], raw))
+            return EventsFrame(subscription, frames)
         if doc.get("caught_up") is True and _int(doc.get("seq")):
             return CaughtUpFrame(subscription, doc["seq"])
         if doc.get("ended") is True and _int(doc.get("last_seq")):

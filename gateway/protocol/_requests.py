@@ -211,6 +211,9 @@ class EventsSubscribe:
     after_seq: int | None = attrs.field(default=None, validator=_between(0))
     sandbox_id: str | None = attrs.field(default=None, validator=_sandbox_id)
     types: list[str] | None = attrs.field(default=None, validator=_event_types)
+    #: True: events come several to a frame, ``{"subscription", "events": [...]}``;
+    #: absent (None) or false: one a frame, as before batches.
+    batch: bool | None = None
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ clients follow.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 
 from sandboxd.events.types import Event
@@ -29,6 +30,7 @@ from sandboxd.gateway.protocol._frames import (
     CaughtUpFrame,
     EndedFrame,
     EventFrame,
+    EventsFrame,
     Reply,
     parse_frame,
 )
@@ -97,6 +99,8 @@ class Resumption:
         #: Attempts to subscribe again after the first success.
         self.reconnects = 0
         self._subscription: str | None = None
+        #: Events received and not handed out yet (the rest of a batch frame).
+        self._pending: deque[EventFrame] = deque()
 
     @classmethod
     def of(
@@ -105,9 +109,13 @@ class Resumption:
         *,
         sandbox_id: str | None = None,
         types: list[str] | None = None,
+        batch: bool = False,
     ) -> Resumption:
-        """A subscription's memory, its params checked now (they are sent on each connect)."""
-        params = subscribe(after_seq, sandbox_id=sandbox_id, types=types).params
+        """A subscription's memory, its params checked now (they are sent on each connect).
+
+        ``batch``: the server may send several events to a frame (both clients ask for it;
+        False for a server older than batch frames, which refuses the param)."""
+        params = subscribe(after_seq, sandbox_id=sandbox_id, types=types, batch=batch).params
         assert isinstance(params, EventsSubscribe)
         return cls(params)
 
@@ -116,11 +124,13 @@ class Resumption:
         if self.head_seq is not None:
             self.reconnects += 1
         self._subscription = None
+        self._pending.clear()  # sent again on the new connection, after last_seq
         params = self.params
         return subscribe(
             params.after_seq if self.last_seq is None else self.last_seq,
             sandbox_id=params.sandbox_id,
             types=params.types,
+            batch=bool(params.batch),
         )
 
     def subscribe_reply(self, frame: str | bytes) -> Reply | None:
@@ -141,23 +151,37 @@ class Resumption:
                 # on from where it began, not from the new now.
                 self.last_seq = result.head_seq
 
-    def receive(self, frame: str | bytes) -> Event | Ended | None:
-        """What one frame of the connection means: an event to deliver, the stream's end
-        (resume on a new connection), or nothing (a frame seen before the reconnect, the
-        caught-up mark, an event of a type this client does not know)."""
+    def receive(self, frame: str | bytes) -> Ended | None:
+        """Take one frame of the connection: its events wait for ``next_event``; an
+        ``Ended`` says the server ended the stream (resume on a new connection).
+        Anything else (a frame from before the reconnect, the caught-up mark) is noted."""
         parsed = parse_frame(frame)
         if isinstance(parsed, Reply) or parsed.subscription != self._subscription:
             return None
         if isinstance(parsed, EventFrame):
-            if self.last_seq is not None and parsed.seq <= self.last_seq:
-                return None  # delivered before the reconnect
-            self.last_seq = parsed.seq
-            return parsed.event()
-        if isinstance(parsed, CaughtUpFrame):
+            self._pending.append(parsed)
+        elif isinstance(parsed, EventsFrame):
+            self._pending.extend(parsed.events)
+        elif isinstance(parsed, CaughtUpFrame):
             self.caught_up = True
-            return None
-        assert isinstance(parsed, EndedFrame)
-        # Shutdown or a lagging stream overtaken: resubscribing tells which
-        # (a restarted daemon continues, a `gone` is raised).
-        log.info("subscription ended by the server: %s", parsed.reason)
-        return Ended(parsed.reason)
+        else:
+            assert isinstance(parsed, EndedFrame)
+            # Shutdown or a lagging stream overtaken: resubscribing tells which
+            # (a restarted daemon continues, a `gone` is raised).
+            log.info("subscription ended by the server: %s", parsed.reason)
+            return Ended(parsed.reason)
+        return None
+
+    def next_event(self) -> Event | None:
+        """The next event to deliver, each once and in order; None once the frames
+        received so far hold no more. ``last_seq`` moves as events are handed out, so
+        what a batch still held when its connection dropped is asked for again."""
+        while self._pending:
+            frame = self._pending.popleft()
+            if self.last_seq is not None and frame.seq <= self.last_seq:
+                continue  # delivered before the reconnect
+            self.last_seq = frame.seq
+            event = frame.event()
+            if event is not None:  # None: a type this client does not know
+                return event
+        return None

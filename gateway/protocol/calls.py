@@ -228,8 +228,15 @@ def subscribe(
     *,
     sandbox_id: str | None = None,
     types: list[str] | None = None,
+    batch: bool = False,
 ) -> Call[Subscribed]:
-    params = _params(EventsSubscribe, after_seq=after_seq, sandbox_id=sandbox_id, types=types)
+    params = _params(
+        EventsSubscribe,
+        after_seq=after_seq,
+        sandbox_id=sandbox_id,
+        types=types,
+        batch=batch or None,  # left out unless asked for: an older server knows no batch
+    )
     return Call(params, _as(Subscribed))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import attrs
+import msgspec
 
 from sandboxd.actors import restarts
 from sandboxd.actors.specs import SpecConfig
@@ -20,7 +20,7 @@ def ts(seconds_before_now: float) -> str:
 
 def record(*restarted: str) -> SandboxRecord:
     blank = SandboxRecord("a", "s", None, Status.RUNNING, ts(99), ts(99), 1, 1, 30000, "/w")
-    return attrs.evolve(blank, failure_restarts=restarted)
+    return msgspec.structs.replace(blank, failure_restarts=restarted)
 
 
 def test_only_a_clean_exit_is_no_failure() -> None:

@@ -6,7 +6,7 @@ import types
 import typing
 from typing import Any
 
-import attrs
+import msgspec
 from hypothesis import strategies as st
 
 from sandboxd.events import types as ev
@@ -18,7 +18,7 @@ _FLOAT = st.floats(allow_nan=False, allow_infinity=False)
 
 
 def for_type(tp: Any) -> st.SearchStrategy[Any]:
-    """A strategy for one attrs field type of the event catalogue."""
+    """A strategy for one field type of the event catalogue."""
     if tp is int:
         return _INT
     if tp is float:
@@ -33,14 +33,15 @@ def for_type(tp: Any) -> st.SearchStrategy[Any]:
         return st.none() | for_type(inner)
     if typing.get_origin(tp) is list:
         return st.lists(for_type(args[0]), max_size=4)
-    if attrs.has(tp):
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return records(tp)
     raise TypeError(f"no strategy for {tp!r}")
 
 
 def records(cls: type[Any]) -> st.SearchStrategy[Any]:
-    attrs.resolve_types(cls)
-    return st.builds(cls, **{f.name: for_type(f.type) for f in attrs.fields(cls)})
+    """Any instance of a class (a msgspec Struct) of the catalogue."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
+    return st.builds(cls, **{name: for_type(tp) for name, tp in fields.items()})
 
 
 def payloads(cls: type[ev.Payload] | None = None) -> st.SearchStrategy[ev.Payload]:

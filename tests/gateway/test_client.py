@@ -291,10 +291,12 @@ async def produce(daemon: Daemon, count: int, *, batch: int = 10) -> None:
         )
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["event frames", "batch frames"])
 async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
     daemon: Daemon,
     proxy: Proxy,
     open_client: OpenClient,
+    batch: bool,
 ) -> None:
     head = daemon.gateway.log.head_seq
     count = 3000
@@ -317,7 +319,7 @@ async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
     async with (
         open_client(proxy.url, ROOT) as client,
         trio.open_nursery() as nursery,
-        client.subscribe(after_seq=head) as events,
+        client.subscribe(after_seq=head, batch=batch) as events,
     ):
         nursery.start_soon(burst)
         with trio.fail_after(30):
@@ -328,9 +330,15 @@ async def test_subscribe_across_cut_connections_loses_and_repeats_nothing(
                     cut[len(received)].set()
                 if event.seq == head + count:
                     break
-        assert events.reconnects >= len(cut_after)
+        if batch:
+            # Cuts while the client hands out the rest of a frame it holds are noticed
+            # together, at its next read: at least one reconnect, at most one a cut.
+            assert 1 <= events.reconnects <= len(cut_after)
+        else:
+            assert events.reconnects >= len(cut_after)
     assert received == list(range(head + 1, head + count + 1))
-    assert proxy.connections >= 1 + 1 + len(cut_after)  # the client's, the first, the reconnects
+    if not batch:
+        assert proxy.connections >= 1 + 1 + len(cut_after)  # the client's, the first, reconnects
 
 
 async def test_requests_in_flight_when_the_connection_drops_are_lost_not_hung(
@@ -360,12 +368,13 @@ async def test_requests_in_flight_when_the_connection_drops_are_lost_not_hung(
             await client.server_info()
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["event frames", "batch frames"])
 async def test_subscribe_from_now_resumes_from_where_it_began(
-    daemon: Daemon, proxy: Proxy, open_client: OpenClient
+    daemon: Daemon, proxy: Proxy, open_client: OpenClient, batch: bool
 ) -> None:
     async with (
         open_client(proxy.url, ROOT) as client,
-        client.subscribe(types=["daemon.stopping"]) as events,
+        client.subscribe(types=["daemon.stopping"], batch=batch) as events,
     ):
         # Cut before the first event: it resumes from the head it began at,
         # not from the head at the time of the reconnect.

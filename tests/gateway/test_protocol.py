@@ -66,7 +66,12 @@ SIGNATURES: dict[str, dict[str, str]] = {
     "spec.list": {},
     "spec.get": {"spec_id": "str"},
     "server.info": {},
-    "events.subscribe": {"after_seq": "int?", "sandbox_id": "str?", "types": "strs?"},
+    "events.subscribe": {
+        "after_seq": "int?",
+        "sandbox_id": "str?",
+        "types": "strs?",
+        "batch": "bool?",
+    },
     "events.unsubscribe": {"subscription": "str"},
     "events.read": {"after_seq": "int", "limit": "int?", "sandbox_id": "str?", "types": "strs?"},
 }
@@ -179,6 +184,7 @@ VALID_PARAMS: dict[type[Any], st.SearchStrategy[Any]] = {
         after_seq=st.none() | seqs,
         sandbox_id=st.none() | sandbox_ids,
         types=st.none() | event_type_lists,
+        batch=st.none() | st.booleans(),
     ),
     EventsUnsubscribe: st.builds(EventsUnsubscribe, st.text(max_size=8)),
     EventsRead: st.builds(

@@ -259,3 +259,32 @@ def test_the_protocol_needs_no_trio() -> None:
     # What an asyncio client builds on: importing the model starts no trio.
     code = "import sys, sandboxd.gateway.protocol; sys.exit('trio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_sandbox_of_a_newer_server_decodes() -> None:
+    """Fields the protocol grows are skipped, in an exposed URL (a msgspec Struct of the
+    event catalogue) as in the SandboxInfo around it; a missing one is malformed."""
+    info = p.converter.unstructure(
+        p.SandboxInfo(
+            "a",
+            None,
+            "s",
+            Status.RUNNING,
+            "k",
+            [ev.ExposedUrl("A", "u")],
+            "t",
+            "t",
+            1,
+            80,
+            "/w",
+            None,
+            7,
+        )
+    )
+    info["exposed_urls"][0]["label"] = "new"
+    info["region"] = "new"
+    sandbox = calls.get("a").result(p.Reply(1, True, result=info))
+    assert sandbox is not None and sandbox.exposed_urls == [ev.ExposedUrl("A", "u")]
+    del info["exposed_urls"][0]["url"]
+    with pytest.raises(p.MalformedFrameError, match=r"sandbox\.get"):
+        calls.get("a").result(p.Reply(1, True, result=info))

@@ -19,7 +19,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed
 
 from sandboxd.events import types as ev
-from sandboxd.gateway import ops
+from sandboxd.gateway import connection, ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.errors import translate
@@ -374,3 +374,84 @@ async def test_close_all_ends_subscriptions_then_closes_1001(
         with pytest.raises(ConnectionClosed) as closed:
             await peer.recv()
         assert closed.value.reason.code == p.CLOSE_GOING_AWAY
+
+
+# --- Batch frames, and replies ahead of subscription frames ---------------------------------
+
+
+async def _append(harness: Harness, count: int, size: int = 10) -> list[int]:
+    log = harness.gateway.log
+    seqs: list[int] = []
+    for _ in range(count // size):
+        pending = ev.PendingEvent(None, None, ev.DaemonStopping("batch"))
+        seqs += [e.seq for e in await log.append_many([pending] * size)]  # type: ignore[attr-defined]
+    return seqs
+
+
+def _seqs_of(frames: list[dict[str, Any]]) -> list[int]:
+    seqs = []
+    for frame in frames:
+        if "events" in frame:
+            seqs += [event["seq"] for event in frame["events"]]
+        elif "event" in frame:
+            seqs.append(frame["event"]["seq"])
+    return seqs
+
+
+async def test_a_batch_subscription_gets_its_events_several_to_a_frame(harness: Harness) -> None:
+    # Real time: the pump's pace between frames is what gathers the live events.
+    history = await _append(harness, 3000)
+    async with harness.peer(ROOT) as peer:
+        sub = (await peer.call("events.subscribe", after_seq=0, batch=True))["subscription"]
+        frames = await peer.sub_frames(sub, lambda f: bool(f.get("caught_up")))
+        head = frames[-1]["seq"]
+        assert not any("event" in f for f in frames)  # only "events" frames
+        assert _seqs_of(frames)[-len(history) :] == history
+        assert _seqs_of(frames) == list(range(1, head + 1))
+        assert len(frames) - 1 < head / 100  # catching up: pages of events a frame
+        # Live: events gather while the pump waits between frames.
+        live = await _append(harness, 400)
+        frames = await peer.sub_frames(sub, lambda f: _seqs_of([f])[-1:] == live[-1:])
+        assert _seqs_of(frames) == live
+        assert len(frames) < len(live) / 10  # 40 appends of 10 take well under 4 s
+        # Without "batch": an event a frame, as ever.
+        plain = (await peer.call("events.subscribe", after_seq=head))["subscription"]
+        frames = await peer.sub_frames(plain, lambda f: bool(f.get("caught_up")))
+        assert [f["event"]["seq"] for f in frames[:-1]] == live
+
+
+async def test_the_writer_takes_replies_ahead_of_subscription_frames() -> None:
+    lanes = connection._Lanes(3)
+    assert lanes.put_nowait(connection.SUBSCRIPTIONS, ("e1", 1))
+    assert lanes.put_nowait(connection.SUBSCRIPTIONS, ("e2", 1))
+    assert lanes.put_nowait(connection.REPLIES, ("r1", 1))
+    assert [await lanes.get() for _ in range(2)] == [("r1", 1), ("e1", 1)]
+    assert lanes.put_nowait(connection.SUBSCRIPTIONS, ("e3", 1))
+    assert lanes.put_nowait(connection.SUBSCRIPTIONS, ("e4", 1))
+    with pytest.raises(trio.WouldBlock):  # a full lane holds its producer back
+        lanes.put_nowait(connection.SUBSCRIPTIONS, ("e5", 1))
+    assert lanes.put_nowait(connection.REPLIES, ("r2", 1))  # the other lane has room
+    assert [await lanes.get() for _ in range(4)] == [("r2", 1), ("e2", 1), ("e3", 1), ("e4", 1)]
+    assert lanes.close() == []
+    assert not lanes.put_nowait(connection.REPLIES, ("late", 1))  # the writer is gone
+
+
+async def test_the_pacer_wakes_each_group_in_turn(autojump_clock: trio.testing.MockClock) -> None:
+    pacer = connection.Pacer(0.1)
+    assert [pacer.group() for _ in range(12)] == [*range(10), 0, 1]
+    woken: list[tuple[int, float]] = []
+
+    async def pump(group: int) -> None:
+        for _ in range(2):
+            await pacer.wait(group)
+            woken.append((group, round(trio.current_time() - started, 3)))
+
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        nursery.start_soon(pacer.run)
+        async with trio.open_nursery() as pumps:
+            for group in (7, 0, 3):
+                pumps.start_soon(pump, group)
+        nursery.cancel_scope.cancel()
+    # One tick every 10 ms, the groups in turn: each pump once per 100 ms.
+    assert woken == [(0, 0.01), (3, 0.04), (7, 0.08), (0, 0.11), (3, 0.14), (7, 0.18)]
