@@ -141,8 +141,6 @@ class SandboxActor:
         self._exit_watch: trio.CancelScope | None = None
         #: Recovery just marked it MISSING (adopted): a failure, to its restart policy.
         self._lost = lost
-        #: Its current start is the restart policy's: its failure is one more failure.
-        self._policy_restart = False
         self._nursery: trio.Nursery | None = None
         self._done = False  # deleted, or never created: the actor ends
 
@@ -432,7 +430,7 @@ class SandboxActor:
         self, reason: str, exit_code: int | None, exit_signal: int | None = None
     ) -> None:
         self._cancel_watchers()
-        if self._policy_restart:
+        if self._policy_starts_it:
             # The restart policy's own start failed: one more failure, restarted again
             # (one event, durable at once) unless the policy gives up.
             why = self._gives_up()
@@ -490,11 +488,26 @@ class SandboxActor:
             )
         except SandboxError as exc:
             self._answer_start(exc)
+        except Exception as exc:
+            log.exception("sandbox %s: resume failed", self.sandbox_id)
+            self._answer_start(exc)
 
     @property
     def _restarts_on_failure(self) -> bool:
         # A spec the config no longer has is not this one (the default stands in for it).
         return self.spec.restart == "on-failure" and self.record.spec_id == self.spec.id
+
+    @property
+    def _policy_starts_it(self) -> bool:
+        """Whether the start under way is the restart policy's, whose failure is one more
+        failure: no client waits on it and the policy restarted the sandbox since a person
+        last started it (the start and a resume that runs it again empty that count).
+        Read from the log, so a daemon restart in the middle does not change the answer."""
+        return (
+            self._starting is None
+            and bool(self.record.failure_restarts)
+            and self._restarts_on_failure
+        )
 
     def _gives_up(self) -> str | None:
         """Why the restart policy restarts it no more; None if it restarts it once more."""
@@ -523,7 +536,6 @@ class SandboxActor:
             await self._child.wait()
         self._process = None
         self._child = None
-        self._policy_restart = trigger == ev.RESTART_ON_FAILURE
         await self._relaunch()
 
     async def _relaunch(self) -> None:
@@ -679,7 +691,6 @@ class SandboxActor:
                 except Unavailable as exc:
                     self._answer_start(exc)  # the waiting start is answered `unavailable`
                     raise
-                self._policy_restart = False
                 self._answer_start(self.record)
                 self._start_liveness()
             case ReadyTimeout() if starting:
