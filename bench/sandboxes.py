@@ -636,8 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {machine()}")
         print(f"  state in {base}; child: {TINY_AGENT.name} (and `sleep 3600` at scale)")
         starts = trio.run(bench_starts, base, singles, rounds, concurrent, pauses, args)
-        step(f"  make room: {singles} plain starts and {singles} that pause the oldest ...")
-        room = trio.run(bench_make_room, base, singles, args)
+        step("  make room: plain starts, and starts that pause the oldest, alternating ...")
+        room = trio.run(bench_make_room, base, max(singles, 20), args)
         print(f"  boundary {starts['boundary']}, isolation {starts['isolation']}")
 
         step(f"  {scale_n} live sandboxes (subprocess: store + registry only) ...")

@@ -24,10 +24,11 @@ import pytest
 import trio
 
 from sandboxd.actors.info import SandboxInfo
+from sandboxd.actors.specs import SpecConfig
 from sandboxd.events import types as ev
 from sandboxd.events.projection import Status
 from sandboxd.gateway.client import Client, open_client
-from tests.daemon_process import DaemonProcess, daemon_config
+from tests.daemon_process import AGENT_SERVER, SANDBOX_PYTHON, DaemonProcess, daemon_config
 from tests.e2e.support import (
     AGENT_SPEC,
     ROOT,
@@ -45,7 +46,26 @@ ALICE = TOKENS["alice"]
 CRASHY = attrs.evolve(
     SLEEP_SPEC, id="crashy", restart="on-failure", restart_max=2, restart_window=3600.0
 )
-SPECS = (SLEEP_SPEC, AGENT_SPEC, CRASHY)
+#: Serves on its first run; every later run never answers its health check.
+ONCE = SpecConfig(
+    id="once",
+    command=(
+        SANDBOX_PYTHON,
+        "-c",
+        "import os, pathlib, sys, time; p = pathlib.Path('served');"
+        " p.exists() and time.sleep(600); p.touch();"
+        f" os.execv(sys.executable, [sys.executable, '-I', {AGENT_SERVER!r}, '--port',"
+        " sys.argv[1]])",
+        "{port}",
+    ),
+    health_check_path="/alive",
+    ready_timeout=4.0,
+    health_interval=0,
+    inherit_env=("PATH",),
+    restart="on-failure",
+    restart_max=2,
+)
+SPECS = (SLEEP_SPEC, AGENT_SPEC, CRASHY, ONCE)
 
 
 @contextlib.asynccontextmanager
@@ -183,3 +203,28 @@ async def test_what_recovery_finds_gone_runs_again_on_resume_or_by_its_policy(
         policy, by = restarted[crashy.id]
         assert by is None and policy.trigger == "on-failure"
         assert policy.reason.startswith("restart = on-failure: its process")
+
+
+async def test_a_policy_restart_cut_while_it_waits_to_be_ready_still_counts(
+    tmp_path: Path,
+) -> None:
+    async with policy_daemon(tmp_path) as daemon:
+        async with open_client(daemon.url, ALICE) as client:
+            info = await client.start(spec_id="once")
+            kill(info)  # the policy runs it again; this run never gets ready
+            starting = await wait_for(client, info.id, Status.STARTING, restarts=1)
+            with trio.fail_after(10):
+                while starting.pid is None:  # its process_started is next
+                    await trio.sleep(0.02)
+                    starting = await client.get(info.id) or starting
+            assert starting.status is Status.STARTING
+        daemon.kill()  # while it waits for readiness: adopted STARTING after the restart
+        await daemon.start()
+        async with open_client(daemon.url, ALICE) as client:
+            # Its not getting ready is the policy's failure still (read from the log):
+            # restarted once more, then given up.
+            info = await wait_for(client, info.id, Status.ERROR, restarts=2)
+        assert info.error is not None and info.error.endswith(
+            "within 4 s; restart = on-failure gave up: 2 restarts in the last 60 s,"
+            " restart_max is 2"
+        )
