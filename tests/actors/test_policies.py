@@ -405,3 +405,22 @@ async def test_a_policy_restart_that_never_gets_ready_counts_as_a_failure(
         ]
         assert isinstance(events[-1], ev.StartFailed)
         assert harness.processes(info.id) == []  # each run that never got ready was ended
+
+
+async def test_a_resume_that_runs_a_gone_sandbox_again_makes_room_first(tmp_path: Path) -> None:
+    async with running(tmp_path, SLEEPER, max_running=1, on_full="pause_oldest") as harness:
+        registry = harness.registry
+        gone = await registry.start_sandbox(ALICE)
+        assert gone.pid is not None
+        os.kill(gone.pid, signal.SIGKILL)
+        await wait_for(harness, ALICE, gone.id, Status.ERROR)
+        other = await registry.start_sandbox(ALICE)  # an exited one does not count
+        again = await registry.resume(ALICE, gone.id)
+        assert again.status is Status.RUNNING and again.restarts == 1
+        assert status_of(registry, ALICE, other.id) is Status.PAUSED
+        paused = (await harness.events_of(other.id))[-1]
+        assert paused.data == ev.SandboxPaused(f"make room for {gone.id}")
+        restarted = next(
+            e for e in await harness.events_of(gone.id) if e.type == "sandbox.restarted"
+        )
+        assert paused.seq < restarted.seq
