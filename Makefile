@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The strict editable install links each module by name: a module added or removed
 # needs the install again, so the stamp depends on the list of modules too.
 MODULES := $(VENV)/.modules
-MODULE_LIST := $(sort $(wildcard daemon/*.py daemon/*/*.py events/*.py actors/*.py actors/*/*.py gateway/*.py gateway/*/*.py))
+MODULE_LIST := $(sort $(wildcard daemon/*.py daemon/*/*.py events/*.py events/*/*.py actors/*.py actors/*/*.py gateway/*.py gateway/*/*.py))
 
 .PHONY: run test lint typecheck pytest bench clean FORCE
 

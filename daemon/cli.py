@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from sandboxd import __version__
-from sandboxd.config import ConfigError, default_state_dir, load_config
+from sandboxd.config import Config, ConfigError, default_state_dir, load_config
 from sandboxd.events.types import EVENT_TYPES
 
 
@@ -45,12 +45,31 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_source(args: argparse.Namespace) -> tuple[Path, Config | None]:
+    """The state dir (--state-dir, else the config's, else the default) and the config, if
+    one was given: its log.backend says where the log is."""
+    config = load_config(args.config) if args.config is not None else None
+    state_dir = args.state_dir or (config.state_dir if config else default_state_dir())
+    return state_dir, config
+
+
 def _log_dump(args: argparse.Namespace) -> int:
     from sandboxd.events import audit
 
+    try:
+        state_dir, config = _log_source(args)
+    except ConfigError as exc:
+        print(f"sandboxd: {exc}", file=sys.stderr)
+        return 2
     types = set(args.type) if args.type else None
+    if config is not None and config.nats is not None:
+        from sandboxd.events.nats import audit as nats_audit
+
+        return nats_audit.dump(
+            config.nats, sys.stdout, after_seq=args.after_seq, sandbox_id=args.sandbox, types=types
+        )
     return audit.dump(
-        args.state_dir,
+        state_dir,
         sys.stdout,
         after_seq=args.after_seq,
         sandbox_id=args.sandbox,
@@ -61,7 +80,16 @@ def _log_dump(args: argparse.Namespace) -> int:
 def _log_verify(args: argparse.Namespace) -> int:
     from sandboxd.events import audit
 
-    return audit.verify(args.state_dir, sys.stdout)
+    try:
+        state_dir, config = _log_source(args)
+    except ConfigError as exc:
+        print(f"sandboxd: {exc}", file=sys.stderr)
+        return 2
+    if config is not None and config.nats is not None:
+        from sandboxd.events.nats import audit as nats_audit
+
+        return nats_audit.verify(config.nats, state_dir, sys.stdout)
+    return audit.verify(state_dir, sys.stdout)
 
 
 def _event_type(text: str) -> str:
@@ -92,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", _log_verify, "check every checksum and seq; exit 1 naming the first bad one"),
     ):
         sub = log_commands.add_parser(name, help=text)
-        sub.add_argument("--state-dir", type=Path, default=default_state_dir())
+        sub.add_argument("--state-dir", type=Path, help="default: the config's, else the default")
+        sub.add_argument(
+            "--config",
+            type=Path,
+            help='the daemon\'s config: with log.backend = "nats", its stream',
+        )
         sub.set_defaults(handler=handler)
         if name == "dump":
             sub.add_argument("--after-seq", type=int, default=0)

@@ -32,6 +32,7 @@ from sandboxd.actors.specs import (
     SpecConfig,
     default_spec,
 )
+from sandboxd.events.nats.settings import STREAM_NAME, NatsSettings
 from sandboxd.events.projection import MAX_FAILURE_RESTARTS
 
 T = TypeVar("T")
@@ -101,6 +102,8 @@ class Config:
     segment_bytes: int = 64 << 20
     snapshot_every: int = 10_000
     retention: Literal["all", "snapshots"] = "all"
+    #: [log] backend = "nats": the JetStream log ([log.nats], docs/cluster.md); else None.
+    nats: NatsSettings | None = None
     metrics_public: bool = False  # GET /metrics without the admin token
     metrics_per_sandbox: bool = False  # series labelled by sandbox id (unbounded)
     specs: tuple[SpecConfig, ...] = attrs.Factory(lambda: (default_spec(),))
@@ -296,10 +299,63 @@ _SANDBOXES = {
     # Checked together by parse_boundary_settings, once the table's other keys are known.
     **{name: lambda k, v: v for name in SANDBOXES_KEYS},
 }
+
+
+def _nats_urls(key: str, value: Any) -> tuple[str, ...]:
+    urls = _strings(key, value)
+    if not urls:
+        raise ConfigError(f"{key} must name at least one NATS server, such as nats://host:4222")
+    for i, url in enumerate(urls):
+        if not re.fullmatch(r"(nats|tls|ws|wss)://([^/@\s]+@)?[^/\s:]+(:\d{1,5})?/?", url):
+            raise ConfigError(
+                f"{key}[{i}] must be a server URL such as nats://127.0.0.1:4222, not {url!r}"
+            )
+    return urls
+
+
+def _stream_name(key: str, value: Any) -> str:
+    name = _expect(key, value, str, "a stream name")
+    if not STREAM_NAME.fullmatch(name):
+        raise ConfigError(f"{key} must be 1 to 32 of A-Z a-z 0-9 _ -, not {name!r}")
+    return name
+
+
+def _replicas(key: str, value: Any) -> int:
+    _expect(key, value, int, "an integer")
+    if not 1 <= value <= 5:
+        raise ConfigError(f"{key} must be from 1 to 5 (JetStream's limit), not {value!r}")
+    return int(value)
+
+
+def _readable_file(key: str, value: Any) -> Path:
+    path = _path(key, value)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key} {path} cannot be read: {exc.strerror or exc}") from None
+    return path
+
+
+_NATS = {
+    "servers": _nats_urls,
+    "stream": _stream_name,
+    "replicas": _replicas,
+    "credentials": _readable_file,
+    "ack_within": lambda k, v: _number(k, v, minimum=0, allow_min=False),
+}
+
+
+def _nats(key: str, value: Any) -> NatsSettings:
+    return NatsSettings(**_table(key, value, _NATS))
+
+
 _LOG = {
     "segment_bytes": lambda k, v: _count(k, v, minimum=4096),
     "snapshot_every": lambda k, v: _count(k, v, minimum=0),
     "retention": lambda k, v: _choice(k, v, ("all", "snapshots")),
+    "backend": lambda k, v: _choice(k, v, ("file", "nats")),
+    "nats": _nats,
 }
 #: Which section of the file each Config field is read from (specs and users aside).
 SECTION_KEYS: Mapping[str, frozenset[str]] = {
@@ -372,6 +428,25 @@ def _user(key: str, raw: Any) -> UserConfig:
     return UserConfig(token_sha256=digest.lower(), **fields)
 
 
+def _log(raw: Any) -> dict[str, Any]:
+    """The [log] table: the file log's keys, and the JetStream log's if it is the backend."""
+    fields = _table("log", raw, _LOG)
+    backend = fields.pop("backend", "file")
+    nats = fields.pop("nats", None)
+    if backend == "file":
+        if nats is not None:
+            raise ConfigError(
+                'log.nats is set, but log.backend is "file": set log.backend = "nats"'
+            )
+        return fields
+    if fields.get("retention", "all") != "all":
+        raise ConfigError(
+            'log.retention must be "all" with log.backend = "nats": the stream is shared by'
+            " every node, so it is the stream's own limits that retain, not one node"
+        )
+    return fields | {"nats": nats or NatsSettings()}
+
+
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Build a ``Config`` from a parsed TOML document."""
     sections = {"server", "sandboxes", "log", "specs", "users"}
@@ -392,7 +467,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     values |= attrs.asdict(boundary, recurse=False)
-    values |= _table("log", raw.get("log", {}), _LOG)
+    values |= _log(raw.get("log", {}))
     if "specs" in raw:
         specs_raw = _expect("specs", raw["specs"], list, "an array of tables ([[specs]])")
         specs = tuple(_spec(f"specs[{i}]", s) for i, s in enumerate(specs_raw))

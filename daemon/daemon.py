@@ -132,6 +132,7 @@ async def _run(
             segment_bytes=config.segment_bytes,
             snapshot_every=config.snapshot_every,
             retention=config.retention,
+            nats=config.nats,
         )
         metrics = Metrics(
             specs=[spec.id for spec in config.specs], per_sandbox=config.metrics_per_sandbox
@@ -153,6 +154,11 @@ async def _run(
                     )
                 )
             except (Unavailable, LogUnavailable) as exc:
+                if config.nats is not None:
+                    raise DaemonError(
+                        f"cannot record the recovery in NATS stream {config.nats.stream}: {exc};"
+                        " check the NATS servers (docs/cluster.md) and start again"
+                    ) from None
                 raise DaemonError(
                     f"cannot record the recovery in {config.state_dir}: {exc}; "
                     "free some space (or fix the disk) and start again"
@@ -222,15 +228,31 @@ async def _open_store(
     (Only opening raises ``CorruptLog`` here: readers get theirs, and the tasks
     of the body would raise theirs inside an exception group.)
     """
+    opened = False
     try:
         async with open_store(state_dir, store_config, on_applied=on_applied) as store:
+            opened = True
             yield store
     except CorruptLog as damage:
+        if store_config.nats is not None:
+            raise DaemonError(
+                f"the NATS stream {store_config.nats.stream} holds an event this daemon cannot"
+                f" fold (seq {damage.seq}: {damage.reason}), and the daemon does not start on"
+                " it: `sandboxd log verify --config FILE` shows more"
+            ) from None
         raise DaemonError(
             f"the event log is damaged at offset {damage.offset} of {damage.path}"
             f" ({f'seq {damage.seq}: ' if damage.seq is not None else ''}{damage.reason}),"
             " and the daemon does not start on a damaged log: `sandboxd log verify"
             f" --state-dir {state_dir}` shows more, and docs/operations.md says what to do"
+        ) from None
+    except LogUnavailable as exc:
+        if opened or store_config.nats is None:
+            raise
+        # NATS did not answer at start-up: the one sentence names the servers (it is in exc).
+        raise DaemonError(
+            f'{exc}; log.backend is "nats": start the NATS servers of log.nats.servers'
+            " (docs/cluster.md), or check that they are reachable from here"
         ) from None
 
 

@@ -173,7 +173,7 @@ def verify(state_dir: Path, out: TextIO) -> int:
     notes: list[str] = []  # ones it would set aside: worth knowing, not a failure
     try:
         if 0 in saved:
-            _compare_snapshot(saved.pop(0), state, None, bad_snapshots, notes)
+            compare_snapshot(saved.pop(0), state, None, bad_snapshots, notes)
         for segment, following, note in _checked_segments(state_dir, inspect_all=True):
             segment_count += 1
             if note:
@@ -193,7 +193,7 @@ def verify(state_dir: Path, out: TextIO) -> int:
                 first = event.seq if first is None else first
                 last = event.seq
                 if event.seq in saved:
-                    _compare_snapshot(saved.pop(event.seq), state, event.ts, bad_snapshots, notes)
+                    compare_snapshot(saved.pop(event.seq), state, event.ts, bad_snapshots, notes)
             if held is not None and found != held:
                 bad_indexes.append(
                     f"{segments.index_path(segment.path)}: it differs from its segment"
@@ -248,9 +248,11 @@ def _index_held(segment: Segment, notes: list[str]) -> Postings | None:
         return None
 
 
-def _compare_snapshot(
+def compare_snapshot(
     path: Path, state: State, ts: str | None, bad: list[str], notes: list[str]
 ) -> None:
+    """Check a snapshot against the fold at its seq (``state``, the event there at ``ts``):
+    a difference goes to ``bad``, one the daemon would not use anyway to ``notes``."""
     try:
         snapshot = snapshots.decode_snapshot(path.read_bytes(), path)
     except (snapshots.SnapshotError, OSError) as exc:

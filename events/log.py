@@ -43,7 +43,8 @@ from sandboxd.events import framing, segments
 from sandboxd.events.codec import encode, now_ts
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable, only_exception
 from sandboxd.events.index import Postings, Selection
-from sandboxd.events.segments import Record, Segment
+from sandboxd.events.projection import ProjectionError, State, apply
+from sandboxd.events.segments import Record, Segment, fold_segment
 from sandboxd.events.subscriptions import (
     ALL,
     CaughtUp,
@@ -806,6 +807,11 @@ class EventLog:
         segment.add_known(seq, offset)
         return span.records[0].event
 
+    async def replay(self, state: State, after_seq: int) -> tuple[int, str | None]:
+        """Fold every record after ``after_seq`` into ``state`` (in a worker thread); return
+        how many, and the ts of the last one. (At start-up, before any append.)"""
+        return await trio.to_thread.run_sync(replay, state, self.snapshot_segments(), after_seq)
+
     def snapshot_segments(self) -> list[Segment]:
         """A copy of the segment table, for blocking reads in a worker thread (replay)."""
         return [
@@ -963,6 +969,26 @@ def _open_files(
     fd = segments.open_for_append(path)
     position = (first_seq, recovered.last) if recovered.last >= 0 else None
     return [*closed, active], fd, recovery, position
+
+
+def replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[int, str | None]:
+    """Fold every record after ``after_seq`` into ``state`` (blocking; in a thread).
+
+    Returns how many it folded and the ts of the last. An event the projection
+    refuses stops the replay as a ``CorruptLog`` naming its record: the log does
+    not describe a history this code accepts.
+    """
+    last = None
+    first_seqs = [s.first_seq for s in segment_list]
+    start = max(bisect.bisect_right(first_seqs, after_seq + 1) - 1, 0)
+    fold = functools.partial(apply, state)
+    for i in range(start, len(segment_list)):
+        following = segment_list[i + 1] if i + 1 < len(segment_list) else None
+        event = fold_segment(segment_list[i], fold, after_seq, following, refused=ProjectionError)
+        last = event or last
+    if last is None:
+        return 0, None
+    return last.seq - after_seq, last.ts  # seqs are contiguous: fold_segment checks
 
 
 @asynccontextmanager

@@ -14,13 +14,11 @@ since the log is the audit trail.
 
 from __future__ import annotations
 
-import bisect
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import attrs
 import trio
@@ -29,6 +27,8 @@ from sandboxd.events import log as event_log
 from sandboxd.events import snapshots
 from sandboxd.events.errors import CorruptLog, only_exception
 from sandboxd.events.log import EventLog, open_event_log
+from sandboxd.events.log import replay as replay  # the file log's, for bench/eventlog.py
+from sandboxd.events.nats.settings import NatsSettings
 from sandboxd.events.projection import (
     ProjectionError,
     SandboxRecord,
@@ -37,11 +37,16 @@ from sandboxd.events.projection import (
     copy_state,
     step,
 )
-from sandboxd.events.segments import Segment, fold_segment
 from sandboxd.events.subscriptions import Filter, Subscription
 from sandboxd.events.types import Event, PendingEvent
 
+if TYPE_CHECKING:
+    from sandboxd.events.nats.log import NatsEventLog
+
 logger = logging.getLogger(__name__)
+
+#: Either backend's log: the same names, the same promises (backend.py).
+Log: TypeAlias = "EventLog | NatsEventLog"
 
 
 @attrs.frozen
@@ -54,6 +59,8 @@ class StoreConfig:
     retention: Literal["all", "snapshots"] = "all"
     subscriber_buffer: int = event_log.DEFAULT_SUBSCRIBER_BUFFER
     max_batch: int = event_log.DEFAULT_MAX_BATCH
+    #: None: the file log in STATE_DIR/events; else the JetStream log these settings name.
+    nats: NatsSettings | None = None
 
 
 @attrs.frozen
@@ -74,7 +81,7 @@ class Store:
         self.snapshot_dir = state_dir / "snapshots"
         self.state = State()
         self.startup = Startup(0, 0, 0, 0.0)
-        self._log: EventLog | None = None
+        self._log: Log | None = None
         self._last_ts: str | None = None  # ts of the event at state.head_seq
         self._snapshot_seq = 0  # the seq the newest snapshot written or loaded covers
         self._snapshot_due = trio.Event()
@@ -83,7 +90,7 @@ class Store:
         self.snapshots_written = 0
 
     @property
-    def log(self) -> EventLog:
+    def log(self) -> Log:
         assert self._log is not None, "the store is not open"
         return self._log
 
@@ -172,10 +179,10 @@ class Store:
                 f"no usable snapshot reaches seq {log.oldest_seq - 1}, and retention "
                 "removed the events before it: the state cannot be rebuilt",
             )
-        replayed, last_ts = await trio.to_thread.run_sync(
-            replay, state, log.snapshot_segments(), state.head_seq
-        )
+        # The state is the store's before the replay: a log that follows a shared
+        # stream (NATS) may fold what others append as soon as its replay ends.
         self.state = state
+        replayed, last_ts = await log.replay(state, state.head_seq)
         self._last_ts = last_ts if replayed else (chosen.anchor_ts if chosen else None)
         self._snapshot_seq = chosen.seq if chosen else 0
         self.startup = Startup(
@@ -252,26 +259,6 @@ class Store:
         return state.head_seq
 
 
-def replay(state: State, segment_list: list[Segment], after_seq: int) -> tuple[int, str | None]:
-    """Fold every record after ``after_seq`` into ``state`` (blocking; in a thread).
-
-    Returns how many it folded and the ts of the last. An event the projection
-    refuses stops the replay as a ``CorruptLog`` naming its record: the log does
-    not describe a history this code accepts.
-    """
-    last = None
-    first_seqs = [s.first_seq for s in segment_list]
-    start = max(bisect.bisect_right(first_seqs, after_seq + 1) - 1, 0)
-    fold = functools.partial(apply, state)
-    for i in range(start, len(segment_list)):
-        following = segment_list[i + 1] if i + 1 < len(segment_list) else None
-        event = fold_segment(segment_list[i], fold, after_seq, following, refused=ProjectionError)
-        last = event or last
-    if last is None:
-        return 0, None
-    return last.seq - after_seq, last.ts  # seqs are contiguous: fold_segment checks
-
-
 @asynccontextmanager
 async def open_store(
     state_dir: Path,
@@ -287,15 +274,11 @@ async def open_store(
     """
     if config.snapshot_every < 0 or config.snapshots_kept < 1:
         raise ValueError("snapshot_every must be >= 0 and snapshots_kept >= 1")
+    if config.nats is not None and config.retention != "all":
+        raise ValueError("retention must be 'all' on a shared stream: it is the stream's to limit")
     store = Store(state_dir, config)
     try:
-        async with open_event_log(
-            state_dir / "events",
-            segment_bytes=config.segment_bytes,
-            on_durable=store._on_durable,
-            max_batch=config.max_batch,
-            subscriber_buffer=config.subscriber_buffer,
-        ) as log:
+        async with _open_log(state_dir, config, store._on_durable) as log:
             store._log = log
             await store._rebuild()
             store._on_applied = on_applied
@@ -310,3 +293,25 @@ async def open_store(
                     logger.warning("could not write the shutdown snapshot: %s", exc)
     except BaseExceptionGroup as group:
         raise only_exception(group) from None
+
+
+def _open_log(
+    state_dir: Path, config: StoreConfig, on_durable: Callable[[list[Event]], None]
+) -> AbstractAsyncContextManager[Log]:
+    """The file log in ``state_dir/events``, or the JetStream log ``config.nats`` names."""
+    if config.nats is None:
+        return open_event_log(
+            state_dir / "events",
+            segment_bytes=config.segment_bytes,
+            on_durable=on_durable,
+            max_batch=config.max_batch,
+            subscriber_buffer=config.subscriber_buffer,
+        )
+    from sandboxd.events.nats.log import open_nats_log  # nats-py only where it is used
+
+    return open_nats_log(
+        config.nats,
+        on_durable=on_durable,
+        max_batch=config.max_batch,
+        subscriber_buffer=config.subscriber_buffer,
+    )

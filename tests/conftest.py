@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.daemon_process import STATE_DIRS, remove_reachable_dirs
+from tests.nats_cluster import nats_cluster  # noqa: F401  (a session fixture: one cluster)
 from tests.support import end_sandboxes
 
 DEFAULT_ROUNDS = 30

@@ -160,12 +160,17 @@ def config_toml(config: Config) -> str:
     }
     server = {key: scalars.pop(key) for key in SECTION_KEYS["server"] if key in scalars}
     log = {key: scalars.pop(key) for key in SECTION_KEYS["log"] if key in scalars}
+    nats = log.pop("nats", None)
+    if nats is not None:
+        log["backend"] = "nats"
+        nats = {k: v for k, v in attrs.asdict(nats, recurse=False).items() if v is not None}
     specs = [_spec_table(spec) for spec in config.specs]
     users = [attrs.asdict(user) for user in config.users]
     return (
         _table("[server]", server)
         + _table("[sandboxes]", scalars)
         + _table("[log]", log)
+        + (_table("[log.nats]", nats) if nats is not None else "")
         + "".join(_table("[[specs]]", spec) for spec in specs)
         + "".join(_table("[[users]]", user) for user in users)
     )
