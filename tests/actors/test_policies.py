@@ -388,7 +388,8 @@ async def test_a_policy_restart_that_never_gets_ready_counts_as_a_failure(
         restart="on-failure",
         restart_max=2,
     )
-    async with running(tmp_path, once) as harness:
+    # Ports no other suite's sandbox takes: one answering there would make a run ready.
+    async with running(tmp_path, once, port_range=(21000, 21499)) as harness:
         info = await harness.registry.start_sandbox(ALICE)
         assert info.pid is not None
         os.kill(info.pid, signal.SIGKILL)

@@ -71,9 +71,11 @@ SPECS = (SLEEP_SPEC, AGENT_SPEC, CRASHY, ONCE)
 @contextlib.asynccontextmanager
 async def policy_daemon(root: Path, **settings: Any) -> AsyncIterator[DaemonProcess]:
     """`sandboxd serve` with this suite's specs (``crashy`` restarts on failure)."""
-    daemon = DaemonProcess(
-        root, daemon_config(root / "state", SPECS, on_shutdown="keep", **settings)
-    )
+    # Ports of their own: a run that never answers its health check must not be answered
+    # by another suite's sandbox on the same port (sessions share this machine).
+    settings.setdefault("port_range", (20500, 20999))
+    config = daemon_config(root / "state", SPECS, on_shutdown="keep", **settings)
+    daemon = DaemonProcess(root, config)
     try:
         await daemon.start()
         yield daemon
