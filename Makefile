@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODULES := $(VENV)/.modules
 MODULE_LIST := $(sort $(wildcard daemon/*.py daemon/*/*.py events/*.py events/*/*.py actors/*.py actors/*/*.py gateway/*.py gateway/*/*.py))
 
-.PHONY: run test lint typecheck pytest bench clean FORCE
+.PHONY: run test lint typecheck pytest bench cluster clean FORCE
 
 $(MODULES): FORCE
 	@mkdir -p $(VENV)
@@ -34,6 +34,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Three nats-servers and three sandboxd nodes on loopback, until Ctrl-C (docs/cluster.md).
+cluster: $(STAMP)
+	$(BIN)/python -m sandboxd.cluster.local $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --config-settings editable_mode=strict -e '.[test,bench]'

@@ -91,6 +91,7 @@ class SandboxContext:
     boundary: Boundary
     environ: Mapping[str, str]  # the daemon's environment, which a spec's inherit_env draws on
     url_host: str = "127.0.0.1"  # the host of the URLs a running sandbox exposes
+    node: str | None = None  # this daemon's node_id, recorded as each sandbox's owner
 
     @property
     def state(self) -> State:
@@ -314,6 +315,7 @@ class SandboxActor:
             start.port,
             uid=start.uid,
             ports=list(start.ports),
+            node=self._ctx.node,
         )
         try:
             event = await self._record(created, start.by)

@@ -36,6 +36,8 @@ class SandboxInfo:
     #: How many times its command was run again (sandbox.restarted: a resume of a
     #: sandbox whose process was gone, or its restart policy), since it was created.
     restarts: int = 0
+    #: The node that runs it (docs/cluster.md); null for one recorded before nodes.
+    node: str | None = None
 
 
 @attrs.frozen
@@ -66,6 +68,7 @@ def sandbox_info(
         version=record.version,
         usage=usage,
         restarts=record.restarts,
+        node=record.node,
     )
 
 

@@ -105,6 +105,12 @@ class _Verdict:
     kill_tree: bool = False  # its cgroup holds processes the log never recorded
 
 
+def _logged_status(record: SandboxRecord) -> Status:
+    """What the log says it is doing: while MISSING because its node was lost, the status
+    it had then (which adopting it restores), so that a paused one stays paused."""
+    return record.before_lost or record.status
+
+
 def _main(record: SandboxRecord) -> ProcessId | None:
     if record.pid is None or record.create_time is None:
         return None
@@ -135,9 +141,10 @@ def _survey_markers(
         # The main process alone if the scan found none (it cleared its environment).
         live = _states(procs) or _states([main])
         fix = None
-        if record.status is Status.PAUSED and not all(map(proctree.is_stopped, live)):
+        paused = _logged_status(record) is Status.PAUSED
+        if paused and not all(map(proctree.is_stopped, live)):
             fix = "pause"  # a resume cut short, or SIGCONT by hand
-        elif record.status is not Status.PAUSED and any(map(proctree.is_stopped, live)):
+        elif not paused and any(map(proctree.is_stopped, live)):
             fix = "resume"  # a pause cut short, or SIGSTOP by hand
         verdicts.append(_Verdict(record, main, [], fix))
     return verdicts, marked
@@ -155,9 +162,10 @@ def _survey_cgroups(boundary: Boundary, records: list[SandboxRecord]) -> list[_V
                 verdicts.append(_Verdict(record, None, [], tree=tree, kill_tree=True))
                 continue
             fix = None
-            if record.status is Status.PAUSED and not tree.frozen():
+            paused = _logged_status(record) is Status.PAUSED
+            if paused and not tree.frozen():
                 fix = "pause"  # a resume cut short
-            elif record.status is not Status.PAUSED and (tree.frozen() or tree.stopped()):
+            elif not paused and (tree.frozen() or tree.stopped()):
                 fix = "resume"  # a pause cut short, or SIGSTOP by hand
             verdicts.append(_Verdict(record, main, [], fix, tree=tree))
         elif main is not None and proctree.is_alive(main):
@@ -200,7 +208,7 @@ async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
     log.warning(
         "sandbox %s is %s in the log but %s in the OS: %s its processes to match the log",
         record.id,
-        record.status,
+        _logged_status(record),
         "running" if verdict.fix == "pause" else "stopped",
         "stopping" if verdict.fix == "pause" else "continuing",
     )
@@ -222,11 +230,18 @@ async def _match_pause_state(registry: Registry, verdict: _Verdict) -> None:
 
 
 async def recover(registry: Registry) -> RecoveryReport:
-    """Adopt or mark every sandbox of the projection, end what no sandbox owns."""
+    """Adopt or mark every sandbox of this node in the projection, end what no sandbox owns.
+
+    In a cluster the projection holds every node's sandboxes; this node's are those it
+    created (``node``, or none named: a log older than nodes, this daemon's alone). One
+    that another node recorded MISSING while this one was lost (``before_lost``) kept
+    its process in the record: found alive, it is adopted as after a crash of its own.
+    """
     started = time.monotonic()
     state = registry.state
     boundary = registry.boundary
-    records = list(state.sandboxes.values())
+    here = registry.config.node_id
+    records = [r for r in state.sandboxes.values() if r.node is None or r.node == here]
 
     # Act first, then record (the actors' rule): a crash in between makes the
     # next start-up find the same and do the same.

@@ -113,6 +113,7 @@ class Registry:
             boundary=boundary,
             environ=os.environ,
             url_host=config.url_host,
+            node=config.node_id,
         )
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
@@ -165,11 +166,19 @@ class Registry:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         owner: str | None = None,
+        node: str | None = None,
     ) -> SandboxInfo:
         """``owner``: an admin's start for that user, whose sandbox it then is (its
-        ``created_by_user_id``, who sees it, whose limit it counts against)."""
+        ``created_by_user_id``, who sees it, whose limit it counts against). ``node``:
+        where to run it, which can only be here; a cluster routes a start to another node
+        before it comes to this registry (daemon/cluster/)."""
         if self._closed:
             raise Unavailable("the daemon is shutting down and starts no sandbox")
+        if node is not None and node != self.config.node_id:
+            raise NotFound(
+                f"node {node!r} is not a node of this daemon's cluster; this node is"
+                f" {self.config.node_id!r}"
+            )
         _admin_only(caller, "owner", owner)
         creator = caller.id if owner is None else owner
         spec = self.specs.get(spec_id or self.default_spec.id)
@@ -374,6 +383,10 @@ class Registry:
             return await self._store.append_many(pendings)
         except LogUnavailable as exc:
             raise Unavailable(f"the event log cannot be written now: {exc}") from None
+
+    def holds(self, sandbox_id: str) -> bool:
+        """Whether this daemon has an actor for the sandbox (it runs, or is kept for delete)."""
+        return sandbox_id in self._actors
 
     def adopt(
         self, record: SandboxRecord, *, tree: SandboxTree | None = None, lost: bool = False

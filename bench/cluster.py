@@ -58,6 +58,7 @@ from sandboxd.events.store import StoreConfig, open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, step
+from _nodes import measure_nodes
 
 CONCURRENCY = 256
 
@@ -243,7 +244,13 @@ def part_bridge(cluster: LocalCluster, base: Path, seconds: float, results: dict
 
 
 #: What a run measures, in order; each part adds its keys to the results.
-PARTS: list[Part] = [part_bridge, part_appends]
+def part_nodes(cluster: LocalCluster, base: Path, seconds: float, results: dict[str, Any]) -> None:
+    """The node layer's: remote starts beside local ones, a node killed (bench/_nodes.py)."""
+    step("nodes: local and remote starts, then kill -9 of a node ...")
+    results |= measure_nodes(cluster, base, quick=seconds < 5)
+
+
+PARTS: list[Part] = [part_bridge, part_appends, part_nodes]
 
 
 def summary(results: dict[str, Any]) -> list[str]:
@@ -256,6 +263,18 @@ def summary(results: dict[str, Any]) -> list[str]:
             f"  CPU per append, ours       {results['cluster_cpu_us_per_append']:>10.1f} us",
             f"  CPU per publish, nats-py   {results['nats_raw_cpu_us_per_publish']:>10.1f} us",
             f"  one append, c1, p50        {results['cluster_append_ms_p50_c1']:>10.2f} ms",
+        ]
+    if "remote_start_ms_p50" in results:
+        lines += [
+            f"  start through the owner    {results['local_start_ms_p50']:>10.2f} ms p50",
+            f"  start through another node {results['remote_start_ms_p50']:>10.2f} ms p50"
+            "  (target <= the first + 5)",
+            f"  the same to RUNNING        {results['local_start_running_ms_p50']:>10.2f} /"
+            f" {results['remote_start_running_ms_p50']:.2f} ms p50",
+            f"  node killed -9 -> MISSING  {results['failover_s']:>10.2f} s  (target <= 5)",
+            f"  client on it, next op      {results['client_failover_s']:>10.3f} s",
+            f"  acknowledged, then lost    {results['lost']:>10d}    (of"
+            f" {results['acknowledged_during_failover']} during the kill; target 0)",
         ]
     if "bridge_roundtrip_us" in results:
         lines.append(f"  bridge round trip          {results['bridge_roundtrip_us']:>10.1f} us")

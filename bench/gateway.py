@@ -123,6 +123,7 @@ max_sandboxes = 100000
 max_sandboxes_per_user = 100000
 stop_timeout = 2
 uid_range = [600000, 700000]  # as root, a uid per sandbox: as many as max_sandboxes
+cgroup = "{cgroup}"
 
 [[specs]]
 id = "light"
@@ -154,12 +155,17 @@ def auth(token: str) -> list[tuple[bytes, bytes]]:
 class Daemon:
     """``sandboxd serve`` in a session of its own, its log in a file."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, cgroup: str = "auto") -> None:
         self.state_dir = base / "state"
         self.config = base / "sandboxd.toml"
         self.log_path = base / "daemon.log"
         self.config.write_text(
-            CONFIG.format(state_dir=self.state_dir, low=SANDBOX_PORTS[0], high=SANDBOX_PORTS[1])
+            CONFIG.format(
+                state_dir=self.state_dir,
+                low=SANDBOX_PORTS[0],
+                high=SANDBOX_PORTS[1],
+                cgroup=cgroup,
+            )
         )
         exe = Path(sys.executable).with_name("sandboxd")
         self._log = self.log_path.open("wb")
@@ -962,12 +968,13 @@ class Plan:
     sustained_pairs: int  # rounds without, then with stalled subscribers, alternating
     rtt_block: int
     rtt_blocks: int
+    cgroup: str = "auto"  # the daemon's sandboxes.cgroup ("off": the markers fallback)
 
 
 async def bench(base: Path, plan: Plan) -> dict[str, Any]:
     results: dict[str, Any] = {}
     n_sandboxes = plan.sandboxes
-    daemon = Daemon(base)
+    daemon = Daemon(base, plan.cgroup)
     workers: Workers | None = None
     try:
         async with (
@@ -1133,6 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sustained-rate", type=float, default=2.0, help="events/s of the stalled comparison"
     )
     parser.add_argument("--pairs", type=int, help="its rounds without+with stalled (default 2)")
+    parser.add_argument(
+        "--cgroup", default="auto", help='the daemon\'s sandboxes.cgroup ("auto" or "off")'
+    )
     parser.add_argument("--round-seconds", type=float, help="seconds per round (default 8)")
     hidden = argparse.SUPPRESS
     parser.add_argument("--role", choices=["echo", "subscribers", "push", "aio"], help=hidden)
@@ -1169,6 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
         sustained_pairs=args.pairs or (1 if quick else 2),
         rtt_block=200 if quick else 1000,
         rtt_blocks=3 if quick else 5,
+        cgroup=args.cgroup,
     )
     base = bench_base("sandboxd-bench-gw-", args.dir)
     print(f"sandboxd gateway benchmark ({'quick' if quick else 'full'} run)")
@@ -1241,6 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate": plan.rate,
         "seconds": plan.seconds,
         "quick": quick,
+        "cgroup": plan.cgroup,
     }
     print()
     for label, key in (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,6 +65,16 @@ def default_state_dir() -> Path:
 
 DEFAULT_MAX_SANDBOXES = 1000
 
+#: A node id names NATS subjects and KV keys (docs/cluster.md), where "." separates tokens
+#: and "*", ">" and blanks are wildcards or invalid: so none of them.
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def default_node_id() -> str:
+    """The host's name up to its first dot, each character a node id cannot hold made "-"."""
+    name = socket.gethostname().split(".", 1)[0][:64]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name) or "node"
+
 
 @attrs.frozen
 class UserConfig:
@@ -108,6 +119,9 @@ class Config:
     metrics_per_sandbox: bool = False  # series labelled by sandbox id (unbounded)
     specs: tuple[SpecConfig, ...] = attrs.Factory(lambda: (default_spec(),))
     users: tuple[UserConfig, ...] = ()
+    # A cluster's (docs/cluster.md):
+    node_id: str = attrs.Factory(default_node_id)  # this daemon's name among its peers
+    lease_ttl: float = 3.0  # seconds a node's lease lasts unless renewed (failover within ~4 s)
 
     @property
     def sandboxes_dir(self) -> Path:
@@ -357,11 +371,28 @@ _LOG = {
     "backend": lambda k, v: _choice(k, v, ("file", "nats")),
     "nats": _nats,
 }
+
+
+def _node_id(key: str, value: Any) -> str:
+    text = _expect(key, value, str, "a string")
+    if not NODE_ID_PATTERN.fullmatch(text):
+        raise ConfigError(
+            f"{key} must be 1 to 64 of A-Z a-z 0-9 _ - (it names NATS subjects), not {text!r}"
+        )
+    return text
+
+
+_CLUSTER = {
+    "node_id": _node_id,
+    # Renewed every third of it: a node is declared lost within one TTL of its death.
+    "lease_ttl": lambda k, v: _number(k, v, minimum=1),
+}
 #: Which section of the file each Config field is read from (specs and users aside).
 SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "server": frozenset(_SERVER),
     "sandboxes": frozenset(_SANDBOXES),
     "log": frozenset(_LOG),
+    "cluster": frozenset(_CLUSTER),
 }
 _SPEC = {
     "id": lambda k, v: _expect(k, v, str, "a string"),
@@ -449,7 +480,7 @@ def _log(raw: Any) -> dict[str, Any]:
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Build a ``Config`` from a parsed TOML document."""
-    sections = {"server", "sandboxes", "log", "specs", "users"}
+    sections = {"server", "sandboxes", "log", "cluster", "specs", "users"}
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise ConfigError(
@@ -468,6 +499,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         raise ConfigError(str(exc)) from None
     values |= attrs.asdict(boundary, recurse=False)
     values |= _log(raw.get("log", {}))
+    values |= _table("cluster", raw.get("cluster", {}), _CLUSTER)
     if "specs" in raw:
         specs_raw = _expect("specs", raw["specs"], list, "an array of tables ([[specs]])")
         specs = tuple(_spec(f"specs[{i}]", s) for i, s in enumerate(specs_raw))

@@ -1,7 +1,8 @@
 """The daemon's wiring: which parts start in which nursery, in which order.
 
     boundary (cgroups, uids) -> state dir (private, locked) -> store (log writer,
-      projection) -> actors + recovery -> daemon.started -> gateway -> READY=1
+      projection) -> [a cluster's node: its lease] -> actors + recovery ->
+      daemon.started -> [forwarded commands] -> gateway -> READY=1
       ... SIGTERM/SIGINT -> graceful stop
 
 The gateway opens only after recovery, so no client ever sees half-rebuilt
@@ -30,9 +31,12 @@ from sandboxd.actors.keys import SecretFileError, SessionKeys
 from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
 from sandboxd.actors.specs import not_runnable_by_others
+from sandboxd.cluster.lease import DuplicateNode, LeaseLost
+from sandboxd.cluster.node import Node, join_cluster
 from sandboxd.config import Config
 from sandboxd.events import types as ev
-from sandboxd.events.errors import CorruptLog, LogUnavailable
+from sandboxd.events.errors import CorruptLog, LogUnavailable, only_exception
+from sandboxd.events.nats.bridge import NatsUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
 from sandboxd.gateway.metrics import Metrics
@@ -139,6 +143,7 @@ async def _run(
         )
         async with (
             _open_store(config.state_dir, store_config, metrics.observe_events) as store,
+            _joined(config, store) as node,
             trio.open_nursery() as actors,
         ):
             # Counted from the first event of this run on: recovery's come next.
@@ -163,8 +168,18 @@ async def _run(
                     f"cannot record the recovery in {config.state_dir}: {exc}; "
                     "free some space (or fix the disk) and start again"
                 ) from None
+            if node is not None:
+                await node.serve(registry)
             async with trio.open_nursery() as front:
-                gateway = Gateway(config, registry, store.log, authenticator, metrics=metrics)
+                gateway = Gateway(
+                    config,
+                    registry,
+                    store.log,
+                    authenticator,
+                    metrics=metrics,
+                    forward=None if node is None else node.forward,
+                    nodes=None if node is None else node.live_nodes,
+                )
                 await front.start(gateway.serve, listeners)
                 for line in boundary.describe():
                     log.info("%s", line)
@@ -187,6 +202,8 @@ async def _run(
                     break
                 _tell_systemd("STOPPING=1")
                 await _shut_down(config, registry, gateway, store, reason)
+                if node is not None:
+                    await node.leave()
                 front.cancel_scope.cancel()
             actors.cancel_scope.cancel()
 
@@ -253,6 +270,29 @@ async def _open_store(
         raise DaemonError(
             f'{exc}; log.backend is "nats": start the NATS servers of log.nats.servers'
             " (docs/cluster.md), or check that they are reachable from here"
+        ) from None
+
+
+@asynccontextmanager
+async def _joined(config: Config, store: Store) -> AsyncIterator[Node | None]:
+    """This daemon as a node of its cluster when the log is a JetStream stream (its lease
+    taken before recovery: docs/cluster.md), else None; a lease refused or lost said in one
+    sentence."""
+    if config.nats is None:
+        yield None
+        return
+    url = f"ws://{config.host}:{config.port}/v1"
+    try:
+        try:
+            async with join_cluster(config, config.nats, store, url=url) as node:
+                yield node
+        except BaseExceptionGroup as group:
+            raise only_exception(group) from None
+    except (DuplicateNode, LeaseLost) as exc:
+        raise DaemonError(str(exc)) from None
+    except NatsUnavailable as exc:
+        raise DaemonError(
+            f"{exc}; check the NATS servers of log.nats.servers (docs/cluster.md)"
         ) from None
 
 

@@ -74,6 +74,11 @@ class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
     #: the log, so a daemon restart neither forgets nor resets it. A resume's
     #: restart (a person stepped in) empties it.
     failure_restarts: tuple[str, ...] = ()
+    #: The node that owns it (sandbox.created); None: a record older than nodes.
+    node: str | None = None
+    #: While MISSING because its node was lost: the status it had, which adopting it
+    #: again restores (its process is kept in the record meanwhile).
+    before_lost: Status | None = None
 
     @property
     def has_process(self) -> bool:
@@ -234,17 +239,41 @@ def _restarted(
 
 
 def _adopted(record: SandboxRecord, data: ev.SandboxAdopted, ts: str, seq: int) -> SandboxRecord:
+    if record.before_lost is not None:
+        # Its node came back and found it running: as it was before the loss.
+        return _evolve(
+            record,
+            status=record.before_lost,
+            error=None,
+            before_lost=None,
+            updated_at=ts,
+            version=seq,
+        )
     # Adoption changes nothing a client sees; it only says the daemon watches again.
     return record
 
 
 def _missing(record: SandboxRecord, data: ev.SandboxMissing, ts: str, seq: int) -> SandboxRecord:
+    if data.node_lost is not None:
+        # Its node lost its lease: its process was not seen gone, so it is kept, for the
+        # node to adopt again if it comes back (docs/cluster.md).
+        if record.status is Status.MISSING:
+            return _evolve(record, error=data.reason, updated_at=ts, version=seq)
+        return _evolve(
+            record,
+            status=Status.MISSING,
+            error=data.reason,
+            before_lost=record.status,
+            updated_at=ts,
+            version=seq,
+        )
     return _evolve(
         record,
         status=Status.MISSING,
         error=data.reason,
         pid=None,
         pgid=None,
+        before_lost=None,
         updated_at=ts,
         version=seq,
     )
@@ -289,6 +318,7 @@ def _created(event: ev.Event, data: ev.SandboxCreated) -> SandboxRecord:
         working_dir=data.working_dir,
         uid=data.uid,
         ports=tuple(data.ports or ()),
+        node=data.node,
     )
 
 

@@ -320,6 +320,30 @@ class Subscription:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
+    def take_at_hand(self, max_records: int = 1024) -> list[Record] | None:
+        """The next matching records at hand, without waiting nor reading the disk (for
+        a reader that polls, the gateway's fan-out): [] when nothing new has come; None
+        when what comes next needs ``next_batch`` (history from disk, the gate's token
+        to wait for, the marker, or the end). Takes what ``next_batch`` would, in order."""
+        if self._closed or not self._caught_up or self._waiter is not None:
+            return None
+        batch: list[Record] = []
+        self._batching = True
+        try:
+            while len(batch) < max_records and (record := self._take_at_hand()) is not None:
+                batch.append(record)
+        finally:
+            self._batching = False
+        if not self._ready:
+            self._let_go()
+        if batch:
+            return batch
+        if self._closed or self._ready or self._live:
+            return None  # a gap to read from disk, or a token to wait for
+        if self.position < self._source.head_seq and self.position + 1 < self._covered_from:
+            return None  # history the buffer does not hold
+        return []
+
     def batches(self, max_records: int = 1024) -> _Batches:
         """Iterate over ``next_batch(max_records)`` until the subscription ends."""
         return _Batches(self, max_records)

@@ -57,6 +57,9 @@ class SandboxCreated(_Payload, frozen=True, gc=False):
     ports: list[NamedPort] | None = None
     #: The uid the sandbox runs under, its own for its whole life; None: the daemon's.
     uid: int | None = None
+    #: The node that runs its processes and records its transitions, for its whole life
+    #: (docs/cluster.md); None: a record older than nodes, the only daemon's.
+    node: str | None = None
 
 
 class ProcessStarted(_Payload, frozen=True, gc=False):
@@ -138,6 +141,10 @@ class SandboxAdopted(_Payload, frozen=True, gc=False):
 class SandboxMissing(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.missing"
     reason: str
+    #: Set when another node recorded it because this sandbox's node lost its lease
+    #: (docs/cluster.md): its processes were not seen gone, only their node, so the
+    #: record keeps them, and the node adopts them again if it comes back to find them.
+    node_lost: str | None = None
 
 
 class SandboxDeleted(_Payload, frozen=True, gc=False):

@@ -20,7 +20,9 @@ server's limit: a busy client waits here instead of getting `busy`); one task
 reads that connection and routes each reply to its caller by id. A
 subscription has a connection of its own, which it opens again after a drop
 (``protocol.Resumption``: the same backoff and resume rules as the trio
-client), so the application sees every event exactly once, in order. Closing
+client), so the application sees every event exactly once, in order. Given
+several URLs (the nodes of a cluster), it uses the first that answers and fails
+over to the others, by the trio client's rules (``protocol.Endpoints``). Closing
 the client closes its subscriptions and ends its task: it leaves none behind.
 """
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 
 try:
@@ -43,7 +45,12 @@ except ImportError as missing:  # pragma: no cover - the extra is not installed
 
 from sandboxd.events.types import Event
 from sandboxd.gateway import protocol as p
-from sandboxd.gateway.protocol import ClientError, ConnectionLostError, MalformedFrameError
+from sandboxd.gateway.protocol import (
+    ClientError,
+    ConnectError,
+    ConnectionLostError,
+    MalformedFrameError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +95,37 @@ def _closed(url: str, ws: ClientConnection) -> str:
     return p.closed(url, ws.close_code, ws.close_reason or "")
 
 
-async def connect(url: str, token: str) -> Client:
+async def _connect_any(
+    urls: Sequence[str], token: str, *, queue: int = 16
+) -> tuple[str, ClientConnection]:
+    """The first of ``urls`` that answers, and its connection: one round, no delay."""
+    failures: list[ConnectError] = []
+    for url in urls:
+        try:
+            return url, await _connect(url, token, queue=queue)
+        except ConnectError as exc:
+            if not p.worth_retrying(exc):
+                raise
+            failures.append(exc)
+    raise p.first_of(failures)
+
+
+async def connect(url: str | Sequence[str], token: str) -> Client:
     """A connected client that the caller closes (``await client.aclose()``).
 
     For a connection that lives as long as a process (one per app server);
-    ``open_client`` is the same as a context manager.
+    ``open_client`` is the same as a context manager. ``url`` may be several
+    (the nodes of a cluster): the client connects to the first that answers and
+    fails over to the others (protocol.Endpoints).
     """
-    client = Client(await _connect(url, token), url, token)
-    client._start_reading()
-    return client
+    endpoints = p.Endpoints(url)
+    answered, ws = await _connect_any(endpoints.order(), token)
+    endpoints.connected(answered)
+    return Client(ws, endpoints, token)
 
 
 @contextlib.asynccontextmanager
-async def open_client(url: str, token: str) -> AsyncIterator[Client]:
+async def open_client(url: str | Sequence[str], token: str) -> AsyncIterator[Client]:
     """A connected client, closed on the way out; what the body raises comes out as it is."""
     client = await connect(url, token)
     try:
@@ -109,84 +134,123 @@ async def open_client(url: str, token: str) -> AsyncIterator[Client]:
         await client.aclose()
 
 
+class _Line:
+    """One connection of the client's requests, the requests in flight on it, its reader."""
+
+    def __init__(self, url: str, ws: ClientConnection) -> None:
+        self.url = url
+        self.ws = ws
+        #: Each request in flight, and the future its caller awaits (None: connection lost).
+        self.exchanges: p.Exchanges[asyncio.Future[p.Reply | None]] = p.Exchanges()
+        #: Why it is lost (None while it is not).
+        self.lost: str | None = None
+        self.reader: asyncio.Task[None] | None = None
+
+    def lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+
+
 class Client(p.ClientOps):
     """Made by ``connect`` or ``open_client``; each method is one op of protocol.md."""
 
-    def __init__(self, ws: ClientConnection, url: str, token: str) -> None:
-        self._ws = ws
-        self.url = url
+    def __init__(self, ws: ClientConnection, endpoints: p.Endpoints, token: str) -> None:
+        self._endpoints = endpoints
         self._token = token
-        #: Each request in flight, and the future its caller awaits (None: connection lost).
-        self._exchanges: p.Exchanges[asyncio.Future[p.Reply | None]] = p.Exchanges()
         self._slots = asyncio.Semaphore(p.MAX_IN_FLIGHT)
-        self._lost: str | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._failing_over = asyncio.Lock()
+        self._closed = False
         self._subscriptions: set[Subscription] = set()
+        self._line = self._serve(_Line(endpoints.current, ws))
+
+    @property
+    def url(self) -> str:
+        """The URL of the daemon this client's requests go to now."""
+        return self._line.url
 
     @property
     def closed(self) -> bool:
-        """Whether requests can no longer be sent: closed, or the connection was lost."""
-        return self._lost is not None
+        """Whether requests can no longer be sent: closed, or the connection was lost and
+        no other URL is left to fail over to."""
+        if self._closed:
+            return True
+        return self._line.lost is not None and not self._endpoints.others(self._line.url)
 
-    def _start_reading(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(
-            self._read_replies(), name=f"sandboxd.aio reader of {self.url}"
+    def _serve(self, line: _Line) -> _Line:
+        line.reader = asyncio.get_running_loop().create_task(
+            self._read_replies(line), name=f"sandboxd.aio reader of {line.url}"
         )
+        return line
 
     async def aclose(self) -> None:
         """Close the subscriptions made here, then the connection; wait for the reader to end."""
         for subscription in list(self._subscriptions):
             await subscription.aclose()
-        if self._lost is None:
-            self._lost = f"the client of {self.url} is closed"
-        await self._ws.close()
-        if self._reader is not None:
-            await self._reader
+        self._closed = True
+        line = self._line
+        line.lose(f"the client of {line.url} is closed")
+        await line.ws.close()
+        if line.reader is not None:
+            await line.reader
 
-    async def _read_replies(self) -> None:
+    async def _read_replies(self, line: _Line) -> None:
         try:
-            async for frame in self._ws:
-                routed = self._exchanges.route(frame)
+            async for frame in line.ws:
+                routed = line.exchanges.route(frame)
                 if routed is not None:
                     future, reply = routed
                     if not future.done():
                         future.set_result(reply)
-            self._lose(_closed(self.url, self._ws))
+            line.lose(_closed(line.url, line.ws))
         except ConnectionClosed:
-            self._lose(_closed(self.url, self._ws))
+            line.lose(_closed(line.url, line.ws))
         except MalformedFrameError as exc:
-            self._lose(f"{self.url} sent a frame that is not a protocol reply: {exc}")
-            await self._ws.close()
+            line.lose(f"{line.url} sent a frame that is not a protocol reply: {exc}")
+            await line.ws.close()
         except Exception as exc:
-            log.exception("reading %s failed", self.url)
-            self._lose(f"reading {self.url} failed: {exc}")
-            await self._ws.close()
+            log.exception("reading %s failed", line.url)
+            line.lose(f"reading {line.url} failed: {exc}")
+            await line.ws.close()
         finally:
-            for future in self._exchanges.drain():
+            for future in line.exchanges.drain():
                 if not future.done():
                     future.set_result(None)
 
-    def _lose(self, why: str) -> None:
-        if self._lost is None:
-            self._lost = why
+    async def _usable_line(self) -> _Line:
+        """The connection to send on: the current one, or one to another URL if it was lost."""
+        line = self._line
+        if line.lost is None:
+            return line
+        async with self._failing_over:
+            if self._line is not line and self._line.lost is None:
+                return self._line  # another caller failed over meanwhile
+            others = self._endpoints.others(line.url)
+            if self._closed or not others:
+                raise ConnectionLostError(line.lost)
+            url, ws = await _connect_any(others, self._token)
+            self._endpoints.connected(url)
+            log.info("failed over from %s to %s", line.url, url)
+            if line.reader is not None:
+                await line.reader  # ended with the connection: leave no task behind
+            self._line = self._serve(_Line(url, ws))
+            return self._line
 
     async def call(self, call: p.Call[T]) -> T:
         """Send one op and return its typed result, or raise the error of its reply."""
         async with self._slots:
-            if self._lost is not None:
-                raise ConnectionLostError(self._lost)
+            line = await self._usable_line()
             future: asyncio.Future[p.Reply | None] = asyncio.get_running_loop().create_future()
-            request_id = self._exchanges.open(future)
+            request_id = line.exchanges.open(future)
             try:
-                await self._ws.send(call.encode(request_id))
+                await line.ws.send(call.encode(request_id))
                 reply = await future
             except ConnectionClosed:
                 reply = None
             finally:
-                self._exchanges.close(request_id)
+                line.exchanges.close(request_id)
         if reply is None:
             raise ConnectionLostError(
-                self._lost or f"{p.closed(self.url)} before the reply to {call.op}"
+                line.lost or f"{p.closed(line.url)} before the reply to {call.op}"
             )
         return call.result(reply)
 
@@ -206,7 +270,7 @@ class Client(p.ClientOps):
         server older than batch frames).
         """
         resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, batch=batch)
-        return Subscription(self, resumption)
+        return Subscription(self, p.Endpoints(self._endpoints.urls, first=self.url), resumption)
 
 
 class Subscription(p.SubscriptionOps):
@@ -217,14 +281,20 @@ class Subscription(p.SubscriptionOps):
     It runs no task: each ``__anext__`` reads its connection itself.
     """
 
-    def __init__(self, client: Client, resumption: p.Resumption) -> None:
+    def __init__(self, client: Client, endpoints: p.Endpoints, resumption: p.Resumption) -> None:
         self._client = client
+        self._endpoints = endpoints
         self._resumption = resumption
         self._ws: ClientConnection | None = None
         #: Set once the server said history is sent and the stream is live.
         self.caught_up = asyncio.Event()
         self._closed = False
         client._subscriptions.add(self)
+
+    @property
+    def url(self) -> str:
+        """The URL of the daemon it reads from now (or will try first)."""
+        return self._endpoints.current
 
     async def aclose(self) -> None:
         self._closed = True
@@ -253,19 +323,22 @@ class Subscription(p.SubscriptionOps):
             try:
                 received = self._resumption.receive(await self._ws.recv())
             except ConnectionClosed:
+                self._endpoints.lost(self.url)
                 await self._drop()
                 continue
             if isinstance(received, p.Ended):
+                self._endpoints.lost(self.url)
                 await self._drop()
             elif self._resumption.caught_up:
                 self.caught_up.set()
 
     async def _reconnect(self) -> None:
         failure: ClientError | None = None
-        for delay in p.reconnect_delays():
+        for delay, url in self._endpoints.attempts():
             await asyncio.sleep(delay)
             try:
-                await self._open()
+                await self._open(url)
+                self._endpoints.connected(url)
                 return
             except ClientError as exc:
                 if not p.worth_retrying(exc):
@@ -274,18 +347,16 @@ class Subscription(p.SubscriptionOps):
                 failure = exc
                 await self._drop()
         assert failure is not None
-        raise p.gave_up(failure)
+        raise self._endpoints.gave_up(failure)
 
-    async def _open(self) -> None:
+    async def _open(self, url: str) -> None:
         client = self._client
-        ws = self._ws = await _connect(client.url, client._token, queue=64)
+        ws = self._ws = await _connect(url, client._token, queue=64)
         call = self._resumption.subscribe_call()
         try:
             await ws.send(call.encode(p.SUBSCRIBE_ID))
             while (reply := self._resumption.subscribe_reply(await ws.recv())) is None:
                 pass
         except ConnectionClosed:
-            raise ConnectionLostError(
-                f"the connection to {client.url} closed while subscribing"
-            ) from None
+            raise ConnectionLostError(f"the connection to {url} closed while subscribing") from None
         self._resumption.subscribed(call, reply)

@@ -51,8 +51,12 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     group = common.add_argument_group("connection")
     group.add_argument(
         "--url",
-        default=os.environ.get("SANDBOXD_URL", DEFAULT_URL),
-        help=f"the daemon's websocket URL (default: $SANDBOXD_URL, else {DEFAULT_URL})",
+        dest="urls",
+        action="append",
+        metavar="URL",
+        help="the daemon's websocket URL; repeat it, or give a comma list, for the nodes of"
+        " a cluster: the first that answers is used, the others are failed over to"
+        f" (default: $SANDBOXD_URL, also a comma list, else {DEFAULT_URL})",
     )
     group.add_argument(
         "--token",
@@ -85,6 +89,9 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     )
     start.add_argument(
         "--owner", metavar="USER", help="admins: start it for this user, whose it then is"
+    )
+    start.add_argument(
+        "--node", metavar="NODE", help="a cluster's node to run it on (default: the least busy)"
     )
 
     ls = add("ls", run_ls, "list sandboxes, newest first")
@@ -129,6 +136,15 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 # --- Running a command ------------------------------------------------------------------
 
 
+def _urls(args: argparse.Namespace) -> list[str]:
+    """The URLs of --url (each may be a comma list), else of $SANDBOXD_URL, else the default."""
+    given = args.urls or [os.environ.get("SANDBOXD_URL") or DEFAULT_URL]
+    urls = [url.strip() for text in given for url in text.split(",")]
+    if not all(urls):
+        raise UsageError(f"--url {','.join(given)!r} has an empty URL in its list")
+    return urls
+
+
 def _token(args: argparse.Namespace) -> str:
     if args.token:
         return str(args.token)
@@ -153,22 +169,26 @@ def _run(args: argparse.Namespace, body: Callable[[Client], Awaitable[int]]) -> 
     """Connect, run ``body``, and turn every failure into one line on stderr."""
 
     async def main() -> int:
-        async with open_client(args.url, token) as client:
+        async with open_client(urls, token) as client:
             return await body(client)
 
+    urls: list[str] = []
     try:
+        urls = _urls(args)
         token = _token(args)
         return trio.run(main)
     except UsageError as exc:
         return _fail(str(exc))
-    except AuthenticationError:
+    except AuthenticationError as exc:
         return _fail(
-            f"sandboxd at {args.url} refused the token: check --token, $SANDBOXD_TOKEN"
+            f"sandboxd at {exc.url} refused the token: check --token, $SANDBOXD_TOKEN"
             " or STATE_DIR/admin.token"
         )
     except ConnectError as exc:
+        if exc.message.startswith("cannot reach") and len(urls) == 1:
+            return _fail(f"cannot reach sandboxd at {urls[0]}: is `sandboxd serve` running?")
         if exc.message.startswith("cannot reach"):
-            return _fail(f"cannot reach sandboxd at {args.url}: is `sandboxd serve` running?")
+            return _fail(f"{exc.message} (is `sandboxd serve` running on any of them?)")
         return _fail(exc.message)
     except NotFoundError as exc:
         return _fail(exc.message, EXIT_NOT_FOUND)
@@ -219,7 +239,7 @@ def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     )
 
 
-_SANDBOX_COLUMNS = ("ID", "STATUS", "SPEC", "USER", "PORT", "PID", "CREATED")
+_SANDBOX_COLUMNS = ("ID", "STATUS", "SPEC", "USER", "PORT", "PID", "CREATED", "NODE")
 
 
 def _sandbox_row(info: SandboxInfo) -> list[str]:
@@ -231,6 +251,7 @@ def _sandbox_row(info: SandboxInfo) -> list[str]:
         str(info.port),
         "-" if info.pid is None else str(info.pid),
         info.created_at,
+        info.node or "-",
     ]
 
 
@@ -248,6 +269,7 @@ def _print_sandbox(info: SandboxInfo, as_json: bool) -> None:
         ("working_dir", info.working_dir),
         ("created_at", info.created_at),
         ("updated_at", info.updated_at),
+        ("node", info.node or "-"),
     ]
     for url in info.exposed_urls or ():
         fields.append((f"url {url.name}", url.url))
@@ -294,6 +316,7 @@ def run_start(args: argparse.Namespace) -> int:
             env=_parse_env(args.env) or None,
             wait=args.wait,
             owner=args.owner,
+            node=args.node,
         )
         _print_sandbox(info, args.json)
         return 0

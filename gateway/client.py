@@ -10,13 +10,15 @@ Requests share one connection and run concurrently, at most 64 at a time (the
 server's limit, so a busy client waits here instead of getting `busy`).
 A subscription has a connection of its own, which it opens again after a
 drop and resumes from the last seq it delivered: the application sees every
-event exactly once, in order.
+event exactly once, in order. Given several URLs (the nodes of a cluster), the
+client uses the first that answers and fails over to the others
+(protocol.Endpoints says when and in which order).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -154,19 +156,37 @@ def _connect_error(exc: BaseException, url: str) -> ConnectError | None:
     return None
 
 
+async def _connect_any(
+    nursery: trio.Nursery, urls: Sequence[str], token: str, *, queue: int = 16
+) -> tuple[str, WebSocketConnection]:
+    """The first of ``urls`` that answers, and its connection: one round, no delay."""
+    failures: list[ConnectError] = []
+    for url in urls:
+        try:
+            return url, await _connect(nursery, url, token, queue=queue)
+        except ConnectError as exc:
+            if not p.worth_retrying(exc):
+                raise
+            failures.append(exc)
+    raise p.first_of(failures)
+
+
 @asynccontextmanager
-async def open_client(url: str, token: str) -> AsyncIterator[Client]:
+async def open_client(url: str | Sequence[str], token: str) -> AsyncIterator[Client]:
     """A connected client, closed on the way out.
 
+    ``url`` may be several (the nodes of a cluster): the client connects to the
+    first that answers and fails over to the others (protocol.Endpoints).
     What the body raises comes out as it is, not wrapped in the exception group
     of the nursery that holds the connection's tasks.
     """
+    endpoints = p.Endpoints(url)
     user_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            ws = await _connect(nursery, url, token)
-            client = Client(nursery, ws, url, token)
-            nursery.start_soon(client._read_replies)
+            answered, ws = await _connect_any(nursery, endpoints.order(), token)
+            endpoints.connected(answered)
+            client = Client(nursery, ws, endpoints, token)
             try:
                 yield client
             except BaseException as exc:
@@ -197,65 +217,110 @@ class _Pending:
         self.reply: p.Reply | None = None
 
 
+class _Line:
+    """One connection of the client's requests, and the requests in flight on it."""
+
+    def __init__(self, url: str, ws: WebSocketConnection) -> None:
+        self.url = url
+        self.ws = ws
+        self.exchanges: p.Exchanges[_Pending] = p.Exchanges()
+        #: Why it is lost (None while it is not).
+        self.lost: str | None = None
+
+
 class Client(p.ClientOps):
     """Made by open_client; each method is one op of protocol.md (protocol.ClientOps)."""
 
-    def __init__(self, nursery: trio.Nursery, ws: WebSocketConnection, url: str, token: str):
+    def __init__(
+        self, nursery: trio.Nursery, ws: WebSocketConnection, endpoints: p.Endpoints, token: str
+    ):
         self._nursery = nursery
-        self._ws = ws
-        self.url = url
+        self._endpoints = endpoints
         self._token = token
-        self._exchanges: p.Exchanges[_Pending] = p.Exchanges()
         self._slots = trio.Semaphore(p.MAX_IN_FLIGHT)
-        self._lost: str | None = None
+        self._failing_over = trio.Lock()
+        self._closed = False
+        self._line = self._serve(_Line(endpoints.current, ws))
+
+    @property
+    def url(self) -> str:
+        """The URL of the daemon this client's requests go to now."""
+        return self._line.url
 
     @property
     def closed(self) -> bool:
-        """Whether requests can no longer be sent: closed, or the connection was lost."""
-        return self._lost is not None or self._ws.closed is not None
+        """Whether requests can no longer be sent: closed, or the connection was lost and
+        no other URL is left to fail over to."""
+        line = self._line
+        if self._closed:
+            return True
+        lost = line.lost is not None or line.ws.closed is not None
+        return lost and not self._endpoints.others(line.url)
 
     async def aclose(self) -> None:
+        self._closed = True
         with trio.move_on_after(2):
-            await self._ws.aclose()
+            await self._line.ws.aclose()
 
-    async def _read_replies(self) -> None:
+    def _serve(self, line: _Line) -> _Line:
+        self._nursery.start_soon(self._read_replies, line)
+        return line
+
+    async def _read_replies(self, line: _Line) -> None:
         try:
             while True:
-                routed = self._exchanges.route(await self._ws.get_message())
+                routed = line.exchanges.route(await line.ws.get_message())
                 if routed is not None:
                     pending, reply = routed
                     pending.reply = reply
                     pending.done.set()
         except ConnectionClosed as exc:
             reason = exc.reason
-            self._lost = (
-                p.closed(self.url)
+            line.lost = (
+                p.closed(line.url)
                 if reason is None
-                else p.closed(self.url, reason.code, reason.reason or "")
+                else p.closed(line.url, reason.code, reason.reason or "")
             )
         except MalformedFrameError as exc:
-            self._lost = f"{self.url} sent a frame that is not a protocol reply: {exc}"
-            await self.aclose()
-        for pending in self._exchanges.drain():
+            line.lost = f"{line.url} sent a frame that is not a protocol reply: {exc}"
+            with trio.move_on_after(2):
+                await line.ws.aclose()
+        for pending in line.exchanges.drain():
             pending.done.set()
+
+    async def _usable_line(self) -> _Line:
+        """The connection to send on: the current one, or one to another URL if it was lost."""
+        line = self._line
+        if line.lost is None and not self._closed:
+            return line
+        async with self._failing_over:
+            if self._line is not line and self._line.lost is None:
+                return self._line  # another caller failed over meanwhile
+            others = self._endpoints.others(line.url)
+            if self._closed or not others:
+                raise ConnectionLostError(line.lost or p.closed(line.url))
+            url, ws = await _connect_any(self._nursery, others, self._token)
+            self._endpoints.connected(url)
+            log.info("failed over from %s to %s", line.url, url)
+            self._line = self._serve(_Line(url, ws))
+            return self._line
 
     async def call(self, call: p.Call[T]) -> T:
         """Send one op and return its typed result, or raise the error of its reply."""
         async with self._slots:
-            if self._lost is not None:
-                raise ConnectionLostError(self._lost)
+            line = await self._usable_line()
             pending = _Pending()
-            request_id = self._exchanges.open(pending)
+            request_id = line.exchanges.open(pending)
             try:
-                await self._ws.send_message(call.encode(request_id))
+                await line.ws.send_message(call.encode(request_id))
                 await pending.done.wait()
             except ConnectionClosed:
                 pass
             finally:
-                self._exchanges.close(request_id)
+                line.exchanges.close(request_id)
             if pending.reply is None:
                 raise ConnectionLostError(
-                    self._lost or f"{p.closed(self.url)} before the reply to {call.op}"
+                    line.lost or f"{p.closed(line.url)} before the reply to {call.op}"
                 )
         return call.result(pending.reply)
 
@@ -274,7 +339,8 @@ class Client(p.ClientOps):
         server older than batch frames).
         """
         resumption = p.Resumption.of(after_seq, sandbox_id=sandbox_id, types=types, batch=batch)
-        return Subscription(self._nursery, self.url, self._token, resumption)
+        endpoints = p.Endpoints(self._endpoints.urls, first=self.url)
+        return Subscription(self._nursery, endpoints, self._token, resumption)
 
 
 class Subscription(p.SubscriptionOps):
@@ -285,16 +351,25 @@ class Subscription(p.SubscriptionOps):
     """
 
     def __init__(
-        self, nursery: trio.Nursery, url: str, token: str, resumption: p.Resumption
+        self,
+        nursery: trio.Nursery,
+        endpoints: p.Endpoints,
+        token: str,
+        resumption: p.Resumption,
     ) -> None:
         self._nursery = nursery
-        self._url = url
+        self._endpoints = endpoints
         self._token = token
         self._resumption = resumption
         self._ws: WebSocketConnection | None = None
         #: Set once the server said history is sent and the stream is live.
         self.caught_up = trio.Event()
         self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The URL of the daemon it reads from now (or will try first)."""
+        return self._endpoints.current
 
     async def aclose(self) -> None:
         self._closed = True
@@ -319,19 +394,22 @@ class Subscription(p.SubscriptionOps):
             try:
                 received = self._resumption.receive(await self._ws.get_message())
             except ConnectionClosed:
+                self._endpoints.lost(self.url)
                 await self._drop()
                 continue
             if isinstance(received, p.Ended):
+                self._endpoints.lost(self.url)
                 await self._drop()
             elif self._resumption.caught_up:
                 self.caught_up.set()
 
     async def _reconnect(self) -> None:
         failure: ClientError | None = None
-        for delay in p.reconnect_delays():
+        for delay, url in self._endpoints.attempts():
             await trio.sleep(delay)
             try:
-                await self._open()
+                await self._open(url)
+                self._endpoints.connected(url)
                 return
             except ClientError as exc:
                 if not p.worth_retrying(exc):
@@ -339,17 +417,15 @@ class Subscription(p.SubscriptionOps):
                 failure = exc
                 await self._drop()
         assert failure is not None
-        raise p.gave_up(failure)
+        raise self._endpoints.gave_up(failure)
 
-    async def _open(self) -> None:
-        ws = self._ws = await _connect(self._nursery, self._url, self._token, queue=64)
+    async def _open(self, url: str) -> None:
+        ws = self._ws = await _connect(self._nursery, url, self._token, queue=64)
         call = self._resumption.subscribe_call()
         try:
             await ws.send_message(call.encode(p.SUBSCRIBE_ID))
             while (reply := self._resumption.subscribe_reply(await ws.get_message())) is None:
                 pass
         except ConnectionClosed:
-            raise ConnectionLostError(
-                f"the connection to {self._url} closed while subscribing"
-            ) from None
+            raise ConnectionLostError(f"the connection to {url} closed while subscribing") from None
         self._resumption.subscribed(call, reply)

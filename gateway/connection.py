@@ -3,29 +3,34 @@
 The tasks of a connection share one nursery, in the manner of hypercorn's
 trio worker:
 
-- the reader takes frames off trio-websocket's queue at once (while that
-  queue is full trio-websocket answers neither pings nor close frames),
-  parses them (protocol/, no I/O) and starts a task per request, which
-  the ``answer`` given to the connection turns into a reply frame;
-- one writer is the only task that sends: every reply and subscription frame
-  goes through one queue bounded in frames and in bytes (budget.py), so a
-  client that stops reading holds at most that queue, and a connection that
-  stays unwritable for ``send_timeout`` is closed. The queue has two lanes,
-  and the writer takes replies ahead of subscription frames: a request is
-  answered first however many events wait (an unsubscribe's reply goes in the
+- the reader reads frames (``ServerWebSocket.get_message``: the socket is
+  read only when asked), parses them (protocol/, no I/O) and starts a task
+  per request, which the ``answer`` given to the connection turns into a
+  reply frame;
+- a frame with nothing queued nor unwritten before it goes to the socket from
+  the task that made it (one ``write(2)``, no task switch: websocket.py);
+  else it waits in one queue bounded in frames and in bytes (budget.py), so a
+  client that stops reading holds at most that queue, and the writer, the
+  only task that waits on the socket, writes it; a connection that stays
+  unwritable for ``send_timeout`` is closed. The queue has two lanes, and the
+  writer takes replies ahead of subscription frames: a request is answered
+  first however many events wait (an unsubscribe's reply goes in the
   subscriptions' lane, after the frames of the subscription it ends);
 - the keepalive pings a connection that has said nothing for
-  ``ping_interval`` and closes it if no pong comes within ``ping_timeout``
-  (trio-websocket has no keepalive of its own);
+  ``ping_interval`` and closes it if no pong comes within ``ping_timeout``;
 - each subscription's pump pulls from the log's subscription and pushes into
   that same queue; while it is full the pump simply stops pulling, and the
   log serves it from disk when it comes back, so a slow reader slows no one
   else. It takes every record at hand at once (``next_batch``); a
   subscription made with ``"batch": true`` gets them in one frame (the
-  stored bytes joined), and its pump, when it sent a small batch (it is live,
-  not catching up), waits ``BATCH_PACE`` before it takes the next, unless it
-  follows named sandboxes: a live firehose then costs a few frames a second
-  per subscriber, not one per event.
+  stored bytes joined). Such a pump, once live and not following named
+  sandboxes, parks in the gateway's ``FanOut`` (fanout.py): that one task
+  sends its frames from then on, at most one every ``BATCH_PACE`` while
+  events keep coming (a live firehose costs a few frames a second per
+  subscriber, not one per event, and no task switch each); after a pace with
+  none it hands the pump back to its subscription, so that the first event
+  after a lull goes out at once; and it wakes the pump for history, the read
+  gate, or the end.
 
 What the ops use of a connection is its public API: ``user``, ``name``,
 ``subscription_count``, ``open_subscription``, ``close_subscription`` and
@@ -38,16 +43,17 @@ connection would take the listener and every other connection down with it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sandboxd.events.errors import CorruptLog, Gone, LogUnavailable
 from sandboxd.events.segments import Record
@@ -56,7 +62,9 @@ from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.budget import ByteBudget
+from sandboxd.gateway.fanout import PACE, FanOut
 from sandboxd.gateway.metrics import INVALID_OP
+from sandboxd.gateway.websocket import Closed, ServerWebSocket
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +74,8 @@ SEND_QUEUE_FRAMES: Final = 256
 SEND_QUEUE_BYTES: Final = 1 << 20
 #: A batch subscription that sent fewer than BATCH_RECORDS events (it is live, not
 #: catching up) waits this long before it takes the next, so that events gather
-#: into its next frame: measured in bench/gateway.py, see docs/performance.md.
-BATCH_PACE: Final = 0.1
+#: into its next frame (fanout.py): measured in bench/gateway.py, docs/performance.md.
+BATCH_PACE: Final = PACE
 #: Records a pump takes at once, and the stored bytes of one batch frame at most.
 BATCH_RECORDS: Final = 1024
 BATCH_BYTES: Final = 256 << 10
@@ -133,84 +141,11 @@ class Requests:
         await self._idle.wait()
 
 
-class GuardedStream(trio.abc.Stream):
-    """A connection's transport, which sends nothing more after a send was cut short.
-
-    A ``send_all`` cancelled partway (the writer's send timeout, a ping's) may
-    leave a frame cut in half on the wire: whatever followed it, a close frame
-    included, would reach the peer as garbage, and trio's streams are in an
-    unknown state then anyway. So the next send fails as a broken stream, which
-    trio-websocket takes for an abrupt close, and the connection is dropped.
-    """
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.torn = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.torn:
-            await trio.lowlevel.checkpoint()
-            raise trio.BrokenResourceError("an earlier send was cut short")
-        try:
-            await self.stream.send_all(data)
-        except BaseException:
-            self.torn = True
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.stream.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 class _GoingAway:
     """Queued after the last frame of a connection that shut_down closes."""
 
 
 _Item = tuple["str | _GoingAway", int]
-
-
-class Pacer:
-    """Paces the live batch subscriptions' pumps: each waits for its group's next tick.
-
-    One timer for all of them instead of one sleep each (a sleep is a cancel
-    scope's deadline, and 1,000 of them expiring ten times a second took a
-    fifth of the event loop in bench/gateway.py); and the pumps of a group
-    wake together, ``GROUPS`` groups a ``BATCH_PACE`` apart in turn, so that
-    no more than a group's worth of frames is made at once, between which
-    requests get their turn.
-    """
-
-    GROUPS: Final = 10
-
-    def __init__(self, pace: float = BATCH_PACE) -> None:
-        self.pace = pace
-        self._ticks = [trio.Event() for _ in range(self.GROUPS)]
-        self._members = itertools.count()
-
-    def group(self) -> int:
-        """A group for a new pump: in turn, so the groups stay the same size."""
-        return next(self._members) % self.GROUPS
-
-    async def wait(self, group: int) -> None:
-        await self._ticks[group].wait()
-
-    async def run(self) -> None:
-        """Tick each group in turn, forever (a task of the gateway's)."""
-        step = self.pace / self.GROUPS
-        due = trio.current_time()
-        while True:
-            for group in range(self.GROUPS):
-                due += step
-                await trio.sleep_until(due)
-                tick, self._ticks[group] = self._ticks[group], trio.Event()
-                tick.set()
-            # Fallen far behind (a busy loop): start again from now, not in a rush.
-            due = max(due, trio.current_time() - self.pace)
 
 
 class _Lanes:
@@ -225,7 +160,17 @@ class _Lanes:
         self._lanes: tuple[deque[_Item], deque[_Item]] = (deque(), deque())
         self._room = (trio.lowlevel.ParkingLot(), trio.lowlevel.ParkingLot())
         self._filled = trio.lowlevel.ParkingLot()
+        self._poked = False
         self.closed = False
+
+    @property
+    def empty(self) -> bool:
+        return not self._lanes[0] and not self._lanes[1]
+
+    def poke(self) -> None:
+        """Wake the writer with nothing queued: ``get`` returns None (bytes wait to be flushed)."""
+        self._poked = True
+        self._filled.unpark()
 
     def put_nowait(self, lane: int, item: _Item) -> bool:
         """Queue ``item`` if its lane has room; raises WouldBlock if it has not."""
@@ -245,9 +190,12 @@ class _Lanes:
             except trio.WouldBlock:
                 await self._room[lane].park()
 
-    async def get(self) -> _Item:
-        """The next frame: a reply if one waits, else a subscription's."""
+    async def get(self) -> _Item | None:
+        """The next frame: a reply if one waits, else a subscription's; None if poked."""
         while True:
+            if self._poked:
+                self._poked = False
+                return None
             for lane, queue in enumerate(self._lanes):
                 if queue:
                     self._room[lane].unpark()
@@ -264,7 +212,7 @@ class _Lanes:
         return left
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Pump:
     """A subscription of this connection: the log's, and the task that forwards it."""
 
@@ -274,7 +222,7 @@ class _Pump:
     last_seq: int
     #: Several events to a frame (the client asked with "batch": true).
     batch: bool = False
-    #: Its group in the pacer, if paced (see Pacer).
+    #: Its group in the fan-out, if paced (see fanout.py).
     group: int = 0
 
     @property
@@ -294,7 +242,7 @@ class Connection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         user: User,
         name: str,
         *,
@@ -302,7 +250,7 @@ class Connection:
         requests: Requests,
         timeouts: Timeouts,
         count_reply: CountReply = _count_nothing,
-        pacer: Pacer | None = None,
+        fanout: FanOut | None = None,
     ) -> None:
         self.ws = ws
         self.user = user
@@ -311,8 +259,10 @@ class Connection:
         self._count_reply = count_reply
         self._requests = requests
         self._timeouts = timeouts
-        self._pacer = pacer
+        self._fanout = fanout
         self._lanes = _Lanes(SEND_QUEUE_FRAMES)
+        # What the socket did not take at once: the writer writes it.
+        ws.on_backlog = self._lanes.poke
         #: The bytes of the frames queued and not yet written.
         self.budget = ByteBudget(SEND_QUEUE_BYTES)
         self.read_slots = trio.CapacityLimiter(READ_SLOTS)
@@ -338,7 +288,7 @@ class Connection:
         subscription only holds its place (the connection closes it if it ends first).
         With ``batch``, its events go several to a frame.
         """
-        group = 0 if self._pacer is None else self._pacer.group()
+        group = 0 if self._fanout is None else self._fanout.group()
         pump = _Pump(f"s{next(self._pump_ids)}", subscription, subscription.position, batch, group)
         self._pumps[pump.id] = pump
 
@@ -410,13 +360,14 @@ class Connection:
         while True:
             try:
                 message = await self.ws.get_message()
-            except ConnectionClosed:
+            except Closed:
                 return
             self._last_heard = trio.current_time()
             if isinstance(message, bytes):
                 await self._close(p.CLOSE_UNSUPPORTED, "binary frames are not accepted")
                 return
-            # trio-websocket counts characters; the contract counts bytes.
+            # The contract counts bytes; the websocket closes with 1009 already on a
+            # message over its limit (websocket.py), this holds if that limit is raised.
             if len(message) > p.MAX_FRAME_BYTES // 4 and _utf8_len(message) > p.MAX_FRAME_BYTES:
                 await self._close(p.CLOSE_TOO_BIG, "frames must be at most 1 MiB")
                 return
@@ -464,25 +415,33 @@ class Connection:
     # -- writing ------------------------------------------------------------------------
 
     async def _queue(self, frame: str | _GoingAway, lane: int) -> None:
-        # Blocks while the queue is full: the client is not reading, so we stop
-        # reading it too, which pushes back on it through TCP. What a frame holds
-        # is its size in memory, which for a str of wide characters is more than
-        # its length.
+        # What a frame holds is its size in memory, which for a str of wide characters
+        # is more than its length.
         size = 0 if isinstance(frame, _GoingAway) else sys.getsizeof(frame)
-        # With room, the frame is queued before this task yields, as a memory
-        # channel's send does: a pump woken with an event queues it in the same
-        # scheduling batch, before a shutdown starting beside it can cut it off.
+        # As a memory channel's send: the frame is committed at the first check for
+        # cancellation, and the task yields once. A pump woken with an event sends it
+        # even if a shutdown beside it cuts the pump off right after.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self.budget.try_take(size):
-            try:
-                queued = self._lanes.put_nowait(lane, (frame, size))
-            except trio.WouldBlock:
-                self.budget.give_back(size)  # full in frames: wait below, in turn
-            else:
-                if not queued:
-                    self.budget.give_back(size)
-                await trio.lowlevel.cancel_shielded_checkpoint()
+        if not isinstance(frame, _GoingAway) and self._lanes.empty and self.ws.idle:
+            # Nothing queued nor unwritten: the frame goes to the socket from this task
+            # (ServerWebSocket.write), with no task switch; what the socket does not
+            # take the writer writes. It is written after this task's schedule point,
+            # not before: a request counts as in flight until its task has returned,
+            # so its client must not have the reply before (it would be told `busy`).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._lanes.empty and self.ws.idle:
+                if not self._lanes.closed:
+                    # A closed websocket: the reader and the writer find out.
+                    with contextlib.suppress(Closed):
+                        self.ws.write_message(frame)
                 return
+            if self._put_nowait(frame, size, lane):
+                return
+        elif self._put_nowait(frame, size, lane):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        # Full: the client is not reading, so we stop reading it too, which pushes
+        # back on it through TCP.
         await self.budget.take(size)
         try:
             queued = await self._lanes.put(lane, (frame, size))
@@ -492,10 +451,25 @@ class Connection:
         if not queued:
             self.budget.give_back(size)
 
+    def _put_nowait(self, frame: str | _GoingAway, size: int, lane: int) -> bool:
+        """Queue the frame if the queue has room (True: queued, or dropped as the writer
+        is gone); False if it must wait for room."""
+        if not self.budget.try_take(size):
+            return False
+        try:
+            queued = self._lanes.put_nowait(lane, (frame, size))
+        except trio.WouldBlock:
+            self.budget.give_back(size)  # full in frames: wait, in turn
+            return False
+        if not queued:
+            self.budget.give_back(size)
+        return True
+
     async def _writer(self) -> None:
         try:
             while True:
-                frame, size = await self._lanes.get()
+                item = await self._lanes.get()
+                frame, size = item if item is not None else (None, 0)
                 if isinstance(frame, _GoingAway):
                     # Every frame queued before it is out: now the close frame.
                     await self._close(p.CLOSE_GOING_AWAY, "sandboxd is shutting down")
@@ -503,8 +477,11 @@ class Connection:
                 timeout = self._timeouts.send_timeout
                 with trio.move_on_after(timeout) as waited:
                     try:
-                        await self.ws.send_message(frame)
-                    except ConnectionClosed:
+                        if frame is not None:
+                            self.ws.write_message(frame)
+                        # Written out (or nothing but a backlog to write: poked).
+                        await self.ws.flush()
+                    except Closed:
                         break
                     finally:
                         self.budget.give_back(size)
@@ -529,7 +506,7 @@ class Connection:
             with trio.move_on_after(timeout) as waited:
                 try:
                     await self.ws.ping()
-                except ConnectionClosed:
+                except Closed:
                     return
             if waited.cancelled_caught:
                 log.info("%s: closed, no pong within %.0f s", self.name, timeout)
@@ -538,6 +515,35 @@ class Connection:
             self._last_heard = trio.current_time()
 
     # -- subscriptions ------------------------------------------------------------------
+
+    def _deliver_live(self, pump: _Pump) -> bool:
+        """The fan-out's turn at a parked pump: its new events, written to the socket from
+        there. True: the pump's own task takes over (nothing new: it waits for the next
+        event itself; history, the gate, the end)."""
+        if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
+            # The socket has not taken the last frames yet: leave the events where they
+            # are (the subscription's live buffer, shared by all, or the disk once it
+            # overflows) and take them all into one frame on a later round, rather than
+            # queue frames here: a slow client costs no memory of its own, and gets
+            # bigger frames, not more of them.
+            return False
+        subscription = pump.subscription
+        try:
+            batch = subscription.take_at_hand(BATCH_RECORDS)
+        except Exception:
+            return True  # the pump meets it again, in its own task, and ends the subscription
+        if not batch:
+            # Nothing came for a whole pace (or what comes next needs the pump: history,
+            # the end): the pump waits on its subscription again, and the next event goes
+            # out at once rather than at the next round. Under a steady flow every round
+            # has something, and no pump wakes.
+            return True
+        # A closed websocket: the reader and the writer find out.
+        with contextlib.suppress(Closed):
+            for chunk in _chunks(batch):
+                self.ws.write_text(p.events_frame_parts(pump.id, chunk))
+        pump.last_seq = subscription.position
+        return False
 
     async def _forward(self, pump: _Pump) -> None:
         """A subscription's pump: the log's records, as frames, into the writer's queue."""
@@ -565,11 +571,14 @@ class Connection:
                             pump.last_seq = subscription.position
                             live = isinstance(batch, list) and len(batch) < BATCH_RECORDS
                             if pump.paced and live:
-                                # Not catching up: let the next events gather.
-                                if self._pacer is None:
+                                # Not catching up: let the next events gather. The
+                                # fan-out sends them, and wakes this task only for
+                                # what it cannot do (fanout.py).
+                                if self._fanout is None:
                                     await trio.sleep(BATCH_PACE)
-                                else:
-                                    await self._pacer.wait(pump.group)
+                                    continue
+                                deliver = partial(self._deliver_live, pump)
+                                await self._fanout.park(pump, pump.group, deliver)
                     except Gone as gone:
                         reason = (
                             "the log's retention overtook this subscription; events from seq"

@@ -108,6 +108,11 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         self.stream = stream
         self._replay = replay
 
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The socket under the stream, if it is one (the websocket writes to it directly)."""
+        return self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if not self._replay:
             return await self.stream.receive_some(max_bytes)
@@ -129,8 +134,8 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
     def __repr__(self) -> str:
-        # trio-websocket names a connection's peer by the stream's repr when it is no
-        # SocketStream: give it the address, as it would have found it.
+        # The gateway names a connection's peer by the stream's repr when it is no
+        # SocketStream (server.py's _peer): give it the address.
         if not isinstance(self.stream, trio.SocketStream):
             return repr(self.stream)  # in-memory, in tests
         try:

@@ -9,7 +9,7 @@ turns one request into its reply frame and never raises.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -56,6 +56,12 @@ class EventLog(Protocol):
     ) -> Page: ...
 
 
+#: A cluster's hook (daemon/cluster/routing.py): the reply frame and code of the node that
+#: must answer a request (the owner of its sandbox, where a start is placed), or None to
+#: answer it here.
+Forward = Callable[[User, p.Request], Awaitable[tuple[str, str] | None]]
+
+
 @attrs.frozen
 class Services:
     """What the daemon gives the gateway to serve its ops with."""
@@ -64,6 +70,9 @@ class Services:
     log: EventLog
     #: When the gateway was made (after recovery): server.info's started_at.
     started_at: str
+    forward: Forward | None = None
+    #: A cluster's live nodes (those holding a lease), for server.info; None: no cluster.
+    nodes: Callable[[], Collection[str]] | None = None
 
 
 async def answer(
@@ -76,6 +85,11 @@ async def answer(
         # leaves: cut off halfway (by the connection's cancel) it could leave an
         # event durable that no one acted on.
         with trio.CancelScope(shield=type(request.params) in _CHANGES_STATE):
+            if services.forward is not None:
+                forwarded = await services.forward(connection.user, request)
+                if forwarded is not None:
+                    frame, code = forwarded
+                    return frame, code, None
             result, then = await handler(services, connection, request.params)
         return p.encode_ok(request.id, result), OK, then
     except Exception as exc:
@@ -95,7 +109,13 @@ _Handler = Callable[[Services, Connection, Any], Awaitable[_Result]]
 
 async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
     info = await s.registry.start_sandbox(
-        c.user, spec_id=q.spec_id, sandbox_id=q.sandbox_id, env=q.env, wait=q.wait, owner=q.owner
+        c.user,
+        spec_id=q.spec_id,
+        sandbox_id=q.sandbox_id,
+        env=q.env,
+        wait=q.wait,
+        owner=q.owner,
+        node=q.node,
     )
     return info, None
 
@@ -173,6 +193,8 @@ async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
         boundary=boundary.mode,
         isolation=boundary.isolation,
         limits=boundary.limits_in_force(),
+        node=s.registry.config.node_id,
+        nodes=None if s.nodes is None else sorted(s.nodes()),
     )
     return details, None
 

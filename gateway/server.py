@@ -6,10 +6,10 @@ in-memory ones), admits each peer (path, bearer token, draining), and runs
 an accepted one as a ``Connection`` (connection.py), whose requests ``ops``
 answers. ``drain`` and ``close_all`` are the two steps of the daemon's stop.
 
-Each stream is wrapped by trio-websocket here (``wrap_server_stream``) rather
-than by its ``serve_websocket``: that one keeps a connection open after
-refusing a frame over the size limit, until the peer sends again, where here
-the stream is closed at most ``Timeouts.close`` later.
+Each stream is a ``ServerWebSocket`` (websocket.py: wsproto with thin trio I/O,
+whose frames go to the socket without a task switch; the clients keep
+trio-websocket), and is closed at most ``Timeouts.close`` after its connection
+ends, whatever the peer does.
 
 Every stream first passes the front door (front_door.py), which reads its
 request head: plain HTTP (``/metrics``, the dashboard) is answered there, and
@@ -21,28 +21,24 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_server_stream,
-)
 
 from sandboxd.config import Config
 from sandboxd.events.codec import now_ts
 from sandboxd.gateway import ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import Authenticator, User, check_path, token_from_handshake
-from sandboxd.gateway.connection import Connection, GuardedStream, Pacer, Requests, Timeouts
-from sandboxd.gateway.front_door import FrontDoor
+from sandboxd.gateway.connection import Connection, Requests, Timeouts
+from sandboxd.gateway.fanout import FanOut
+from sandboxd.gateway.front_door import FrontDoor, ReplayStream
 from sandboxd.gateway.metrics import Metrics
 from sandboxd.gateway.routes import Routes
 from sandboxd.gateway.static import load_dashboard
+from sandboxd.gateway.websocket import Closed, Handshake, ServerWebSocket
 
 if TYPE_CHECKING:
     from sandboxd.actors.registry import Registry
@@ -51,8 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds a peer has to finish the opening handshake.
 HANDSHAKE_TIMEOUT: Final = 10.0
-#: Frames trio-websocket buffers between its reader and ours.
-RECEIVE_QUEUE_FRAMES: Final = 4
 
 Listeners = Sequence[trio.abc.Listener[trio.abc.Stream]]
 
@@ -68,6 +62,8 @@ class Gateway:
         authenticator: Authenticator,
         *,
         metrics: Metrics | None = None,
+        forward: ops.Forward | None = None,
+        nodes: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -78,10 +74,10 @@ class Gateway:
         self.port = config.port
         self.timeouts = Timeouts()
         self.requests = Requests()
-        self._services = ops.Services(registry, event_log, self.started_at)
+        self._services = ops.Services(registry, event_log, self.started_at, forward, nodes)
         self._connections: set[Connection] = set()
-        #: The tick the live batch subscriptions' pumps wait for (connection.Pacer).
-        self._pacer = Pacer()
+        #: The one task that delivers the live batch subscriptions' frames (fanout.py).
+        self.fanout = FanOut(requests=self.requests)
         #: Connections open or being opened, per user id: max_connections_per_user.
         self._per_user: Counter[str | None] = Counter()
         self._connection_numbers = itertools.count(1)
@@ -122,7 +118,7 @@ class Gateway:
         async with trio.open_nursery() as connections:
             # Connections live in their own nursery: drain() stops the listeners
             # alone, and in-flight requests on open connections run on.
-            connections.start_soon(self._pacer.run)
+            connections.start_soon(self.fanout.run)
             with trio.CancelScope() as self._listening:
                 async with trio.open_nursery() as listening:
                     await listening.start(
@@ -158,45 +154,40 @@ class Gateway:
         # One accepted stream: the handshake, the websocket, and the stream closed
         # in the end whatever happened (see the module's docstring).
         try:
-            async with trio.open_nursery() as websocket:
-                try:
-                    request: WebSocketRequest | None = None
-                    with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                        request = await wrap_server_stream(
-                            websocket,
-                            GuardedStream(stream),
-                            message_queue_size=RECEIVE_QUEUE_FRAMES,
-                            max_message_size=p.MAX_FRAME_BYTES,
-                        )
-                    if request is not None:
-                        await self._handle(request, stream)
-                except ConnectionClosed:
-                    pass  # the peer left
-                # The peer has this long to finish the closing handshake.
-                websocket.cancel_scope.deadline = trio.current_time() + self.timeouts.close
+            socket = stream.socket if isinstance(stream, ReplayStream) else None
+            ws = ServerWebSocket(
+                stream,
+                socket=socket,
+                max_message_bytes=p.MAX_FRAME_BYTES,
+                close_timeout=self.timeouts.close,
+            )
+            user: User | None = None
+            try:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshaking:
+                    handshake = await ws.handshake()
+                    if handshake is not None:
+                        user = await self._admit(ws, handshake)
+                        if user is not None:
+                            await ws.accept()
+                if user is not None and not handshaking.cancelled_caught:
+                    await self._run(ws, user, stream)
+                    # The peer has this long to finish the closing handshake.
+                    with trio.move_on_after(self.timeouts.close):
+                        await ws.aclose(p.CLOSE_GOING_AWAY, "the connection ends")
+            finally:
+                if user is not None:
+                    self._per_user[user.id] -= 1
+                    if not self._per_user[user.id]:
+                        del self._per_user[user.id]
+        except Closed:
+            pass  # the peer left
         except Exception:
             # Never let it escape: it would take every connection down with it.
             log.exception("websocket connection failed")
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, request: WebSocketRequest, stream: trio.abc.Stream) -> None:
-        user: User | None = None
-        ws: WebSocketConnection | None = None
-        try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                user = await self._admit(request)
-                if user is not None:
-                    ws = await request.accept()
-            if user is not None and ws is not None:
-                await self._run(ws, user, stream)
-        finally:
-            if user is not None:
-                self._per_user[user.id] -= 1
-                if not self._per_user[user.id]:
-                    del self._per_user[user.id]
-
-    async def _run(self, ws: WebSocketConnection, user: User, stream: trio.abc.Stream) -> None:
+    async def _run(self, ws: ServerWebSocket, user: User, stream: trio.abc.Stream) -> None:
         number = next(self._connection_numbers)
         connection = Connection(
             ws,
@@ -206,7 +197,7 @@ class Gateway:
             count_reply=self.metrics.count_request,
             requests=self.requests,
             timeouts=self.timeouts,
-            pacer=self._pacer,
+            fanout=self.fanout,
         )
         self._connections.add(connection)
         log.debug("%s: opened from %s", connection.name, _peer(stream))
@@ -216,27 +207,27 @@ class Gateway:
             self._connections.discard(connection)
             log.debug("%s: closed (%s)", connection.name, ws.closed)
 
-    async def _admit(self, request: WebSocketRequest) -> User | None:
+    async def _admit(self, ws: ServerWebSocket, request: Handshake) -> User | None:
         """The user of an acceptable handshake, counted against its connections; else None."""
         if not check_path(request.path):
-            await request.reject(404, body=b"sandboxd speaks its protocol at /v1\n")
+            await ws.reject(404, body=b"sandboxd speaks its protocol at /v1\n")
             return None
         user = self.authenticator.authenticate(token_from_handshake(request.path, request.headers))
         if user is None:
-            await request.reject(
+            await ws.reject(
                 401,
-                extra_headers=[(b"WWW-Authenticate", b'Bearer realm="sandboxd"')],
+                headers=[(b"WWW-Authenticate", b'Bearer realm="sandboxd"')],
                 body=b"a valid bearer token is required\n",
             )
             return None
         if self.draining:
-            await request.reject(503, body=b"sandboxd is shutting down\n")
+            await ws.reject(503, body=b"sandboxd is shutting down\n")
             return None
         # Counted before any await: of two handshakes at once, one may be the last.
         limit = self.config.max_connections_per_user
         if self._per_user[user.id] >= limit:
             who = "the admin" if user.id is None else f"user {user.id}"
-            await request.reject(
+            await ws.reject(
                 429,
                 body=f"{who} has {limit} connections open, the limit max_connections_per_user"
                 f" is {limit}; close one first\n".encode(),

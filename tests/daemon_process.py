@@ -160,6 +160,7 @@ def config_toml(config: Config) -> str:
     }
     server = {key: scalars.pop(key) for key in SECTION_KEYS["server"] if key in scalars}
     log = {key: scalars.pop(key) for key in SECTION_KEYS["log"] if key in scalars}
+    cluster = {key: scalars.pop(key) for key in SECTION_KEYS["cluster"] if key in scalars}
     nats = log.pop("nats", None)
     if nats is not None:
         log["backend"] = "nats"
@@ -171,6 +172,7 @@ def config_toml(config: Config) -> str:
         + _table("[sandboxes]", scalars)
         + _table("[log]", log)
         + (_table("[log.nats]", nats) if nats is not None else "")
+        + _table("[cluster]", cluster)
         + "".join(_table("[[specs]]", spec) for spec in specs)
         + "".join(_table("[[users]]", user) for user in users)
     )

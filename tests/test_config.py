@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -101,6 +102,12 @@ def test_a_full_file() -> None:
         ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', 1]", "specs[0].ports[1]"),
         ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A', '9x']", "specs[0].ports[1]"),
         ("[[specs]]\nid = 'x'\ncommand = ['a']\nports = ['A-B']", "specs[0].ports[0]"),
+        ("[cluster]\nnode_id = 'a.b'", "cluster.node_id"),
+        ("[cluster]\nnode_id = ''", "cluster.node_id"),
+        ("[cluster]\nnode_id = 'a*'", "cluster.node_id"),
+        ("[cluster]\nnode_id = 1", "cluster.node_id"),
+        ("[cluster]\nlease_ttl = 0.5", "cluster.lease_ttl"),
+        ("[cluster]\nnodes = 3", "cluster.nodes"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_key(text: str, named: str) -> None:
@@ -226,6 +233,15 @@ def test_named_ports_and_the_url_host() -> None:
     assert config.specs[0].ports == ("AGENT_SERVER", "VSCODE", "WORKER_1", "WORKER_2")
     assert parse("[server]\nurl_host = 'sandboxes.example.com'").url_host == "sandboxes.example.com"
     assert load_config(None).specs[0].ports == ("AGENT_SERVER",)
+
+
+def test_the_node_id_is_the_hosts_name_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "build-7.example.org")
+    assert parse("").node_id == "build-7"
+    monkeypatch.setattr(socket, "gethostname", lambda: "weird host!")
+    assert parse("").node_id == "weird-host-"
+    config = parse("[cluster]\nnode_id = 'node_A-1'\nlease_ttl = 3")
+    assert (config.node_id, config.lease_ttl) == ("node_A-1", 3.0)
 
 
 def test_missing_and_broken_files_are_one_sentence(tmp_path: Path) -> None:

@@ -65,6 +65,8 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         run_as="daemon",
         uid_range=(700000, 700099),
         allow_existing_uids=True,
+        node_id="node-x",
+        lease_ttl=2.5,
     )
     defaults = Config()
     for field in attrs.fields(Config):

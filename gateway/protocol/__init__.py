@@ -17,6 +17,7 @@ is a thin layer around it.
     _client_ops  every op as a typed method over an abstract call: both clients' API
     _exchanges   a client's requests in flight on one connection, by id
     _resume      a client's subscription across connections, and its reconnect policy
+    _failover    a client's several daemons: which URL to try next
     _converter   the one cattrs converter of these types
 """
 
@@ -49,6 +50,7 @@ from sandboxd.gateway.protocol._errors import (
     unreachable,
 )
 from sandboxd.gateway.protocol._exchanges import Exchanges
+from sandboxd.gateway.protocol._failover import Endpoints, first_of
 from sandboxd.gateway.protocol._frames import (
     CaughtUpFrame,
     EndedFrame,
@@ -62,6 +64,7 @@ from sandboxd.gateway.protocol._frames import (
     encode_event_frame,
     encode_events_frame,
     encode_ok,
+    events_frame_parts,
     parse_frame,
 )
 from sandboxd.gateway.protocol._requests import (
@@ -145,6 +148,7 @@ __all__ = [
     "ConnectionLostError",
     "Ended",
     "EndedFrame",
+    "Endpoints",
     "ErrorCode",
     "EventFrame",
     "EventPage",
@@ -203,6 +207,8 @@ __all__ = [
     "encode_ok",
     "encode_request",
     "error_from_reply",
+    "events_frame_parts",
+    "first_of",
     "gave_up",
     "not_a_url",
     "parse_frame",

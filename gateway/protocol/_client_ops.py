@@ -53,10 +53,14 @@ class ClientOps(ABC):
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         owner: str | None = None,
+        node: str | None = None,
     ) -> SandboxInfo:
-        """``owner`` (admins only): the user the sandbox is started for, and belongs to."""
+        """``owner`` (admins only): the user the sandbox is started for, and belongs to.
+        ``node``: the node of a cluster to run it on (default: the least busy one)."""
         return await self.call(
-            calls.start(spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait, owner=owner)
+            calls.start(
+                spec_id=spec_id, sandbox_id=sandbox_id, env=env, wait=wait, owner=owner, node=node
+            )
         )
 
     async def get(self, sandbox_id: str) -> SandboxInfo | None:

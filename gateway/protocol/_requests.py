@@ -111,6 +111,17 @@ def _owner(_: object, attribute: "attrs.Attribute[Any]", value: str | None) -> N
         )
 
 
+#: A node id (config.md's cluster.node_id): it names NATS subjects, so no ".", "*", ">".
+NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _node(_: object, attribute: "attrs.Attribute[Any]", value: str | None) -> None:
+    if value is not None and not NODE_ID.fullmatch(value):
+        raise _bad(
+            f"'{attribute.name}' must be a node id, 1 to 64 of A-Z a-z 0-9 _ -, not {_show(value)}."
+        )
+
+
 def _session_key(_: object, attribute: "attrs.Attribute[Any]", value: str) -> None:
     if not 1 <= len(value) <= 256:
         raise _bad(f"'{attribute.name}' must be 1 to 256 characters, not {len(value)}.")
@@ -128,6 +139,8 @@ class SandboxStart:
     wait: bool = True
     #: Admins only: the user the sandbox is started for, and belongs to.
     owner: str | None = attrs.field(default=None, validator=_owner)
+    #: The node to run it on (docs/cluster.md); None: the one with the fewest running.
+    node: str | None = attrs.field(default=None, validator=_node)
 
 
 @attrs.frozen

@@ -71,6 +71,9 @@ class ServerDetails:
     boundary: str | None = None  # "cgroup2" | "cgroup1" | "markers"
     isolation: str | None = None  # "dynamic" | "user:NAME" | "daemon" | "none (daemon not root)"
     limits: dict[str, str] | None = None  # limit key -> "cgroup" | "RLIMIT_..." | "none"
+    #: This daemon's cluster.node_id, and, in a cluster, the nodes holding a lease now.
+    node: str | None = None
+    nodes: list[str] | None = None
 
 
 @attrs.frozen

@@ -146,6 +146,7 @@ def start(
     env: Mapping[str, str] | None = None,
     wait: bool = True,
     owner: str | None = None,
+    node: str | None = None,
 ) -> Call[SandboxInfo]:
     params = _params(
         SandboxStart,
@@ -154,6 +155,7 @@ def start(
         env=None if env is None else dict(env),
         wait=wait,
         owner=owner,
+        node=node,
     )
     return Call(params, _as(SandboxInfo))
 

@@ -583,3 +583,20 @@ async def test_a_sandbox_that_swaps_its_output_file_changes_nothing_the_daemon_r
         await registry.delete(ADMIN, info.id)
         assert victim.read_bytes() == before
         assert not out.exists() and not out.is_symlink()
+
+
+async def test_a_sandbox_is_this_nodes_and_a_start_for_another_node_is_refused(
+    tmp_path: Path,
+) -> None:
+    sleeper = plain("sleeper", "-c", "import time; time.sleep(60)")
+    async with running(tmp_path, sleeper, node_id="node-a") as harness:
+        registry = harness.registry
+        root = Caller("root", admin=True)
+        here = await registry.start_sandbox(root, node="node-a")
+        assert here.node == "node-a" and registry.get(root, here.id) == here
+        created = (await harness.events_of(here.id))[0]
+        assert isinstance(created.data, ev.SandboxCreated) and created.data.node == "node-a"
+        # Without a cluster there is no other node to run it on.
+        with pytest.raises(NotFound, match="node 'node-b' is not a node of"):
+            await registry.start_sandbox(root, node="node-b")
+        assert len(registry.state.sandboxes) == 1

@@ -98,7 +98,8 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
     assert (
         added
         == {
-            "sandbox.created": {"uid", "ports"},
+            # and "node", an optional field added later (docs/events.md), null as well
+            "sandbox.created": {"uid", "ports", "node"},
             "sandbox.process_started": {"uid"},
             # And the optional fields added since (issue 10's policies), null too.
             "sandbox.exited": {"reason", "memory_max", "restart"},

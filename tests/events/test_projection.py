@@ -98,6 +98,42 @@ def test_status_after_events(payloads: tuple[ev.Payload, ...], status: Status) -
     assert state.sandboxes["a"].version == changing[-1].seq
 
 
+def test_a_sandbox_whose_node_was_lost_is_missing_until_the_node_adopts_it_again() -> None:
+    created = ev.SandboxCreated("default", "alice", "/w", 30001, node="a")
+    started = ev.ProcessStarted(5, 5, 1.5, ["x"])
+    lost = ev.SandboxMissing("node a lost", node_lost="a")
+    state = State()
+    events = stamp(
+        [
+            ev.PendingEvent("s", "alice", p)
+            for p in (created, started, ev.SandboxRunning([]), ev.SandboxPaused(), lost, lost)
+        ]
+        + [ev.PendingEvent("s", None, ev.SandboxAdopted(5))]
+    )
+    for event in events[:-1]:
+        apply(state, event)
+    record = state.sandboxes["s"]
+    assert (record.status, record.error, record.node) == (Status.MISSING, "node a lost", "a")
+    # Its process is kept: it was not seen gone, only its node; recorded twice, once kept.
+    assert (record.pid, record.before_lost) == (5, Status.PAUSED)
+    assert state_from_dict(state_to_dict(state)).sandboxes["s"] == record
+    apply(state, events[-1])
+    record = state.sandboxes["s"]
+    assert (record.status, record.error, record.pid, record.before_lost) == (
+        Status.PAUSED,
+        None,
+        5,
+        None,
+    )
+    # Seen gone afterwards (a plain sandbox.missing): nothing is kept.
+    for event in stamp(
+        [ev.PendingEvent("s", None, lost), ev.PendingEvent("s", None, ev.SandboxMissing("gone"))],
+        first_seq=state.head_seq + 1,
+    ):
+        apply(state, event)
+    assert state.sandboxes["s"].pid is None and state.sandboxes["s"].before_lost is None
+
+
 def test_deleted_sandboxes_leave_the_state_but_not_their_owner() -> None:
     state = State()
     for event in _sandbox_events(ev.SandboxDeleted(False)):

@@ -146,6 +146,7 @@ async def test_retention_removes_whole_segments_below_the_oldest_kept_snapshot(
         # 201 on; a segment wholly at or below 200 goes, as the first rule says.
         oldest = store.log.oldest_seq
         assert first <= oldest == holding_201
+        assert (await store.log.read(200, limit=1))[0].seq == 201
         await _fill(store, 200, 400)
         await store.snapshot()
         assert _snapshot_seqs(tmp_path) == [400, 600]

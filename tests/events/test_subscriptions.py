@@ -4,6 +4,7 @@ with bounded memory, whatever the load and however slow the reader."""
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from sandboxd.events import types as ev
 from sandboxd.events.errors import Gone
 from sandboxd.events.log import CaughtUp, EventFilter, EventLog, Subscription, open_event_log
 from tests.events.strategies import sample_pending
+from tests.support import eventually
 
 TOTAL = 100_000
 BATCH = 1000
@@ -247,3 +249,49 @@ async def test_a_closed_subscription_gives_its_token_back(tmp_path: Path) -> Non
         with trio.fail_after(5):
             assert (await waiter.__anext__()).event.seq == 1
         await waiter.aclose()
+
+
+async def test_polling_what_is_at_hand_with_next_batch_between_is_exactly_once(
+    tmp_path: Path,
+) -> None:
+    # The gateway's fan-out polls take_at_hand and hands over to next_batch when it says
+    # None (history from disk, the marker): a small buffer makes the writer drop batches,
+    # so both ways are taken, and every event must come once, in order.
+    total = 20_000
+    async with open_event_log(tmp_path, subscriber_buffer=256) as log:
+        await _fill(log, 1000)
+        subscription = log.subscribe(0)
+        seqs: list[int] = []
+        took = {"polled": 0, "awaited": 0}
+
+        async def follow() -> None:
+            pauses = [15_000, 10_000, 5_000]
+            while not seqs or seqs[-1] < total:
+                if pauses and len(seqs) >= pauses[-1]:
+                    pauses.pop()
+                    # A slow reader: the buffer (256) overflows meanwhile.
+                    await eventually(
+                        partial(lambda behind: log.head_seq >= behind, seqs[-1] + 1000),
+                        what="1000 more appended",
+                    )
+                polled = subscription.take_at_hand(100)
+                if polled is None:
+                    batch = await subscription.next_batch(100)
+                    if isinstance(batch, list):
+                        seqs.extend(record.event.seq for record in batch)
+                        took["awaited"] += len(batch)
+                elif polled:
+                    seqs.extend(record.event.seq for record in polled)
+                    took["polled"] += len(polled)
+                else:
+                    await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            for start in range(1000, total, 100):
+                await log.append_many([sample_pending(i) for i in range(start, start + 100)])
+        assert seqs == list(range(1, total + 1))
+        assert took["polled"] > 0 and took["awaited"] > 1000
+        assert subscription.disk_reads > 1
+        await subscription.aclose()
+        assert subscription.take_at_hand() is None  # closed: next_batch says how it ended

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -125,7 +125,10 @@ class ClientInTrio:
     def __init__(self, thread: LoopThread, client: sandboxd.aio.Client) -> None:
         self._thread = thread
         self._client = client
-        self.url = client.url
+
+    @property
+    def url(self) -> str:
+        return self._client.url
 
     @property
     def closed(self) -> bool:
@@ -149,7 +152,7 @@ class ClientInTrio:
 
 
 @contextlib.asynccontextmanager
-async def open_aio_client(url: str, token: str) -> AsyncIterator[ClientInTrio]:
+async def open_aio_client(url: str | Sequence[str], token: str) -> AsyncIterator[ClientInTrio]:
     """``sandboxd.aio.open_client`` in an asyncio loop of its own, used from trio."""
     with loop_thread() as thread:
         manager = sandboxd.aio.open_client(url, token)

@@ -144,6 +144,23 @@ def test_events_follow(daemon_process: DaemonProcess) -> None:
     sandboxd(daemon_process, "rm", sandbox_id, token=ROOT)
 
 
+def test_several_urls_the_first_that_answers(daemon_process: DaemonProcess) -> None:
+    down = f"ws://127.0.0.1:{free_port()}/v1"
+    for args, env in (
+        (("--url", down, "--url", daemon_process.url), {}),
+        (("--url", f"{down},{daemon_process.url}"), {}),
+        ((), {"SANDBOXD_URL": f"{down}, {daemon_process.url}"}),
+    ):
+        listed = sandboxd(None, "specs", "--json", *args, **env)
+        assert listed.returncode == 0, (args, env, listed.stderr)
+        assert json.loads(listed.stdout)[0]["id"] == "sleep"
+    other = f"ws://127.0.0.1:{free_port()}/v1"
+    both = one_line_error(sandboxd(None, "ls", "--url", f"{down},{other}"))
+    assert both.startswith("sandboxd: cannot reach sandboxd at any of 2 URLs: ")
+    assert down in both and other in both and both.endswith("running on any of them?)")
+    assert "empty URL" in one_line_error(sandboxd(None, "ls", "--url", f"{down},"))
+
+
 def test_errors_are_one_line(daemon_process: DaemonProcess, tmp_path: Path) -> None:
     url = f"ws://127.0.0.1:{free_port()}/v1"
     assert one_line_error(sandboxd(None, "ls", "--url", url)) == (
@@ -158,6 +175,9 @@ def test_errors_are_one_line(daemon_process: DaemonProcess, tmp_path: Path) -> N
     failed = one_line_error(sandboxd(daemon_process, "start", "--spec", "fails"))
     assert failed.startswith("sandboxd: sandbox ") and "did not start" in failed
     assert "--env" in one_line_error(sandboxd(daemon_process, "start", "--env", "NOVALUE"))
+    # A daemon with no cluster runs nothing on another node; the message names it.
+    elsewhere = one_line_error(sandboxd(daemon_process, "start", "--node", "elsewhere"))
+    assert "node 'elsewhere' is not a node of this daemon's cluster" in elsewhere
     assert "sandbox_id" in one_line_error(sandboxd(daemon_process, "get", "not an id"))
 
 

@@ -116,7 +116,10 @@ def test_server_info(root: Peer) -> None:
         "boundary",  # the extensions of docs/protocol.md: the boundary in force, ...
         "isolation",
         "limits",
+        "node",  # ... and this daemon's node id, the live nodes of its cluster (none here)
+        "nodes",
     }
+    assert isinstance(info["node"], str) and info["node"] and info["nodes"] is None
     assert info["boundary"] in ("cgroup2", "cgroup1", "markers")
     assert info["isolation"] == ("dynamic" if os.geteuid() == 0 else "none (daemon not root)")
     assert set(info["limits"]) == {"memory_max", "pids_max", "cpu_max"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed
 
 from sandboxd.events import types as ev
-from sandboxd.gateway import connection, ops
+from sandboxd.gateway import connection, fanout, ops
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.errors import translate
@@ -436,22 +437,69 @@ async def test_the_writer_takes_replies_ahead_of_subscription_frames() -> None:
     assert not lanes.put_nowait(connection.REPLIES, ("late", 1))  # the writer is gone
 
 
-async def test_the_pacer_wakes_each_group_in_turn(autojump_clock: trio.testing.MockClock) -> None:
-    pacer = connection.Pacer(0.1)
-    assert [pacer.group() for _ in range(12)] == [*range(10), 0, 1]
-    woken: list[tuple[int, float]] = []
+async def test_the_fan_out_serves_each_group_in_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fan_out = fanout.FanOut(0.1)
+    assert [fan_out.group() for _ in range(12)] == [*range(10), 0, 1]
+    served: list[tuple[int, float]] = []
+    woken: list[int] = []
+
+    def deliver(group: int) -> bool:
+        # Stays parked on its first turn (it "sent" from there), woken on its second.
+        served.append((group, round(trio.current_time() - started, 3)))
+        return sum(g == group for g, _ in served) == 2
 
     async def pump(group: int) -> None:
-        for _ in range(2):
-            await pacer.wait(group)
-            woken.append((group, round(trio.current_time() - started, 3)))
+        await fan_out.park(object(), group, partial(deliver, group))
+        woken.append(group)
 
     async with trio.open_nursery() as nursery:
         started = trio.current_time()
-        nursery.start_soon(pacer.run)
+        nursery.start_soon(fan_out.run)
         async with trio.open_nursery() as pumps:
             for group in (7, 0, 3):
                 pumps.start_soon(pump, group)
         nursery.cancel_scope.cancel()
-    # One tick every 10 ms, the groups in turn: each pump once per 100 ms.
-    assert woken == [(0, 0.01), (3, 0.04), (7, 0.08), (0, 0.11), (3, 0.14), (7, 0.18)]
+    # One group every 10 ms, in turn: each parked pump served once per 100 ms, and
+    # woken (its task scheduled again) only when its delivery asks for it.
+    assert served == [(0, 0.01), (3, 0.04), (7, 0.08), (0, 0.11), (3, 0.14), (7, 0.18)]
+    assert woken == [0, 3, 7]
+    assert fan_out.woken == 3 and fan_out.parked == 0
+
+
+async def test_a_parked_pump_cancelled_leaves_the_fan_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fan_out = fanout.FanOut(0.1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fan_out.run)
+        with trio.move_on_after(0.25):
+            await fan_out.park(object(), 0, lambda: False)
+        assert fan_out.parked == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_delivery_that_raises_wakes_its_pump_and_the_fan_out_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fan_out = fanout.FanOut(0.1)
+    turns: list[str] = []
+
+    def broken() -> bool:
+        turns.append("broken")
+        raise RuntimeError("a bug")
+
+    def fine() -> bool:
+        turns.append("fine")
+        return len(turns) >= 4
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fan_out.run)
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(fan_out.park, object(), 0, broken)
+            pumps.start_soon(fan_out.park, object(), 0, fine)
+        nursery.cancel_scope.cancel()
+    assert turns.count("broken") == 1 and turns.count("fine") >= 1
+    assert fan_out.woken == 2 and fan_out.parked == 0
+    assert "its pump takes over" in caplog.text
