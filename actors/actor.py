@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -22,7 +23,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from sandboxd.actors import health, output, proctree
+from sandboxd.actors import health, output, proctree, restarts
 from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.boundary.cgroups import CgroupError
 from sandboxd.actors.boundary.confine import Confinement, ConfinementError
@@ -41,6 +42,7 @@ from sandboxd.actors.mailbox import (
     Exited,
     Healthy,
     IdleCheck,
+    Lost,
     Message,
     Notice,
     Pause,
@@ -114,6 +116,7 @@ class SandboxActor:
         *,
         owner: str | None,
         tree: SandboxTree | None = None,
+        lost: bool = False,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.spec = spec
@@ -138,6 +141,9 @@ class SandboxActor:
         self._starting: Reply[SandboxRecord] | None = None
         self._readiness: trio.CancelScope | None = None
         self._liveness: trio.CancelScope | None = None
+        self._exit_watch: trio.CancelScope | None = None
+        #: Recovery just marked it MISSING (adopted): a failure, to its restart policy.
+        self._lost = lost
         self._nursery: trio.Nursery | None = None
         self._done = False  # deleted, or never created: the actor ends
 
@@ -201,6 +207,8 @@ class SandboxActor:
                 self._identity = self._ctx.boundary.identity(record.uid)
                 self._tree = self._tree or self._ctx.boundary.adopted_tree(self.sandbox_id)
                 self._watch_again(record)
+                if self._lost:
+                    nursery.start_soon(self._post, Lost())
             task_status.started()
             try:
                 await self._serve()
@@ -237,19 +245,29 @@ class SandboxActor:
         match message:
             case Start():
                 await self._start(message)
-            case Pause(by=by, reply=reply):
+            case Pause(by=by, reason=reason, reply=reply):
                 await self._answer(
                     reply,
                     self._move(
-                        by, Status.RUNNING, Status.PAUSED, SandboxTree.pause, SandboxTree.resume
+                        by,
+                        Status.RUNNING,
+                        ev.SandboxPaused(reason),
+                        SandboxTree.pause,
+                        SandboxTree.resume,
                     ),
                     "pause",
                 )
+            case Resume(by=by, reply=reply) if self._gone(self._ctx.state):
+                await self._resume_gone(by, reply)
             case Resume(by=by, reply=reply):
                 await self._answer(
                     reply,
                     self._move(
-                        by, Status.PAUSED, Status.RUNNING, SandboxTree.resume, SandboxTree.pause
+                        by,
+                        Status.PAUSED,
+                        ev.SandboxResumed(),
+                        SandboxTree.resume,
+                        SandboxTree.pause,
                     ),
                     "resume",
                 )
@@ -378,6 +396,7 @@ class SandboxActor:
         try:
             fd = await trio.to_thread.run_sync(
                 _prepare,
+                self.record.restarts == 0,  # a restart keeps what its sandbox made
                 Path(self.record.working_dir),
                 Path(launch.cwd),
                 self._identity,
@@ -395,7 +414,8 @@ class SandboxActor:
         self._child = child
         self._process = child.id
         self._oom_before = tree.oom_kills()
-        self._nursery.start_soon(self._watch_exit, child, tree)
+        self._exit_watch = trio.CancelScope()
+        self._nursery.start_soon(self._watch_exit, child, tree, self._exit_watch)
         # Probing may begin while its event is written: RUNNING is recorded only once this
         # handler is done (the actor takes one message at a time), so after process_started.
         self._start_readiness()
@@ -427,8 +447,24 @@ class SandboxActor:
         else:
             reply.send(result)
 
-    async def _fail_start(self, reason: str, exit_code: int | None) -> None:
+    async def _fail_start(
+        self, reason: str, exit_code: int | None, exit_signal: int | None = None
+    ) -> None:
         self._cancel_watchers()
+        if self._policy_starts_it:
+            # The restart policy's own start failed: one more failure, restarted again
+            # (one event, durable at once) unless the policy gives up.
+            why = self._gives_up()
+            if why is None:
+                await self._restart(
+                    f"restart = on-failure: {reason}",
+                    ev.RESTART_ON_FAILURE,
+                    None,
+                    exit_code,
+                    exit_signal,
+                )
+                return
+            reason = f"{reason}; {why}"
         try:
             await self._record(ev.StartFailed(reason, exit_code))
         except Unavailable as exc:
@@ -436,6 +472,136 @@ class SandboxActor:
             raise
         self._process = None
         self._answer_start(self.record)
+
+    # -- running again ------------------------------------------------------------------
+
+    def _gone(self, state: State) -> bool:
+        """Whether its process is gone for good: ERROR after it ended or failed to start,
+        or MISSING. Such a sandbox runs again on a resume or by its restart policy."""
+        record = state.sandboxes.get(self.sandbox_id)
+        return (
+            record is not None
+            and record.status in (Status.ERROR, Status.MISSING)
+            and record.pid is None
+            and self._process is None
+        )
+
+    async def _resume_gone(self, by: str | None, reply: Reply[SandboxRecord]) -> None:
+        """``sandbox.resume`` of a sandbox whose process is gone: its command runs again, as
+        `docker start` does, and the resume is answered as a start (RUNNING, or ERROR)."""
+        record = self.record
+        if record.spec_id != self.spec.id:
+            reply.fail(
+                Conflict(
+                    f"sandbox {record.id} cannot run again: its spec {record.spec_id!r} is no"
+                    " longer configured"
+                )
+            )
+            return
+        self._starting = reply
+        try:
+            await self._restart(
+                f"resumed by {by or 'the admin'}",
+                ev.RESTART_ON_RESUME,
+                by,
+                record.exit_code,
+                record.exit_signal,
+            )
+        except SandboxError as exc:
+            self._answer_start(exc)
+        except Exception as exc:
+            log.exception("sandbox %s: resume failed", self.sandbox_id)
+            self._answer_start(exc)
+
+    @property
+    def _restarts_on_failure(self) -> bool:
+        # A spec the config no longer has is not this one (the default stands in for it).
+        return self.spec.restart == "on-failure" and self.record.spec_id == self.spec.id
+
+    @property
+    def _policy_starts_it(self) -> bool:
+        """Whether the start under way is the restart policy's, whose failure is one more
+        failure: no client waits on it and the policy restarted the sandbox since a person
+        last started it (the start and a resume that runs it again empty that count).
+        Read from the log, so a daemon restart in the middle does not change the answer."""
+        return (
+            self._starting is None
+            and bool(self.record.failure_restarts)
+            and self._restarts_on_failure
+        )
+
+    def _gives_up(self) -> str | None:
+        """Why the restart policy restarts it no more; None if it restarts it once more."""
+        return restarts.gave_up(self.spec, self.record, time.time())
+
+    async def _restart(
+        self,
+        reason: str,
+        trigger: str,
+        by: str | None,
+        exit_code: int | None,
+        exit_signal: int | None,
+    ) -> None:
+        """Run the spec's command again, with the same id, ports, key and working dir.
+
+        ``sandbox.restarted`` (STARTING) first: if the log refuses it, nothing has
+        changed and Unavailable is raised. Then as a start: spawned, recorded,
+        readiness awaited.
+        """
+        await self._record(ev.SandboxRestarted(reason, trigger, exit_code, exit_signal), by)
+        # The process before has ended (or was ended: unhealthy, not ready in time): its
+        # exit watch, which would wait for the new tree too, ends; the child is reaped.
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+        if self._child is not None:
+            await self._child.wait()
+        self._process = None
+        self._child = None
+        await self._relaunch()
+
+    async def _relaunch(self) -> None:
+        if self._plan is None:
+            self._plan = self._replan()
+        try:
+            await self._launch()
+        except Unavailable as exc:
+            self._answer_start(exc)
+            self._retry_later(Relaunch())
+
+    def _replan(self) -> StartPlan:
+        """What its start ran, made again from the log after a daemon restart: the same
+        command, ports, key and working dir. Not the client's start ``env``, which is
+        never logged (it may hold secrets) and so does not outlive the daemon."""
+        record = self.record
+        keys = self._ctx.keys
+        placeholders = Placeholders(
+            record.named_ports,
+            record.id,
+            record.working_dir,
+            keys.key_for(record.id, record.created_seq),
+        )
+        boundary = self._ctx.boundary
+        return plan_start(
+            self.spec,
+            placeholders,
+            environ=self._ctx.environ,
+            extra_env={},
+            markers=boundary.marker_env(),
+            home=boundary.home(self._identity, record.working_dir),
+        )
+
+    async def _restart_unhealthy(self, reason: str) -> None:
+        """The restart policy's answer to an unhealthy sandbox: end its tree, run it again."""
+        self._cancel_watchers()
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()  # this exit is ours, not a failure to react to
+        if self._process is not None and self._tree is not None:
+            await self._tree.terminate(self._process, stop_timeout=self._ctx.stop_timeout)
+        if self._child is not None:
+            await self._child.wait()  # reaped: no zombie of the process it replaces
+        await self._restart(
+            f"restart = on-failure: unhealthy: {reason}", ev.RESTART_ON_FAILURE, None, None, None
+        )
 
     # -- watching -----------------------------------------------------------------------
 
@@ -447,7 +613,10 @@ class SandboxActor:
         self._process = ProcessId.from_create_time(record.pid, record.create_time)
         assert self._tree is not None
         self._oom_before = self._tree.oom_kills()
-        self._nursery.start_soon(self._watch_adopted_exit, self._process, self._tree)
+        self._exit_watch = trio.CancelScope()
+        self._nursery.start_soon(
+            self._watch_adopted_exit, self._process, self._tree, self._exit_watch
+        )
         if record.status is Status.STARTING:
             self._start_readiness()
         else:
@@ -494,17 +663,21 @@ class SandboxActor:
                 elif failures == self._ctx.unhealthy_after:
                     await self._post(Unhealthy(f"{failures} health checks in a row got no 200"))
 
-    async def _watch_exit(self, child: Child, tree: SandboxTree) -> None:
+    async def _watch_exit(self, child: Child, tree: SandboxTree, scope: trio.CancelScope) -> None:
         # The main process's end, then the tree's: with a cgroup, the sandbox lives
         # as long as any of its processes does (a server its main process left running).
-        status = await child.wait()
-        await tree.wait_gone()
-        await self._post(Exited(child.id, status))
+        with scope:
+            status = await child.wait()
+            await tree.wait_gone()
+            await self._post(Exited(child.id, status))
 
-    async def _watch_adopted_exit(self, adopted: ProcessId, tree: SandboxTree) -> None:
-        status = await proctree.wait_for_exit(adopted)
-        await tree.wait_gone()
-        await self._post(Exited(adopted, status or ExitStatus(None, None)))
+    async def _watch_adopted_exit(
+        self, adopted: ProcessId, tree: SandboxTree, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            status = await proctree.wait_for_exit(adopted)
+            await tree.wait_gone()
+            await self._post(Exited(adopted, status or ExitStatus(None, None)))
 
     def _cancel_watchers(self) -> None:
         for scope in (self._readiness, self._liveness):
@@ -560,22 +733,60 @@ class SandboxActor:
                     tail, _ = await trio.to_thread.run_sync(
                         self.output.tail, OUTPUT_TAIL_FOR_ERRORS
                     )
-                    await self._fail_start(_exit_reason(status, tail, oom), status.exit_code)
-                elif oom is not None:
-                    await self._record(
-                        ev.SandboxExited(
-                            status.exit_code, status.signal, reason="oom", memory_max=oom.limit
-                        )
+                    await self._fail_start(
+                        _exit_reason(status, tail, oom), status.exit_code, status.signal
                     )
-                else:
-                    await self._record(ev.SandboxExited(status.exit_code, status.signal))
+                    return
+                failed = restarts.is_failure(status.exit_code, status.signal)
+                why = self._gives_up() if failed and self._restarts_on_failure else None
+                if failed and self._restarts_on_failure and why is None:
+                    # One event: the exit and the restart it causes are durable together.
+                    await self._restart(
+                        f"restart = on-failure: {_ended(status, oom)}",
+                        ev.RESTART_ON_FAILURE,
+                        None,
+                        status.exit_code,
+                        status.signal,
+                    )
+                    return
+                await self._record(
+                    ev.SandboxExited(
+                        status.exit_code,
+                        status.signal,
+                        reason=None if oom is None else "oom",
+                        memory_max=None if oom is None else oom.limit,
+                        restart=why,
+                    )
+                )
                 self._process = None  # only now: if the log refused the event, a retry sees it
             case Unhealthy(reason=reason) if record.status is Status.RUNNING:
+                why = self._gives_up() if self._restarts_on_failure else None
+                if why is not None:
+                    reason = f"{reason}; {why}"
                 await self._record(ev.SandboxUnhealthy(reason))
+                if self._restarts_on_failure and why is None:
+                    await self._restart_unhealthy(reason)
+            case Unhealthy(reason=reason) if (
+                record.status is Status.ERROR
+                and record.pid is not None
+                and self._restarts_on_failure
+                and self._gives_up() is None
+            ):
+                # Unhealthy already recorded (a daemon stopped before restarting it).
+                await self._restart_unhealthy(reason)
+            case Lost() if (
+                record.status is Status.MISSING
+                and self._process is None
+                and self._restarts_on_failure
+                and self._gives_up() is None
+            ):
+                await self._restart(
+                    f"restart = on-failure: {record.error}", ev.RESTART_ON_FAILURE, None, None, None
+                )
             case Healthy() if record.status is Status.ERROR and record.pid is not None:
                 await self._record(ev.SandboxHealthy())
             case Relaunch() if starting and record.pid is None and self._process is None:
-                await self._launch()
+                await self._relaunch()
             case IdleCheck(verdict=verdict) if (
                 record.status is Status.RUNNING and record.version == verdict.version
             ):
@@ -616,10 +827,9 @@ class SandboxActor:
             await self._move(
                 None,
                 Status.RUNNING,
-                Status.PAUSED,
+                ev.SandboxPaused(verdict.expired),
                 SandboxTree.pause,
                 SandboxTree.resume,
-                reason=verdict.expired,
             )
 
     # -- commands -----------------------------------------------------------------------
@@ -628,19 +838,18 @@ class SandboxActor:
         self,
         by: str | None,
         source: Status,
-        target: Status,
+        event: ev.SandboxPaused | ev.SandboxResumed,
         act: Callable[[SandboxTree, ProcessId], Awaitable[None]],
         undo: Callable[[SandboxTree, ProcessId], Awaitable[None]],
-        *,
-        reason: str | None = None,
     ) -> SandboxRecord:
-        """Take the whole tree from ``source`` to ``target``: act, then record.
+        """Take the whole tree from ``source`` to the status ``event`` records: act, then
+        record.
 
-        Already at ``target`` is a no-op, as protocol.md says. If the log cannot
+        Already at that status is a no-op, as protocol.md says. If the log cannot
         record the change, the tree is put back, as if the op was never asked.
-        ``reason``: why the daemon itself moves it (a policy), for the pause's event.
         """
         record = self.record
+        target = Status.PAUSED if isinstance(event, ev.SandboxPaused) else Status.RUNNING
         if record.status is target:
             return record
         if record.status is not source or self._process is None or self._tree is None:
@@ -649,9 +858,6 @@ class SandboxActor:
             )
         await act(self._tree, self._process)
         try:
-            event = _EVENT_FOR[target]
-            if reason is not None and isinstance(event, ev.SandboxPaused):
-                event = ev.SandboxPaused(reason=reason)
             await self._record(event, by)
         except Unavailable:
             await undo(self._tree, self._process)
@@ -676,13 +882,6 @@ class SandboxActor:
         return True
 
 
-#: What records a move of the whole tree into a status (see ``SandboxActor._move``).
-_EVENT_FOR: dict[Status, ev.Payload] = {
-    Status.PAUSED: ev.SandboxPaused(),
-    Status.RUNNING: ev.SandboxResumed(),
-}
-
-
 @attrs.frozen
 class OutOfMemory:
     """The OOM killer ended the sandbox's main process, under this memory limit (bytes)."""
@@ -692,6 +891,17 @@ class OutOfMemory:
     def __str__(self) -> str:
         limit = "" if self.limit is None else f" (limit {format_bytes(self.limit)})"
         return f"killed: out of memory{limit}"
+
+
+def _ended(status: ExitStatus, oom: OutOfMemory | None) -> str:
+    """How a running process ended, in the words of a restart's reason."""
+    if oom is not None:
+        return str(oom)
+    if status.signal is not None:
+        return f"the process was killed by signal {status.signal}"
+    if status.exit_code is None:
+        return "the process exited (its exit status is unknown: it was adopted)"
+    return f"the process exited with code {status.exit_code}"
 
 
 def _exit_reason(status: ExitStatus, output_tail: str, oom: OutOfMemory | None = None) -> str:
@@ -706,19 +916,21 @@ def _exit_reason(status: ExitStatus, output_tail: str, oom: OutOfMemory | None =
 
 
 def _prepare(
+    fresh: bool,
     working_dir: Path,
     cwd: Path,
     identity: Identity | None,
     output_file: output.OutputFile,
     output_cap_bytes: int,
 ) -> int:
-    """The sandbox's own fresh directory (its uid's, 0700), the spec's working_dir if it
-    names one, and the descriptor of its output file: everything a spawn needs from the
-    disk, in one thread hop."""
-    if os.path.lexists(working_dir):
+    """The sandbox's own directory (its uid's, 0700): ``fresh`` for a first start, kept as
+    its processes left it for a restart; the spec's working_dir if it names one; and the
+    descriptor of its output file: everything a spawn needs from the disk, in one hop."""
+    if fresh and os.path.lexists(working_dir):
         remove_tree(working_dir)  # a leftover of an interrupted start: never reuse its files
-    working_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-    make_working_dir(working_dir, identity)
+    if fresh or not os.path.isdir(working_dir):
+        working_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        make_working_dir(working_dir, identity)
     if cwd != working_dir and not cwd.exists():
         # The spec's own place, made for it if missing (and then the sandbox's), never removed.
         cwd.mkdir(mode=0o700, parents=True, exist_ok=True)

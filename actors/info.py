@@ -38,6 +38,9 @@ class SandboxInfo:
     #: Read from its cgroup for sandbox.get only (null in search and batch_get: four
     #: file reads per sandbox would break search's bound), null under markers.
     usage: Usage | None = None
+    #: How many times its command was run again (sandbox.restarted: a resume of a
+    #: sandbox whose process was gone, or its restart policy), since it was created.
+    restarts: int = 0
     #: The node that runs it (docs/cluster.md); null for one recorded before nodes.
     node: str | None = None
 
@@ -71,6 +74,7 @@ def sandbox_info(
         labels=record.labels,
         idle_since=record.idle_since,
         usage=usage,
+        restarts=record.restarts,
         node=record.node,
     )
 

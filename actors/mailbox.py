@@ -92,11 +92,16 @@ class Start:
 @attrs.frozen(eq=False)
 class Pause:
     by: str | None
+    #: Why, when the daemon pauses it by itself (``sandbox.paused``'s reason).
+    reason: str | None = None
     reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
 
 
 @attrs.frozen(eq=False)
 class Resume:
+    """Resume a PAUSED sandbox; one whose process is gone (ERROR after it ended or failed to
+    start, MISSING) runs its command again, and is answered as a start is."""
+
     by: str | None
     reply: Reply[SandboxRecord] = attrs.field(factory=Reply, repr=False)
 
@@ -148,6 +153,13 @@ class Healthy:
 
 
 @attrs.frozen
+class Lost:
+    """Recovery found the sandbox's process gone (MISSING): a failure, to its restart policy."""
+
+    attempt: int = 0
+
+
+@attrs.frozen
 class Relaunch:
     """Start the process again: the last one was undone because the log refused its event."""
 
@@ -165,6 +177,6 @@ class IdleCheck:
     handled: trio.Event = attrs.field(factory=trio.Event, eq=False, repr=False)
 
 
-Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Relaunch | IdleCheck
+Notice = Ready | ReadyTimeout | Exited | Unhealthy | Healthy | Lost | Relaunch | IdleCheck
 
 Message = Command | Notice

@@ -284,6 +284,9 @@ async def recover(registry: Registry) -> RecoveryReport:
         await _match_pause_state(registry, verdict)
 
     events: list[tuple[str, ev.Payload]] = []
+    #: Newly MISSING that ran or were starting: a failure, to a restart policy (a PAUSED
+    #: one stays as the client left it).
+    lost: set[str] = set()
     for verdict in verdicts:
         record = verdict.record
         if verdict.main is not None:
@@ -291,6 +294,8 @@ async def recover(registry: Registry) -> RecoveryReport:
         elif record.pid is not None or record.status in PROMISE_A_PROCESS:
             reason = _missing_reason(record, len(verdict.strays) or killed.get(record.id, 0))
             events.append((record.id, ev.SandboxMissing(reason)))
+            if record.status is not Status.PAUSED:
+                lost.add(record.id)
         elif verdict.strays:
             log.warning(
                 "sandbox %s (%s): ended %d leftover processes",
@@ -302,7 +307,8 @@ async def recover(registry: Registry) -> RecoveryReport:
         await registry.record_events(events[i : i + BATCH])
 
     for verdict in verdicts:
-        registry.adopt(state.sandboxes[verdict.record.id], tree=verdict.tree)
+        sandbox_id = verdict.record.id
+        registry.adopt(state.sandboxes[sandbox_id], tree=verdict.tree, lost=sandbox_id in lost)
     await trio.lowlevel.checkpoint()
     await registry.hold_unknown_uids()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
@@ -49,6 +50,9 @@ from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.projection import SandboxRecord, State, Status
 
 log = logging.getLogger(__name__)
+
+#: A fault a test asks of a daemon it runs (never set in production): see _pause_for_room.
+_FAULT = os.environ.get("SANDBOXD_TEST_FAULT")
 
 MAX_PAGE = 100
 #: Seconds between checks of every sandbox's output size: one thread hop per sweep for
@@ -95,6 +99,11 @@ class Registry:
         #: deletion is durable: what the limits count and what ids conflict with.
         self._actors: dict[str, SandboxActor] = {}
         self._closed = False
+        #: Sandboxes being paused to make room (on_full = "pause_oldest"): no longer
+        #: counted as running, never chosen twice.
+        self._yielding: set[str] = set()
+        #: Sandboxes being resumed (or run again): counted as running already.
+        self._resuming: set[str] = set()
         self._uids_draining = trio.Event()
         #: Every sandbox's output file, reached through this directory's descriptor.
         self.outputs = output.OutputDir(config.state_dir / "output")
@@ -238,9 +247,11 @@ class Registry:
         elif sandbox_id in self._actors or sandbox_id in self.state.sandboxes:
             raise Conflict(f"sandbox id {sandbox_id!r} is taken")
         self._check_limits(caller, creator)
+        victims = self._make_room(creator, sandbox_id)
         try:
             ports = self.ports.reserve_many(len(spec.ports))
         except PortsExhausted:
+            self._yielding.difference_update(victims)
             raise LimitExceeded(
                 f"port_range has fewer than {len(spec.ports)} free ports, which spec"
                 f" {spec.id} needs"
@@ -252,6 +263,7 @@ class Registry:
         except UidPoolExhausted as exc:
             for port in ports:
                 self.ports.release(port)
+            self._yielding.difference_update(victims)
             raise LimitExceeded(str(exc)) from None
         # From the checks to here, no checkpoint: concurrent starts see this one's id,
         # ports, uid and place in the limits. The actor owns the rest, sandbox.created first.
@@ -262,6 +274,15 @@ class Registry:
             ev.NamedPort(name, port) for name, port in zip(spec.ports, ports, strict=True)
         )
         start = Start(caller.id, named, working_dir, uid, dict(env or {}), wait, dict(labels or {}))
+        if victims:
+            # The room first, then the start: until it is made, the actor holds the
+            # id, ports and uid (and counts as running) with nothing to do.
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._pause_for_room(caller, victims, sandbox_id)
+            except BaseException:
+                self._release(sandbox_id, ports)
+                raise
         actor.enqueue(start)
         with trio.CancelScope(shield=True):  # an actor with its start queued must run
             await self._nursery.start(self._run_actor, actor, False)
@@ -293,6 +314,94 @@ class Registry:
                 f"user {owner} has {mine} sandboxes, the limit max_sandboxes_per_user is "
                 f"{self.config.max_sandboxes_per_user}"
             )
+
+    # -- making room (max_running, on_full) --------------------------------------------
+
+    def _runs(self, sandbox_id: str, record: SandboxRecord | None) -> bool:
+        """Whether the sandbox counts against max_running: STARTING, RUNNING, or unhealthy
+        with its process alive; one being created or resumed too; not one being paused."""
+        if sandbox_id in self._yielding:
+            return False
+        if record is None or sandbox_id in self._resuming:
+            return True  # its creation or resume is under way
+        return record.status is Status.STARTING or (
+            record.pid is not None and record.status is not Status.PAUSED
+        )
+
+    def _make_room(self, owner: str | None, sandbox_id: str) -> list[str]:
+        """The sandboxes of ``owner`` to pause so that one more of its own runs (the
+        oldest RUNNING first), marked as yielding; [] if it fits. LimitExceeded under
+        on_full = "refuse", or if too few of its sandboxes are RUNNING to pause.
+
+        Synchronous: what it counts and marks, no other start or resume sees half-done.
+        One pass over the sandboxes (creation order is the map's), microseconds at 1,000.
+        """
+        limit = self.config.max_running
+        if limit is None:
+            return []
+        state = self.state.sandboxes
+        running = [
+            i
+            for i, actor in self._actors.items()
+            if actor.owner == owner and i != sandbox_id and self._runs(i, state.get(i))
+        ]
+        excess = len(running) + 1 - limit
+        if excess <= 0:
+            return []
+        whose = "the admin" if owner is None else f"user {owner}"
+        if self.config.on_full == "refuse":
+            raise LimitExceeded(
+                f"{whose} has {len(running)} sandboxes running, the limit max_running is"
+                f" {limit}; pause or delete one first"
+            )
+        oldest = [
+            r.id
+            for r in state.values()
+            if r.created_by_user_id == owner
+            and r.status is Status.RUNNING
+            and r.id != sandbox_id
+            and r.id in self._actors
+            and r.id not in self._yielding
+            and r.id not in self._resuming
+        ][:excess]
+        if len(oldest) < excess:
+            raise LimitExceeded(
+                f"{whose} has {len(running)} sandboxes running, the limit max_running is"
+                f" {limit}, and too few of them are RUNNING to pause for room (the others"
+                " are starting or being paused)"
+            )
+        self._yielding.update(oldest)
+        return oldest
+
+    async def _pause_for_room(self, caller: Caller, victims: list[str], for_id: str) -> None:
+        """Pause ``victims`` (concurrently), each ``sandbox.paused`` with the reason "make
+        room for ``for_id``". One that stopped running meanwhile (exited, deleted) made its
+        room too; any other failure fails the start or resume that asked for the room."""
+        failures: list[Exception] = []
+
+        async def pause(victim: str) -> None:
+            actor = self._actors.get(victim)
+            try:
+                if actor is None:
+                    return  # deleted meanwhile: its room is free
+                await actor.ask(Pause(caller.id, reason=f"make room for {for_id}"))
+            except (Conflict, NotFound):
+                return  # no longer RUNNING: room made all the same
+            except Exception as exc:
+                failures.append(exc)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for victim in victims:
+                    nursery.start_soon(pause, victim)
+        finally:
+            self._yielding.difference_update(victims)
+        if failures:
+            raise failures[0]
+        if _FAULT == "stop-after-make-room":
+            # Test-only: the daemon stops itself (SIGSTOP) with the room made and the
+            # start not begun, so that a test can kill -9 it exactly there.
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def _count_of(self, owner: str | None) -> int:
         return sum(1 for actor in self._actors.values() if actor.owner == owner)
@@ -337,12 +446,16 @@ class Registry:
         """Whether this daemon has an actor for the sandbox (it runs, or is kept for delete)."""
         return sandbox_id in self._actors
 
-    def adopt(self, record: SandboxRecord, *, tree: SandboxTree | None = None) -> None:
+    def adopt(
+        self, record: SandboxRecord, *, tree: SandboxTree | None = None, lost: bool = False
+    ) -> None:
         """Take back a sandbox the log knows of: watch its process again, or keep it for delete.
 
         ``tree``: what holds its processes, if not the boundary's own (recovery found
-        its process outside any cgroup). The actor's task starts soon (at the
-        caller's next checkpoint); commands sent before then wait in its mailbox.
+        its process outside any cgroup). ``lost``: recovery found its process gone
+        and marked it MISSING (its restart policy may run it again). The actor's
+        task starts soon (at the caller's next checkpoint); commands sent before
+        then wait in its mailbox.
         """
         spec = self.specs.get(record.spec_id) or self.default_spec
         for named in record.named_ports:
@@ -350,7 +463,7 @@ class Registry:
         self.keys.remember(record.id, record.created_seq)
         self.boundary.assign_uid(record.id, record.uid)
         actor = SandboxActor(
-            record.id, spec, self._context, owner=record.created_by_user_id, tree=tree
+            record.id, spec, self._context, owner=record.created_by_user_id, tree=tree, lost=lost
         )
         self._actors[record.id] = actor
         self._nursery.start_soon(self._run_actor, actor, True)
@@ -482,8 +595,33 @@ class Registry:
         return self._info(record)
 
     async def resume(self, caller: Caller, sandbox_id: str) -> SandboxInfo:
-        record = await self._visible_actor(caller, sandbox_id).ask(Resume(caller.id))
-        return self._info(record)
+        """RUNNING again: a PAUSED sandbox thawed, one whose process is gone run again.
+
+        Under max_running, it counts as running from here on; with on_full =
+        "pause_oldest", the oldest RUNNING sandboxes of its owner are paused first.
+        """
+        actor = self._visible_actor(caller, sandbox_id)
+        record = self.state.sandboxes[sandbox_id]
+        counted = (
+            self._runs(sandbox_id, record)
+            or sandbox_id in self._yielding
+            # A gone one whose spec is no longer configured cannot run: the actor says so.
+            or (record.status is not Status.PAUSED and record.spec_id not in self.specs)
+        )
+        victims = [] if counted else self._make_room(actor.owner, sandbox_id)
+        if not counted:
+            self._resuming.add(sandbox_id)
+        try:
+            if victims:
+                with trio.CancelScope(shield=True):
+                    await self._pause_for_room(caller, victims, sandbox_id)
+            record = await actor.ask(Resume(caller.id))
+        finally:
+            self._resuming.discard(sandbox_id)
+        info = self._info(record)
+        if info.status is Status.ERROR:
+            raise StartFailed(f"sandbox {sandbox_id} did not start again: {info.error}", info)
+        return info
 
     async def delete(self, caller: Caller, sandbox_id: str) -> bool:
         return await self._visible_actor(caller, sandbox_id).ask(Delete(caller.id))

@@ -30,6 +30,12 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 PORT_PLACEHOLDER_PREFIX = "port_"
 #: What a port may be called: a name that ``SANDBOX_PORT_<NAME>`` and ``{port_NAME}`` can carry.
 PORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: The values of a spec's ``restart``.
+RESTART_POLICIES = ("no", "on-failure")
+#: At most this many restarts on failure in this many seconds (systemd's StartLimitBurst
+#: and StartLimitIntervalSec, Erlang supervisors' intensity and period), by default.
+DEFAULT_RESTART_MAX = 3
+DEFAULT_RESTART_WINDOW = 60.0
 #: The ports a spec names when it names none: the one its health check asks, the agent server's.
 DEFAULT_PORTS = ("AGENT_SERVER",)
 
@@ -54,6 +60,13 @@ class SpecConfig:
     idle_timeout: float | None = None
     on_idle: Literal["pause", "delete"] = "pause"
     idle_cpu_seconds: float = 0.5
+    #: "on-failure": run the command again when its process fails (ends with a code other
+    #: than 0 or by a signal, turns unhealthy, or is gone after a daemon restart), at most
+    #: ``restart_max`` times in ``restart_window`` seconds, then ERROR. "no": never.
+    #: See actors/restarts.py.
+    restart: str = "no"
+    restart_max: int = DEFAULT_RESTART_MAX
+    restart_window: float = DEFAULT_RESTART_WINDOW
     created_at: str = attrs.Factory(now_ts)
 
     def placeholders(self) -> frozenset[str]:

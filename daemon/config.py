@@ -29,10 +29,12 @@ from sandboxd.actors.specs import (
     PLACEHOLDERS,
     PORT_NAME,
     PORT_PLACEHOLDER_PREFIX,
+    RESTART_POLICIES,
     SpecConfig,
     default_spec,
 )
 from sandboxd.events.nats.settings import STREAM_NAME, NatsSettings
+from sandboxd.events.projection import MAX_FAILURE_RESTARTS
 
 T = TypeVar("T")
 
@@ -94,6 +96,11 @@ class Config:
     max_sandboxes: int = DEFAULT_MAX_SANDBOXES
     max_sandboxes_per_user: int = 100
     on_shutdown: Literal["keep", "stop"] = "keep"
+    #: Sandboxes one user (the admin: those it owns) may have running at once; None: no
+    #: limit. A start or resume past it is refused, or first pauses the user's oldest
+    #: RUNNING ones (on_full).
+    max_running: int | None = None
+    on_full: Literal["refuse", "pause_oldest"] = "refuse"
     # The boundary (docs/boundary.md), kept as written; see boundary_settings.
     cgroup: Literal["auto", "off"] | Path = "auto"
     run_as: str | None = None  # None: "dynamic" when the daemon is root, else "daemon"
@@ -165,10 +172,12 @@ def _interval(key: str, value: Any, *, low: float, high: float) -> float:
     return seconds
 
 
-def _count(key: str, value: Any, *, minimum: int = 1) -> int:
+def _count(key: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
     _expect(key, value, int, "an integer")
     if value < minimum:
         raise ConfigError(f"{key} must be at least {minimum}, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be at most {maximum}, not {value!r}")
     return int(value)
 
 
@@ -304,6 +313,8 @@ _SANDBOXES = {
     "max_sandboxes": _count,
     "max_sandboxes_per_user": _count,
     "on_shutdown": lambda k, v: _choice(k, v, ("keep", "stop")),
+    "max_running": _count,
+    "on_full": lambda k, v: _choice(k, v, ("refuse", "pause_oldest")),
     "output_cap_bytes": lambda k, v: _count(k, v, minimum=4096),
     "unhealthy_after": _count,
     "shutdown_grace": lambda k, v: _number(k, v, minimum=0),
@@ -409,6 +420,9 @@ _SPEC = {
     "idle_timeout": lambda k, v: _number(k, v, minimum=0, allow_min=False),
     "on_idle": lambda k, v: _choice(k, v, ("pause", "delete")),
     "idle_cpu_seconds": lambda k, v: _number(k, v, minimum=0, allow_min=False),
+    "restart": lambda k, v: _choice(k, v, RESTART_POLICIES),
+    "restart_max": lambda k, v: _count(k, v, maximum=MAX_FAILURE_RESTARTS),
+    "restart_window": lambda k, v: _number(k, v, minimum=0, allow_min=False),
 }
 #: The spec keys that make its Limits.
 _LIMIT_KEYS = ("memory_max", "pids_max", "cpu_max")

@@ -63,6 +63,17 @@ class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
     #: Every port it holds, by name, ``port`` first; empty for a sandbox created before
     #: named ports (see ``named_ports``).
     ports: tuple[ev.NamedPort, ...] = ()
+    #: How its last process ended, where known (sandbox.exited, sandbox.start_failed).
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    #: How many times its command was run again (sandbox.restarted, for any reason).
+    restarts: int = 0
+    #: When the restart policy last restarted it (the ``ts`` of its on-failure
+    #: ``sandbox.restarted`` events, oldest first, the latest MAX_FAILURE_RESTARTS
+    #: only): the window of ``restart_max`` in ``restart_window`` is counted from
+    #: the log, so a daemon restart neither forgets nor resets it. A resume's
+    #: restart (a person stepped in) empties it.
+    failure_restarts: tuple[str, ...] = ()
     #: The node that owns it (sandbox.created); None: a record older than nodes.
     node: str | None = None
     #: While MISSING because its node was lost: the status it had, which adopting it
@@ -83,6 +94,10 @@ class SandboxRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
         """Every port it holds, by name: one created before named ports held ``port`` alone,
         the agent server's."""
         return self.ports or (ev.NamedPort("AGENT_SERVER", self.port),)
+
+
+#: The most on-failure restarts a record remembers: the bound of ``restart_max``.
+MAX_FAILURE_RESTARTS = 100
 
 
 class Incarnation(NamedTuple):
@@ -186,6 +201,8 @@ def _start_failed(record: SandboxRecord, data: ev.StartFailed, ts: str, seq: int
         error=data.reason,
         pid=None,
         pgid=None,
+        exit_code=data.exit_code,
+        exit_signal=None,
         updated_at=ts,
         version=seq,
         idle_since=None,
@@ -213,12 +230,39 @@ def _unhealthy(
 
 
 def _exited(record: SandboxRecord, data: ev.SandboxExited, ts: str, seq: int) -> SandboxRecord:
+    error = _exit_reason(data)
+    if data.restart is not None:
+        error += f"; {data.restart}"  # the restart policy gave up
     return _evolve(
         record,
         status=Status.ERROR,
-        error=_exit_reason(data),
+        error=error,
         pid=None,
         pgid=None,
+        exit_code=data.exit_code,
+        exit_signal=data.signal,
+        updated_at=ts,
+        version=seq,
+        idle_since=None,
+    )
+
+
+def _restarted(
+    record: SandboxRecord, data: ev.SandboxRestarted, ts: str, seq: int
+) -> SandboxRecord:
+    if data.trigger == ev.RESTART_ON_FAILURE:
+        recent = (*record.failure_restarts, ts)[-MAX_FAILURE_RESTARTS:]
+    else:
+        recent = ()  # a person stepped in: the policy's count starts again
+    return _evolve(
+        record,
+        status=Status.STARTING,
+        error=None,
+        pid=None,
+        pgid=None,
+        create_time=None,
+        restarts=record.restarts + 1,
+        failure_restarts=recent,
         updated_at=ts,
         version=seq,
         idle_since=None,
@@ -299,6 +343,7 @@ _TRANSITIONS: dict[type[ev.Payload], _Transition] = {
     ev.SandboxDeleted: _deleted,
     ev.SandboxIdle: _idle,
     ev.SandboxActive: _active,
+    ev.SandboxRestarted: _restarted,
 }
 
 

@@ -87,7 +87,9 @@ class StartFailed(_Payload, frozen=True, gc=False):
 
 class SandboxPaused(_Payload, frozen=True, gc=False):
     TYPE: ClassVar[str] = "sandbox.paused"
-    #: Why the daemon paused it on its own (a policy: "idle since ..."); None: a user asked.
+    #: Why the daemon paused it on its own (a policy: "make room for ID" with on_full =
+    #: "pause_oldest", "idle since ..." with on_idle = "pause"); None: a client's pause, and
+    #: records older than policies.
     reason: str | None = None
 
 
@@ -111,6 +113,28 @@ class SandboxExited(_Payload, frozen=True, gc=False):
     #: "oom": the OOM killer ended it (its cgroup's memory limit was reached).
     reason: str | None = None
     memory_max: int | None = None  # with reason "oom": the limit in force, in bytes
+    #: The restart policy's verdict when it gave up on the sandbox ("restart = on-failure
+    #: gave up: ..."); None when it has none, or did not give up.
+    restart: str | None = None
+
+
+#: ``SandboxRestarted.trigger``: a client's resume of a sandbox whose process is gone.
+RESTART_ON_RESUME = "resume"
+#: ``SandboxRestarted.trigger``: the spec's ``restart = "on-failure"``, after a failure.
+RESTART_ON_FAILURE = "on-failure"
+
+
+class SandboxRestarted(_Payload, frozen=True, gc=False):
+    """Its spec's command runs again, in the same working dir with the same id, ports and
+    session key: STARTING, then ``sandbox.process_started`` and RUNNING, as a start."""
+
+    TYPE: ClassVar[str] = "sandbox.restarted"
+    reason: str  # "resumed by USER", "restart = on-failure: the process exited with code 3"
+    trigger: str  # RESTART_ON_RESUME or RESTART_ON_FAILURE
+    #: How the process before ended, where known (None: killed for being unhealthy,
+    #: ended while the daemon was down, or never started).
+    exit_code: int | None = None
+    signal: int | None = None
 
 
 class SandboxAdopted(_Payload, frozen=True, gc=False):
@@ -177,6 +201,7 @@ Payload = (
     | SandboxDeleted
     | SandboxIdle
     | SandboxActive
+    | SandboxRestarted
     | DaemonStarted
     | DaemonStopping
 )
@@ -196,6 +221,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     SandboxDeleted,
     SandboxIdle,
     SandboxActive,
+    SandboxRestarted,
     DaemonStarted,
     DaemonStopping,
 )

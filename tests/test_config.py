@@ -287,3 +287,58 @@ def test_idle_keys() -> None:
     assert (spec.idle_timeout, spec.on_idle, spec.idle_cpu_seconds) == (600.0, "delete", 0.5)
     # The defaults: no idle timeout, and a sweep every 10 s (which then has nothing to do).
     assert Config().idle_check_interval == 10.0 and Config().specs[0].idle_timeout is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[sandboxes]\nmax_running = 0", "sandboxes.max_running must be at least 1, not 0"),
+        ("[sandboxes]\nmax_running = -3", "sandboxes.max_running must be at least 1, not -3"),
+        ("[sandboxes]\nmax_running = 1.5", "sandboxes.max_running must be an integer, not 1.5"),
+        (
+            "[sandboxes]\non_full = 'pause'",
+            "sandboxes.on_full must be one of 'refuse', 'pause_oldest', not 'pause'",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart = 'always'",
+            "specs[0].restart must be one of 'no', 'on-failure', not 'always'",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart_window = 0",
+            "specs[0].restart_window must be more than 0, not 0",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart_max = 0",
+            "specs[0].restart_max must be at least 1, not 0",
+        ),
+        (
+            "[[specs]]\nid = 'x'\ncommand = ['a']\nrestart_max = 101",
+            "specs[0].restart_max must be at most 100, not 101",
+        ),
+    ],
+)
+def test_policy_keys_are_checked_at_load(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
+def test_policy_keys() -> None:
+    assert (load_config(None).max_running, load_config(None).on_full) == (None, "refuse")
+    config = parse(
+        """
+        [sandboxes]
+        max_running = 4
+        on_full = "pause_oldest"
+        [[specs]]
+        id = "x"
+        command = ["a"]
+        restart = "on-failure"
+        restart_max = 5
+        restart_window = 30
+        """
+    )
+    assert (config.max_running, config.on_full) == (4, "pause_oldest")
+    spec = config.specs[0]
+    assert (spec.restart, spec.restart_max, spec.restart_window) == ("on-failure", 5, 30.0)
+    assert load_config(None).specs[0].restart == "no"

@@ -35,6 +35,9 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
             idle_timeout=30.0,
             on_idle="delete",
             idle_cpu_seconds=0.25,
+            restart="on-failure",
+            restart_max=7,
+            restart_window=2.5,
         ),
         SpecConfig(id="some-limits", command=("true",), limits=Limits(pids_max=3)),
     )
@@ -53,6 +56,8 @@ def test_config_toml_round_trips_every_key(tmp_path: Path) -> None:
         max_sandboxes=7,
         max_sandboxes_per_user=3,
         on_shutdown="stop",
+        max_running=2,
+        on_full="pause_oldest",
         output_cap_bytes=8192,
         unhealthy_after=5,
         shutdown_grace=0.5,

@@ -484,6 +484,12 @@ class CgroupBoundary:
         """
         limits = limits or Limits()
         cgroup = self._open.get(sandbox_id)
+        if cgroup is not None and not all(map(os.path.isdir, cgroup.dirs)):
+            # Removed while empty between two processes of the sandbox (a restart): by
+            # an operator's clean-up of empty cgroups, say. Made again, as the parents are.
+            self.watcher.unwatch(cgroup._watch)
+            del self._open[sandbox_id]
+            cgroup = None
         made: list[str] = []
         try:
             if cgroup is None:

@@ -88,6 +88,7 @@ STATUS_EVENTS: Final = [
     "sandbox.missing",
     "sandbox.paused",
     "sandbox.resumed",
+    "sandbox.restarted",
     "sandbox.deleted",
 ]
 
@@ -330,7 +331,7 @@ class SandboxdSandboxService(SandboxService):
     ) -> bool:
         """True when the sandbox exists (for this user) and the op is done, or was done
         already; False only when there is no such sandbox. A sandbox whose status does not
-        allow it (resuming an ERROR one) is SandboxError, with why."""
+        allow it (pausing a STARTING one) is SandboxError, with why."""
         if not p.valid_sandbox_id(sandbox_id):
             return False
         if self.user_id is not None and await self._get(sandbox_id) is None:

@@ -16,6 +16,7 @@ const EVENT_TYPES = [
   "sandbox.created", "sandbox.process_started", "sandbox.running", "sandbox.start_failed",
   "sandbox.paused", "sandbox.resumed", "sandbox.unhealthy", "sandbox.healthy",
   "sandbox.exited", "sandbox.adopted", "sandbox.missing", "sandbox.deleted",
+  "sandbox.restarted",
   "daemon.started", "daemon.stopping",
 ];
 const TOKEN_KEY = "sandboxd.token";

@@ -101,7 +101,8 @@ def test_version_1_records_read_as_version_2_with_the_new_fields_null(
             # and "node" and "labels", optional fields added later (docs/events.md), null too
             "sandbox.created": {"uid", "ports", "node", "labels"},
             "sandbox.process_started": {"uid"},
-            "sandbox.exited": {"reason", "memory_max"},
+            # And the optional fields added since (issue 10's policies), null too.
+            "sandbox.exited": {"reason", "memory_max", "restart"},
             "sandbox.paused": {"reason"},
         }[event_type]
     )

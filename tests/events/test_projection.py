@@ -304,3 +304,36 @@ def test_a_snapshot_older_than_labels_reads_with_none() -> None:
         del record["labels"], record["idle_since"]
     restored = state_from_dict(raw)
     assert restored.labels == {} and restored.sandboxes["a"] == state.sandboxes["a"]
+
+
+def test_a_restart_is_starting_again_and_the_policys_are_remembered_bounded() -> None:
+    created = ev.SandboxCreated("s", "alice", "/w", 30000)
+    events = [ev.Event(1, "2026-01-01T00:00:00.000000Z", "a", "alice", created)]
+
+    def add(data: ev.Payload, ts: str = "2026-01-01T00:00:01.000000Z") -> None:
+        events.append(ev.Event(len(events) + 1, ts, "a", None, data))
+
+    add(ev.ProcessStarted(5, 5, 1.5, ["x"]))
+    add(ev.SandboxExited(3, None))
+    restarted = ev.SandboxRestarted("r", ev.RESTART_ON_FAILURE, 3, None)
+    for i in range(105):
+        add(restarted, f"2026-01-01T00:01:{i % 60:02d}.{i:06d}Z")
+    state = State()
+    for event in events:
+        apply(state, event)
+    record = state.sandboxes["a"]
+    assert record.status is Status.STARTING and record.pid is None and record.error is None
+    assert record.restarts == 105 and record.exit_code == 3
+    assert len(record.failure_restarts) == 100  # the bound of restart_max
+    assert record.failure_restarts[-1] == events[-1].ts
+    assert record.failure_restarts[0] == events[-100].ts
+    # A resume's restart is a person's: the policy's count starts again.
+    add(ev.SandboxRestarted("resumed by alice", ev.RESTART_ON_RESUME))
+    apply(state, events[-1])
+    assert state.sandboxes["a"].failure_restarts == () and state.sandboxes["a"].restarts == 106
+    # Its verdict, when the policy gives up, is in the error.
+    add(ev.SandboxExited(None, 9, restart="restart = on-failure gave up: ..."))
+    apply(state, events[-1])
+    assert state.sandboxes["a"].error == (
+        "the process was killed by signal 9; restart = on-failure gave up: ..."
+    )
