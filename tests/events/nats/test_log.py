@@ -72,6 +72,9 @@ async def test_a_stale_transition_of_one_sandbox_is_refused(
         log_a = a.log
         known = log_a._last_seq_of.copy()  # what a knew before b's append
         await b.append(paused)
+        # a folds b's event in the background: wait for it, then take a back to what it
+        # knew before, so that no fold can bring it up to date under the append below.
+        await eventually(lambda: a.state.head_seq == 3, what="a to fold b's event")
         log_a._last_seq_of.update(known)
         with pytest.raises(Conflict, match="sbx-000000"):
             await log_a.append(deleted)
