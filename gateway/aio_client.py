@@ -60,6 +60,17 @@ T = TypeVar("T")
 CLOSE_TIMEOUT = 2.0
 
 
+async def _close(ws: ClientConnection | None) -> None:
+    """Close a subscription's or a follow's own connection; cancelled while closing, drop
+    it at once rather than leave it half closed."""
+    if ws is not None:
+        try:
+            await ws.close()
+        except BaseException:
+            ws.transport.abort()
+            raise
+
+
 async def _connect(url: str, token: str, *, queue: int = 16) -> ClientConnection:
     """One websocket to the daemon, or the ``ConnectError`` that says why not.
 
@@ -323,12 +334,7 @@ class LogFollow(p.LogFollowOps):
         self._closed = True
         self._client._subscriptions.discard(self)
         ws, self._ws = self._ws, None
-        if ws is not None:
-            try:
-                await ws.close()
-            except BaseException:
-                ws.transport.abort()  # cancelled while closing: drop it now
-                raise
+        await _close(ws)
 
     async def __anext__(self) -> str:
         if self._ws is None and not self._closed:
@@ -380,12 +386,7 @@ class Subscription(p.SubscriptionOps):
 
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None
-        if ws is not None:
-            try:
-                await ws.close()
-            except BaseException:
-                ws.transport.abort()  # cancelled while closing: drop it now
-                raise
+        await _close(ws)
 
     async def __anext__(self) -> Event:
         while True:

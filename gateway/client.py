@@ -101,6 +101,14 @@ T = TypeVar("T")
 # --- Connecting -------------------------------------------------------------------------
 
 
+async def _close(ws: WebSocketConnection | None) -> None:
+    """Close a subscription's or a follow's own connection, even while being cancelled
+    (shielded), and in two seconds at most: a server gone quiet holds no one longer."""
+    if ws is not None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await ws.aclose()
+
+
 async def _connect(
     nursery: trio.Nursery, url: str, token: str, *, queue: int = 16
 ) -> WebSocketConnection:
@@ -395,9 +403,7 @@ class LogFollow(p.LogFollowOps):
     async def aclose(self) -> None:
         self._closed = True
         ws, self._ws = self._ws, None
-        if ws is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await ws.aclose()
+        await _close(ws)
 
     async def __anext__(self) -> str:
         if self._ws is None and not self._closed:
@@ -452,9 +458,7 @@ class Subscription(p.SubscriptionOps):
 
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None
-        if ws is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await ws.aclose()
+        await _close(ws)
 
     async def __anext__(self) -> Event:
         while True:
