@@ -40,7 +40,7 @@ from sandboxd.cluster.routing import Forwarder, serve_forwarded
 from sandboxd.config import Config
 from sandboxd.events.backend import Store
 from sandboxd.events.errors import LogUnavailable
-from sandboxd.events.nats.bridge import Kv, Nats, NatsUnavailable, connect
+from sandboxd.events.nats.bridge import Kv, Nats, NatsUnavailable, connect, patiently
 from sandboxd.events.nats.settings import NatsSettings
 
 log = logging.getLogger(__name__)
@@ -132,23 +132,18 @@ class Node:
 async def _take(nats: Nats, settings: NatsSettings, config: Config, lease: Lease) -> Kv:
     """The leases' bucket, and this node's lease in it. NATS may not answer at once (nodes
     starting together, the stream's replicas being placed): tried again for a while."""
-    within = max(10.0, 3 * config.lease_ttl)
-    failure: NatsUnavailable | None = None
-    with trio.move_on_after(within):
-        while True:
-            try:
-                kv = await nats.key_value(
-                    settings.stream + BUCKET_SUFFIX,
-                    ttl=config.lease_ttl,
-                    replicas=settings.replicas,
-                )
-                await take_lease(kv, lease)
-                return kv
-            except NatsUnavailable as exc:
-                failure = exc
-                await trio.sleep(0.25)
-    raise NatsUnavailable(
-        f"node {config.node_id} could not take its lease within {within:g} s: {failure}"
+
+    async def take() -> Kv:
+        kv = await nats.key_value(
+            settings.stream + BUCKET_SUFFIX, ttl=config.lease_ttl, replicas=settings.replicas
+        )
+        await take_lease(kv, lease)
+        return kv
+
+    return await patiently(
+        take,
+        within=max(10.0, 3 * config.lease_ttl),
+        what=f"node {config.node_id} could not take its lease",
     )
 
 

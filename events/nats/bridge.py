@@ -61,6 +61,12 @@ P = ParamSpec("P")
 #: The server's error codes for a failed Nats-Expected-Last-(Subject-)Sequence check
 #: ("wrong last sequence: N", and the same without N).
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+#: The server's error code for "JetStream temporarily unavailable" (no meta leader yet).
+TEMPORARILY_UNAVAILABLE = 10008
+#: ... and for "no suitable peers for placement": "not now" when it adds "peer offline" (a
+#: replica's server is down, or the cluster is still forming: a cluster that is starting
+#: answers it for seconds), for good otherwise (more replicas asked than servers).
+NO_PEERS = 10005
 
 
 class NatsUnavailable(LogUnavailable):
@@ -472,6 +478,25 @@ class Nats:
             raise _translate(exc) from exc
 
 
+async def patiently(call: Callable[[], Awaitable[T]], *, within: float, what: str) -> T:
+    """``call()``, tried again while NATS answers "not now", for up to ``within`` s.
+
+    For what a daemon does once at start (make its stream, take its lease): the
+    servers may be starting too, and a cluster answers "no meta leader" or "peer
+    offline" for seconds while it forms. Past ``within``, ``NatsUnavailable``
+    saying what could not be done and NATS's last answer.
+    """
+    failure: NatsUnavailable | None = None
+    with trio.move_on_after(within):
+        while True:
+            try:
+                return await call()
+            except NatsUnavailable as exc:
+                failure = exc
+                await trio.sleep(0.25)  # NATS's state, asked again: nothing to wait on
+    raise NatsUnavailable(f"{what} within {within:g} s: {failure}")
+
+
 def _tell_each(
     on_result: Callable[[int, int | BaseException], None],
     batch: list[tuple[int, int | BaseException]],
@@ -528,6 +553,10 @@ def _translate(exc: BaseException) -> BaseException:
         and getattr(exc, "err_code", None) in WRONG_LAST_SEQUENCE
     ):
         return WrongLastSequence(getattr(exc, "description", None) or "wrong last sequence")
+    if isinstance(exc, nats.js.errors.APIError):
+        code, description = getattr(exc, "err_code", None), getattr(exc, "description", "")
+        if code == TEMPORARILY_UNAVAILABLE or (code == NO_PEERS and "offline" in description):
+            return NatsUnavailable(f"NATS cannot do it now: {description}")
     if isinstance(
         exc,
         asyncio.TimeoutError

@@ -2,9 +2,9 @@
 
 ``LocalCluster.start(base_dir, size=3)`` writes one config per server
 (``base_dir/nN.conf``, its store in ``base_dir/nN/``), starts them, and returns
-once every server says it is healthy with JetStream current and a meta
-leader elected (``/healthz`` and ``/jsz`` on its monitoring port),
-or raises after a deadline. Every server is configured the way sandboxd's
+once every server is healthy (``/healthz``) and the meta leader sees every
+other one current and online (``/jsz``), so a replicated stream can be
+placed now, or raises after a deadline. Every server is configured the way sandboxd's
 log needs (docs/cluster.md):
 
 - ``sync_interval: always``: a server fsyncs every message before it counts
@@ -36,6 +36,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -91,18 +92,19 @@ class NatsServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def healthy(self) -> bool:
-        """Healthy, and it knows the JetStream meta leader (so a stream can be made now)."""
-        base = f"http://127.0.0.1:{self.http_port}"
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=1) as a:
+            return json.load(a)
+
+    def meta(self) -> dict[str, Any] | None:
+        """This server's view of the JetStream meta group (``/jsz``'s ``meta_cluster``), if it
+        is healthy (``/healthz``: JetStream current); None while it is not."""
         try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as answer:
-                if answer.status != 200:
-                    return False
-            with urllib.request.urlopen(f"{base}/jsz", timeout=1) as answer:
-                meta = json.load(answer).get("meta_cluster") or {}
+            self._get("/healthz")  # an unhealthy server answers 503: an HTTPError
+            meta: dict[str, Any] = self._get("/jsz").get("meta_cluster") or {}
         except (urllib.error.URLError, OSError, ValueError):
-            return False
-        return bool(meta.get("leader"))
+            return None
+        return meta
 
 
 def server_config(
@@ -171,18 +173,39 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
             )
 
+    def healthy(self) -> bool:
+        """Every running server is healthy, and the meta leader sees each of the others
+        current and online: what placing a replicated stream needs. (Each server healthy
+        and knowing a leader is not enough: for a moment after a cluster forms, or a server
+        comes back, the leader still counts a peer offline, and refuses to place a stream
+        with "no suitable peers for placement".)"""
+        running = [s for s in self.servers if s.running]
+        metas = {}
+        for server in running:
+            meta = server.meta()
+            if meta is None:
+                return False
+            metas[server.name] = meta
+        leader = next(iter(metas.values())).get("leader") if metas else None
+        if leader not in metas:
+            return False
+        peers = {p.get("name"): p for p in metas[leader].get("replicas") or []}
+        return all(
+            name in peers and peers[name].get("current") and not peers[name].get("offline")
+            for name in metas
+            if name != leader
+        )
+
     def wait_healthy(self, *, within: float = READY_WITHIN) -> None:
-        """Wait until every running server is healthy (JetStream current, a meta leader)."""
+        """Wait until the cluster is ``healthy``."""
         deadline = time.monotonic() + within
-        while True:
-            waiting = [s for s in self.servers if s.running and not s.healthy()]
-            dead = [s.name for s in self.servers if s.process is not None and not s.running]
-            if not waiting:
-                return
+        while not self.healthy():
             if time.monotonic() > deadline:
+                running = [s.name for s in self.servers if s.running]
+                dead = [s.name for s in self.servers if s.process is not None and not s.running]
                 raise TimeoutError(
-                    f"nats-servers {', '.join(s.name for s in waiting)} not healthy after"
-                    f" {within} s (dead: {dead or 'none'}); logs in {self.log_dir}"
+                    f"nats-servers {', '.join(running)} not healthy after {within} s (dead:"
+                    f" {', '.join(dead) or 'none'}); logs in {self.log_dir}"
                 )
             time.sleep(0.05)  # the servers' state, polled: there is nothing to wait on
 
@@ -191,6 +214,14 @@ class LocalCluster:
         process = self.servers[i].process
         if process is not None and process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def terminate(self, i: int) -> None:
+        """SIGTERM server ``i`` by its pid (an orderly shutdown, which the others learn of at
+        once: a SIGKILLed one stays "online" to the meta leader for minutes), and reap it."""
+        process = self.servers[i].process
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
             process.wait()
 
     def restart(self, *indices: int, within: float = READY_WITHIN) -> None:

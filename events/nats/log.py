@@ -74,6 +74,7 @@ from sandboxd.events.nats.bridge import (
     StreamMessage,
     WrongLastSequence,
     connect,
+    patiently,
 )
 from sandboxd.events.nats.settings import NatsSettings
 from sandboxd.events.projection import ProjectionError, State, apply
@@ -85,6 +86,8 @@ logger = logging.getLogger(__name__)
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID = "Nats-Msg-Id"
+#: Seconds a daemon starting beside its NATS cluster waits for the stream to be placeable.
+STREAM_WITHIN = 15.0
 #: The most events one atomic batch may hold (nats-server's default batch limit).
 MAX_ATOMIC = 1000
 #: Messages one direct get asks for at most (and READ_BYTES bounds their bytes).
@@ -884,7 +887,11 @@ async def open_nats_log(
     """
     try:
         async with connect(settings.servers, credentials=settings.credentials, name=name) as nats:
-            info = await nats.ensure_stream(stream_config(settings))
+            info = await patiently(
+                functools.partial(nats.ensure_stream, stream_config(settings)),
+                within=STREAM_WITHIN,
+                what=f"the stream {settings.stream} could not be found or made",
+            )
             _check_stream(settings, info)
             state: Any = info.state
             log = NatsEventLog(

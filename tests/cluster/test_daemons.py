@@ -266,6 +266,14 @@ async def test_nats_lost_for_longer_than_a_lease_then_back_nodes_carry_on(
             assert info.pid == kept.pid and a.alive() and b.alive()
             assert proc_state(kept.pid or 0) not in (None, "Z")
             assert "its lease expired; taking it again" in a.current_output()
-            # And it is still node-a's to act on.
-            assert (await on_b.pause(kept.id)).status is Status.PAUSED
+            # And it is still node-a's to act on, once the sandboxes' stream has a leader
+            # again: until then, ops answer `unavailable` (its election takes up to ~9 s).
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        paused = await on_b.pause(kept.id)
+                        break
+                    except UnavailableError:
+                        await trio.sleep(0.2)
+            assert paused.status is Status.PAUSED
             assert await on_b.delete(kept.id) is True

@@ -12,9 +12,10 @@ from sandboxd.events.nats.bridge import (
     StreamMessage,
     WrongLastSequence,
     connect,
+    patiently,
 )
 from sandboxd.events.nats.local_cluster import LocalCluster, free_ports
-from tests.nats_cluster import stream_name
+from tests.nats_cluster import restarted, stream_name
 
 EXPECT = "Nats-Expected-Last-Subject-Sequence"
 
@@ -198,3 +199,30 @@ async def test_request_reply_between_two_connections_through_trio(
             nursery.cancel_scope.cancel()
         with pytest.raises(NatsUnavailable):
             await client.request(subject, b"nobody there", 0.5)
+
+
+async def test_a_stream_that_cannot_be_placed_now_is_unavailable_and_waited_for(
+    nats_cluster: LocalCluster,
+) -> None:
+    """With two servers of three shut down, a new three-replica stream cannot be placed:
+    "not now" (``NatsUnavailable``), which ``patiently`` asks again for a while, then says
+    what could not be done and why; once the servers are back, it is made."""
+    name = stream_name("P")
+    async with connect([nats_cluster.urls[0]]) as nats:
+        with restarted(nats_cluster):
+            nats_cluster.terminate(1)
+            nats_cluster.terminate(2)
+            with pytest.raises(NatsUnavailable, match="NATS"):
+                await nats.ensure_stream(_stream(name))
+            with pytest.raises(
+                NatsUnavailable, match=rf"^the stream {name} could not be made within 0.5 s: NATS"
+            ):
+                await patiently(
+                    lambda: nats.ensure_stream(_stream(name)),
+                    within=0.5,
+                    what=f"the stream {name} could not be made",
+                )
+        info = await patiently(
+            lambda: nats.ensure_stream(_stream(name)), within=30, what="not reached"
+        )
+        assert info.config.name == name
