@@ -894,6 +894,21 @@ class FilteredSource:
             "all_answered_s": time.perf_counter() - started,
         }
 
+    async def resume_all(self) -> None:
+        """Resume every sandbox the round left paused: the daemon then stops as after the
+        other rounds, and what ends its sandboxes (end_sandboxes) need not thaw them."""
+        limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                await self.admin.resume(FILTERED.format(i))
+                self.paused[i] = False
+
+        async with trio.open_nursery() as nursery:
+            for i in range(self.n):
+                if self.paused[i]:
+                    nursery.start_soon(one, i)
+
     async def events_of(self, after_seq: int, until_seq: int) -> list[tuple[int, int]]:
         """Per sandbox i, how many events of FILTERED(i) the log has in (after_seq,
         until_seq] and the last one's seq (0: none): read back from the daemon's log."""
@@ -1304,6 +1319,7 @@ async def bench(base: Path, plan: Plan) -> dict[str, Any]:
                 )
                 workers.stop()
                 workers = None
+                await filtered.resume_all()
             nursery.cancel_scope.cancel()
         daemon.stop()
 
