@@ -922,8 +922,12 @@ class FilteredSource:
 
         async def one(i: int) -> None:
             async with limiter:
-                await self.admin.resume(FILTERED.format(i))
-                self.paused[i] = False
+                try:
+                    await self.admin.resume(FILTERED.format(i))
+                except Exception as exc:  # ended stopped, then: SIGKILL still ends it
+                    step(f"    ({FILTERED.format(i)} not resumed: {exc})")
+                else:
+                    self.paused[i] = False
 
         async with trio.open_nursery() as nursery:
             for i in range(self.n):
