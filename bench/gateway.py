@@ -1,7 +1,11 @@
 """Benchmark of the websocket gateway: request round trips, fan-out, idle connections.
 
     python bench/gateway.py [--quick] [--dir DIR] [--subscribers N] [--rate R]
-                            [--seconds S] [--sustained-rate R2]
+                            [--seconds S] [--sustained-rate R2] [--only ROUND[,ROUND]]
+                            [--filtered-rate R3] [--filtered-op pause|restart]
+
+``--only`` runs some of the rounds: rtt, fanout (with raw: their ratios),
+filtered; the JSON then holds only their keys.
 
 The daemon runs as it ships: ``sandboxd serve --config F`` in a subprocess,
 state in DIR, a port of its own. Measured in one run:
@@ -40,10 +44,22 @@ state in DIR, a port of its own. Measured in one run:
 - Beside that round: get_rtt_ms_p99_under_fanout, sandbox.get 50 times a
   second through the project's client, and append_rate_under_fanout, the
   rate the failing starts were answered at, against the rate asked.
-- filtered_*: N subscribers on fresh connections, each of its own sandbox
-  (flt-0000...), and 1,000 events/s in all for S seconds: each sandbox in
-  turn is deleted and started again under its id, three events; latency from
-  each event's ts to its receipt, once ``settle`` s have passed.
+- filtered_*: N sandboxes of their own (flt-0000..., ``sleep 3600``), and N
+  subscribers on fresh connections, each of one of them (``"sandbox_id"``,
+  batch frames), in 2 subprocesses of their own; R3 events/s in all (default
+  1,000) for S seconds, made by a real op: each sandbox in turn paused if
+  running, resumed if paused (one event an op, and the cheapest op that
+  records one: about 0.6 ms of daemon CPU where a restart, delete then start,
+  costs 8 ms for its four events; ``--filtered-op restart`` measures that).
+  The events of the window are then read back from the log
+  (``events.read``), and each subscriber must have exactly its sandbox's,
+  once, within 30 s (filtered_delivered_ratio, filtered_wrong_subscribers,
+  filtered_dupes, filtered_misrouted); latency from each event's ts to its
+  receipt, over every event; filtered_event_rate is the rate reached (events
+  over the time the ops took, the last ones answered included) beside the
+  rate asked. Beside them: the daemon's CPU, its log's group commits from its
+  /metrics (those over 50 ms: an event waits for its batch's fdatasync), and
+  the CPU of the subscribers and of this driver.
 - raw_fanout_*: both loads again against a bare trio-websocket server that
   pushes frames of the same shape to a queue of 256 per connection and a
   writer task each (the daemon's structure, without log or filters), with the
