@@ -46,6 +46,7 @@ from sandboxd.actors.boundary.cgroupfs import (
     Usage,
     cpu_quota_usec,
     daemon_dir_name,
+    parse_events,
     parse_flat_keyed,
     parse_procs,
     sandbox_dir_name,
@@ -664,7 +665,10 @@ def remove_daemon_cgroups(layout: Layout, *, state_dir: Path | str, timeout: flo
     for directory in directories:
         _kill_members(directory, _procs(directory))
     for directory in directories:
-        while pids := _procs(directory):
+        # Until the kernel says it is empty: a process may have left cgroup.procs while
+        # it still holds the cgroup, exiting (rmdir would fail with EBUSY).
+        while _populated(directory):
+            pids = _procs(directory)
             if time.monotonic() > deadline:
                 raise CgroupError(f"{directory} still holds processes {pids[:20]}")
             time.sleep(0.01)
@@ -678,6 +682,12 @@ def remove_daemon_cgroups(layout: Layout, *, state_dir: Path | str, timeout: flo
             _rmdir(os.path.join(parent, child))
         _rmdir(parent)
     return found
+
+
+def _populated(directory: str) -> bool:
+    """Whether a v2 cgroup still holds a process (its cgroup.events; gone: no)."""
+    text = _read(os.path.join(directory, "cgroup.events"))
+    return text is not None and parse_events(text).populated
 
 
 def _kill_members(directory: str, pids: list[int]) -> None:
