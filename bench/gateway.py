@@ -445,18 +445,6 @@ async def subscribers_role(args: argparse.Namespace) -> None:
                 state["complete"] = 0
                 all_done = trio.Event()
                 say({"round": current.low})
-            elif words[0] == "settle":
-                # Deliveries of a round whose subscribers see only some events: what
-                # arrived within SECONDS of the end of appending.
-                await trio.sleep(float(words[1]))
-                say(
-                    {
-                        "received": current.received,
-                        "dupes": state["dupes"],
-                        "closed": state["closed"],
-                        "hist": current.hist.to_json(),
-                    }
-                )
             elif words[0] == "expect":
                 high, timeout = int(words[1]), float(words[2])
                 started = time.perf_counter()
