@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -45,6 +46,7 @@ import nats
 import nats.errors
 import nats.js.api
 import nats.js.errors
+import orjson
 import outcome
 import trio
 from nats.aio.client import Client as NatsClient
@@ -158,6 +160,13 @@ class Nats:
         self.client = client
         self.js = client.jetstream()
         self.servers = tuple(servers)
+        self._acks: _Acks | None = None  # the JetStream acks' subscription, made by connect()
+        self._outbox: list[tuple[Callable[[list[Any]], None], list[Any]]] = []
+
+    async def _subscribe_acks(self) -> None:
+        acks = _Acks(self.client.new_inbox())
+        await self._run(self.client.subscribe, f"{acks.prefix}.*", cb=acks.on_ack)
+        self._acks = acks
 
     @property
     def connected(self) -> bool:
@@ -259,42 +268,66 @@ class Nats:
         self,
         items: Sequence[tuple[str, bytes, Mapping[str, str]]],
         answer_within: float,
-        on_result: Callable[[int, int | BaseException], None],
+        on_results: Callable[[list[tuple[int, int | BaseException]]], None],
     ) -> None:
-        """JetStream-publish each (subject, data, headers) at once, and tell ``on_result``
-        (on the trio thread) each one's seq or error as soon as it comes: a slow ack does
-        not hold up the others. Returns once every one has been told.
+        """JetStream-publish each (subject, data, headers) at once, and tell ``on_results``
+        (on the trio thread) each one's index and seq, or error, as soon as it comes: a
+        slow ack does not hold up the others. Returns once every one has been told (one
+        that had no answer within ``answer_within`` s: ``NatsUnavailable``).
 
         One bridge crossing out for the lot, and one back per turn of the asyncio loop
-        that received acks (not one per ack).
+        that received acks (for every batch in flight, not one per batch or per ack).
+        The acks come to one subscription of this connection's (``_Acks``), not as
+        nats-py's ``js.publish`` requests: no task, timer and random token per message.
         """
         token = trio.lowlevel.current_trio_token()
-        loop = self.bridge.loop
-        done: list[tuple[int, int | BaseException]] = []
-
-        def hand_over() -> None:
-            batch = done.copy()
-            done.clear()
-            token.run_sync_soon(_tell_each, on_result, batch)
-
-        async def one(i: int, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
-            result: int | BaseException
-            try:
-                ack = await self.js.publish(
-                    subject, data, timeout=answer_within, headers=dict(headers) or None
-                )
-                result = ack.seq
-            except Exception as exc:
-                result = _translate(exc)
-            if not done:
-                loop.call_soon(hand_over)
-            done.append((i, result))
+        acks = self._acks
+        assert acks is not None, "made by connect()"
 
         async def publish_all() -> None:
-            await asyncio.gather(*(one(i, *item) for i, item in enumerate(items)))
+            batch = acks.open(len(items), functools.partial(self._to_trio, token, on_results))
+            try:
+                for i, (subject, data, headers) in enumerate(items):
+                    try:
+                        await self.client.publish(
+                            subject,
+                            data,
+                            reply=acks.reply_to(batch, i),
+                            headers=dict(headers) or None,
+                        )
+                    except Exception as exc:  # not connected, its buffer full: not sent
+                        for j in range(i, len(items)):
+                            batch.tell(j, _translate(exc))
+                        break
+                if batch.left:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(batch.done), answer_within)
+            finally:
+                acks.close(
+                    batch, NatsUnavailable(f"NATS did not answer within {answer_within:g} s")
+                )
+                # Every result is queued for trio before this call's return is (FIFO).
+                batch.flush()
+                self._hand_over(token)
 
-        # FIFO both ways: every hand-over is queued for trio before this call's return.
         await self._run(publish_all)
+
+    def _to_trio(
+        self,
+        token: trio.lowlevel.TrioToken,
+        on_results: Callable[[list[T]], None],
+        results: list[T],
+    ) -> None:
+        """On the asyncio thread: hand ``results`` to ``on_results`` on the trio thread,
+        with whatever else is handed over in this turn of the loop, in one wake-up."""
+        if not self._outbox:
+            self.bridge.loop.call_soon(self._hand_over, token)
+        self._outbox.append((on_results, results))
+
+    def _hand_over(self, token: trio.lowlevel.TrioToken) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            token.run_sync_soon(_tell_all, outbox)
 
     async def publish_atomic(
         self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], answer_within: float
@@ -497,12 +530,96 @@ async def patiently(call: Callable[[], Awaitable[T]], *, within: float, what: st
     raise NatsUnavailable(f"{what} within {within:g} s: {failure}")
 
 
-def _tell_each(
-    on_result: Callable[[int, int | BaseException], None],
-    batch: list[tuple[int, int | BaseException]],
-) -> None:
-    for i, result in batch:
-        on_result(i, result)
+def _tell_all(outbox: list[tuple[Callable[[list[Any]], None], list[Any]]]) -> None:
+    for on_results, results in outbox:
+        on_results(results)
+
+
+class _Batch:
+    """One ``publish_each`` call's messages: the results not yet handed over, and how many
+    are still unanswered."""
+
+    __slots__ = ("done", "left", "results", "tell_trio")
+
+    def __init__(self, size: int, tell_trio: Callable[[list[tuple[int, Any]]], None]) -> None:
+        self.left = size
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.results: list[tuple[int, int | BaseException]] = []
+        self.tell_trio = tell_trio
+
+    def tell(self, i: int, result: int | BaseException) -> None:
+        if not self.results:  # the first of this turn: one hand-over for the turn's lot
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.results.append((i, result))
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
+
+    def flush(self) -> None:
+        if self.results:
+            results, self.results = self.results, []
+            self.tell_trio(results)
+
+
+class _Acks:
+    """The acks of every JetStream publish of one connection, on one subscription.
+
+    Each message goes with the reply subject ``PREFIX.N`` (N counts up for the
+    connection's life), and the server's ack (a PubAck, or an error) comes back to
+    the wildcard subscription on ``PREFIX.*``, which finds the message's batch by N.
+    An ack that comes after its batch gave up (``close``) finds none and is dropped:
+    the message is sent again with the same ``Nats-Msg-Id``, and the stream answers
+    that with the seq it stored it at.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._cut = len(prefix) + 1
+        self._waiting: dict[int, tuple[_Batch, int]] = {}
+        self._count = 0
+        self._of_batch: dict[_Batch, list[int]] = {}
+
+    def open(self, size: int, tell_trio: Callable[[list[tuple[int, Any]]], None]) -> _Batch:
+        batch = _Batch(size, tell_trio)
+        self._of_batch[batch] = []
+        return batch
+
+    def reply_to(self, batch: _Batch, i: int) -> str:
+        self._count += 1
+        self._waiting[self._count] = (batch, i)
+        self._of_batch[batch].append(self._count)
+        return f"{self.prefix}.{self._count}"
+
+    def close(self, batch: _Batch, unanswered: BaseException) -> None:
+        """Forget the batch; tell each of its messages still unanswered ``unanswered``."""
+        for n in self._of_batch.pop(batch):
+            entry = self._waiting.pop(n, None)
+            if entry is not None:
+                batch.tell(entry[1], unanswered)
+
+    async def on_ack(self, message: Msg) -> None:
+        try:
+            n = int(message.subject[self._cut :])
+        except ValueError:
+            return
+        entry = self._waiting.pop(n, None)
+        if entry is None:
+            return  # its batch gave up on it
+        batch, i = entry
+        batch.tell(i, _pub_ack(message))
+
+
+def _pub_ack(message: Msg) -> int | BaseException:
+    """The seq a JetStream publish's answer gives, or its error (as ``_translate`` has it)."""
+    if message.headers and message.headers.get("Status") == "503":
+        return NatsUnavailable("NATS did not answer: no stream takes this subject now")
+    try:
+        answer = orjson.loads(message.data)
+        if "error" in answer:
+            nats.js.errors.APIError.from_error(answer["error"])  # raises it
+        return int(answer["seq"])
+    except Exception as exc:
+        return _translate(exc)
 
 
 class Kv:
@@ -628,6 +745,7 @@ async def connect(
         client.options["max_reconnect_attempts"] = -1  # nats-py reads it at each reconnect
         connection = Nats(bridge, client, servers)
         try:
+            await connection._subscribe_acks()
             yield connection
         finally:
             closing = True

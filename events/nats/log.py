@@ -418,7 +418,7 @@ class NatsEventLog:
                 await self.nats.publish_each(
                     [items[i] for i in round_.todo],
                     max(0.05, min(1.0, left)),
-                    functools.partial(self._on_result, round_),
+                    functools.partial(self._on_results, round_),
                 )
             except NatsUnavailable as exc:
                 unanswered = [
@@ -453,8 +453,14 @@ class NatsEventLog:
             self._release(ticket)
         round_.suspect = []
 
+    def _on_results(self, round_: _Round, results: list[tuple[int, int | BaseException]]) -> None:
+        """The acks (or errors) of messages of this try, as soon as they come; what they
+        make foldable is folded once for the lot."""
+        for j, result in results:
+            self._on_result(round_, j, result)
+        self._advance()
+
     def _on_result(self, round_: _Round, j: int, result: int | BaseException) -> None:
-        """The ack (or error) of the ``j``-th message of this try, as soon as it comes."""
         i = round_.todo[j]
         ticket, (subject, _, _) = round_.tickets[i], round_.items[i]
         if isinstance(result, int):
@@ -503,6 +509,7 @@ class NatsEventLog:
         ]
         lasts = {subject: first + i for i, (subject, _, _) in enumerate(items)}
         self._acknowledged(ticket, lasts, last, [body for _, body, _ in items])
+        self._advance()
 
     async def _condition(self, sandbox_id: str | None) -> dict[str, str]:
         """The header that makes an append conditional on its subject's last seq."""
@@ -543,7 +550,6 @@ class NatsEventLog:
         for event, body in zip(ticket.events, bodies, strict=True):
             if event.seq > self._head_seq and event.seq not in self._ahead:
                 self._ahead[event.seq] = Record(event, stored_record(body, event.seq))
-        self._advance()
 
     def _refused(self, ticket: _Ticket, subject: str | None, error: BaseException) -> None:
         if isinstance(error, WrongLastSequence):
