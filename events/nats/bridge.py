@@ -18,15 +18,16 @@ Measured (``python -m sandboxd.events.nats.bridge``, this machine, 2 shared
 cores, idle): a no-op ``run`` costs two cross-thread
 wake-ups (the asyncio loop's self-pipe, then trio's wake-up fd): 55 to 80 µs
 over three runs, so 12k to 18k calls/s from one task. That is why the
-JetStream log crosses once per *batch* of appends (``Nats.publish_many``),
-not once per append: at 256 appends in flight the bridge's share per append
-is a fraction of a microsecond.
+JetStream log crosses once per *batch* of appends (``Nats.publish_each``),
+not once per append, and its acks come back once per turn of the asyncio
+loop, for every batch in flight: at 256 appends in flight the bridge's share
+per append is a fraction of a microsecond.
 
 ``Nats`` is the connection, with the trio-facing operations both the log and
 the cluster's node layer use: core publish/request/subscribe, JetStream
 publish (one or an atomic batch, with expected-last-subject-sequence
-headers), the batch direct get that reads history, an ordered consumer from
-a sequence, and key-value buckets with a TTL.
+headers), announcements of what was stored, the batch direct get that reads
+history, an ordered consumer from a sequence, and key-value buckets with a TTL.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ class Nats:
         self.servers = tuple(servers)
         self._acks: _Acks | None = None  # the JetStream acks' subscription, made by connect()
         self._outbox: list[tuple[Callable[[list[Any]], None], list[Any]]] = []
+        self._announced: dict[str, int] = {}  # subject -> the highest seq to announce on it
+        self._quiet: set[asyncio.Task[None]] = set()
 
     async def _subscribe_acks(self) -> None:
         acks = _Acks(self.client.new_inbox())
@@ -269,6 +272,8 @@ class Nats:
         items: Sequence[tuple[str, bytes, Mapping[str, str]]],
         answer_within: float,
         on_results: Callable[[list[tuple[int, int | BaseException]]], None],
+        *,
+        announce: str | None = None,
     ) -> None:
         """JetStream-publish each (subject, data, headers) at once, and tell ``on_results``
         (on the trio thread) each one's index and seq, or error, as soon as it comes: a
@@ -279,23 +284,26 @@ class Nats:
         that received acks (for every batch in flight, not one per batch or per ack).
         The acks come to one subscription of this connection's (``_Acks``), not as
         nats-py's ``js.publish`` requests: no task, timer and random token per message.
+
+        ``announce``: a core NATS subject on which the highest seq acknowledged in a turn
+        is published, once per turn (``announcements`` hears it elsewhere).
         """
         token = trio.lowlevel.current_trio_token()
         acks = self._acks
         assert acks is not None, "made by connect()"
+        tell_trio = functools.partial(self._to_trio, token, on_results, announce)
 
         async def publish_all() -> None:
-            batch = acks.open(len(items), functools.partial(self._to_trio, token, on_results))
+            batch = acks.open(len(items), tell_trio)
             try:
                 for i, (subject, data, headers) in enumerate(items):
+                    reply = acks.reply_to(batch, i)
                     try:
                         await self.client.publish(
-                            subject,
-                            data,
-                            reply=acks.reply_to(batch, i),
-                            headers=dict(headers) or None,
+                            subject, data, reply=reply, headers=dict(headers) or None
                         )
                     except Exception as exc:  # not connected, its buffer full: not sent
+                        acks.withdraw(batch)
                         for j in range(i, len(items)):
                             batch.tell(j, _translate(exc))
                         break
@@ -315,25 +323,84 @@ class Nats:
     def _to_trio(
         self,
         token: trio.lowlevel.TrioToken,
-        on_results: Callable[[list[T]], None],
-        results: list[T],
+        on_results: Callable[[list[tuple[int, int | BaseException]]], None],
+        announce: str | None,
+        results: list[tuple[int, int | BaseException]],
     ) -> None:
         """On the asyncio thread: hand ``results`` to ``on_results`` on the trio thread,
         with whatever else is handed over in this turn of the loop, in one wake-up."""
         if not self._outbox:
             self.bridge.loop.call_soon(self._hand_over, token)
         self._outbox.append((on_results, results))
+        if announce is not None:
+            seqs = [r for _, r in results if type(r) is int]
+            if seqs:
+                self._announced[announce] = max(self._announced.get(announce, 0), *seqs)
 
     def _hand_over(self, token: trio.lowlevel.TrioToken) -> None:
         if self._outbox:
             outbox, self._outbox = self._outbox, []
             token.run_sync_soon(_tell_all, outbox)
+        if self._announced:
+            announced, self._announced = self._announced, {}
+            for subject, seq in announced.items():
+                task = self.bridge.loop.create_task(self._publish_quietly(subject, b"%d" % seq))
+                self._quiet.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._quiet.discard)
+
+    async def _publish_quietly(self, subject: str, data: bytes) -> None:
+        """A core publish no one waits for: not connected, it is dropped (and said)."""
+        try:
+            await self.client.publish(subject, data)
+        except Exception as exc:
+            logger.debug("could not publish on %s: %r", subject, exc)
+
+    @contextlib.asynccontextmanager
+    async def announcements(
+        self, subject: str, own: str, on_seq: Callable[[int], None]
+    ) -> AsyncIterator[None]:
+        """While the block runs, tell ``on_seq`` (on the trio thread) the highest seq
+        announced on ``subject`` (a wildcard) since it was last told, at most once per turn
+        of the asyncio loop; what comes on ``own`` (this node's announcements) is dropped
+        there, without crossing. Core NATS: an announcement may be lost (not connected);
+        the caller looks for itself now and then."""
+        token = trio.lowlevel.current_trio_token()
+        loop = self.bridge.loop
+        highest = [0]  # announced, not yet handed over
+
+        def hand_over() -> None:
+            seq, highest[0] = highest[0], 0
+            token.run_sync_soon(on_seq, seq)
+
+        async def on_message(message: Msg) -> None:
+            if message.subject == own:
+                return
+            try:
+                seq = int(message.data)
+            except ValueError:
+                return
+            if not highest[0]:
+                loop.call_soon(hand_over)
+            highest[0] = max(highest[0], seq)
+
+        sub = await self._run(self.client.subscribe, subject, cb=on_message)
+        try:
+            await self.flush()  # in place at the server: nothing announced from now is missed
+            yield
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._run(sub.unsubscribe)
 
     async def publish_atomic(
-        self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], answer_within: float
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        answer_within: float,
+        *,
+        announce: str | None = None,
     ) -> int:
         """Publish a batch that the stream stores all together or not at all (atomic batch
-        publish, nats-server 2.12+, the stream's ``allow_atomic``); return its last seq."""
+        publish, nats-server 2.12+, the stream's ``allow_atomic``); return its last seq,
+        announced on ``announce`` if given (as ``publish_each`` does)."""
         batch_id = self.client.new_inbox().rsplit(".", 1)[-1]
 
         async def publish_batch() -> int:
@@ -350,7 +417,10 @@ class Nats:
                 answer = json.loads(reply.data)
                 if "error" in answer:
                     raise nats.js.errors.APIError.from_error(answer["error"])
-                return int(answer["seq"])
+                seq = int(answer["seq"])
+                if announce is not None:
+                    await self._publish_quietly(announce, b"%d" % seq)
+                return seq
             raise ValueError("an atomic batch needs at least one message")
 
         return await self._run(publish_batch)
@@ -589,6 +659,10 @@ class _Acks:
         self._waiting[self._count] = (batch, i)
         self._of_batch[batch].append(self._count)
         return f"{self.prefix}.{self._count}"
+
+    def withdraw(self, batch: _Batch) -> None:
+        """The batch's last message was not sent after all: no answer is waited for."""
+        self._waiting.pop(self._of_batch[batch].pop(), None)
 
     def close(self, batch: _Batch, unanswered: BaseException) -> None:
         """Forget the batch; tell each of its messages still unanswered ``unanswered``."""

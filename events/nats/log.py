@@ -28,16 +28,25 @@ Appending (the writer task, like the file log's group commit):
 Folding: records are put aside by seq as the node learns of them, and folded
 (``on_durable``), handed to the subscriptions, and their appenders answered
 as soon as they come next in seq order. A node learns of its own events from
-their acks (the record is built from what it sent: no decoding), and of every
-event from an ordered consumer that delivers the whole stream from its head
-on. If the consumer falls silent or skips, a watchdog reads the missing seqs
-with batched direct gets, so an acknowledged append is folded even while the
-consumer is being made again.
+their acks (the record is built from what it sent: no decoding), and of the
+others' by reading them: each node announces, on core NATS (``stored.STREAM.RUN``,
+once per turn of its NATS loop), the highest seq it has had acknowledged, and a
+node that hears of a seq past its head reads the gaps up to it with batched
+direct gets (any replica answers; one a little behind is asked again). So no
+node reads back its own events, which an ordered consumer of the whole stream
+would deliver to it, headers and all, to be parsed and dropped. An announcement
+is at most once (lost while a connection is made again, or never sent by a
+writer that is not a node): a node whose head has not moved for ``LOOK_EVERY``
+seconds reads whatever the stream holds past it, so every acknowledged append
+is folded by every node, in order, once, at worst that much later.
 
-Measured (bench/cluster.py, docs/performance.md): about 4,400 appends/s at
-256 in flight on a loaded 2-core machine, about half of nats-py publishing the
-same records alone; this process spends about 2.5 times nats-py's CPU per event
-(the check, the fold, the consumer's copy of every message, two threads).
+Measured (bench/cluster.py, docs/performance.md): 13,900 to 15,000 appends/s
+at 256 in flight on a loaded 2-core machine, 0.84 to 0.93 of nats-py publishing
+the same records alone in the same runs; this process spends 45 to 49 µs of CPU
+per event (both threads), nats-py 41 to 43 µs per publish. Before, the acks were
+nats-py requests (a task, a timer and a random token each: 98 µs per event) and
+an ordered consumer brought every event back (about 10 µs more, and the servers'
+CPU to deliver it).
 
 Reading: ``read_history`` is one batched direct get (up to 256 KiB) per call,
 served by any replica; the catch-up subscriptions of subscriptions.py work on
@@ -92,6 +101,15 @@ STREAM_WITHIN = 15.0
 MAX_ATOMIC = 1000
 #: Messages one direct get asks for at most (and READ_BYTES bounds their bytes).
 PAGE_MESSAGES = 1024
+#: Seconds the head may stand still before the node reads past it without being told.
+LOOK_EVERY = 0.5
+#: Reads of an announced seq that the answering replica does not hold yet, 10 ms apart.
+READ_TRIES = 20
+
+
+def announce_subject(stream: str, run: str) -> str:
+    """The core NATS subject on which one run of a node announces the seqs it stored."""
+    return f"stored.{stream}.{run}"
 
 
 class Conflict(LogUnavailable):
@@ -226,6 +244,9 @@ class NatsEventLog:
         self._sent: dict[str, tuple[Event, bytes]] = {}
         self._folded_bytes = 0
         self._msg_prefix = secrets.token_hex(8)  # this run of this node: message ids unique
+        self._announce_on = announce_subject(settings.stream, self._msg_prefix)
+        self._look = trio.Event()  # set: read past the head now (another node stored more)
+        self._look.set()  # at first: what was stored between the replay's read and now
         self._msg_count = 0
         self._closing = False
         self._writer_done = trio.Event()
@@ -419,6 +440,7 @@ class NatsEventLog:
                     [items[i] for i in round_.todo],
                     max(0.05, min(1.0, left)),
                     functools.partial(self._on_results, round_),
+                    announce=self._announce_on,
                 )
             except NatsUnavailable as exc:
                 unanswered = [
@@ -499,7 +521,9 @@ class NatsEventLog:
                 condition = {} if subject in seen else await self._condition(pending.sandbox_id)
                 seen.add(subject)
                 items.append((subject, encode_body(event), condition))
-            last = await self.nats.publish_atomic(items, answer_within=self.settings.ack_within)
+            last = await self.nats.publish_atomic(
+                items, answer_within=self.settings.ack_within, announce=self._announce_on
+            )
         except Exception as exc:
             self._refused(ticket, None, exc)
             return
@@ -601,7 +625,6 @@ class NatsEventLog:
             self._head_seq = records[-1].event.seq
         assert self._nursery is not None
         await self._nursery.start(self._follow)
-        self._nursery.start_soon(self._watch)
         return count, last_ts
 
     def _note(self, event: Event, record: Record) -> None:
@@ -613,16 +636,64 @@ class NatsEventLog:
     async def _follow(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Hear what the other nodes announce they stored, and read what this node lacks."""
         stream = self.settings.stream
-        async with self.nats.ordered_consumer(
-            stream, f"{stream}.>", self._head_seq + 1, self._delivered
+        async with self.nats.announcements(
+            announce_subject(stream, "*"), self._announce_on, self._heard
         ):
             task_status.started()
-            await trio.sleep_forever()
+            await self._read_what_is_missing()
+
+    def _heard(self, seq: int) -> None:
+        """Another node announced that the stream holds ``seq`` (and what comes before)."""
+        self._known_last = max(self._known_last, seq)
+        self._look.set()
+
+    async def _read_what_is_missing(self) -> None:
+        """Read from the stream, with batched direct gets, what this node has folded no
+        ack of: at once once another node announced it; otherwise when the head has not
+        moved for ``LOOK_EVERY`` s (an ack that never came, an announcement lost, a
+        writer that announces nothing). A busy node whose head moves reads nothing."""
+        while True:
+            head = self._head_seq
+            with trio.move_on_after(LOOK_EVERY):
+                await self._look.wait()
+            heard, self._look = self._look.is_set(), trio.Event()
+            if heard or self._head_seq == head:
+                try:
+                    await self._read_past_head()
+                except NatsUnavailable as exc:
+                    logger.warning("cannot read the stream to catch up: %s", exc)
+
+    async def _read_past_head(self) -> None:
+        """Read the gaps after the head, up to the highest seq known stored, a page at a
+        time (the seqs put aside are not read again); past it, whatever the stream holds."""
+        tries = 0
+        while True:
+            first = self._head_seq + 1
+            last = first
+            while (
+                last < self._known_last
+                and last + 1 not in self._ahead
+                and last - first + 1 < PAGE_MESSAGES
+            ):
+                last += 1
+            count = last - first + 1 if self._known_last >= first else PAGE_MESSAGES
+            messages = await self.nats.direct_batch(self.settings.stream, first, count, READ_BYTES)
+            if messages:
+                tries = 0
+                self._delivered(messages)
+                if self._head_seq < self._known_last or len(messages) == count:
+                    continue  # more gaps, or a full page: there may be more
+                return
+            if self._known_last < first or tries == READ_TRIES:
+                return  # nothing past the head; or the next look tries again
+            tries += 1
+            await trio.sleep(0.01)  # the replica that answered is behind the quorum
 
     def _delivered(self, messages: list[StreamMessage]) -> None:
-        """Messages read from the stream (the ordered consumer's, or the watchdog's), on
-        the trio thread: put aside by seq, then fold what comes next."""
+        """Messages read from the stream (``_read_past_head``'s), on the trio thread: put
+        aside by seq, then fold what comes next."""
         self._known_last = max(self._known_last, messages[-1].seq)
         head, ahead = self._head_seq, self._ahead
         for message in messages:
@@ -646,9 +717,9 @@ class NatsEventLog:
         self._advance()
 
     def _advance(self) -> None:
-        """Fold every record put aside that comes next, in seq order: from the consumer, or
-        from this node's own acknowledgements, whichever came first. A gap waits (for the
-        consumer, else the watchdog)."""
+        """Fold every record put aside that comes next, in seq order: from this node's own
+        acknowledgements, or read from the stream, whichever came first. A gap waits (for
+        an ack, else ``_read_what_is_missing``)."""
         ahead = self._ahead
         seq = first_seq = self._head_seq + 1
         if seq not in ahead:
@@ -674,24 +745,6 @@ class NatsEventLog:
             heapq.heappop(self._waiting).done.set()
         self._folded.set()
         self._folded = trio.Event()
-
-    async def _watch(self) -> None:
-        """Read what the consumer has not delivered a while after it is known stored."""
-        while True:
-            head = self._head_seq
-            with trio.move_on_after(0.5):
-                await self._folded.wait()
-                continue
-            if self._known_last > head == self._head_seq:
-                try:
-                    messages = await self.nats.direct_batch(
-                        self.settings.stream, head + 1, PAGE_MESSAGES, READ_BYTES
-                    )
-                except NatsUnavailable as exc:
-                    logger.warning("cannot read the stream to catch up: %s", exc)
-                    continue
-                if messages:
-                    self._delivered(messages)
 
     # -- reading ---------------------------------------------------------------------------
 
