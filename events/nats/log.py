@@ -253,6 +253,9 @@ class NatsEventLog:
         self._nursery: trio.Nursery | None = None
         self.failed_batches = 0
         self.conflicts = 0
+        #: Messages read from the stream to fold since start (the others' events: a node's
+        #: own come from their acks, unless an ack came later than a read of the stream).
+        self.messages_read = 0
         self.on_synced: Callable[[float], None] | None = None
 
     # -- state, as EventLog's ----------------------------------------------------------
@@ -682,6 +685,7 @@ class NatsEventLog:
             messages = await self.nats.direct_batch(self.settings.stream, first, count, READ_BYTES)
             if messages:
                 tries = 0
+                self.messages_read += len(messages)
                 self._delivered(messages)
                 if self._head_seq < self._known_last or len(messages) == count:
                     continue  # more gaps, or a full page: there may be more

@@ -13,10 +13,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 
 from sandboxd.events import types as ev
+from sandboxd.events.codec import now_ts
 from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.nats.bridge import NatsUnavailable
 from sandboxd.events.nats.local_cluster import LocalCluster, free_ports
-from sandboxd.events.nats.log import Conflict
+from sandboxd.events.nats.log import Conflict, encode_body
 from sandboxd.events.nats.settings import NatsSettings
 from sandboxd.events.projection import State, apply, state_to_dict
 from sandboxd.events.store import Store, StoreConfig, open_store
@@ -55,6 +56,44 @@ async def test_two_nodes_fold_one_stream_with_global_seqs(
         assert state_to_dict(a.state) == state_to_dict(b.state)
         assert await a.read(0) == await b.read(0) == written
         assert await a.read(10, limit=3) == written[10:13]
+
+
+async def test_a_node_reads_from_the_stream_only_what_the_others_stored(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """A node folds its own events from their acks and reads the others' (announced):
+    none of its own comes back to it through the stream."""
+    config = _config(nats_cluster, stream_name())
+    async with open_store(tmp_path / "a", config) as a, open_store(tmp_path / "b", config) as b:
+        await _fill(a, 40)
+        await eventually(lambda: b.state.head_seq == 40, what="b to fold a's events")
+        await _fill_from(b, 40, 64)
+        await eventually(lambda: a.state.head_seq == 64, what="a to fold b's events")
+        assert state_to_dict(a.state) == state_to_dict(b.state)
+        assert (a.log.messages_read, b.log.messages_read) == (24, 40)  # type: ignore[union-attr]
+
+
+async def test_an_event_no_node_announced_is_folded_by_every_node(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """An append whose announcement never came (its writer is no node, or the announcement
+    was lost) is read all the same once the head has stood still a moment, in order."""
+    stream = stream_name()
+    config = _config(nats_cluster, stream)
+    async with open_store(tmp_path / "a", config) as a, open_store(tmp_path / "b", config) as b:
+        await _fill(a, 3)
+        await eventually(lambda: b.state.head_seq == 3, what="b to fold a's events")
+        pending = sample_pending(3)
+        body = encode_body(ev.Event(0, now_ts(), pending.sandbox_id, pending.by, pending.data))
+        nats = a.log.nats  # type: ignore[union-attr]
+        subject = a.log.settings.subject_of(pending.sandbox_id)  # type: ignore[union-attr]
+        assert await nats.publish_many([(subject, body, {})], answer_within=5) == [4]
+        await eventually(
+            lambda: a.state.head_seq == b.state.head_seq == 4, what="each node to fold it"
+        )
+        for store in (a, b):
+            [event] = await store.read(3)
+            assert (event.seq, event.data) == (4, pending.data)
 
 
 async def test_a_stale_transition_of_one_sandbox_is_refused(
