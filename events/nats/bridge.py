@@ -448,9 +448,7 @@ class Nats:
                     if status is not None:  # 204: end of batch; 404: nothing there (yet)
                         if status in ("204", "404"):
                             return found
-                        raise NatsUnavailable(
-                            f"direct get: {status} {headers.get('Description', '')}"
-                        )
+                        raise NatsUnavailable(f"direct get: {_status(headers)}")
                     found.append(
                         StreamMessage(
                             int(headers["Nats-Sequence"]),
@@ -477,7 +475,7 @@ class Nats:
             if status == "404":
                 return 0
             if status is not None:
-                raise NatsUnavailable(f"direct get: {status} {headers.get('Description', '')}")
+                raise NatsUnavailable(f"direct get: {_status(headers)}")
             return int(headers["Nats-Sequence"])
 
         return await self._run(fetch)
@@ -671,6 +669,16 @@ class _Acks:
             if entry is not None:
                 batch.tell(entry[1], unanswered)
 
+    def lost(self, error: BaseException) -> None:
+        """The connection is lost: no message sent on it will be answered now (a message
+        the stream stored meanwhile is answered with its seq when it is sent again). Each
+        one still waiting is told ``error`` at once, not when its batch gives up: so its
+        try ends, and it goes again on the next connection, without waiting out a timeout
+        (a server killed under a node cost its appends that timeout, 1 s, before)."""
+        waiting, self._waiting = self._waiting, {}
+        for batch, i in waiting.values():
+            batch.tell(i, error)
+
     async def on_ack(self, message: Msg) -> None:
         try:
             n = int(message.subject[self._cut :])
@@ -681,6 +689,13 @@ class _Acks:
             return  # its batch gave up on it
         batch, i = entry
         batch.tell(i, _pub_ack(message))
+
+
+def _status(headers: Mapping[str, str]) -> str:
+    """A status answer's code and description, on one line (a 503 of a direct get has the
+    rest of its headers after an empty description)."""
+    description = headers.get("Description", "").strip().split("\n", 1)[0].strip()
+    return f"{headers.get('Status')} {description}".strip()
 
 
 def _pub_ack(message: Msg) -> int | BaseException:
@@ -785,6 +800,9 @@ async def connect(
             logger.warning("NATS: %s", exc or type(exc).__name__)
 
         async def on_disconnected() -> None:
+            if connection is not None and connection._acks is not None:
+                # What was sent on the lost connection is answered there or not at all.
+                connection._acks.lost(NatsUnavailable("NATS did not answer: connection lost"))
             if closing:
                 return
             logger.warning("NATS: disconnected from %s; reconnecting", ", ".join(servers))
@@ -794,6 +812,7 @@ async def connect(
             logger.info("NATS: reconnected to %s", url.netloc if url is not None else "?")
 
         client: NatsClient | None = None
+        connection: Nats | None = None
         closing = False
         try:
             client = await bridge.run(

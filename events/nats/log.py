@@ -666,7 +666,14 @@ class NatsEventLog:
                 try:
                     await self._read_past_head()
                 except NatsUnavailable as exc:
-                    logger.warning("cannot read the stream to catch up: %s", exc)
+                    # Said when something is known missing; a look on the off chance (a
+                    # stream being elected a leader, say) is tried again quietly.
+                    missing = self._known_last > self._head_seq
+                    logger.log(
+                        logging.WARNING if missing else logging.DEBUG,
+                        "cannot read the stream to catch up: %s",
+                        exc,
+                    )
 
     async def _read_past_head(self) -> None:
         """Read the gaps after the head, up to the highest seq known stored, a page at a
