@@ -232,15 +232,15 @@ class NatsEventLog:
         self._folded = trio.Event()  # set, and replaced, at each fold
         self._waiting: list[_Ticket] = []  # acknowledged, not folded yet: a heap by seq
         #: Records known stored but not folded yet (a gap before them): by seq; None for a
-        #: message that is no event. Bounded by the appends in flight and what the consumer
-        #: delivers past a gap before the watchdog fills it.
+        #: message that is no event. Bounded by the appends in flight and one page read
+        #: past a gap (PAGE_MESSAGES) at a time.
         self._ahead: dict[int, Record | None] = {}
         self._known_last = 0  # the highest seq known stored (acknowledged or delivered)
         self._last_seq_of: dict[str, int] = {}  # subject -> its last seq, as far as known
         self._state = State()  # the store's, from replay on: which ids were ever created
         self._in_flight: set[str] = set()
         #: What this node has sent and not yet heard back about, by message id: a message
-        #: the consumer brings back first is built from it, not decoded.
+        #: of its own read from the stream before its ack came is built from it, not decoded.
         self._sent: dict[str, tuple[Event, bytes]] = {}
         self._folded_bytes = 0
         self._msg_prefix = secrets.token_hex(8)  # this run of this node: message ids unique
@@ -572,8 +572,8 @@ class NatsEventLog:
             ticket.done.set()
             return
         heapq.heappush(self._waiting, ticket)
-        # This node knows these events now: they need not wait for the consumer to come
-        # back with them (the bytes are those decode_message makes of the stored body).
+        # This node knows these events now, without reading them from the stream (the
+        # bytes are those decode_message makes of the stored body).
         for event, body in zip(ticket.events, bodies, strict=True):
             if event.seq > self._head_seq and event.seq not in self._ahead:
                 self._ahead[event.seq] = Record(event, stored_record(body, event.seq))
