@@ -40,13 +40,13 @@ writer that is not a node): a node whose head has not moved for ``LOOK_EVERY``
 seconds reads whatever the stream holds past it, so every acknowledged append
 is folded by every node, in order, once, at worst that much later.
 
-Measured (bench/cluster.py, docs/performance.md): 13,900 to 15,000 appends/s
-at 256 in flight on a loaded 2-core machine, 0.84 to 0.93 of nats-py publishing
-the same records alone in the same runs; this process spends 45 to 49 µs of CPU
-per event (both threads), nats-py 41 to 43 µs per publish. Before, the acks were
-nats-py requests (a task, a timer and a random token each: 98 µs per event) and
-an ordered consumer brought every event back (about 10 µs more, and the servers'
-CPU to deliver it).
+Measured (bench/cluster.py, four full runs, docs/performance.md): 10,700 to
+16,900 appends/s at 256 in flight on a loaded 2-core machine, 0.83 to 0.92 of
+nats-py publishing the same records alone in the same runs; this process spends
+40 to 56 µs of CPU per event (both threads), nats-py 38 to 47 µs per publish.
+Before, the acks were nats-py requests (a task, a timer and a random token
+each: 98 µs per event) and an ordered consumer brought every event back (about
+10 µs more).
 
 Reading: ``read_history`` is one batched direct get (up to 256 KiB) per call,
 served by any replica; the catch-up subscriptions of subscriptions.py work on
