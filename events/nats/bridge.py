@@ -38,7 +38,7 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -163,8 +163,7 @@ class Nats:
         self.servers = tuple(servers)
         self._acks: _Acks | None = None  # the JetStream acks' subscription, made by connect()
         self._outbox: list[tuple[Callable[[list[Any]], None], list[Any]]] = []
-        #: subject -> what to announce on it this turn: (seq, body) of each message stored
-        self._announced: dict[str, list[tuple[int, bytes]]] = {}
+        self._announced: dict[str, int] = {}  # subject -> the highest seq to announce on it
         self._quiet: set[asyncio.Task[None]] = set()
 
     async def _subscribe_acks(self) -> None:
@@ -286,13 +285,13 @@ class Nats:
         The acks come to one subscription of this connection's (``_Acks``), not as
         nats-py's ``js.publish`` requests: no task, timer and random token per message.
 
-        ``announce``: a core NATS subject on which the messages acknowledged in a turn
-        are published with their seqs, once per turn (``announcements`` hears them).
+        ``announce``: a core NATS subject on which the highest seq acknowledged in a turn
+        is published, once per turn (``announcements`` hears it elsewhere).
         """
         token = trio.lowlevel.current_trio_token()
         acks = self._acks
         assert acks is not None, "made by connect()"
-        tell_trio = functools.partial(self._to_trio, token, on_results, announce, items)
+        tell_trio = functools.partial(self._to_trio, token, on_results, announce)
 
         async def publish_all() -> None:
             batch = acks.open(len(items), tell_trio)
@@ -326,7 +325,6 @@ class Nats:
         token: trio.lowlevel.TrioToken,
         on_results: Callable[[list[tuple[int, int | BaseException]]], None],
         announce: str | None,
-        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
         results: list[tuple[int, int | BaseException]],
     ) -> None:
         """On the asyncio thread: hand ``results`` to ``on_results`` on the trio thread,
@@ -335,9 +333,9 @@ class Nats:
             self.bridge.loop.call_soon(self._hand_over, token)
         self._outbox.append((on_results, results))
         if announce is not None:
-            stored = [(r, items[i][1]) for i, r in results if type(r) is int]
-            if stored:
-                self._announced.setdefault(announce, []).extend(stored)
+            seqs = [r for _, r in results if type(r) is int]
+            if seqs:
+                self._announced[announce] = max(self._announced.get(announce, 0), *seqs)
 
     def _hand_over(self, token: trio.lowlevel.TrioToken) -> None:
         if self._outbox:
@@ -345,11 +343,10 @@ class Nats:
             token.run_sync_soon(_tell_all, outbox)
         if self._announced:
             announced, self._announced = self._announced, {}
-            for subject, stored in announced.items():
-                for data in announcement(stored):
-                    task = self.bridge.loop.create_task(self._publish_quietly(subject, data))
-                    self._quiet.add(task)  # held until done: the loop keeps weak references
-                    task.add_done_callback(self._quiet.discard)
+            for subject, seq in announced.items():
+                task = self.bridge.loop.create_task(self._publish_quietly(subject, b"%d" % seq))
+                self._quiet.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._quiet.discard)
 
     async def _publish_quietly(self, subject: str, data: bytes) -> None:
         """A core publish no one waits for: not connected, it is dropped (and said)."""
@@ -360,45 +357,31 @@ class Nats:
 
     @contextlib.asynccontextmanager
     async def announcements(
-        self,
-        subject: str,
-        own: str,
-        on_heard: Callable[[list[StreamMessage], int], None],
-        *,
-        in_hand: int = 4096,
+        self, subject: str, own: str, on_seq: Callable[[int], None]
     ) -> AsyncIterator[None]:
-        """While the block runs, tell ``on_heard`` (on the trio thread) the messages
-        announced on ``subject`` (a wildcard) since it was last told and the highest seq
-        announced, at most once per turn of the asyncio loop; what comes on ``own`` (this
-        node's announcements) is dropped there, without crossing. Past ``in_hand``
-        messages not yet handed over, only their seqs are kept (the caller reads the rest
-        from the stream). Core NATS: an announcement may be lost (not connected); the
-        caller looks for itself now and then."""
+        """While the block runs, tell ``on_seq`` (on the trio thread) the highest seq
+        announced on ``subject`` (a wildcard) since it was last told, at most once per turn
+        of the asyncio loop; what comes on ``own`` (this node's announcements) is dropped
+        there, without crossing. Core NATS: an announcement may be lost (not connected);
+        the caller looks for itself now and then."""
         token = trio.lowlevel.current_trio_token()
         loop = self.bridge.loop
-        heard: list[StreamMessage] = []
         highest = [0]  # announced, not yet handed over
 
         def hand_over() -> None:
-            messages, seq = heard.copy(), highest[0]
-            heard.clear()
-            highest[0] = 0
-            token.run_sync_soon(on_heard, messages, seq)
+            seq, highest[0] = highest[0], 0
+            token.run_sync_soon(on_seq, seq)
 
         async def on_message(message: Msg) -> None:
             if message.subject == own:
                 return
             try:
-                stored = parse_announcement(message.data)
+                seq = int(message.data)
             except ValueError:
-                return
-            if not stored:
                 return
             if not highest[0]:
                 loop.call_soon(hand_over)
-            highest[0] = max(highest[0], stored[-1][0])
-            room = max(0, in_hand - len(heard))
-            heard.extend(StreamMessage(seq, "", body) for seq, body in stored[:room])
+            highest[0] = max(highest[0], seq)
 
         sub = await self._run(self.client.subscribe, subject, cb=on_message)
         try:
@@ -436,10 +419,7 @@ class Nats:
                     raise nats.js.errors.APIError.from_error(answer["error"])
                 seq = int(answer["seq"])
                 if announce is not None:
-                    first = seq - last + 1
-                    stored = [(first + k, data) for k, (_, data, _) in enumerate(items)]
-                    for chunk in announcement(stored):
-                        await self._publish_quietly(announce, chunk)
+                    await self._publish_quietly(announce, b"%d" % seq)
                 return seq
             raise ValueError("an atomic batch needs at least one message")
 
@@ -709,41 +689,6 @@ class _Acks:
             return  # its batch gave up on it
         batch, i = entry
         batch.tell(i, _pub_ack(message))
-
-
-#: Bytes of bodies one announcement carries at most (NATS's max_payload is 1 MiB).
-ANNOUNCEMENT_BYTES = 256 << 10
-
-
-def announcement(stored: Sequence[tuple[int, bytes]]) -> Iterator[bytes]:
-    """What stored messages are announced as: ``SEQ LEN\\n`` and the body, for each, in as
-    few messages of at most about ``ANNOUNCEMENT_BYTES`` as they fit."""
-    parts: list[bytes] = []
-    size = 0
-    for seq, body in stored:
-        if parts and size + len(body) > ANNOUNCEMENT_BYTES:
-            yield b"".join(parts)
-            parts, size = [], 0
-        parts.append(b"%d %d\n" % (seq, len(body)))
-        parts.append(body)
-        size += len(body)
-    if parts:
-        yield b"".join(parts)
-
-
-def parse_announcement(data: bytes) -> list[tuple[int, bytes]]:
-    """The (seq, body) pairs of an announcement; ``ValueError`` if it is not one."""
-    stored = []
-    at = 0
-    while at < len(data):
-        end = data.index(b"\n", at)
-        seq, length = map(int, data[at:end].split(b" "))
-        body = data[end + 1 : end + 1 + length]
-        if len(body) != length or seq < 1:
-            raise ValueError("a truncated announcement")
-        stored.append((seq, body))
-        at = end + 1 + length
-    return stored
 
 
 def _status(headers: Mapping[str, str]) -> str:

@@ -105,8 +105,6 @@ PAGE_MESSAGES = 1024
 LOOK_EVERY = 0.5
 #: Reads of an announced seq that the answering replica does not hold yet, 10 ms apart.
 READ_TRIES = 20
-#: Records put aside past a gap beyond which what others announce is not kept (it is read).
-AHEAD_LIMIT = 65536
 
 
 def announce_subject(stream: str, run: str) -> str:
@@ -649,15 +647,10 @@ class NatsEventLog:
             task_status.started()
             await self._read_what_is_missing()
 
-    def _heard(self, messages: list[StreamMessage], highest: int) -> None:
-        """Other nodes announced what the stream stored for them, up to ``highest``: folded
-        from the announcement (the writer's bodies at the seqs their acks gave: the bytes
-        the stream holds), and what is still missing before it read at once."""
-        self._known_last = max(self._known_last, highest)
-        if messages and len(self._ahead) < AHEAD_LIMIT:
-            self._delivered(messages)
-        if self._known_last > self._head_seq:
-            self._look.set()
+    def _heard(self, seq: int) -> None:
+        """Another node announced that the stream holds ``seq`` (and what comes before)."""
+        self._known_last = max(self._known_last, seq)
+        self._look.set()
 
     async def _read_what_is_missing(self) -> None:
         """Read from the stream, with batched direct gets, what this node has folded no

@@ -5,18 +5,13 @@ from __future__ import annotations
 import nats.js.api as api
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
 from sandboxd.events.nats.bridge import (
-    ANNOUNCEMENT_BYTES,
     Bridge,
     NatsUnavailable,
     StreamMessage,
     WrongLastSequence,
-    announcement,
     connect,
-    parse_announcement,
     patiently,
 )
 from sandboxd.events.nats.local_cluster import LocalCluster, free_ports
@@ -231,27 +226,3 @@ async def test_a_stream_that_cannot_be_placed_now_is_unavailable_and_waited_for(
             lambda: nats.ensure_stream(_stream(name)), within=30, what="not reached"
         )
         assert info.config.name == name
-
-
-@given(
-    stored=st.lists(
-        st.tuples(st.integers(1, 2**63), st.binary(max_size=300_000)), min_size=1, max_size=8
-    )
-)
-def test_an_announcement_parses_back_to_what_was_announced(
-    stored: list[tuple[int, bytes]],
-) -> None:
-    chunks = list(announcement(stored))
-    assert all(len(c) <= ANNOUNCEMENT_BYTES + 300_000 + 64 for c in chunks)
-    assert [pair for chunk in chunks for pair in parse_announcement(chunk)] == stored
-
-
-@given(data=st.binary(max_size=200) | st.from_regex(rb"\A([0-9 +-]{1,6}\n.{0,9})+\Z"))
-def test_anything_else_is_refused_as_no_announcement_never_a_crash(data: bytes) -> None:
-    """What a node hears on the subject comes from anyone on the bus: garbage is a
-    ``ValueError`` (dropped), never another error, nor a seq below 1."""
-    try:
-        stored = parse_announcement(data)
-    except ValueError:
-        return
-    assert all(seq >= 1 for seq, _ in stored)
