@@ -138,10 +138,13 @@ def end_sandboxes(state_dir: Path) -> int:
     layout = discover().layout
     if layout is not None:
         parent = Path(layout.tree, name)
-        for procs in parent.glob("sb-*/cgroup.procs"):
+        groups = list(parent.glob("sb-*/cgroup.procs"))
+        for procs in groups:
             with contextlib.suppress(OSError):
                 killed += len(procs.read_text().split())
-        remove_daemon_cgroups(layout, state_dir=state_dir)
+        # Its deadline is for all of them: on a loaded machine a thousand cgroups' kills
+        # took more than the default 10 s.
+        remove_daemon_cgroups(layout, state_dir=state_dir, timeout=10 + 0.05 * len(groups))
     wanted = f"{DAEMON_MARKER}={name}".encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -18,6 +18,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,16 +33,17 @@ from sandboxd.actors.recovery import recover
 from sandboxd.actors.registry import Registry
 from sandboxd.actors.specs import not_runnable_by_others
 from sandboxd.cluster.lease import DuplicateNode, LeaseLost
-from sandboxd.cluster.node import Node, join_cluster
 from sandboxd.config import Config
 from sandboxd.events import types as ev
 from sandboxd.events.errors import CorruptLog, LogUnavailable, only_exception
-from sandboxd.events.nats.bridge import NatsUnavailable
 from sandboxd.events.store import Store, StoreConfig, open_store
 from sandboxd.gateway.auth import Authenticator, ensure_admin_token
 from sandboxd.gateway.metrics import Metrics
 from sandboxd.gateway.server import Gateway, Listeners
 from sandboxd.state_dir import open_state_dir
+
+if TYPE_CHECKING:
+    from sandboxd.cluster.node import Node
 
 log = logging.getLogger("sandboxd")
 
@@ -281,6 +283,11 @@ async def _joined(config: Config, store: Store) -> AsyncIterator[Node | None]:
     if config.nats is None:
         yield None
         return
+    # nats-py and its asyncio only where the log is on NATS: they are 8 MB of a file
+    # daemon's RSS otherwise (bench/sandboxes.py's rss_mb_1000).
+    from sandboxd.cluster.node import join_cluster
+    from sandboxd.events.nats.bridge import NatsUnavailable
+
     url = f"ws://{config.host}:{config.port}/v1"
     try:
         try:

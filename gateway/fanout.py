@@ -35,6 +35,8 @@ import attrs
 import outcome
 import trio
 
+from sandboxd.events.subscriptions import JoinedRuns
+
 log = logging.getLogger(__name__)
 
 #: Seconds between two frames of one live batch subscription.
@@ -73,6 +75,9 @@ class FanOut:
         self._members = itertools.count()
         #: Pumps woken to do what only their own task can (tests look at it).
         self.woken = 0
+        #: The bytes of the runs of live batches that the deliveries write, joined once
+        #: for the subscribers of a group that take the same run (events/subscriptions.py).
+        self.runs = JoinedRuns()
 
     def group(self) -> int:
         """A group for a new pump: in turn, so the groups stay the same size."""

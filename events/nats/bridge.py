@@ -595,7 +595,7 @@ async def patiently(call: Callable[[], Awaitable[T]], *, within: float, what: st
             except NatsUnavailable as exc:
                 failure = exc
                 await trio.sleep(0.25)  # NATS's state, asked again: nothing to wait on
-    raise NatsUnavailable(f"{what} within {within:g} s: {failure}")
+    raise NatsUnavailable(f"{what} within {within:g} s: {failure or 'NATS did not answer'}")
 
 
 def _tell_all(outbox: list[tuple[Callable[[list[Any]], None], list[Any]]]) -> None:

@@ -15,6 +15,8 @@ import trio.testing
 from sandboxd.events import types as ev
 from sandboxd.events.errors import Gone
 from sandboxd.events.log import CaughtUp, EventFilter, EventLog, Subscription, open_event_log
+from sandboxd.events.segments import Record
+from sandboxd.events.subscriptions import JoinedRuns, LiveBatch
 from tests.events.strategies import sample_pending
 from tests.support import eventually
 
@@ -295,3 +297,83 @@ async def test_polling_what_is_at_hand_with_next_batch_between_is_exactly_once(
         assert subscription.disk_reads > 1
         await subscription.aclose()
         assert subscription.take_at_hand() is None  # closed: next_batch says how it ended
+
+
+async def test_whole_batches_polled_with_the_other_ways_between_are_exactly_once(
+    tmp_path: Path,
+) -> None:
+    # The fan-out takes a firehose's live batches whole (take_whole) and falls back to
+    # take_at_hand, then next_batch, when that way does not apply (a gap read from disk
+    # after the small buffer overflowed, the marker): every event once, in order.
+    total = 20_000
+    async with open_event_log(tmp_path, subscriber_buffer=256) as log:
+        await _fill(log, 1000)
+        subscription = log.subscribe(0)
+        # Another firehose, whose buffer holds every batch: the same batch objects.
+        other = log.subscribe(log.head_seq, buffer=total)
+        filtered = log.subscribe(log.head_seq, EventFilter(types=frozenset({"daemon.stopping"})))
+        assert isinstance(await other.next_batch(), CaughtUp)
+        seqs: list[int] = []
+        took = {"whole": 0, "polled": 0, "awaited": 0}
+        taken_whole: list[LiveBatch] = []
+
+        async def follow() -> None:
+            pauses = [15_000, 10_000, 5_000]
+            while not seqs or seqs[-1] < total:
+                if pauses and len(seqs) >= pauses[-1]:
+                    pauses.pop()
+                    await eventually(
+                        partial(lambda behind: log.head_seq >= behind, seqs[-1] + 1000),
+                        what="1000 more appended",
+                    )
+                whole = subscription.take_whole(100, 1 << 20)
+                if whole:
+                    assert subscription.position == whole[-1].last_seq
+                    for batch in whole:
+                        assert batch.joined == b",".join(r.raw for r in batch.records)
+                        seqs.extend(record.event.seq for record in batch.records)
+                        took["whole"] += len(batch.records)
+                    taken_whole.extend(whole)
+                    continue
+                polled = subscription.take_at_hand(100)
+                if polled is None:
+                    batch = await subscription.next_batch(100)
+                    if isinstance(batch, list):
+                        seqs.extend(record.event.seq for record in batch)
+                        took["awaited"] += len(batch)
+                elif polled:
+                    seqs.extend(record.event.seq for record in polled)
+                    took["polled"] += len(polled)
+                else:
+                    await trio.sleep(0.001)
+                assert filtered.take_whole() == []  # a filter: record by record
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            for start in range(1000, total, 100):
+                await log.append_many([sample_pending(i) for i in range(start, start + 100)])
+        assert seqs == list(range(1, total + 1))
+        assert took["whole"] > 5_000 and took["awaited"] > 1000
+        held = {id(batch) for batch in other.take_whole(total, 1 << 30)}
+        assert len(held) == (total - 1000) // 100
+        assert all(id(batch) in held for batch in taken_whole)  # the very same objects
+        await subscription.aclose()
+        assert subscription.take_whole() == [] and subscription.take_at_hand() is None
+
+
+def test_joined_runs_join_a_run_once_for_the_readers_that_take_it() -> None:
+    records = [
+        Record(ev.Event(seq, "2026-11-29T21:00:00Z", None, None, ev.DaemonStopping("x")), raw)
+        for seq, raw in enumerate([b'{"a":1}', b'{"b":2}', b'{"c":3}'], start=1)
+    ]
+    one, empty, two = (
+        LiveBatch(1, 2, records[:2]),
+        LiveBatch(3, 3, []),  # a seq that is no event of this log (NATS): nothing to join
+        LiveBatch(4, 4, records[2:]),
+    )
+    runs = JoinedRuns()
+    assert runs.joined([one]) == b'{"a":1},{"b":2}' and runs.made == 0  # the batch's own
+    run = runs.joined([one, empty, two])
+    assert run == b'{"a":1},{"b":2},{"c":3}' and runs.made == 1
+    assert runs.joined([one, empty, two]) is run and runs.reused == 1
+    assert runs.joined([empty, two]) == b'{"c":3}' and runs.made == 2

@@ -421,6 +421,29 @@ async def test_a_batch_subscription_gets_its_events_several_to_a_frame(harness: 
         assert [f["event"]["seq"] for f in frames[:-1]] == live
 
 
+async def test_live_firehoses_get_whole_batches_joined_once_for_their_group(
+    harness: Harness,
+) -> None:
+    # Real time, as above. A firehose in each of the fan-out's groups, two in the first
+    # two groups: once live, each round takes the log's batches whole, and the two of a
+    # group that stand at the same place write the same run's bytes, joined once.
+    fan_out = harness.gateway.fanout
+    peers = fan_out.GROUPS + 2  # within the user's 16 connections
+    async with contextlib.AsyncExitStack() as stack:
+        subs = []
+        for _ in range(peers):
+            peer = await stack.enter_async_context(harness.peer(ROOT))
+            sub = (await peer.call("events.subscribe", batch=True))["subscription"]
+            subs.append((peer, sub))
+        live: list[int] = []
+        for _ in range(4):  # bursts, so that runs of several batches gather in a round
+            live += await _append(harness, 200)
+        for peer, sub in subs:
+            frames = await peer.sub_frames(sub, lambda f: _seqs_of([f])[-1:] == live[-1:])
+            assert _seqs_of(frames) == live  # every event once, in order, each subscriber
+    assert fan_out.runs.made > 0 and fan_out.runs.reused > 0
+
+
 async def test_the_writer_takes_replies_ahead_of_subscription_frames() -> None:
     lanes = connection._Lanes(3)
     assert lanes.put_nowait(connection.SUBSCRIPTIONS, ("e1", 1))

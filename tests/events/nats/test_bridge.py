@@ -215,11 +215,11 @@ async def test_a_stream_that_cannot_be_placed_now_is_unavailable_and_waited_for(
             with pytest.raises(NatsUnavailable, match="NATS"):
                 await nats.ensure_stream(_stream(name))
             with pytest.raises(
-                NatsUnavailable, match=rf"^the stream {name} could not be made within 0.5 s: NATS"
+                NatsUnavailable, match=rf"^the stream {name} could not be made within 3 s: NATS"
             ):
                 await patiently(
                     lambda: nats.ensure_stream(_stream(name)),
-                    within=0.5,
+                    within=3,
                     what=f"the stream {name} could not be made",
                 )
         info = await patiently(
