@@ -38,6 +38,7 @@ from sandboxd.cluster.leases import (
 )
 from sandboxd.cluster.routing import Forwarder, serve_forwarded
 from sandboxd.config import Config
+from sandboxd.events import types as ev
 from sandboxd.events.backend import Store
 from sandboxd.events.errors import LogUnavailable
 from sandboxd.events.nats.bridge import Kv, Nats, NatsUnavailable, connect, patiently
@@ -92,8 +93,10 @@ class Node:
             log.warning("reading the nodes' leases failed: %s", exc)
 
     async def serve(self, registry: Registry) -> None:
-        """Answer what other nodes forward here, from now on (after recovery)."""
+        """Answer what other nodes forward here, from now on (after recovery), and know the
+        session keys of every node's sandboxes."""
         self._registry = registry
+        await self._nursery.start(know_every_key, self._store, registry)
         await self._nursery.start(
             serve_forwarded, self._nats, self._settings.stream, self.id, registry
         )
@@ -127,6 +130,37 @@ class Node:
                 await self._kv.delete(self.id)
             except NatsUnavailable as exc:
                 log.warning("node %s: could not give its lease up: %s", self.id, exc)
+
+
+async def know_every_key(
+    store: Store,
+    registry: Registry,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Make the registry's session keys know every sandbox of the stream, not only those
+    this node runs, for as long as this runs: ``sandbox.find_by_session_key`` (the
+    OpenHands adapter's lookup) then answers for any node's sandbox through any node.
+
+    A key is the HMAC of the sandbox's id and created seq under the secret the nodes
+    share (docs/cluster.md), so any node can derive it: from the projection at first,
+    then from each ``sandbox.created`` and ``sandbox.deleted`` as it is folded (the
+    registry remembers and forgets its own sandboxes' keys too; both are idempotent).
+    """
+    keys = registry.keys
+    async with store.subscribe(store.state.head_seq) as folded:
+        # No checkpoint between the subscription's seq and this walk: nothing is missed.
+        for record in store.state.sandboxes.values():
+            keys.remember(record.id, record.created_seq)
+        task_status.started()
+        async for item in folded:
+            event = item.event
+            if event.sandbox_id is None:
+                continue
+            if isinstance(event.data, ev.SandboxCreated):
+                keys.remember(event.sandbox_id, event.seq)
+            elif isinstance(event.data, ev.SandboxDeleted):
+                keys.forget(event.sandbox_id)
 
 
 async def _take(nats: Nats, settings: NatsSettings, config: Config, lease: Lease) -> Kv:

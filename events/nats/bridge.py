@@ -18,21 +18,23 @@ Measured (``python -m sandboxd.events.nats.bridge``, this machine, 2 shared
 cores, idle): a no-op ``run`` costs two cross-thread
 wake-ups (the asyncio loop's self-pipe, then trio's wake-up fd): 55 to 80 µs
 over three runs, so 12k to 18k calls/s from one task. That is why the
-JetStream log crosses once per *batch* of appends (``Nats.publish_many``),
-not once per append: at 256 appends in flight the bridge's share per append
-is a fraction of a microsecond.
+JetStream log crosses once per *batch* of appends (``Nats.publish_each``),
+not once per append, and its acks come back once per turn of the asyncio
+loop, for every batch in flight: at 256 appends in flight the bridge's share
+per append is a fraction of a microsecond.
 
 ``Nats`` is the connection, with the trio-facing operations both the log and
 the cluster's node layer use: core publish/request/subscribe, JetStream
 publish (one or an atomic batch, with expected-last-subject-sequence
-headers), the batch direct get that reads history, an ordered consumer from
-a sequence, and key-value buckets with a TTL.
+headers), announcements of what was stored, the batch direct get that reads
+history, an ordered consumer from a sequence, and key-value buckets with a TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -45,6 +47,7 @@ import nats
 import nats.errors
 import nats.js.api
 import nats.js.errors
+import orjson
 import outcome
 import trio
 from nats.aio.client import Client as NatsClient
@@ -158,6 +161,15 @@ class Nats:
         self.client = client
         self.js = client.jetstream()
         self.servers = tuple(servers)
+        self._acks: _Acks | None = None  # the JetStream acks' subscription, made by connect()
+        self._outbox: list[tuple[Callable[[list[Any]], None], list[Any]]] = []
+        self._announced: dict[str, int] = {}  # subject -> the highest seq to announce on it
+        self._quiet: set[asyncio.Task[None]] = set()
+
+    async def _subscribe_acks(self) -> None:
+        acks = _Acks(self.client.new_inbox())
+        await self._run(self.client.subscribe, f"{acks.prefix}.*", cb=acks.on_ack)
+        self._acks = acks
 
     @property
     def connected(self) -> bool:
@@ -259,48 +271,136 @@ class Nats:
         self,
         items: Sequence[tuple[str, bytes, Mapping[str, str]]],
         answer_within: float,
-        on_result: Callable[[int, int | BaseException], None],
+        on_results: Callable[[list[tuple[int, int | BaseException]]], None],
+        *,
+        announce: str | None = None,
     ) -> None:
-        """JetStream-publish each (subject, data, headers) at once, and tell ``on_result``
-        (on the trio thread) each one's seq or error as soon as it comes: a slow ack does
-        not hold up the others. Returns once every one has been told.
+        """JetStream-publish each (subject, data, headers) at once, and tell ``on_results``
+        (on the trio thread) each one's index and seq, or error, as soon as it comes: a
+        slow ack does not hold up the others. Returns once every one has been told (one
+        that had no answer within ``answer_within`` s: ``NatsUnavailable``).
 
         One bridge crossing out for the lot, and one back per turn of the asyncio loop
-        that received acks (not one per ack).
+        that received acks (for every batch in flight, not one per batch or per ack).
+        The acks come to one subscription of this connection's (``_Acks``), not as
+        nats-py's ``js.publish`` requests: no task, timer and random token per message.
+
+        ``announce``: a core NATS subject on which the highest seq acknowledged in a turn
+        is published, once per turn (``announcements`` hears it elsewhere).
         """
         token = trio.lowlevel.current_trio_token()
-        loop = self.bridge.loop
-        done: list[tuple[int, int | BaseException]] = []
-
-        def hand_over() -> None:
-            batch = done.copy()
-            done.clear()
-            token.run_sync_soon(_tell_each, on_result, batch)
-
-        async def one(i: int, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
-            result: int | BaseException
-            try:
-                ack = await self.js.publish(
-                    subject, data, timeout=answer_within, headers=dict(headers) or None
-                )
-                result = ack.seq
-            except Exception as exc:
-                result = _translate(exc)
-            if not done:
-                loop.call_soon(hand_over)
-            done.append((i, result))
+        acks = self._acks
+        assert acks is not None, "made by connect()"
+        tell_trio = functools.partial(self._to_trio, token, on_results, announce)
 
         async def publish_all() -> None:
-            await asyncio.gather(*(one(i, *item) for i, item in enumerate(items)))
+            batch = acks.open(len(items), tell_trio)
+            try:
+                for i, (subject, data, headers) in enumerate(items):
+                    reply = acks.reply_to(batch, i)
+                    try:
+                        await self.client.publish(
+                            subject, data, reply=reply, headers=dict(headers) or None
+                        )
+                    except Exception as exc:  # not connected, its buffer full: not sent
+                        acks.withdraw(batch)
+                        for j in range(i, len(items)):
+                            batch.tell(j, _translate(exc))
+                        break
+                if batch.left:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(batch.done), answer_within)
+            finally:
+                acks.close(
+                    batch, NatsUnavailable(f"NATS did not answer within {answer_within:g} s")
+                )
+                # Every result is queued for trio before this call's return is (FIFO).
+                batch.flush()
+                self._hand_over(token)
 
-        # FIFO both ways: every hand-over is queued for trio before this call's return.
         await self._run(publish_all)
 
+    def _to_trio(
+        self,
+        token: trio.lowlevel.TrioToken,
+        on_results: Callable[[list[tuple[int, int | BaseException]]], None],
+        announce: str | None,
+        results: list[tuple[int, int | BaseException]],
+    ) -> None:
+        """On the asyncio thread: hand ``results`` to ``on_results`` on the trio thread,
+        with whatever else is handed over in this turn of the loop, in one wake-up."""
+        if not self._outbox:
+            self.bridge.loop.call_soon(self._hand_over, token)
+        self._outbox.append((on_results, results))
+        if announce is not None:
+            seqs = [r for _, r in results if type(r) is int]
+            if seqs:
+                self._announced[announce] = max(self._announced.get(announce, 0), *seqs)
+
+    def _hand_over(self, token: trio.lowlevel.TrioToken) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            token.run_sync_soon(_tell_all, outbox)
+        if self._announced:
+            announced, self._announced = self._announced, {}
+            for subject, seq in announced.items():
+                task = self.bridge.loop.create_task(self._publish_quietly(subject, b"%d" % seq))
+                self._quiet.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._quiet.discard)
+
+    async def _publish_quietly(self, subject: str, data: bytes) -> None:
+        """A core publish no one waits for: not connected, it is dropped (and said)."""
+        try:
+            await self.client.publish(subject, data)
+        except Exception as exc:
+            logger.debug("could not publish on %s: %r", subject, exc)
+
+    @contextlib.asynccontextmanager
+    async def announcements(
+        self, subject: str, own: str, on_seq: Callable[[int], None]
+    ) -> AsyncIterator[None]:
+        """While the block runs, tell ``on_seq`` (on the trio thread) the highest seq
+        announced on ``subject`` (a wildcard) since it was last told, at most once per turn
+        of the asyncio loop; what comes on ``own`` (this node's announcements) is dropped
+        there, without crossing. Core NATS: an announcement may be lost (not connected);
+        the caller looks for itself now and then."""
+        token = trio.lowlevel.current_trio_token()
+        loop = self.bridge.loop
+        highest = [0]  # announced, not yet handed over
+
+        def hand_over() -> None:
+            seq, highest[0] = highest[0], 0
+            token.run_sync_soon(on_seq, seq)
+
+        async def on_message(message: Msg) -> None:
+            if message.subject == own:
+                return
+            try:
+                seq = int(message.data)
+            except ValueError:
+                return
+            if not highest[0]:
+                loop.call_soon(hand_over)
+            highest[0] = max(highest[0], seq)
+
+        sub = await self._run(self.client.subscribe, subject, cb=on_message)
+        try:
+            await self.flush()  # in place at the server: nothing announced from now is missed
+            yield
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._run(sub.unsubscribe)
+
     async def publish_atomic(
-        self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], answer_within: float
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        answer_within: float,
+        *,
+        announce: str | None = None,
     ) -> int:
         """Publish a batch that the stream stores all together or not at all (atomic batch
-        publish, nats-server 2.12+, the stream's ``allow_atomic``); return its last seq."""
+        publish, nats-server 2.12+, the stream's ``allow_atomic``); return its last seq,
+        announced on ``announce`` if given (as ``publish_each`` does)."""
         batch_id = self.client.new_inbox().rsplit(".", 1)[-1]
 
         async def publish_batch() -> int:
@@ -317,7 +417,10 @@ class Nats:
                 answer = json.loads(reply.data)
                 if "error" in answer:
                     raise nats.js.errors.APIError.from_error(answer["error"])
-                return int(answer["seq"])
+                seq = int(answer["seq"])
+                if announce is not None:
+                    await self._publish_quietly(announce, b"%d" % seq)
+                return seq
             raise ValueError("an atomic batch needs at least one message")
 
         return await self._run(publish_batch)
@@ -345,9 +448,7 @@ class Nats:
                     if status is not None:  # 204: end of batch; 404: nothing there (yet)
                         if status in ("204", "404"):
                             return found
-                        raise NatsUnavailable(
-                            f"direct get: {status} {headers.get('Description', '')}"
-                        )
+                        raise NatsUnavailable(f"direct get: {_status(headers)}")
                     found.append(
                         StreamMessage(
                             int(headers["Nats-Sequence"]),
@@ -374,7 +475,7 @@ class Nats:
             if status == "404":
                 return 0
             if status is not None:
-                raise NatsUnavailable(f"direct get: {status} {headers.get('Description', '')}")
+                raise NatsUnavailable(f"direct get: {_status(headers)}")
             return int(headers["Nats-Sequence"])
 
         return await self._run(fetch)
@@ -497,12 +598,117 @@ async def patiently(call: Callable[[], Awaitable[T]], *, within: float, what: st
     raise NatsUnavailable(f"{what} within {within:g} s: {failure or 'NATS did not answer'}")
 
 
-def _tell_each(
-    on_result: Callable[[int, int | BaseException], None],
-    batch: list[tuple[int, int | BaseException]],
-) -> None:
-    for i, result in batch:
-        on_result(i, result)
+def _tell_all(outbox: list[tuple[Callable[[list[Any]], None], list[Any]]]) -> None:
+    for on_results, results in outbox:
+        on_results(results)
+
+
+class _Batch:
+    """One ``publish_each`` call's messages: the results not yet handed over, and how many
+    are still unanswered."""
+
+    __slots__ = ("done", "left", "results", "tell_trio")
+
+    def __init__(self, size: int, tell_trio: Callable[[list[tuple[int, Any]]], None]) -> None:
+        self.left = size
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.results: list[tuple[int, int | BaseException]] = []
+        self.tell_trio = tell_trio
+
+    def tell(self, i: int, result: int | BaseException) -> None:
+        if not self.results:  # the first of this turn: one hand-over for the turn's lot
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.results.append((i, result))
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
+
+    def flush(self) -> None:
+        if self.results:
+            results, self.results = self.results, []
+            self.tell_trio(results)
+
+
+class _Acks:
+    """The acks of every JetStream publish of one connection, on one subscription.
+
+    Each message goes with the reply subject ``PREFIX.N`` (N counts up for the
+    connection's life), and the server's ack (a PubAck, or an error) comes back to
+    the wildcard subscription on ``PREFIX.*``, which finds the message's batch by N.
+    An ack that comes after its batch gave up (``close``) finds none and is dropped:
+    the message is sent again with the same ``Nats-Msg-Id``, and the stream answers
+    that with the seq it stored it at.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._cut = len(prefix) + 1
+        self._waiting: dict[int, tuple[_Batch, int]] = {}
+        self._count = 0
+        self._of_batch: dict[_Batch, list[int]] = {}
+
+    def open(self, size: int, tell_trio: Callable[[list[tuple[int, Any]]], None]) -> _Batch:
+        batch = _Batch(size, tell_trio)
+        self._of_batch[batch] = []
+        return batch
+
+    def reply_to(self, batch: _Batch, i: int) -> str:
+        self._count += 1
+        self._waiting[self._count] = (batch, i)
+        self._of_batch[batch].append(self._count)
+        return f"{self.prefix}.{self._count}"
+
+    def withdraw(self, batch: _Batch) -> None:
+        """The batch's last message was not sent after all: no answer is waited for."""
+        self._waiting.pop(self._of_batch[batch].pop(), None)
+
+    def close(self, batch: _Batch, unanswered: BaseException) -> None:
+        """Forget the batch; tell each of its messages still unanswered ``unanswered``."""
+        for n in self._of_batch.pop(batch):
+            entry = self._waiting.pop(n, None)
+            if entry is not None:
+                batch.tell(entry[1], unanswered)
+
+    def lost(self, error: BaseException) -> None:
+        """The connection is lost: no message sent on it will be answered now (a message
+        the stream stored meanwhile is answered with its seq when it is sent again). Each
+        one still waiting is told ``error`` at once, not when its batch gives up: so its
+        try ends, and it goes again on the next connection, without waiting out a timeout
+        (a server killed under a node cost its appends that timeout, 1 s, before)."""
+        waiting, self._waiting = self._waiting, {}
+        for batch, i in waiting.values():
+            batch.tell(i, error)
+
+    async def on_ack(self, message: Msg) -> None:
+        try:
+            n = int(message.subject[self._cut :])
+        except ValueError:
+            return
+        entry = self._waiting.pop(n, None)
+        if entry is None:
+            return  # its batch gave up on it
+        batch, i = entry
+        batch.tell(i, _pub_ack(message))
+
+
+def _status(headers: Mapping[str, str]) -> str:
+    """A status answer's code and description, on one line (a 503 of a direct get has the
+    rest of its headers after an empty description)."""
+    description = headers.get("Description", "").strip().split("\n", 1)[0].strip()
+    return f"{headers.get('Status')} {description}".strip()
+
+
+def _pub_ack(message: Msg) -> int | BaseException:
+    """The seq a JetStream publish's answer gives, or its error (as ``_translate`` has it)."""
+    if message.headers and message.headers.get("Status") == "503":
+        return NatsUnavailable("NATS did not answer: no stream takes this subject now")
+    try:
+        answer = orjson.loads(message.data)
+        if "error" in answer:
+            nats.js.errors.APIError.from_error(answer["error"])  # raises it
+        return int(answer["seq"])
+    except Exception as exc:
+        return _translate(exc)
 
 
 class Kv:
@@ -594,6 +800,9 @@ async def connect(
             logger.warning("NATS: %s", exc or type(exc).__name__)
 
         async def on_disconnected() -> None:
+            if connection is not None and connection._acks is not None:
+                # What was sent on the lost connection is answered there or not at all.
+                connection._acks.lost(NatsUnavailable("NATS did not answer: connection lost"))
             if closing:
                 return
             logger.warning("NATS: disconnected from %s; reconnecting", ", ".join(servers))
@@ -603,6 +812,7 @@ async def connect(
             logger.info("NATS: reconnected to %s", url.netloc if url is not None else "?")
 
         client: NatsClient | None = None
+        connection: Nats | None = None
         closing = False
         try:
             client = await bridge.run(
@@ -628,6 +838,7 @@ async def connect(
         client.options["max_reconnect_attempts"] = -1  # nats-py reads it at each reconnect
         connection = Nats(bridge, client, servers)
         try:
+            await connection._subscribe_acks()
             yield connection
         finally:
             closing = True

@@ -28,16 +28,25 @@ Appending (the writer task, like the file log's group commit):
 Folding: records are put aside by seq as the node learns of them, and folded
 (``on_durable``), handed to the subscriptions, and their appenders answered
 as soon as they come next in seq order. A node learns of its own events from
-their acks (the record is built from what it sent: no decoding), and of every
-event from an ordered consumer that delivers the whole stream from its head
-on. If the consumer falls silent or skips, a watchdog reads the missing seqs
-with batched direct gets, so an acknowledged append is folded even while the
-consumer is being made again.
+their acks (the record is built from what it sent: no decoding), and of the
+others' by reading them: each node announces, on core NATS (``stored.STREAM.RUN``,
+once per turn of its NATS loop), the highest seq it has had acknowledged, and a
+node that hears of a seq past its head reads the gaps up to it with batched
+direct gets (any replica answers; one a little behind is asked again). So no
+node reads back its own events, which an ordered consumer of the whole stream
+would deliver to it, headers and all, to be parsed and dropped. An announcement
+is at most once (lost while a connection is made again, or never sent by a
+writer that is not a node): a node whose head has not moved for ``LOOK_EVERY``
+seconds reads whatever the stream holds past it, so every acknowledged append
+is folded by every node, in order, once, at worst that much later.
 
-Measured (bench/cluster.py, docs/performance.md): about 4,400 appends/s at
-256 in flight on a loaded 2-core machine, about half of nats-py publishing the
-same records alone; this process spends about 2.5 times nats-py's CPU per event
-(the check, the fold, the consumer's copy of every message, two threads).
+Measured (bench/cluster.py, four full runs, docs/performance.md): 10,700 to
+16,900 appends/s at 256 in flight on a loaded 2-core machine, 0.83 to 0.92 of
+nats-py publishing the same records alone in the same runs; this process spends
+40 to 56 µs of CPU per event (both threads), nats-py 38 to 47 µs per publish.
+Before, the acks were nats-py requests (a task, a timer and a random token
+each: 98 µs per event) and an ordered consumer brought every event back (about
+10 µs more).
 
 Reading: ``read_history`` is one batched direct get (up to 256 KiB) per call,
 served by any replica; the catch-up subscriptions of subscriptions.py work on
@@ -92,6 +101,15 @@ STREAM_WITHIN = 15.0
 MAX_ATOMIC = 1000
 #: Messages one direct get asks for at most (and READ_BYTES bounds their bytes).
 PAGE_MESSAGES = 1024
+#: Seconds the head may stand still before the node reads past it without being told.
+LOOK_EVERY = 0.5
+#: Reads of an announced seq that the answering replica does not hold yet, 10 ms apart.
+READ_TRIES = 20
+
+
+def announce_subject(stream: str, run: str) -> str:
+    """The core NATS subject on which one run of a node announces the seqs it stored."""
+    return f"stored.{stream}.{run}"
 
 
 class Conflict(LogUnavailable):
@@ -214,24 +232,30 @@ class NatsEventLog:
         self._folded = trio.Event()  # set, and replaced, at each fold
         self._waiting: list[_Ticket] = []  # acknowledged, not folded yet: a heap by seq
         #: Records known stored but not folded yet (a gap before them): by seq; None for a
-        #: message that is no event. Bounded by the appends in flight and what the consumer
-        #: delivers past a gap before the watchdog fills it.
+        #: message that is no event. Bounded by the appends in flight and one page read
+        #: past a gap (PAGE_MESSAGES) at a time.
         self._ahead: dict[int, Record | None] = {}
         self._known_last = 0  # the highest seq known stored (acknowledged or delivered)
         self._last_seq_of: dict[str, int] = {}  # subject -> its last seq, as far as known
         self._state = State()  # the store's, from replay on: which ids were ever created
         self._in_flight: set[str] = set()
         #: What this node has sent and not yet heard back about, by message id: a message
-        #: the consumer brings back first is built from it, not decoded.
+        #: of its own read from the stream before its ack came is built from it, not decoded.
         self._sent: dict[str, tuple[Event, bytes]] = {}
         self._folded_bytes = 0
         self._msg_prefix = secrets.token_hex(8)  # this run of this node: message ids unique
+        self._announce_on = announce_subject(settings.stream, self._msg_prefix)
+        self._look = trio.Event()  # set: read past the head now (another node stored more)
+        self._look.set()  # at first: what was stored between the replay's read and now
         self._msg_count = 0
         self._closing = False
         self._writer_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.failed_batches = 0
         self.conflicts = 0
+        #: Messages read from the stream to fold since start (the others' events: a node's
+        #: own come from their acks, unless an ack came later than a read of the stream).
+        self.messages_read = 0
         self.on_synced: Callable[[float], None] | None = None
 
     # -- state, as EventLog's ----------------------------------------------------------
@@ -418,7 +442,8 @@ class NatsEventLog:
                 await self.nats.publish_each(
                     [items[i] for i in round_.todo],
                     max(0.05, min(1.0, left)),
-                    functools.partial(self._on_result, round_),
+                    functools.partial(self._on_results, round_),
+                    announce=self._announce_on,
                 )
             except NatsUnavailable as exc:
                 unanswered = [
@@ -453,8 +478,14 @@ class NatsEventLog:
             self._release(ticket)
         round_.suspect = []
 
+    def _on_results(self, round_: _Round, results: list[tuple[int, int | BaseException]]) -> None:
+        """The acks (or errors) of messages of this try, as soon as they come; what they
+        make foldable is folded once for the lot."""
+        for j, result in results:
+            self._on_result(round_, j, result)
+        self._advance()
+
     def _on_result(self, round_: _Round, j: int, result: int | BaseException) -> None:
-        """The ack (or error) of the ``j``-th message of this try, as soon as it comes."""
         i = round_.todo[j]
         ticket, (subject, _, _) = round_.tickets[i], round_.items[i]
         if isinstance(result, int):
@@ -493,7 +524,9 @@ class NatsEventLog:
                 condition = {} if subject in seen else await self._condition(pending.sandbox_id)
                 seen.add(subject)
                 items.append((subject, encode_body(event), condition))
-            last = await self.nats.publish_atomic(items, answer_within=self.settings.ack_within)
+            last = await self.nats.publish_atomic(
+                items, answer_within=self.settings.ack_within, announce=self._announce_on
+            )
         except Exception as exc:
             self._refused(ticket, None, exc)
             return
@@ -503,6 +536,7 @@ class NatsEventLog:
         ]
         lasts = {subject: first + i for i, (subject, _, _) in enumerate(items)}
         self._acknowledged(ticket, lasts, last, [body for _, body, _ in items])
+        self._advance()
 
     async def _condition(self, sandbox_id: str | None) -> dict[str, str]:
         """The header that makes an append conditional on its subject's last seq."""
@@ -538,12 +572,11 @@ class NatsEventLog:
             ticket.done.set()
             return
         heapq.heappush(self._waiting, ticket)
-        # This node knows these events now: they need not wait for the consumer to come
-        # back with them (the bytes are those decode_message makes of the stored body).
+        # This node knows these events now, without reading them from the stream (the
+        # bytes are those decode_message makes of the stored body).
         for event, body in zip(ticket.events, bodies, strict=True):
             if event.seq > self._head_seq and event.seq not in self._ahead:
                 self._ahead[event.seq] = Record(event, stored_record(body, event.seq))
-        self._advance()
 
     def _refused(self, ticket: _Ticket, subject: str | None, error: BaseException) -> None:
         if isinstance(error, WrongLastSequence):
@@ -595,7 +628,6 @@ class NatsEventLog:
             self._head_seq = records[-1].event.seq
         assert self._nursery is not None
         await self._nursery.start(self._follow)
-        self._nursery.start_soon(self._watch)
         return count, last_ts
 
     def _note(self, event: Event, record: Record) -> None:
@@ -607,16 +639,72 @@ class NatsEventLog:
     async def _follow(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Hear what the other nodes announce they stored, and read what this node lacks."""
         stream = self.settings.stream
-        async with self.nats.ordered_consumer(
-            stream, f"{stream}.>", self._head_seq + 1, self._delivered
+        async with self.nats.announcements(
+            announce_subject(stream, "*"), self._announce_on, self._heard
         ):
             task_status.started()
-            await trio.sleep_forever()
+            await self._read_what_is_missing()
+
+    def _heard(self, seq: int) -> None:
+        """Another node announced that the stream holds ``seq`` (and what comes before)."""
+        self._known_last = max(self._known_last, seq)
+        self._look.set()
+
+    async def _read_what_is_missing(self) -> None:
+        """Read from the stream, with batched direct gets, what this node has folded no
+        ack of: at once once another node announced it; otherwise when the head has not
+        moved for ``LOOK_EVERY`` s (an ack that never came, an announcement lost, a
+        writer that announces nothing). A busy node whose head moves reads nothing."""
+        while True:
+            head = self._head_seq
+            with trio.move_on_after(LOOK_EVERY):
+                await self._look.wait()
+            heard, self._look = self._look.is_set(), trio.Event()
+            if heard or self._head_seq == head:
+                try:
+                    await self._read_past_head()
+                except NatsUnavailable as exc:
+                    # Said when something is known missing; a look on the off chance (a
+                    # stream being elected a leader, say) is tried again quietly.
+                    missing = self._known_last > self._head_seq
+                    logger.log(
+                        logging.WARNING if missing else logging.DEBUG,
+                        "cannot read the stream to catch up: %s",
+                        exc,
+                    )
+
+    async def _read_past_head(self) -> None:
+        """Read the gaps after the head, up to the highest seq known stored, a page at a
+        time (the seqs put aside are not read again); past it, whatever the stream holds."""
+        tries = 0
+        while True:
+            first = self._head_seq + 1
+            last = first
+            while (
+                last < self._known_last
+                and last + 1 not in self._ahead
+                and last - first + 1 < PAGE_MESSAGES
+            ):
+                last += 1
+            count = last - first + 1 if self._known_last >= first else PAGE_MESSAGES
+            messages = await self.nats.direct_batch(self.settings.stream, first, count, READ_BYTES)
+            if messages:
+                tries = 0
+                self.messages_read += len(messages)
+                self._delivered(messages)
+                if self._head_seq < self._known_last or len(messages) == count:
+                    continue  # more gaps, or a full page: there may be more
+                return
+            if self._known_last < first or tries == READ_TRIES:
+                return  # nothing past the head; or the next look tries again
+            tries += 1
+            await trio.sleep(0.01)  # the replica that answered is behind the quorum
 
     def _delivered(self, messages: list[StreamMessage]) -> None:
-        """Messages read from the stream (the ordered consumer's, or the watchdog's), on
-        the trio thread: put aside by seq, then fold what comes next."""
+        """Messages read from the stream (``_read_past_head``'s), on the trio thread: put
+        aside by seq, then fold what comes next."""
         self._known_last = max(self._known_last, messages[-1].seq)
         head, ahead = self._head_seq, self._ahead
         for message in messages:
@@ -640,9 +728,9 @@ class NatsEventLog:
         self._advance()
 
     def _advance(self) -> None:
-        """Fold every record put aside that comes next, in seq order: from the consumer, or
-        from this node's own acknowledgements, whichever came first. A gap waits (for the
-        consumer, else the watchdog)."""
+        """Fold every record put aside that comes next, in seq order: from this node's own
+        acknowledgements, or read from the stream, whichever came first. A gap waits (for
+        an ack, else ``_read_what_is_missing``)."""
         ahead = self._ahead
         seq = first_seq = self._head_seq + 1
         if seq not in ahead:
@@ -668,24 +756,6 @@ class NatsEventLog:
             heapq.heappop(self._waiting).done.set()
         self._folded.set()
         self._folded = trio.Event()
-
-    async def _watch(self) -> None:
-        """Read what the consumer has not delivered a while after it is known stored."""
-        while True:
-            head = self._head_seq
-            with trio.move_on_after(0.5):
-                await self._folded.wait()
-                continue
-            if self._known_last > head == self._head_seq:
-                try:
-                    messages = await self.nats.direct_batch(
-                        self.settings.stream, head + 1, PAGE_MESSAGES, READ_BYTES
-                    )
-                except NatsUnavailable as exc:
-                    logger.warning("cannot read the stream to catch up: %s", exc)
-                    continue
-                if messages:
-                    self._delivered(messages)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -132,6 +132,43 @@ async def test_started_through_one_node_read_paused_deleted_through_the_others(
         await on_b.delete(named.id)
 
 
+async def test_a_session_key_finds_its_sandbox_through_every_node(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The OpenHands adapter's lookup (``sandbox.find_by_session_key``) answers for a
+    sandbox of any node, through any node, while it runs, and for none once it does not."""
+    async with (
+        cluster_nodes(nats_cluster, tmp_path) as (a, b, c),
+        open_client(a.url, ROOT) as on_a,
+        open_client(b.url, ROOT) as on_b,
+        open_client(c.url, ROOT) as on_c,
+    ):
+        clients = (on_a, on_b, on_c)
+        started = [await on_a.start(spec_id="sleep") for _ in range(3)]
+        assert sorted(info.node or "" for info in started) == sorted(NAMES)
+        for info in started:
+            key = info.session_api_key
+            assert key is not None
+            for client in clients:
+                await seen(client, info.id, Status.RUNNING)
+            found = [await client.find_by_session_key(key) for client in clients]
+            assert found == [attrs.evolve(info, usage=None)] * 3
+            for client in clients:
+                assert await client.find_by_session_key(key[:-1] + "x") is None
+        paused = started[0]
+        await on_b.pause(paused.id)
+        for client in clients:
+            await seen(client, paused.id, Status.PAUSED)
+            assert await client.find_by_session_key(paused.session_api_key or "") is None
+        deleted = started[1]
+        await on_c.delete(deleted.id)
+        for client in clients:
+            await seen(client, deleted.id, None)
+            assert await client.find_by_session_key(deleted.session_api_key or "") is None
+        for info in (started[0], started[2]):
+            assert await on_a.delete(info.id) is True
+
+
 async def test_a_subscriber_moves_from_a_to_c_and_resumes_exactly_once(
     nats_cluster: LocalCluster, tmp_path: Path
 ) -> None:
