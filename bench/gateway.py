@@ -424,6 +424,26 @@ def _histogram(ticks: Iterable[tuple[int, int]]) -> Histogram:
     return hist
 
 
+async def open_connections(
+    nursery: trio.Nursery, url: str, token: str, n: int
+) -> list[WebSocketConnection]:
+    """``n`` websockets to ``url`` (16 handshakes at a time), living in ``nursery``."""
+    conns: list[WebSocketConnection] = []
+    limiter = trio.CapacityLimiter(16)
+
+    async def open_one() -> None:
+        async with limiter:
+            ws = await connect_websocket_url(
+                nursery, url, extra_headers=auth(token), message_queue_size=64
+            )
+            conns.append(ws)
+
+    async with trio.open_nursery() as opening:
+        for _ in range(n):
+            opening.start_soon(open_one)
+    return conns
+
+
 async def subscribers_role(args: argparse.Namespace) -> None:
     """Holds ``--n`` connections; driven by lines on stdin: subscribe, round H, expect H T, quit."""
     token: str = args.token
@@ -474,18 +494,7 @@ async def subscribers_role(args: argparse.Namespace) -> None:
             state["closed"] += 1
 
     async with trio.open_nursery() as nursery:
-        limiter = trio.CapacityLimiter(16)
-
-        async def open_one() -> None:
-            async with limiter:
-                ws = await connect_websocket_url(
-                    nursery, args.url, extra_headers=auth(token), message_queue_size=64
-                )
-                conns.append(ws)
-
-        async with trio.open_nursery() as opening:
-            for _ in range(n):
-                opening.start_soon(open_one)
+        conns += await open_connections(nursery, args.url, token, n)
         say({"connected": len(conns)})
 
         stdin = trio.wrap_file(sys.stdin)
@@ -867,18 +876,7 @@ async def filtered_role(args: argparse.Namespace) -> None:
             state["closed"] += 1
 
     async with trio.open_nursery() as nursery:
-        limiter = trio.CapacityLimiter(16)
-
-        async def open_one() -> None:
-            async with limiter:
-                ws = await connect_websocket_url(
-                    nursery, args.url, extra_headers=auth(token), message_queue_size=64
-                )
-                conns.append(ws)
-
-        async with trio.open_nursery() as opening:
-            for _ in range(n):
-                opening.start_soon(open_one)
+        conns += await open_connections(nursery, args.url, token, n)
         say({"connected": len(conns)})
 
         stdin = trio.wrap_file(sys.stdin)
