@@ -210,18 +210,18 @@ class LocalCluster:
             time.sleep(0.05)  # the servers' state, polled: there is nothing to wait on
 
     def kill(self, i: int) -> None:
-        """SIGKILL server ``i`` by its pid, and reap it."""
-        process = self.servers[i].process
-        if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+        """SIGKILL server ``i`` by its pid (a crash), and reap it."""
+        self._end(i, signal.SIGKILL)
 
     def terminate(self, i: int) -> None:
         """SIGTERM server ``i`` by its pid (an orderly shutdown, which the others learn of at
         once: a SIGKILLed one stays "online" to the meta leader for minutes), and reap it."""
+        self._end(i, signal.SIGTERM)
+
+    def _end(self, i: int, how: signal.Signals) -> None:
         process = self.servers[i].process
         if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, how)
             process.wait()
 
     def restart(self, *indices: int, within: float = READY_WITHIN) -> None:
