@@ -283,8 +283,8 @@ async def _joined(config: Config, store: Store) -> AsyncIterator[Node | None]:
     if config.nats is None:
         yield None
         return
-    # nats-py and its asyncio only where the log is on NATS: they are 8 MB of a file
-    # daemon's RSS otherwise (bench/sandboxes.py's rss_mb_1000).
+    # nats-py and its asyncio only where the log is on NATS: they were 3-5 MB of a file
+    # daemon's RSS otherwise (bench/sandboxes.py's rss_mb_1000, docs/performance.md).
     from sandboxd.cluster.node import join_cluster
     from sandboxd.events.nats.bridge import NatsUnavailable
 
