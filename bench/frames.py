@@ -121,8 +121,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--events", type=int, default=20, help="events per frame (default 20)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each, alternating")
+    parser.add_argument(
+        "--quick", action="store_true", help="100 websockets, 5 rounds, one run of each"
+    )
     parser.add_argument("--peers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.conns, args.rounds, args.repeat = 100, 5, 1
     if args.peers:
         peers(args.peers, args.conns)
         return 0
@@ -133,7 +138,12 @@ def main() -> int:
             for name, value in measured.items():
                 results.setdefault(f"{kind}_{name}", []).append(round(value, 1))
     line: dict[str, object] = {k.replace("-", "_"): v for k, v in results.items()}
-    line.update(events_per_frame=args.events, conns=args.conns, load_average=os.getloadavg()[0])
+    line.update(
+        events_per_frame=args.events,
+        conns=args.conns,
+        quick=args.quick,
+        load_average=os.getloadavg()[0],
+    )
     print(json.dumps(line))
     return 0
 
