@@ -192,9 +192,7 @@ class SandboxActor:
             raise NotFound(f"sandbox {self.sandbox_id} does not exist") from None
         return await command.reply.receive()
 
-    async def run(
-        self, *, adopted: bool, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def run(self, *, adopted: bool) -> None:
         """Serve the mailbox until the sandbox is deleted (or its creation was refused).
 
         ``adopted``: the log already holds the sandbox (a previous daemon made
@@ -209,7 +207,6 @@ class SandboxActor:
                 self._watch_again(record)
                 if self._lost:
                     nursery.start_soon(self._post, Lost())
-            task_status.started()
             try:
                 await self._serve()
             finally:
