@@ -43,6 +43,7 @@ from sandboxd.actors.mailbox import (
     Healthy,
     IdleCheck,
     Lost,
+    Mailbox,
     Message,
     Notice,
     Pause,
@@ -125,7 +126,7 @@ class SandboxActor:
         self._ctx = context
         #: Where the sandbox's stdout and stderr go.
         self.output = context.outputs.file(sandbox_id)
-        self._send, self._receive = trio.open_memory_channel[Message](MAILBOX_SIZE)
+        self._mailbox = Mailbox[Message](MAILBOX_SIZE)
         #: The sandbox's main process, ours or adopted; None while it has none.
         self._process: ProcessId | None = None
         #: The same, if this daemon started it: our child, which we reap.
@@ -165,8 +166,8 @@ class SandboxActor:
         """Post ``notice`` if its mailbox has room now, without waiting; False if not (the
         idle sweep then judges the sandbox again at its next sweep)."""
         try:
-            self._send.send_nowait(notice)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._mailbox.post_nowait(notice)
+        except (trio.WouldBlock, trio.BrokenResourceError):
             return False
         return True
 
@@ -181,14 +182,14 @@ class SandboxActor:
         make its decisions and hand them over in one step, never leaving an
         actor that holds an id and a port but has nothing to do.
         """
-        self._send.send_nowait(start)
+        self._mailbox.post_nowait(start)
 
     async def ask(self, command: Asked[T]) -> T:
         """Send a command and wait for its answer."""
         assert isinstance(command, Start | Pause | Resume | Delete)
         try:
-            await self._send.send(command)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._mailbox.post(command)
+        except trio.BrokenResourceError:
             raise NotFound(f"sandbox {self.sandbox_id} does not exist") from None
         return await command.reply.receive()
 
@@ -217,21 +218,19 @@ class SandboxActor:
     # -- the mailbox --------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        async with self._receive:
-            try:
-                async for message in self._receive:
-                    await self._handle(message)
-                    if self._done:
-                        break
-            finally:
-                self._refuse_queued()
+        try:
+            while not self._done:
+                await self._handle(await self._mailbox.get())
+        finally:
+            self._mailbox.close()
+            self._refuse_queued()
 
     def _refuse_queued(self) -> None:
         """Answer the commands queued behind the end (a delete): their sandbox is gone."""
         while True:
             try:
-                message = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
+                message = self._mailbox.get_nowait()
+            except trio.WouldBlock:
                 return
             if isinstance(message, Start | Pause | Resume | Delete):
                 message.reply.fail(NotFound(f"sandbox {self.sandbox_id} does not exist"))
@@ -288,8 +287,8 @@ class SandboxActor:
 
     async def _post(self, notice: Notice) -> None:
         # Once the actor has finished there is nothing left to tell.
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._send.send(notice)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._mailbox.post(notice)
 
     async def _post_later(self, notice: Notice, delay: float) -> None:
         await trio.sleep(delay)
