@@ -17,13 +17,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import attrs
 import trio
 
-from sandboxd.actors import health, output, proctree, restarts
+from sandboxd.actors import health, output, restarts
 from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.boundary.cgroups import CgroupError
 from sandboxd.actors.boundary.confine import Confinement, ConfinementError
@@ -33,6 +34,7 @@ from sandboxd.actors.boundary.limits import LimitsNotEnforceable, format_bytes
 from sandboxd.actors.boundary.trees import SandboxTree
 from sandboxd.actors.boundary.workdirs import make_working_dir, remove_tree
 from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
+from sandboxd.actors.exits import ExitWatch, ExitWatcher
 from sandboxd.actors.idle import IdleVerdict
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.launch import Placeholders, StartPlan, plan_start
@@ -93,6 +95,8 @@ class SandboxContext:
     #: Its tree (cgroup or markers), who it runs as, how its limits are enforced.
     boundary: Boundary
     environ: Mapping[str, str]  # the daemon's environment, which a spec's inherit_env draws on
+    #: Tells each actor when its main process has exited (one epoll for every sandbox).
+    exits: ExitWatcher
     url_host: str = "127.0.0.1"  # the host of the URLs a running sandbox exposes
     node: str | None = None  # this daemon's node_id, recorded as each sandbox's owner
 
@@ -142,7 +146,9 @@ class SandboxActor:
         self._starting: Reply[SandboxRecord] | None = None
         self._readiness: trio.CancelScope | None = None
         self._liveness: trio.CancelScope | None = None
-        self._exit_watch: trio.CancelScope | None = None
+        #: Its main process's exit, watched; then, once it has exited, what reports it.
+        self._exit_watch: ExitWatch | None = None
+        self._exit_report: trio.CancelScope | None = None
         #: Recovery just marked it MISSING (adopted): a failure, to its restart policy.
         self._lost = lost
         self._nursery: trio.Nursery | None = None
@@ -201,18 +207,21 @@ class SandboxActor:
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if adopted:
-                record = self.record
-                self._identity = self._ctx.boundary.identity(record.uid)
-                self._tree = self._tree or self._ctx.boundary.adopted_tree(self.sandbox_id)
-                self._watch_again(record)
-                if self._lost:
-                    nursery.start_soon(self._post, Lost())
             try:
-                await self._serve()
+                if adopted:
+                    record = self.record
+                    self._identity = self._ctx.boundary.identity(record.uid)
+                    self._tree = self._tree or self._ctx.boundary.adopted_tree(self.sandbox_id)
+                    self._watch_again(record)
+                    if self._lost:
+                        nursery.start_soon(self._post, Lost())
+                try:
+                    await self._serve()
+                finally:
+                    # An actor that failed leaves no start waiting for ever.
+                    self._answer_start(Unavailable(f"sandbox {self.sandbox_id}: its actor stopped"))
             finally:
-                # An actor that failed leaves no start waiting for ever.
-                self._answer_start(Unavailable(f"sandbox {self.sandbox_id}: its actor stopped"))
+                self._stop_watching_exit()
             nursery.cancel_scope.cancel()
 
     # -- the mailbox --------------------------------------------------------------------
@@ -410,8 +419,7 @@ class SandboxActor:
         self._child = child
         self._process = child.id
         self._oom_before = tree.oom_kills()
-        self._exit_watch = trio.CancelScope()
-        self._nursery.start_soon(self._watch_exit, child, tree, self._exit_watch)
+        self._watch_exit(child.id, child, tree)
         # Probing may begin while its event is written: RUNNING is recorded only once this
         # handler is done (the actor takes one message at a time), so after process_started.
         self._start_readiness()
@@ -547,8 +555,7 @@ class SandboxActor:
         await self._record(ev.SandboxRestarted(reason, trigger, exit_code, exit_signal), by)
         # The process before has ended (or was ended: unhealthy, not ready in time): its
         # exit watch, which would wait for the new tree too, ends; the child is reaped.
-        if self._exit_watch is not None:
-            self._exit_watch.cancel()
+        self._stop_watching_exit()
         if self._child is not None:
             await self._child.wait()
         self._process = None
@@ -589,8 +596,7 @@ class SandboxActor:
     async def _restart_unhealthy(self, reason: str) -> None:
         """The restart policy's answer to an unhealthy sandbox: end its tree, run it again."""
         self._cancel_watchers()
-        if self._exit_watch is not None:
-            self._exit_watch.cancel()  # this exit is ours, not a failure to react to
+        self._stop_watching_exit()  # this exit is ours, not a failure to react to
         if self._process is not None and self._tree is not None:
             await self._tree.terminate(self._process, stop_timeout=self._ctx.stop_timeout)
         if self._child is not None:
@@ -609,10 +615,7 @@ class SandboxActor:
         self._process = ProcessId.from_create_time(record.pid, record.create_time)
         assert self._tree is not None
         self._oom_before = self._tree.oom_kills()
-        self._exit_watch = trio.CancelScope()
-        self._nursery.start_soon(
-            self._watch_adopted_exit, self._process, self._tree, self._exit_watch
-        )
+        self._watch_exit(self._process, None, self._tree)
         if record.status is Status.STARTING:
             self._start_readiness()
         else:
@@ -659,21 +662,43 @@ class SandboxActor:
                 elif failures == self._ctx.unhealthy_after:
                     await self._post(Unhealthy(f"{failures} health checks in a row got no 200"))
 
-    async def _watch_exit(self, child: Child, tree: SandboxTree, scope: trio.CancelScope) -> None:
+    def _watch_exit(self, process: ProcessId, child: Child | None, tree: SandboxTree) -> None:
+        """Once the main process ``process`` (``child``, if ours) has exited: report it."""
+        watch = self._ctx.exits.watch(process, partial(self._exited, process, child, tree))
+        if watch is None:
+            self._exited(process, child, tree)  # gone already (an adopted one, meanwhile)
+        self._exit_watch = watch
+
+    def _exited(self, process: ProcessId, child: Child | None, tree: SandboxTree) -> None:
+        # From the exit watcher's task: what follows runs in a task of the actor's own.
+        self._exit_watch = None
+        if self._nursery is not None:
+            self._exit_report = trio.CancelScope()
+            self._nursery.start_soon(self._report_exit, process, child, tree, self._exit_report)
+
+    async def _report_exit(
+        self,
+        process: ProcessId,
+        child: Child | None,
+        tree: SandboxTree,
+        scope: trio.CancelScope,
+    ) -> None:
         # The main process's end, then the tree's: with a cgroup, the sandbox lives
         # as long as any of its processes does (a server its main process left running).
+        # How it ended is known of our child (reaped here) alone, not of an adopted one.
         with scope:
-            status = await child.wait()
+            status = await child.wait() if child is not None else ExitStatus(None, None)
             await tree.wait_gone()
-            await self._post(Exited(child.id, status))
+            await self._post(Exited(process, status))
 
-    async def _watch_adopted_exit(
-        self, adopted: ProcessId, tree: SandboxTree, scope: trio.CancelScope
-    ) -> None:
-        with scope:
-            status = await proctree.wait_for_exit(adopted)
-            await tree.wait_gone()
-            await self._post(Exited(adopted, status or ExitStatus(None, None)))
+    def _stop_watching_exit(self) -> None:
+        """No exit of the main process is reported from now on (it is ended on purpose)."""
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+            self._exit_watch = None
+        if self._exit_report is not None:
+            self._exit_report.cancel()
+            self._exit_report = None
 
     def _cancel_watchers(self) -> None:
         for scope in (self._readiness, self._liveness):

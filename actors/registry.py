@@ -35,6 +35,7 @@ from sandboxd.actors.errors import (
     StartFailed,
     Unavailable,
 )
+from sandboxd.actors.exits import ExitWatcher
 from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.labels import matches as label_matches
@@ -107,6 +108,8 @@ class Registry:
         self._uids_draining = trio.Event()
         #: Every sandbox's output file, reached through this directory's descriptor.
         self.outputs = output.OutputDir(config.state_dir / "output")
+        #: Tells the actors when their main processes exit: one task for every sandbox.
+        self.exits = ExitWatcher()
         self._context = SandboxContext(
             store=store,
             keys=keys,
@@ -117,12 +120,14 @@ class Registry:
             release=self._release,
             boundary=boundary,
             environ=os.environ,
+            exits=self.exits,
             url_host=config.url_host,
             node=config.node_id,
         )
         #: Wakes the followers of output files (sandbox.logs with follow) as they grow.
         self.output_watcher = OutputWatcher()
         nursery.start_soon(self.output_watcher.run)
+        nursery.start_soon(self.exits.run)
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
             nursery.start_soon(self.reclaim_uids_forever)
