@@ -141,7 +141,9 @@ class SandboxActor:
         self._oom_before: int | None = None
         #: Who its processes run as (None: the daemon's own user), for its whole life.
         self._identity: Identity | None = None
-        self._plan: StartPlan | None = None
+        #: The client's start ``env``, for its runs again while this daemon lives (never
+        #: logged: it may hold secrets); None if it gave none.
+        self._start_env: Mapping[str, str] | None = None
         #: The start waiting for its outcome (RUNNING, or start_failed).
         self._starting: Reply[SandboxRecord] | None = None
         self._readiness: trio.CancelScope | None = None
@@ -350,44 +352,28 @@ class SandboxActor:
             self._ctx.release(self.sandbox_id, [named.port for named in start.ports])
             return
         # The key is derived from the created event's seq, so it exists only from here on.
-        keys = self._ctx.keys
-        keys.remember(self.sandbox_id, event.seq)
-        placeholders = Placeholders(
-            start.ports,
-            self.sandbox_id,
-            start.working_dir,
-            keys.key_for(self.sandbox_id, event.seq),
-        )
-        boundary = self._ctx.boundary
-        self._identity = boundary.identity(start.uid)
-        self._plan = plan_start(
-            self.spec,
-            placeholders,
-            environ=self._ctx.environ,
-            extra_env=start.env,
-            markers=boundary.marker_env(),
-            home=boundary.home(self._identity, start.working_dir),
-        )
+        self._ctx.keys.remember(self.sandbox_id, event.seq)
+        self._identity = self._ctx.boundary.identity(start.uid)
+        self._start_env = dict(start.env) or None
         if start.wait:
             self._starting = start.reply
         else:
             start.reply.send(self.record)
         try:
-            await self._launch()
+            await self._launch(self._plan())
         except Unavailable as exc:
             # The sandbox (its created event is durable) stays, STARTING, and its
             # start finishes by itself once the log takes its next event.
             self._answer_start(exc)
             self._retry_later(Relaunch())
 
-    async def _launch(self) -> None:
+    async def _launch(self, plan: StartPlan) -> None:
         """Spawn the planned process in its boundary and record it, then watch for readiness.
 
         If the log refuses ``sandbox.process_started``, the spawn is undone and
         Unavailable raised: nothing may run that the log does not know of.
         """
-        plan = self._plan
-        assert plan is not None and self._nursery is not None
+        assert self._nursery is not None
         boundary = self._ctx.boundary
         try:
             enforcement = boundary.enforcement(self.spec.limits)
@@ -563,18 +549,17 @@ class SandboxActor:
         await self._relaunch()
 
     async def _relaunch(self) -> None:
-        if self._plan is None:
-            self._plan = self._replan()
         try:
-            await self._launch()
+            await self._launch(self._plan())
         except Unavailable as exc:
             self._answer_start(exc)
             self._retry_later(Relaunch())
 
-    def _replan(self) -> StartPlan:
-        """What its start ran, made again from the log after a daemon restart: the same
-        command, ports, key and working dir. Not the client's start ``env``, which is
-        never logged (it may hold secrets) and so does not outlive the daemon."""
+    def _plan(self) -> StartPlan:
+        """What it runs, from the log: its command, ports, key and working dir, and the
+        client's start ``env`` while this daemon lives (after a restart of the daemon, not:
+        it is never logged). Made for each run, not kept: with its whole environment, a
+        plan kept was 1 KB a sandbox (docs/performance.md)."""
         record = self.record
         keys = self._ctx.keys
         placeholders = Placeholders(
@@ -588,7 +573,7 @@ class SandboxActor:
             self.spec,
             placeholders,
             environ=self._ctx.environ,
-            extra_env={},
+            extra_env=self._start_env or {},
             markers=boundary.marker_env(),
             home=boundary.home(self._identity, record.working_dir),
         )
