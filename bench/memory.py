@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 import trio
 from _common import bench_base, emit_json, end_sandboxes, rss_mb, step
-from sandboxes import ADMIN, LIGHT, registry_config, running_registry
+from sandboxes import ADMIN, IDLE_CHECK_INTERVAL, LIGHT, registry_config, running_registry
 
 from sandboxd.daemon import raise_open_files_limit
 
@@ -189,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="how many sandboxes (default 1,000)")
     parser.add_argument("--tracemalloc", action="store_true", help="where the heap grows")
     parser.add_argument("--lines", type=int, default=25, help="lines shown with --tracemalloc")
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2 * IDLE_CHECK_INTERVAL + 1,
+        help="seconds before measuring (default: as the scale role, two idle sweeps and 1 s)",
+    )
     parser.add_argument("--dir", type=Path, help="where state goes (default: a temporary dir)")
     parser.add_argument("--cgroup", default="auto", help='sandboxes.cgroup: "auto" or "off"')
     parser.add_argument("--run-as", default=None, help='sandboxes.run_as (default "dynamic")')
