@@ -9,8 +9,8 @@ has exited, the watcher calls what it was given for it, once, from that task,
 and forgets it. What follows an exit (reaping, recording) is the caller's, in
 a task that lives only as long as that takes.
 
-Where the kernel has no pidfds (before 5.3), each watch is a task polling
-/proc instead (``proctree.poll_for_exit``), as before.
+Where a pidfd cannot be had (a kernel before 5.3; no descriptor left), that
+watch is a task polling /proc instead (``proctree.poll_for_exit``).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class ExitWatcher:
         self._epoll = select.epoll()
         self._watches: dict[int, ExitWatch] = {}  # pidfd -> its watch
         self._pollers: trio.Nursery | None = None  # where the no-pidfd polls run
+        self._polls_waiting: list[tuple[ProcessId, ExitWatch]] = []  # until ``run`` starts
         self._closed = False
 
     def __len__(self) -> int:
@@ -70,10 +71,13 @@ class ExitWatcher:
         try:
             fd = proctree.open_pidfd(process)
         except OSError as exc:
-            if exc.errno != errno.ENOSYS or self._pollers is None:
-                raise
+            if exc.errno != errno.ENOSYS:
+                log.warning("process %d: no pidfd (%s): its exit is polled", process.pid, exc)
             watch = ExitWatch(self, None, exited)
-            self._pollers.start_soon(self._poll, process, watch)
+            if self._pollers is None:
+                self._polls_waiting.append((process, watch))
+            else:
+                self._pollers.start_soon(self._poll, process, watch)
             return watch
         if fd is None:
             return None
@@ -86,14 +90,17 @@ class ExitWatcher:
         """Call each watch's ``exited`` once its process has exited, until cancelled."""
         try:
             async with trio.open_nursery() as self._pollers:
+                for process, polled in self._polls_waiting:
+                    self._pollers.start_soon(self._poll, process, polled)
+                self._polls_waiting.clear()
                 task_status.started()
                 while True:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
                     for fd, _ in self._epoll.poll(0):
-                        watch = self._watches.get(fd)
-                        if watch is not None:
-                            self._forget(watch)
-                            self._call(watch)
+                        exited = self._watches.get(fd)
+                        if exited is not None:
+                            self._forget(exited)
+                            self._call(exited)
         finally:
             self._close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -105,3 +106,30 @@ async def test_a_failing_reaction_does_not_stop_the_others(watcher: ExitWatcher)
         process.kill()
         await process.wait()
     await eventually(lambda: told == ["second"])
+
+
+async def test_without_a_pidfd_the_exit_is_polled_even_if_watched_before_run() -> None:
+    watcher = ExitWatcher()
+    process, named = await sleeper()
+    told: list[int] = []
+    # No descriptor left (EMFILE): the lowest free number is made the limit, for one call.
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        watch = watcher.watch(named, partial(told.append, 1))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert watch is not None and watch.fd is None  # polled, not in the epoll
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)  # the poll begins with the watcher
+            process.kill()
+            await process.wait()
+            await eventually(lambda: told == [1], what="the polled exit")
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
