@@ -17,13 +17,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import attrs
 import trio
 
-from sandboxd.actors import health, output, proctree, restarts
+from sandboxd.actors import health, output, restarts
 from sandboxd.actors.boundary.cgroupfs import Usage
 from sandboxd.actors.boundary.cgroups import CgroupError
 from sandboxd.actors.boundary.confine import Confinement, ConfinementError
@@ -33,6 +34,7 @@ from sandboxd.actors.boundary.limits import LimitsNotEnforceable, format_bytes
 from sandboxd.actors.boundary.trees import SandboxTree
 from sandboxd.actors.boundary.workdirs import make_working_dir, remove_tree
 from sandboxd.actors.errors import Conflict, NotFound, SandboxError, Unavailable
+from sandboxd.actors.exits import ExitWatch, ExitWatcher
 from sandboxd.actors.idle import IdleVerdict
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.launch import Placeholders, StartPlan, plan_start
@@ -43,6 +45,7 @@ from sandboxd.actors.mailbox import (
     Healthy,
     IdleCheck,
     Lost,
+    Mailbox,
     Message,
     Notice,
     Pause,
@@ -92,6 +95,8 @@ class SandboxContext:
     #: Its tree (cgroup or markers), who it runs as, how its limits are enforced.
     boundary: Boundary
     environ: Mapping[str, str]  # the daemon's environment, which a spec's inherit_env draws on
+    #: Tells each actor when its main process has exited (one epoll for every sandbox).
+    exits: ExitWatcher
     url_host: str = "127.0.0.1"  # the host of the URLs a running sandbox exposes
     node: str | None = None  # this daemon's node_id, recorded as each sandbox's owner
 
@@ -125,7 +130,7 @@ class SandboxActor:
         self._ctx = context
         #: Where the sandbox's stdout and stderr go.
         self.output = context.outputs.file(sandbox_id)
-        self._send, self._receive = trio.open_memory_channel[Message](MAILBOX_SIZE)
+        self._mailbox = Mailbox[Message](MAILBOX_SIZE)
         #: The sandbox's main process, ours or adopted; None while it has none.
         self._process: ProcessId | None = None
         #: The same, if this daemon started it: our child, which we reap.
@@ -136,12 +141,16 @@ class SandboxActor:
         self._oom_before: int | None = None
         #: Who its processes run as (None: the daemon's own user), for its whole life.
         self._identity: Identity | None = None
-        self._plan: StartPlan | None = None
+        #: The client's start ``env``, for its runs again while this daemon lives (never
+        #: logged: it may hold secrets); None if it gave none.
+        self._start_env: Mapping[str, str] | None = None
         #: The start waiting for its outcome (RUNNING, or start_failed).
         self._starting: Reply[SandboxRecord] | None = None
         self._readiness: trio.CancelScope | None = None
         self._liveness: trio.CancelScope | None = None
-        self._exit_watch: trio.CancelScope | None = None
+        #: Its main process's exit, watched; then, once it has exited, what reports it.
+        self._exit_watch: ExitWatch | None = None
+        self._exit_report: trio.CancelScope | None = None
         #: Recovery just marked it MISSING (adopted): a failure, to its restart policy.
         self._lost = lost
         self._nursery: trio.Nursery | None = None
@@ -165,8 +174,8 @@ class SandboxActor:
         """Post ``notice`` if its mailbox has room now, without waiting; False if not (the
         idle sweep then judges the sandbox again at its next sweep)."""
         try:
-            self._send.send_nowait(notice)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._mailbox.post_nowait(notice)
+        except (trio.WouldBlock, trio.BrokenResourceError):
             return False
         return True
 
@@ -181,20 +190,18 @@ class SandboxActor:
         make its decisions and hand them over in one step, never leaving an
         actor that holds an id and a port but has nothing to do.
         """
-        self._send.send_nowait(start)
+        self._mailbox.post_nowait(start)
 
     async def ask(self, command: Asked[T]) -> T:
         """Send a command and wait for its answer."""
         assert isinstance(command, Start | Pause | Resume | Delete)
         try:
-            await self._send.send(command)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._mailbox.post(command)
+        except trio.BrokenResourceError:
             raise NotFound(f"sandbox {self.sandbox_id} does not exist") from None
         return await command.reply.receive()
 
-    async def run(
-        self, *, adopted: bool, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def run(self, *, adopted: bool) -> None:
         """Serve the mailbox until the sandbox is deleted (or its creation was refused).
 
         ``adopted``: the log already holds the sandbox (a previous daemon made
@@ -202,39 +209,39 @@ class SandboxActor:
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if adopted:
-                record = self.record
-                self._identity = self._ctx.boundary.identity(record.uid)
-                self._tree = self._tree or self._ctx.boundary.adopted_tree(self.sandbox_id)
-                self._watch_again(record)
-                if self._lost:
-                    nursery.start_soon(self._post, Lost())
-            task_status.started()
             try:
-                await self._serve()
+                if adopted:
+                    record = self.record
+                    self._identity = self._ctx.boundary.identity(record.uid)
+                    self._tree = self._tree or self._ctx.boundary.adopted_tree(self.sandbox_id)
+                    self._watch_again(record)
+                    if self._lost:
+                        nursery.start_soon(self._post, Lost())
+                try:
+                    await self._serve()
+                finally:
+                    # An actor that failed leaves no start waiting for ever.
+                    self._answer_start(Unavailable(f"sandbox {self.sandbox_id}: its actor stopped"))
             finally:
-                # An actor that failed leaves no start waiting for ever.
-                self._answer_start(Unavailable(f"sandbox {self.sandbox_id}: its actor stopped"))
+                self._stop_watching_exit()
             nursery.cancel_scope.cancel()
 
     # -- the mailbox --------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        async with self._receive:
-            try:
-                async for message in self._receive:
-                    await self._handle(message)
-                    if self._done:
-                        break
-            finally:
-                self._refuse_queued()
+        try:
+            while not self._done:
+                await self._handle(await self._mailbox.get())
+        finally:
+            self._mailbox.close()
+            self._refuse_queued()
 
     def _refuse_queued(self) -> None:
         """Answer the commands queued behind the end (a delete): their sandbox is gone."""
         while True:
             try:
-                message = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
+                message = self._mailbox.get_nowait()
+            except trio.WouldBlock:
                 return
             if isinstance(message, Start | Pause | Resume | Delete):
                 message.reply.fail(NotFound(f"sandbox {self.sandbox_id} does not exist"))
@@ -291,8 +298,8 @@ class SandboxActor:
 
     async def _post(self, notice: Notice) -> None:
         # Once the actor has finished there is nothing left to tell.
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._send.send(notice)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._mailbox.post(notice)
 
     async def _post_later(self, notice: Notice, delay: float) -> None:
         await trio.sleep(delay)
@@ -345,44 +352,28 @@ class SandboxActor:
             self._ctx.release(self.sandbox_id, [named.port for named in start.ports])
             return
         # The key is derived from the created event's seq, so it exists only from here on.
-        keys = self._ctx.keys
-        keys.remember(self.sandbox_id, event.seq)
-        placeholders = Placeholders(
-            start.ports,
-            self.sandbox_id,
-            start.working_dir,
-            keys.key_for(self.sandbox_id, event.seq),
-        )
-        boundary = self._ctx.boundary
-        self._identity = boundary.identity(start.uid)
-        self._plan = plan_start(
-            self.spec,
-            placeholders,
-            environ=self._ctx.environ,
-            extra_env=start.env,
-            markers=boundary.marker_env(),
-            home=boundary.home(self._identity, start.working_dir),
-        )
+        self._ctx.keys.remember(self.sandbox_id, event.seq)
+        self._identity = self._ctx.boundary.identity(start.uid)
+        self._start_env = dict(start.env) or None
         if start.wait:
             self._starting = start.reply
         else:
             start.reply.send(self.record)
         try:
-            await self._launch()
+            await self._launch(self._plan())
         except Unavailable as exc:
             # The sandbox (its created event is durable) stays, STARTING, and its
             # start finishes by itself once the log takes its next event.
             self._answer_start(exc)
             self._retry_later(Relaunch())
 
-    async def _launch(self) -> None:
+    async def _launch(self, plan: StartPlan) -> None:
         """Spawn the planned process in its boundary and record it, then watch for readiness.
 
         If the log refuses ``sandbox.process_started``, the spawn is undone and
         Unavailable raised: nothing may run that the log does not know of.
         """
-        plan = self._plan
-        assert plan is not None and self._nursery is not None
+        assert self._nursery is not None
         boundary = self._ctx.boundary
         try:
             enforcement = boundary.enforcement(self.spec.limits)
@@ -414,8 +405,7 @@ class SandboxActor:
         self._child = child
         self._process = child.id
         self._oom_before = tree.oom_kills()
-        self._exit_watch = trio.CancelScope()
-        self._nursery.start_soon(self._watch_exit, child, tree, self._exit_watch)
+        self._watch_exit(child.id, child, tree)
         # Probing may begin while its event is written: RUNNING is recorded only once this
         # handler is done (the actor takes one message at a time), so after process_started.
         self._start_readiness()
@@ -551,8 +541,7 @@ class SandboxActor:
         await self._record(ev.SandboxRestarted(reason, trigger, exit_code, exit_signal), by)
         # The process before has ended (or was ended: unhealthy, not ready in time): its
         # exit watch, which would wait for the new tree too, ends; the child is reaped.
-        if self._exit_watch is not None:
-            self._exit_watch.cancel()
+        self._stop_watching_exit()
         if self._child is not None:
             await self._child.wait()
         self._process = None
@@ -560,18 +549,17 @@ class SandboxActor:
         await self._relaunch()
 
     async def _relaunch(self) -> None:
-        if self._plan is None:
-            self._plan = self._replan()
         try:
-            await self._launch()
+            await self._launch(self._plan())
         except Unavailable as exc:
             self._answer_start(exc)
             self._retry_later(Relaunch())
 
-    def _replan(self) -> StartPlan:
-        """What its start ran, made again from the log after a daemon restart: the same
-        command, ports, key and working dir. Not the client's start ``env``, which is
-        never logged (it may hold secrets) and so does not outlive the daemon."""
+    def _plan(self) -> StartPlan:
+        """What it runs, from the log: its command, ports, key and working dir, and the
+        client's start ``env`` while this daemon lives (after a restart of the daemon, not:
+        it is never logged). Made for each run, not kept: with its whole environment, a
+        plan kept was 1 KB a sandbox (docs/performance.md)."""
         record = self.record
         keys = self._ctx.keys
         placeholders = Placeholders(
@@ -585,7 +573,7 @@ class SandboxActor:
             self.spec,
             placeholders,
             environ=self._ctx.environ,
-            extra_env={},
+            extra_env=self._start_env or {},
             markers=boundary.marker_env(),
             home=boundary.home(self._identity, record.working_dir),
         )
@@ -593,8 +581,7 @@ class SandboxActor:
     async def _restart_unhealthy(self, reason: str) -> None:
         """The restart policy's answer to an unhealthy sandbox: end its tree, run it again."""
         self._cancel_watchers()
-        if self._exit_watch is not None:
-            self._exit_watch.cancel()  # this exit is ours, not a failure to react to
+        self._stop_watching_exit()  # this exit is ours, not a failure to react to
         if self._process is not None and self._tree is not None:
             await self._tree.terminate(self._process, stop_timeout=self._ctx.stop_timeout)
         if self._child is not None:
@@ -613,10 +600,7 @@ class SandboxActor:
         self._process = ProcessId.from_create_time(record.pid, record.create_time)
         assert self._tree is not None
         self._oom_before = self._tree.oom_kills()
-        self._exit_watch = trio.CancelScope()
-        self._nursery.start_soon(
-            self._watch_adopted_exit, self._process, self._tree, self._exit_watch
-        )
+        self._watch_exit(self._process, None, self._tree)
         if record.status is Status.STARTING:
             self._start_readiness()
         else:
@@ -663,21 +647,43 @@ class SandboxActor:
                 elif failures == self._ctx.unhealthy_after:
                     await self._post(Unhealthy(f"{failures} health checks in a row got no 200"))
 
-    async def _watch_exit(self, child: Child, tree: SandboxTree, scope: trio.CancelScope) -> None:
+    def _watch_exit(self, process: ProcessId, child: Child | None, tree: SandboxTree) -> None:
+        """Once the main process ``process`` (``child``, if ours) has exited: report it."""
+        watch = self._ctx.exits.watch(process, partial(self._exited, process, child, tree))
+        if watch is None:
+            self._exited(process, child, tree)  # gone already (an adopted one, meanwhile)
+        self._exit_watch = watch
+
+    def _exited(self, process: ProcessId, child: Child | None, tree: SandboxTree) -> None:
+        # From the exit watcher's task: what follows runs in a task of the actor's own.
+        self._exit_watch = None
+        if self._nursery is not None:
+            self._exit_report = trio.CancelScope()
+            self._nursery.start_soon(self._report_exit, process, child, tree, self._exit_report)
+
+    async def _report_exit(
+        self,
+        process: ProcessId,
+        child: Child | None,
+        tree: SandboxTree,
+        scope: trio.CancelScope,
+    ) -> None:
         # The main process's end, then the tree's: with a cgroup, the sandbox lives
         # as long as any of its processes does (a server its main process left running).
+        # How it ended is known of our child (reaped here) alone, not of an adopted one.
         with scope:
-            status = await child.wait()
+            status = await child.wait() if child is not None else ExitStatus(None, None)
             await tree.wait_gone()
-            await self._post(Exited(child.id, status))
+            await self._post(Exited(process, status))
 
-    async def _watch_adopted_exit(
-        self, adopted: ProcessId, tree: SandboxTree, scope: trio.CancelScope
-    ) -> None:
-        with scope:
-            status = await proctree.wait_for_exit(adopted)
-            await tree.wait_gone()
-            await self._post(Exited(adopted, status or ExitStatus(None, None)))
+    def _stop_watching_exit(self) -> None:
+        """No exit of the main process is reported from now on (it is ended on purpose)."""
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+            self._exit_watch = None
+        if self._exit_report is not None:
+            self._exit_report.cancel()
+            self._exit_report = None
 
     def _cancel_watchers(self) -> None:
         for scope in (self._readiness, self._liveness):

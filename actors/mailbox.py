@@ -7,6 +7,8 @@ command's turn in the mailbox (a start waits for readiness while the actor goes
 on serving a pause or a delete). Notices come from the actor's own watchers
 (readiness, liveness, the exit watch) and from its retries; ``attempt`` counts
 how many times the event a notice leads to could not be recorded.
+
+``Mailbox`` is where they wait for the actor: bounded, one reader.
 """
 
 from __future__ import annotations
@@ -24,6 +26,86 @@ from sandboxd.events.projection import SandboxRecord
 from sandboxd.events.types import NamedPort
 
 T = TypeVar("T")
+
+
+class Mailbox(Generic[T]):
+    """A bounded queue with one reader, the actor: what a trio memory channel does here,
+    in one object.
+
+    A memory channel is three objects (its two ends and their shared state: a deque and
+    two ordered dicts of waiting tasks), and its reader waits through four frames; with
+    this one a sandbox at rest takes 2.8 KB less (57.6 against 60.5 MB at 1,000 light
+    sandboxes, docs/performance.md). Senders that find it full wait for room, in a
+    parking lot made only then. Once the reader closes it, every post (and every
+    sender waiting for room) raises ``trio.BrokenResourceError``, as a memory channel's
+    send does once its receiving end is closed.
+    """
+
+    __slots__ = ("_capacity", "_closed", "_items", "_reader", "_room")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: list[T] = []  # a few at most: a list, not a deque (0.6 KB when empty)
+        self._reader: trio.lowlevel.Task | None = None  # the reader, while it waits
+        self._room: trio.lowlevel.ParkingLot | None = None  # senders waiting for room
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def post_nowait(self, message: T) -> None:
+        """Queue ``message`` now; trio.WouldBlock if the mailbox is full."""
+        if self._closed:
+            raise trio.BrokenResourceError("the mailbox's reader has closed it")
+        if len(self._items) >= self._capacity:
+            raise trio.WouldBlock
+        self._items.append(message)
+        if self._reader is not None:
+            trio.lowlevel.reschedule(self._reader)
+            self._reader = None
+
+    async def post(self, message: T) -> None:
+        """Queue ``message``, waiting for room while the mailbox is full."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while len(self._items) >= self._capacity and not self._closed:
+            if self._room is None:
+                self._room = trio.lowlevel.ParkingLot()
+            await self._room.park()
+        self.post_nowait(message)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def get(self) -> T:
+        """The oldest message, waiting for one while there is none (the reader alone)."""
+        if self._items:
+            await trio.lowlevel.checkpoint()
+        else:
+            assert self._reader is None, "a mailbox has one reader"
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._reader = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_get)
+        return self._take()
+
+    def get_nowait(self) -> T:
+        """The oldest message; trio.WouldBlock if there is none."""
+        if not self._items:
+            raise trio.WouldBlock
+        return self._take()
+
+    def close(self) -> None:
+        """No more messages (the reader is done): posts raise, waiting senders too."""
+        self._closed = True
+        if self._room is not None:
+            self._room.unpark_all()
+
+    def _take(self) -> T:
+        message = self._items.pop(0)
+        if self._room is not None:
+            self._room.unpark()
+        return message
+
+    def _abort_get(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Reply(Generic[T]):

@@ -125,15 +125,28 @@ class OutputDir:
 
 
 class OutputFile:
-    """One sandbox's ``ID.log`` and ``ID.log.1``, through the daemon's own descriptor."""
+    """One sandbox's ``ID.log`` and ``ID.log.1``, through the daemon's own descriptor.
+
+    One per sandbox, so slotted, and its other names made when used (a rotation, a
+    removal, a person): kept, they and a ``__dict__`` cost 0.15 KB a sandbox at rest.
+    """
+
+    __slots__ = (
+        "_base",
+        "_dir",
+        "_end_seen",
+        "_fd",
+        "_followers",
+        "_lock",
+        "_refused",
+        "_removed",
+        "_rotated",
+        "name",
+    )
 
     def __init__(self, directory: OutputDir, name: str) -> None:
         self._dir = directory
         self.name = name
-        self.rotated_name = rotated_path(name)
-        self._tmp_name = self.rotated_name + ".tmp"
-        #: Where the file is, for people and tests; the daemon itself never opens it by this.
-        self.path = directory.path / name
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._removed = False
@@ -146,6 +159,19 @@ class OutputFile:
         self._end_seen = 0
         #: Followers reading through the descriptor: a removal keeps it open for them.
         self._followers = 0
+
+    @property
+    def rotated_name(self) -> str:
+        return rotated_path(self.name)
+
+    @property
+    def _tmp_name(self) -> str:
+        return rotated_path(self.name) + ".tmp"
+
+    @property
+    def path(self) -> Path:
+        """Where the file is, for people and tests; the daemon itself never opens it by this."""
+        return self._dir.path / self.name
 
     @property
     def rotates_losslessly(self) -> bool:

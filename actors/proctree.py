@@ -226,20 +226,15 @@ async def wait_for_exit(process: ProcessId) -> ExitStatus | None:
     otherwise waits until it exits and returns ExitStatus(None, None), since
     only its parent can learn how it ended.
     """
-    # Open the pidfd first, then check the identity: if the check passes, the
-    # process the pidfd refers to is the one named (it was born before we opened
-    # and is still there after).
     try:
-        fd = os.pidfd_open(process.pid)
-    except ProcessLookupError:
-        return None
+        fd = open_pidfd(process)
     except OSError as exc:
         if exc.errno != errno.ENOSYS:
             raise
-        return await _poll_for_exit(process)  # no pidfds: kernel < 5.3
+        return await poll_for_exit(process)  # no pidfds: kernel < 5.3
+    if fd is None:
+        return None
     try:
-        if _stat_of(process) is None:
-            return None
         # A pidfd becomes readable when the process exits (zombie included).
         await trio.lowlevel.wait_readable(fd)
         return ExitStatus(exit_code=None, signal=None)
@@ -247,7 +242,24 @@ async def wait_for_exit(process: ProcessId) -> ExitStatus | None:
         os.close(fd)
 
 
-async def _poll_for_exit(process: ProcessId) -> ExitStatus | None:
+def open_pidfd(process: ProcessId) -> int | None:
+    """A pidfd of this very process, which becomes readable once it exits; None if its pid
+    is free or another's now. OSError ENOSYS where the kernel has none (before 5.3)."""
+    # Open the pidfd first, then check the identity: if the check passes, the
+    # process the pidfd refers to is the one named (it was born before we opened
+    # and is still there after).
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return None
+    if _stat_of(process) is None:
+        os.close(fd)
+        return None
+    return fd
+
+
+async def poll_for_exit(process: ProcessId) -> ExitStatus | None:
+    """wait_for_exit where there are no pidfds: /proc, at growing intervals up to 1 s."""
     if not is_alive(process):
         return None
     delay = 0.01

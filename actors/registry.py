@@ -35,6 +35,7 @@ from sandboxd.actors.errors import (
     StartFailed,
     Unavailable,
 )
+from sandboxd.actors.exits import ExitWatcher
 from sandboxd.actors.info import SandboxInfo, SandboxUsage, SpecInfo, sandbox_info, spec_info
 from sandboxd.actors.keys import SessionKeys
 from sandboxd.actors.labels import matches as label_matches
@@ -107,6 +108,8 @@ class Registry:
         self._uids_draining = trio.Event()
         #: Every sandbox's output file, reached through this directory's descriptor.
         self.outputs = output.OutputDir(config.state_dir / "output")
+        #: Tells the actors when their main processes exit: one task for every sandbox.
+        self.exits = ExitWatcher()
         self._context = SandboxContext(
             store=store,
             keys=keys,
@@ -117,12 +120,14 @@ class Registry:
             release=self._release,
             boundary=boundary,
             environ=os.environ,
+            exits=self.exits,
             url_host=config.url_host,
             node=config.node_id,
         )
         #: Wakes the followers of output files (sandbox.logs with follow) as they grow.
         self.output_watcher = OutputWatcher()
         nursery.start_soon(self.output_watcher.run)
+        nursery.start_soon(self.exits.run)
         nursery.start_soon(self.cap_outputs_forever)
         if boundary.uids is not None:
             nursery.start_soon(self.reclaim_uids_forever)
@@ -284,8 +289,9 @@ class Registry:
                 self._release(sandbox_id, ports)
                 raise
         actor.enqueue(start)
-        with trio.CancelScope(shield=True):  # an actor with its start queued must run
-            await self._nursery.start(self._run_actor, actor, False)
+        # Not nursery.start: its task status would stay in the actor's frames for the
+        # sandbox's whole life, and with it this (finished) task: 1.5 KB a sandbox.
+        self._nursery.start_soon(self._run_actor, actor, False)
         info = self._info(await start.reply.receive())
         if wait and info.status is Status.ERROR:
             raise StartFailed(f"sandbox {sandbox_id} did not start: {info.error}", info)
@@ -406,16 +412,10 @@ class Registry:
     def _count_of(self, owner: str | None) -> int:
         return sum(1 for actor in self._actors.values() if actor.owner == owner)
 
-    async def _run_actor(
-        self,
-        actor: SandboxActor,
-        adopted: bool,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def _run_actor(self, actor: SandboxActor, adopted: bool) -> None:
         # A failing actor is logged and contained: it never takes its siblings down.
         try:
-            await actor.run(adopted=adopted, task_status=task_status)
+            await actor.run(adopted=adopted)
         except Exception:
             log.exception("sandbox %s: its actor failed", actor.sandbox_id)
         finally:

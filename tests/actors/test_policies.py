@@ -192,6 +192,9 @@ async def test_resume_runs_an_exited_sandbox_again_keeping_id_ports_key_and_file
         assert again.session_api_key == key == info.session_api_key
         assert again.pid is not None and again.pid != info.pid
         await eventually(lambda: runs.read_text() == "2", what="the second run")  # same files
+        # The client's start env too, while this daemon lives (it is never logged).
+        environ = Path(f"/proc/{again.pid}/environ").read_bytes().split(b"\0")
+        assert b"EXTRA=1" in environ
         restarted = [e for e in await harness.events_of(info.id) if e.type == "sandbox.restarted"]
         assert [(e.data, e.by) for e in restarted] == [
             (ev.SandboxRestarted("resumed by alice", "resume", None, signal.SIGKILL), "alice")
