@@ -157,6 +157,7 @@ class CgroupMount:
     mount_point: str
     root: str  # the hierarchy's path that is mounted there ("/" unless a bind mount)
     controllers: frozenset[str]  # v1: the controllers of the hierarchy; v2: empty
+    options: frozenset[str] = frozenset()  # v2: its super options (nsdelegate, favordynmods)
 
 
 def _unescape_mount_field(field: str) -> str:
@@ -177,11 +178,11 @@ def parse_mountinfo(text: str) -> list[CgroupMount]:
             continue
         fstype, super_options = fields[dash + 1], fields[dash + 3]
         root, mount_point = _unescape_mount_field(fields[3]), _unescape_mount_field(fields[4])
+        options = frozenset(super_options.split(",")) - {"rw", "ro"}
         if fstype == "cgroup2":
-            mounts.append(CgroupMount(2, mount_point, root, frozenset()))
+            mounts.append(CgroupMount(2, mount_point, root, frozenset(), options))
         elif fstype == "cgroup":
-            options = set(super_options.split(","))
-            controllers = frozenset(options & V1_CONTROLLERS)
+            controllers = options & V1_CONTROLLERS
             if controllers:
                 mounts.append(CgroupMount(1, mount_point, root, controllers))
     return mounts

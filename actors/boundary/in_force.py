@@ -248,5 +248,5 @@ def open_boundary(
                 raise
             mode, reason = "markers", f"cgroups unavailable: {exc}"
         else:
-            mode, reason = cgroups.mode, "; ".join([found.reason, *cgroups.notes])
+            mode, reason = cgroups.mode, "; ".join([found.reason, *found.notes, *cgroups.notes])
     return Boundary(mode=mode, reason=reason, cgroups=cgroups, run_as=run_as, marker=marker)

@@ -129,6 +129,7 @@ def test_mountinfo_optional_fields_and_escapes() -> None:
     )
     v2, v1 = parse_mountinfo(text)
     assert v2.version == 2 and v2.mount_point == "/sys/fs/cgroup"
+    assert v2.options == {"nsdelegate"}  # rw and ro are the mount's, not the hierarchy's
     assert v1.mount_point == "/mnt/my cgroups" and v1.controllers == {"cpu", "cpuacct"}
 
 
