@@ -67,10 +67,10 @@ state in DIR, a port of its own. Measured in one run:
   than that, bounded by the slower of the daemon and the subscribers' two
   processes on the same 2 cores (fanout_capacity_daemon_cpu_pct and
   fanout_capacity_subscribers_cpu_pct say which; its latency is that of a
-  backlog, not a target). The 200/s
-  round cannot say that: it delivers what is asked, 200,000 a second at most
-  to 1,000 subscribers, so its fanout_deliveries_per_s is the load, not the
-  daemon. fanout_vs_raw_deliveries is fanout_event_deliveries_per_s over
+  backlog, not a target). The 200/s round cannot say that: it delivers what
+  is asked, 200,000 a second at most to 1,000 subscribers, so its
+  fanout_deliveries_per_s is the load, not the daemon.
+  fanout_vs_raw_deliveries is fanout_event_deliveries_per_s over
   raw_fanout_deliveries_per_s, the bare server's, which is saturated at the
   200/s load already (each event to every queue, a full one holding the
   pusher back: about 21 events/s to each of 1,000), so its figure is its
