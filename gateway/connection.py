@@ -4,9 +4,12 @@ The tasks of a connection share one nursery, in the manner of hypercorn's
 trio worker:
 
 - the reader reads frames (``ServerWebSocket.get_message``: the socket is
-  read only when asked), parses them (protocol/, no I/O) and starts a task
-  per request, which the ``answer`` given to the connection turns into a
-  reply frame;
+  read only when asked), parses them (protocol/, no I/O), answers there and
+  then a request that ``answer_now`` can answer without a wait (a read of the
+  projection, such as sandbox.get: no task, no trip through the scheduler,
+  where under fan-out it would wait behind a slice of deliveries), and starts
+  a task for any other, which the ``answer`` given to the connection turns
+  into a reply frame;
 - a frame with nothing queued nor unwritten before it goes to the socket from
   the task that made it (one ``write(2)``, no task switch: websocket.py);
   else it waits in one queue bounded in frames and in bytes (budget.py), so a
@@ -99,6 +102,9 @@ Then = Callable[[], None] | None
 #: Turns one request of a connection into the frame of its reply; never raises.
 #: The reply frame to a request, its code ("ok" or the error's), and what to run once queued.
 Answer = Callable[["Connection", p.Request], Awaitable[tuple[str, str, Then]]]
+#: The reply frame and code to a request answered without a wait, by the reader itself;
+#: None: the request goes to ``Answer`` in a task of its own. Never raises.
+AnswerNow = Callable[["Connection", p.Request], tuple[str, str] | None]
 #: Told of every reply, by op ("invalid" for a frame that is no request) and code: the metrics.
 CountReply = Callable[[str, str], None]
 
@@ -273,11 +279,13 @@ class Connection:
         timeouts: Timeouts,
         count_reply: CountReply = _count_nothing,
         fanout: FanOut | None = None,
+        answer_now: AnswerNow | None = None,
     ) -> None:
         self.ws = ws
         self.user = user
         self.name = name
         self._answer = answer
+        self._answer_now = answer_now
         self._count_reply = count_reply
         self._requests = requests
         self._timeouts = timeouts
@@ -430,17 +438,49 @@ class Connection:
             self._count_reply(request.op, refusal.code)
             await self._queue(p.encode_error(request.id, refusal), REPLIES)
             return
+        answered = None if self._answer_now is None else self._answer_now(self, request)
+        if answered is not None:
+            # An op that never waits (a read of the projection): answered here, its reply
+            # written in this step if nothing is queued before it, without a task of its
+            # own and the trip through the scheduler that starting one takes. Then one
+            # yield, so that a read full of such requests does not hold the loop.
+            frame, code = answered
+            self._count_reply(request.op, code)
+            if self._lanes.empty and self.ws.idle and not self._lanes.closed:
+                with contextlib.suppress(Closed):
+                    self.ws.write_message(frame)
+                await trio.lowlevel.checkpoint()
+            else:
+                await self._queue(frame, REPLIES)
+            return
         self._in_flight += 1
         self._requests.begin()
         assert self._nursery is not None
         self._nursery.start_soon(self._serve, request)
 
     async def _serve(self, request: p.Request) -> None:
+        served = False
         try:
             frame, code, then = await self._answer(self, request)
             self._count_reply(request.op, code)
             # An unsubscribe's reply must come after the frames of what it ended.
             lane = SUBSCRIPTIONS if isinstance(request.params, p.EventsUnsubscribe) else REPLIES
+            if lane == REPLIES and self._lanes.empty and self.ws.idle and not self._lanes.closed:
+                # Requests first: nothing queued nor unwritten, so the reply goes to the
+                # socket in this very step, not after a trip through the scheduler (each
+                # trip waits behind every task ready before it: under fan-out, a slice of
+                # deliveries, the actors, the log's writer; bench/gateway.py measured the
+                # gets' time there). The request stops counting as in flight in the same
+                # step, before its client can have the reply (else its next would be
+                # told `busy`).
+                served = True
+                self._end_request()
+                # A closed websocket: the reader and the writer find out.
+                with contextlib.suppress(Closed):
+                    self.ws.write_message(frame)
+                if then is not None:
+                    then()
+                return
             try:
                 await self._queue(frame, lane)
             finally:
@@ -449,8 +489,12 @@ class Connection:
         except Exception:
             log.exception("%s: the reply to %s failed", self.name, request.op)
         finally:
-            self._in_flight -= 1
-            self._requests.end()
+            if not served:
+                self._end_request()
+
+    def _end_request(self) -> None:
+        self._in_flight -= 1
+        self._requests.end()
 
     # -- writing ------------------------------------------------------------------------
 

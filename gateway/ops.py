@@ -3,7 +3,9 @@
 Written against the connection's public API (connection.py) and the parts the
 daemon gives the gateway (``Services``); who sees what is
 actors/visibility.py's, and errors are translated by errors.py. ``answer``
-turns one request into its reply frame and never raises.
+turns one request into its reply frame and never raises; ``answer_now`` does the
+same, without a wait, for the ops that only read the projection (the
+connection's reader calls it, and starts a task with ``answer`` for the rest).
 """
 
 from __future__ import annotations
@@ -97,15 +99,42 @@ async def answer(
             result, then = await handler(services, connection, request.params)
         return p.encode_ok(request.id, result), OK, then
     except Exception as exc:
-        error = errors.translate(exc)
-        if error is None:
-            log.exception("%s: %s failed", connection.name, request.op)
-            error = errors.internal()
-        return p.encode_error(request.id, error), error.code, None
+        frame, code = _error_reply(connection, request, exc)
+        return frame, code, None
+
+
+def answer_now(
+    services: Services, connection: Connection, request: p.Request
+) -> tuple[str, str] | None:
+    """The reply frame to a request whose op reads the projection and never waits, and its
+    code, made here and now (by the connection's reader: no task, no trip through the
+    scheduler, where under fan-out a request waited behind a slice of deliveries);
+    None for any other op, which ``answer`` answers in a task of its own.
+
+    In a cluster (``forward``) every op goes through ``answer``: whether another node
+    must answer it takes a wait to find out.
+    """
+    handler = _IMMEDIATE.get(type(request.params))
+    if handler is None or services.forward is not None:
+        return None
+    try:
+        return p.encode_ok(request.id, handler(services, connection, request.params)), OK
+    except Exception as exc:
+        return _error_reply(connection, request, exc)
+
+
+def _error_reply(connection: Connection, request: p.Request, exc: Exception) -> tuple[str, str]:
+    error = errors.translate(exc)
+    if error is None:
+        log.exception("%s: %s failed", connection.name, request.op)
+        error = errors.internal()
+    return p.encode_error(request.id, error), error.code
 
 
 _Result = tuple[object, Then]
 _Handler = Callable[[Services, Connection, Any], Awaitable[_Result]]
+#: An op that reads the projection, answered without a wait: its result.
+_Immediate = Callable[[Services, Connection, Any], object]
 
 
 # -- sandboxes ------------------------------------------------------------------------------
@@ -125,29 +154,29 @@ async def _start(s: Services, c: Connection, q: p.SandboxStart) -> _Result:
     return info, None
 
 
-async def _get(s: Services, c: Connection, q: p.SandboxGet) -> _Result:
+def _get(s: Services, c: Connection, q: p.SandboxGet) -> object:
     # With its usage: four small reads of its cgroup (search and batch_get leave it out).
-    return s.registry.get(c.user, q.sandbox_id, usage=True), None
+    return s.registry.get(c.user, q.sandbox_id, usage=True)
 
 
-async def _batch_get(s: Services, c: Connection, q: p.SandboxBatchGet) -> _Result:
-    return s.registry.batch_get(c.user, q.sandbox_ids), None
+def _batch_get(s: Services, c: Connection, q: p.SandboxBatchGet) -> object:
+    return s.registry.batch_get(c.user, q.sandbox_ids)
 
 
 async def _stats(s: Services, c: Connection, q: p.SandboxStats) -> _Result:
     return await s.registry.stats(c.user, q.sandbox_ids), None
 
 
-async def _search(s: Services, c: Connection, q: p.SandboxSearch) -> _Result:
+def _search(s: Services, c: Connection, q: p.SandboxSearch) -> object:
     status = None if q.status is None else Status(q.status)
     items, next_page_id = s.registry.search(
         c.user, page_id=q.page_id, limit=q.limit, status=status, owner=q.owner, labels=q.labels
     )
-    return p.SearchPage(items, next_page_id), None
+    return p.SearchPage(items, next_page_id)
 
 
-async def _find_by_session_key(s: Services, c: Connection, q: p.SandboxFindBySessionKey) -> _Result:
-    return s.registry.get_by_session_key(c.user, q.session_api_key), None
+def _find_by_session_key(s: Services, c: Connection, q: p.SandboxFindBySessionKey) -> object:
+    return s.registry.get_by_session_key(c.user, q.session_api_key)
 
 
 async def _pause(s: Services, c: Connection, q: p.SandboxPause) -> _Result:
@@ -209,15 +238,15 @@ async def _follow_logs(s: Services, c: Connection, q: p.SandboxLogs) -> _Result:
 # -- specs and the server -------------------------------------------------------------------
 
 
-async def _spec_list(s: Services, c: Connection, q: p.SpecList) -> _Result:
-    return s.registry.specs_for(c.user), None
+def _spec_list(s: Services, c: Connection, q: p.SpecList) -> object:
+    return s.registry.specs_for(c.user)
 
 
-async def _spec_get(s: Services, c: Connection, q: p.SpecGet) -> _Result:
-    return s.registry.spec_for(c.user, q.spec_id), None
+def _spec_get(s: Services, c: Connection, q: p.SpecGet) -> object:
+    return s.registry.spec_for(c.user, q.spec_id)
 
 
-async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
+def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> object:
     boundary = s.registry.boundary
     details = p.ServerDetails(
         version=__version__,
@@ -232,7 +261,7 @@ async def _server_info(s: Services, c: Connection, q: p.ServerInfo) -> _Result:
         node=s.registry.config.node_id,
         nodes=None if s.nodes is None else sorted(s.nodes()),
     )
-    return details, None
+    return details
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -335,20 +364,34 @@ _CHANGES_STATE: Final = frozenset(
     {p.SandboxStart, p.SandboxPause, p.SandboxResume, p.SandboxDelete}
 )
 
-_HANDLERS: Final[dict[type[p.Params], _Handler]] = {
-    p.SandboxStart: _start,
+_IMMEDIATE: Final[dict[type[p.Params], _Immediate]] = {
     p.SandboxGet: _get,
     p.SandboxBatchGet: _batch_get,
-    p.SandboxStats: _stats,
     p.SandboxSearch: _search,
     p.SandboxFindBySessionKey: _find_by_session_key,
+    p.SpecList: _spec_list,
+    p.SpecGet: _spec_get,
+    p.ServerInfo: _server_info,
+}
+
+
+def _waiting(handler: _Immediate) -> _Handler:
+    """An immediate op as ``answer`` calls it (in a cluster, or wherever it comes first)."""
+
+    async def call(s: Services, c: Connection, q: Any) -> _Result:
+        return handler(s, c, q), None
+
+    return call
+
+
+_HANDLERS: Final[dict[type[p.Params], _Handler]] = {
+    **{params: _waiting(handler) for params, handler in _IMMEDIATE.items()},
+    p.SandboxStart: _start,
+    p.SandboxStats: _stats,
     p.SandboxPause: _pause,
     p.SandboxResume: _resume,
     p.SandboxDelete: _delete,
     p.SandboxLogs: _logs,
-    p.SpecList: _spec_list,
-    p.SpecGet: _spec_get,
-    p.ServerInfo: _server_info,
     p.EventsSubscribe: _subscribe,
     p.EventsUnsubscribe: _unsubscribe,
     p.EventsRead: _read,

@@ -194,6 +194,7 @@ class Gateway:
             user,
             f"connection {number} ({user.id or 'admin'})",
             answer=partial(ops.answer, self._services),
+            answer_now=partial(ops.answer_now, self._services),
             count_reply=self.metrics.count_request,
             requests=self.requests,
             timeouts=self.timeouts,

@@ -92,6 +92,35 @@ async def test_more_than_64_in_flight_get_busy_at_once(harness: Harness) -> None
         assert (await peer.call("server.info"))["user"] == "alice"
 
 
+class ServeSteps(trio.abc.Instrument):
+    """The requests that got a task of their own (``Connection._serve``), by step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if getattr(task.coro, "cr_code", None) is connection.Connection._serve.__code__:
+            self.steps += 1
+
+
+async def test_reads_of_the_projection_are_answered_by_the_reader(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with harness.peer(ALICE) as peer:
+        steps = ServeSteps()
+        trio.lowlevel.add_instrument(steps)
+        assert (await peer.call("server.info"))["user"] == "alice"
+        assert (await peer.call("sandbox.get", sandbox_id="g-none")) is None
+        assert (await peer.call("spec.get", spec_id="no-such-spec")) is None
+        assert (await peer.call("sandbox.search"))["items"] == []
+        assert (await peer.call("spec.list")) is not None
+        assert steps.steps == 0  # no task: answered as they were read
+        reply = await peer.request("sandbox.pause", sandbox_id="g-none")
+        assert reply["error"]["code"] == "not_found"
+        assert steps.steps >= 1  # an op that may wait: a task of its own
+        trio.lowlevel.remove_instrument(steps)
+
+
 async def test_a_failing_handler_is_internal_and_contained(
     harness: Harness,
     autojump_clock: trio.testing.MockClock,
