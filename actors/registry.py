@@ -78,6 +78,17 @@ class Caller(Protocol):
     def admin(self) -> bool: ...
 
 
+def new_sandbox_id() -> str:
+    """A fresh sandbox id: 16 random bytes, base64url (22 characters).
+
+    Never with a leading "-": a command line would take such an id for an option
+    (``sandboxd get -Xf...``), one id in 64 otherwise.
+    """
+    while (sandbox_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return sandbox_id
+
+
 class Registry:
     def __init__(
         self,
@@ -248,7 +259,7 @@ class Registry:
         if spec is None:
             raise NotFound(f"spec {spec_id!r} does not exist; spec.list shows the specs")
         if sandbox_id is None:
-            sandbox_id = secrets.token_urlsafe(16)
+            sandbox_id = new_sandbox_id()
         elif sandbox_id in self._actors or sandbox_id in self.state.sandboxes:
             raise Conflict(f"sandbox id {sandbox_id!r} is taken")
         self._check_limits(caller, creator)
