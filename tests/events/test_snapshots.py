@@ -41,7 +41,7 @@ async def test_startup_loads_the_newest_snapshot_and_replays_the_tail(tmp_path: 
     async with open_store(tmp_path, config) as store:
         await _fill(store, 350)
         # The snapshot task runs beside the writer: one is due once 100 events passed.
-        await eventually(lambda: store.snapshot_seq >= 250, within=5, what="the third snapshot")
+        await eventually(lambda: store.snapshot_seq >= 250, within=30, what="the third snapshot")
         live = state_to_dict(store.state)
         assert _snapshot_seqs(tmp_path)[-1] >= 250
         assert store.snapshots_written >= 3
