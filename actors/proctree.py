@@ -219,29 +219,6 @@ def process_id(pid: int) -> ProcessId | None:
     return None if stat is None else ProcessId(pid, stat.start_ticks)
 
 
-async def wait_for_exit(process: ProcessId) -> ExitStatus | None:
-    """Wait for a process that is not our child (adopted after a daemon restart).
-
-    Returns None at once if the pid is gone or belongs to another process now;
-    otherwise waits until it exits and returns ExitStatus(None, None), since
-    only its parent can learn how it ended.
-    """
-    try:
-        fd = open_pidfd(process)
-    except OSError as exc:
-        if exc.errno != errno.ENOSYS:
-            raise
-        return await poll_for_exit(process)  # no pidfds: kernel < 5.3
-    if fd is None:
-        return None
-    try:
-        # A pidfd becomes readable when the process exits (zombie included).
-        await trio.lowlevel.wait_readable(fd)
-        return ExitStatus(exit_code=None, signal=None)
-    finally:
-        os.close(fd)
-
-
 def open_pidfd(process: ProcessId) -> int | None:
     """A pidfd of this very process, which becomes readable once it exits; None if its pid
     is free or another's now. OSError ENOSYS where the kernel has none (before 5.3)."""
@@ -258,15 +235,13 @@ def open_pidfd(process: ProcessId) -> int | None:
     return fd
 
 
-async def poll_for_exit(process: ProcessId) -> ExitStatus | None:
-    """wait_for_exit where there are no pidfds: /proc, at growing intervals up to 1 s."""
-    if not is_alive(process):
-        return None
+async def poll_for_exit(process: ProcessId) -> None:
+    """Return once ``process`` has exited (or is gone), where there are no pidfds: /proc,
+    at growing intervals up to 1 s."""
     delay = 0.01
     while is_alive(process):
         await trio.sleep(delay)
         delay = min(delay * 2, 1.0)
-    return ExitStatus(exit_code=None, signal=None)
 
 
 def _signal(process: ProcessId, sig: int) -> None:

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from sandboxd.actors import proctree
+from sandboxd.actors.exits import ExitWatcher
 from sandboxd.actors.proctree import ExitStatus, ProcessId
 from sandboxd.actors.spawn import Child
 from tests.actors.children.support import (
@@ -61,7 +62,7 @@ async def test_the_recorded_create_time_names_the_process_exactly(sandboxes: San
     assert ProcessId.from_create_time(main.pid, recorded + 0.01) != main  # one tick later
 
 
-async def test_wait_for_exit_watches_a_process_that_is_not_our_child(
+async def test_the_exit_watcher_watches_a_process_that_is_not_our_child(
     sandboxes: Sandboxes, tmp_path: Path
 ) -> None:
     # The escaped grandchild of a double fork is not our child: only a pidfd can watch it.
@@ -73,29 +74,17 @@ async def test_wait_for_exit_watches_a_process_that_is_not_our_child(
     create_time = psutil.Process(escaped).create_time()
     adopted = ProcessId.from_create_time(escaped, create_time)
 
-    wrong = ProcessId.from_create_time(escaped, create_time + 5)
-    with trio.fail_after(5):
-        assert await proctree.wait_for_exit(wrong) is None
-
-    results: list[ExitStatus | None] = []
+    watcher = ExitWatcher()
+    told = trio.Event()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                results.append(await proctree.wait_for_exit(adopted))
-
-            nursery.start_soon(watch)
+            await nursery.start(watcher.run)
+            wrong = ProcessId.from_create_time(escaped, create_time + 5)
+            assert watcher.watch(wrong, told.set) is None
+            assert watcher.watch(adopted, told.set) is not None
             os.kill(escaped, signal.SIGKILL)
-    assert results == [ExitStatus(exit_code=None, signal=None)]
-
-
-async def test_wait_for_exit_of_a_gone_pid_is_none() -> None:
-    proc = await trio.lowlevel.open_process(["true"])
-    gone = proctree.process_id(proc.pid)
-    assert gone is not None
-    with trio.fail_after(5):
-        await proc.wait()
-    assert await proctree.wait_for_exit(gone) is None
+            await told.wait()
+            nursery.cancel_scope.cancel()
 
 
 # --- finding a sandbox's processes -------------------------------------------------
