@@ -446,9 +446,8 @@ class Connection:
             # yield, so that a read full of such requests does not hold the loop.
             frame, code = answered
             self._count_reply(request.op, code)
-            if self._lanes.empty and self.ws.idle and not self._lanes.closed:
-                with contextlib.suppress(Closed):
-                    self.ws.write_message(frame)
+            if self._nothing_before:
+                self._write_now(frame)
                 await trio.lowlevel.checkpoint()
             else:
                 await self._queue(frame, REPLIES)
@@ -465,7 +464,7 @@ class Connection:
             self._count_reply(request.op, code)
             # An unsubscribe's reply must come after the frames of what it ended.
             lane = SUBSCRIPTIONS if isinstance(request.params, p.EventsUnsubscribe) else REPLIES
-            if lane == REPLIES and self._lanes.empty and self.ws.idle and not self._lanes.closed:
+            if lane == REPLIES and self._nothing_before:
                 # Requests first: nothing queued nor unwritten, so the reply goes to the
                 # socket in this very step, not after a trip through the scheduler (each
                 # trip waits behind every task ready before it: under fan-out, a slice of
@@ -475,9 +474,7 @@ class Connection:
                 # told `busy`).
                 served = True
                 self._end_request()
-                # A closed websocket: the reader and the writer find out.
-                with contextlib.suppress(Closed):
-                    self.ws.write_message(frame)
+                self._write_now(frame)
                 if then is not None:
                     then()
                 return
@@ -498,6 +495,18 @@ class Connection:
 
     # -- writing ------------------------------------------------------------------------
 
+    @property
+    def _nothing_before(self) -> bool:
+        """Nothing queued nor unwritten: a frame may go to the socket from this task, now."""
+        return self._lanes.empty and self.ws.idle
+
+    def _write_now(self, frame: str) -> None:
+        """Write ``frame`` from this task, where ``_nothing_before`` holds (none once closed)."""
+        if not self._lanes.closed:
+            # A closed websocket: the reader and the writer find out.
+            with contextlib.suppress(Closed):
+                self.ws.write_message(frame)
+
     async def _queue(self, frame: str | _GoingAway, lane: int) -> None:
         # What a frame holds is its size in memory, which for a str of wide characters
         # is more than its length.
@@ -506,18 +515,15 @@ class Connection:
         # cancellation, and the task yields once. A pump woken with an event sends it
         # even if a shutdown beside it cuts the pump off right after.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not isinstance(frame, _GoingAway) and self._lanes.empty and self.ws.idle:
-            # Nothing queued nor unwritten: the frame goes to the socket from this task
-            # (ServerWebSocket.write), with no task switch; what the socket does not
-            # take the writer writes. It is written after this task's schedule point,
-            # not before: a request counts as in flight until its task has returned,
-            # so its client must not have the reply before (it would be told `busy`).
+        if not isinstance(frame, _GoingAway) and self._nothing_before:
+            # The frame goes to the socket from this task (ServerWebSocket.write), with no
+            # task switch; what the socket does not take the writer writes. It is written
+            # after this task's schedule point, not before: a request counts as in flight
+            # until its task has returned, so its client must not have the reply before
+            # (it would be told `busy`).
             await trio.lowlevel.cancel_shielded_checkpoint()
-            if self._lanes.empty and self.ws.idle:
-                if not self._lanes.closed:
-                    # A closed websocket: the reader and the writer find out.
-                    with contextlib.suppress(Closed):
-                        self.ws.write_message(frame)
+            if self._nothing_before:
+                self._write_now(frame)
                 return
             if self._put_nowait(frame, size, lane):
                 return
