@@ -166,7 +166,7 @@ class OutputFile:
 
     @property
     def _tmp_name(self) -> str:
-        return rotated_path(self.name) + ".tmp"
+        return self.rotated_name + ".tmp"
 
     @property
     def path(self) -> Path:
