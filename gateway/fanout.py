@@ -14,7 +14,9 @@ woken when its subscription needs what only its own task can do (read the
 disk, wait for the gate's token, end), and when nothing came for a whole
 pace: it then waits on its subscription itself, so that the first event after
 a lull goes out at once, not at the next round. Under a steady flow every
-round finds something, and no pump wakes.
+round finds something, and no pump wakes. With no pump parked (no live batch
+subscription, or all of them in a lull) the task sleeps until one parks: an
+idle daemon is not woken a hundred times a second.
 
 Requests first: the round is cut into slices of at most ``SLICE`` seconds
 (``BUSY_SLICE`` while any request is in flight), between which the task
@@ -73,6 +75,8 @@ class FanOut:
         self._requests = requests
         self._groups: list[dict[object, _Parked]] = [{} for _ in range(self.GROUPS)]
         self._members = itertools.count()
+        #: Where the task waits while no pump is parked.
+        self._none_parked = trio.lowlevel.ParkingLot()
         #: Pumps woken to do what only their own task can (tests look at it).
         self.woken = 0
         #: The bytes of the runs of live batches that the deliveries write, joined once
@@ -93,6 +97,8 @@ class FanOut:
         await trio.lowlevel.checkpoint_if_cancelled()
         members = self._groups[group]
         members[key] = _Parked(trio.lowlevel.current_task(), deliver)
+        if self._none_parked:
+            self._none_parked.unpark_all()
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             members.pop(key, None)
@@ -106,6 +112,9 @@ class FanOut:
         due = trio.current_time()
         while True:
             for group in range(self.GROUPS):
+                if not self.parked:
+                    await self._none_parked.park()
+                    due = trio.current_time()
                 due += step
                 await trio.sleep_until(due)
                 await self._serve(self._groups[group])

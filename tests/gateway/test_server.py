@@ -520,6 +520,42 @@ async def test_the_fan_out_serves_each_group_in_turn(
     assert fan_out.woken == 3 and fan_out.parked == 0
 
 
+class _StepsOf(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends with ``suffix``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task.name.endswith(self.suffix)
+
+
+async def test_the_fan_out_sleeps_while_no_pump_is_parked(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fan_out = fanout.FanOut(0.1)
+    steps = _StepsOf("FanOut.run")
+    trio.lowlevel.add_instrument(steps)
+    served: list[float] = []
+
+    def deliver() -> bool:
+        served.append(round(trio.current_time() - parked_at, 3))
+        return True
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fan_out.run)
+            await trio.sleep(60)  # a minute with nothing parked: the task is not woken
+            assert steps.steps == 1
+            parked_at = trio.current_time()
+            await fan_out.park(object(), 0, deliver)  # served within a pace once parked
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert served and served[0] <= 0.1
+
+
 async def test_a_parked_pump_cancelled_leaves_the_fan_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
