@@ -70,14 +70,14 @@ async def test_requests_on_one_connection_run_concurrently(harness: Harness) -> 
 
 
 async def test_more_than_64_in_flight_get_busy_at_once(harness: Harness) -> None:
-    registry = harness.gateway.registry
+    requests = harness.gateway.requests
     async with harness.peer(ALICE) as peer:
         for i in range(p.MAX_IN_FLIGHT):
             await peer.send({"id": i, "op": "sandbox.start", "spec_id": "stuck"})
-        # Every one of those is now in flight: each waits for its health check.
+        # Every one of those is now in flight: read, and none can settle before its
+        # child has waited out the spec's ready_timeout (3 s), however slow the spawns.
         await eventually(
-            lambda: len(registry.state.sandboxes) == p.MAX_IN_FLIGHT,
-            what="64 sandboxes starting",
+            lambda: requests.in_flight == p.MAX_IN_FLIGHT, what="64 requests in flight"
         )
         for i in range(3):
             await peer.send({"id": f"extra-{i}", "op": "server.info"})
