@@ -253,6 +253,8 @@ class Subscription:
         #: the index looks at more seqs than it returns records for).
         self._passed = after_seq
         self._waiter: trio.lowlevel.Task | None = None
+        #: Called once on the next publish or end, for a reader that polls (the fan-out).
+        self._on_publish: Callable[[], None] | None = None
         self._closed = False
         self._caught_up = False
         self._blocked = False
@@ -310,6 +312,9 @@ class Subscription:
         if self._waiter is not None:
             task, self._waiter = self._waiter, None
             trio.lowlevel.reschedule(task)
+        if self._on_publish is not None:
+            callback, self._on_publish = self._on_publish, None
+            callback()
 
     # -- the consumer's side ----------------------------------------------------------
 
@@ -400,6 +405,13 @@ class Subscription:
         if self.position < self._source.head_seq and self.position + 1 < self._covered_from:
             return None  # history the buffer does not hold
         return []
+
+    def when_published(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, on the next batch published here or the end: how a
+        reader that polls with ``take_at_hand`` and found nothing learns, with no task
+        waiting, that it should look again. It is called by the log's writer, in the
+        middle of its publishing: it must be quick and must not block."""
+        self._on_publish = callback
 
     def take_whole(self, max_records: int = 1024, max_bytes: int = 256 << 10) -> list[LiveBatch]:
         """The live batches at hand, whole, for a subscription with no filter that is live

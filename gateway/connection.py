@@ -30,10 +30,10 @@ trio worker:
   sandboxes, parks in the gateway's ``FanOut`` (fanout.py): that one task
   sends its frames from then on, at most one every ``BATCH_PACE`` while
   events keep coming (a live firehose costs a few frames a second per
-  subscriber, not one per event, and no task switch each); after a pace with
-  none it hands the pump back to its subscription, so that the first event
-  after a lull goes out at once; and it wakes the pump for history, the read
-  gate, or the end;
+  subscriber, not one per event, and no task switch each); a pump that found
+  nothing waits there out of the rounds, and the next event published to it
+  puts it first in line, so that the first event after a lull goes out at
+  once; and it wakes the pump for history, the read gate, or the end;
 - each output follow's pump (sandbox.logs with follow) pushes a sandbox's
   output file into the subscriptions' lane: the file is its buffer, it holds
   one chunk at most, and it ends (an ``ended`` frame with the reason) once
@@ -70,7 +70,7 @@ from sandboxd.gateway import errors
 from sandboxd.gateway import protocol as p
 from sandboxd.gateway.auth import User
 from sandboxd.gateway.budget import ByteBudget
-from sandboxd.gateway.fanout import PACE, FanOut
+from sandboxd.gateway.fanout import PACE, FanOut, Stir, Turn
 from sandboxd.gateway.metrics import INVALID_OP
 from sandboxd.gateway.websocket import Closed, ServerWebSocket
 
@@ -606,17 +606,17 @@ class Connection:
 
     # -- subscriptions ------------------------------------------------------------------
 
-    def _deliver_live(self, pump: _Pump) -> bool:
+    def _deliver_live(self, pump: _Pump, stir: Stir) -> Turn:
         """The fan-out's turn at a parked pump: its new events, written to the socket from
-        there. True: the pump's own task takes over (nothing new: it waits for the next
-        event itself; history, the gate, the end)."""
+        there; IDLE once nothing new has come (``stir`` is called on the next event);
+        WAKE for what the pump's own task must do (history, the gate, the end)."""
         if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
             # The socket has not taken the last frames yet: leave the events where they
             # are (the subscription's live buffer, shared by all, or the disk once it
             # overflows) and take them all into one frame on a later round, rather than
             # queue frames here: a slow client costs no memory of its own, and gets
             # bigger frames, not more of them.
-            return False
+            return Turn.KEEP
         subscription = pump.subscription
         assert self._fanout is not None
         # A firehose takes the log's batches whole, and the frame's events are their
@@ -629,23 +629,24 @@ class Connection:
                 with contextlib.suppress(Closed):
                     self.ws.write_text((head, body, tail))
             pump.last_seq = subscription.position
-            return False
+            return Turn.KEEP
         try:
             batch = subscription.take_at_hand(BATCH_RECORDS)
         except Exception:
-            return True  # the pump meets it again, in its own task, and ends the subscription
+            return Turn.WAKE  # the pump meets it again, in its own task, and ends it
+        if batch is None:
+            return Turn.WAKE
         if not batch:
-            # Nothing came for a whole pace (or what comes next needs the pump: history,
-            # the end): the pump waits on its subscription again, and the next event goes
-            # out at once rather than at the next round. Under a steady flow every round
-            # has something, and no pump wakes.
-            return True
+            # Nothing came since the last turn: out of the rounds until the next event,
+            # which then goes out at once. Under a steady flow every turn has something.
+            subscription.when_published(stir)
+            return Turn.IDLE
         # A closed websocket: the reader and the writer find out.
         with contextlib.suppress(Closed):
             for chunk in _chunks(batch):
                 self.ws.write_text(p.events_frame_parts(pump.id, chunk))
         pump.last_seq = subscription.position
-        return False
+        return Turn.KEEP
 
     async def _forward(self, pump: _Pump) -> None:
         """A subscription's pump: the log's records, as frames, into the writer's queue."""

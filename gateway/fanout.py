@@ -9,28 +9,34 @@ more in hand *parks* here, and this one task goes round the parked pumps, a
 group of them each ``pace / GROUPS`` seconds, calling each one's ``deliver``:
 it takes what the subscription has at hand (no wait, no disk) and writes the
 frame to the socket there and then (connection.py), or leaves the events in
-the subscription while the socket has not taken the last frame yet. A pump is
-woken when its subscription needs what only its own task can do (read the
-disk, wait for the gate's token, end), and when nothing came for a whole
-pace: it then waits on its subscription itself, so that the first event after
-a lull goes out at once, not at the next round. Under a steady flow every
-round finds something, and no pump wakes. With no pump parked (no live batch
-subscription, or all of them in a lull) the task sleeps until one parks: an
-idle daemon is not woken a hundred times a second.
+the subscription while the socket has not taken the last frames yet.
 
-Requests first: the round is cut into slices of at most ``SLICE`` seconds
-(``BUSY_SLICE`` while any request is in flight), between which the task
-yields, so a request's next step waits at most one slice, not a whole round.
-Nothing here ever blocks the log's writer: it only appends to the
-subscriptions' live buffers (events/subscriptions.py).
+A pump whose turn finds nothing new goes *idle*: out of the rounds until the
+next event published to its subscription stirs it, which puts it on this
+task's list to serve at once. So the first event after a lull goes out at
+once, not at the next round, and from here too: when the pumps waited on
+their subscriptions themselves, that event woke 1,000 tasks in one pass of
+the scheduler, 45-73 ms in which no request was read (docs/performance.md).
+A pump is woken only for what its own task must do (read the disk, wait for
+the gate's token, end). With nothing in the rounds nor stirred the task
+sleeps: an idle daemon is not woken a hundred times a second.
+
+Requests first: the task delivers in slices of at most ``SLICE`` seconds
+(``BUSY_SLICE`` while any request is in flight), between which it yields, so
+a request's next step waits at most one slice, not a whole round. Nothing
+here ever blocks the log's writer: it only appends to the subscriptions' live
+buffers (events/subscriptions.py), and a stir is a dict pop and a list append.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import itertools
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Final, Protocol
 
 import attrs
@@ -44,9 +50,23 @@ log = logging.getLogger(__name__)
 #: Seconds between two frames of one live batch subscription.
 PACE: Final = 0.1
 
-#: A parked pump's turn: sends what it can from here, and says whether the pump's own
-#: task must take over (True: it is woken).
-Deliver = Callable[[], bool]
+
+class Turn(enum.Enum):
+    """What a parked pump's turn came to."""
+
+    #: It sent, or left its events for a later round (the socket is still busy).
+    KEEP = enum.auto()
+    #: Nothing new: it has arranged for its ``Stir`` and leaves the rounds until then.
+    IDLE = enum.auto()
+    #: What comes next needs the pump's own task: it is woken.
+    WAKE = enum.auto()
+
+
+#: Called, synchronously and by whoever publishes, once something comes for an idle pump.
+Stir = Callable[[], None]
+#: A parked pump's turn: sends what it can from here; before answering IDLE it arranges
+#: for the ``Stir`` it is given to be called on the next event.
+Deliver = Callable[[Stir], Turn]
 
 
 class InFlight(Protocol):
@@ -56,8 +76,13 @@ class InFlight(Protocol):
 
 @attrs.define(eq=False)
 class _Parked:
+    key: object
     task: trio.lowlevel.Task
     deliver: Deliver
+    group: int
+    stir: Stir
+    #: Left (cancelled) while a slice of a serve that holds it yielded.
+    gone: bool = False
 
 
 class FanOut:
@@ -73,10 +98,14 @@ class FanOut:
     def __init__(self, pace: float = PACE, requests: InFlight | None = None) -> None:
         self.pace = pace
         self._requests = requests
+        #: The pumps in the rounds, by group.
         self._groups: list[dict[object, _Parked]] = [{} for _ in range(self.GROUPS)]
+        #: Pumps out of the rounds until stirred, and the stirred, to serve at once.
+        self._idle: dict[object, _Parked] = {}
+        self._stirred: list[_Parked] = []
         self._members = itertools.count()
-        #: Where the task waits while no pump is parked.
-        self._none_parked = trio.lowlevel.ParkingLot()
+        #: Where the task waits for its next round, a stir, or a pump to park.
+        self._nudged = trio.lowlevel.ParkingLot()
         #: Pumps woken to do what only their own task can (tests look at it).
         self.woken = 0
         #: The bytes of the runs of live batches that the deliveries write, joined once
@@ -89,53 +118,87 @@ class FanOut:
 
     @property
     def parked(self) -> int:
-        return sum(len(group) for group in self._groups)
+        """Pumps parked here: in the rounds, idle, or stirred."""
+        return sum(map(len, self._groups)) + len(self._idle) + len(self._stirred)
+
+    @property
+    def idle(self) -> int:
+        """Parked pumps out of the rounds until their next event."""
+        return len(self._idle)
 
     async def park(self, key: object, group: int, deliver: Deliver) -> None:
-        """Wait while the rounds come to ``group`` and ``deliver`` sends from here; return
-        once it says the pump's own task must take over."""
+        """Wait while the rounds (or a stir) come to the pump and ``deliver`` sends from
+        here; return once it says the pump's own task must take over."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        members = self._groups[group]
-        members[key] = _Parked(trio.lowlevel.current_task(), deliver)
-        if self._none_parked:
-            self._none_parked.unpark_all()
+        task = trio.lowlevel.current_task()
+        parked = _Parked(key, task, deliver, group, partial(self._stir, key))
+        self._groups[group][key] = parked
+        self._nudge()
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            members.pop(key, None)
+            parked.gone = True
+            self._groups[group].pop(key, None)
+            self._idle.pop(key, None)
+            with contextlib.suppress(ValueError):
+                self._stirred.remove(parked)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def run(self) -> None:
-        """Serve each group in turn, forever (a task of the gateway's)."""
-        step = self.pace / self.GROUPS
-        due = trio.current_time()
-        while True:
-            for group in range(self.GROUPS):
-                if not self.parked:
-                    await self._none_parked.park()
-                    due = trio.current_time()
-                due += step
-                await trio.sleep_until(due)
-                await self._serve(self._groups[group])
-            # Fallen far behind (a busy loop): start again from now, not in a rush.
-            due = max(due, trio.current_time() - self.pace)
+    def _stir(self, key: object) -> None:
+        parked = self._idle.pop(key, None)
+        if parked is not None:  # else it left (cancelled) since it went idle
+            self._stirred.append(parked)
+            self._nudge()
 
-    async def _serve(self, members: dict[object, _Parked]) -> None:
+    def _nudge(self) -> None:
+        if self._nudged:
+            self._nudged.unpark_all()
+
+    async def run(self) -> None:
+        """Serve the stirred pumps at once and each group in turn, forever (a task of the
+        gateway's)."""
+        step = self.pace / self.GROUPS
+        due = trio.current_time() + step
+        group = 0
+        while True:
+            if self._stirred:
+                stirred, self._stirred = self._stirred, []
+                await self._serve(stirred)
+            elif not any(self._groups):
+                await self._nudged.park()  # until a stir, or a pump parks
+                due = max(due, trio.current_time() + step)
+            elif trio.current_time() < due:
+                with trio.move_on_at(due):
+                    await self._nudged.park()
+            else:
+                await self._serve(list(self._groups[group].values()))
+                group = (group + 1) % self.GROUPS
+                # Fallen far behind (a busy loop): go on from now, not in a rush.
+                due = max(due + step, trio.current_time() - self.pace)
+
+    async def _serve(self, pumps: list[_Parked]) -> None:
+        """Each pump's turn, in slices; each goes where its turn says."""
         began = time.perf_counter()
-        for key, parked in list(members.items()):
-            if members.get(key) is not parked:
-                continue  # gone (cancelled) while an earlier slice yielded
+        for parked in pumps:
+            if parked.gone:
+                continue
             try:
-                wake = parked.deliver()
+                turn = parked.deliver(parked.stir)
             except Exception:
                 # Never let it escape: it would end the fan-out of every connection.
                 log.exception("the fan-out's delivery failed; its pump takes over")
-                wake = True
-            if wake:
-                del members[key]
-                self.woken += 1
-                trio.lowlevel.reschedule(parked.task, outcome.Value(None))
+                turn = Turn.WAKE
+            members = self._groups[parked.group]
+            if turn is Turn.KEEP:
+                members[parked.key] = parked
+            else:
+                members.pop(parked.key, None)
+                if turn is Turn.IDLE:
+                    self._idle[parked.key] = parked
+                else:
+                    self.woken += 1
+                    trio.lowlevel.reschedule(parked.task, outcome.Value(None))
             busy = self._requests is not None and self._requests.in_flight > 0
             if time.perf_counter() - began > (self.BUSY_SLICE if busy else self.SLICE):
                 await trio.lowlevel.checkpoint()

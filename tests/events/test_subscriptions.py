@@ -258,13 +258,14 @@ async def test_polling_what_is_at_hand_with_next_batch_between_is_exactly_once(
 ) -> None:
     # The gateway's fan-out polls take_at_hand and hands over to next_batch when it says
     # None (history from disk, the marker): a small buffer makes the writer drop batches,
-    # so both ways are taken, and every event must come once, in order.
+    # so both ways are taken, and every event must come once, in order. When it says []
+    # (nothing new), the fan-out waits for when_published's call: it must always come.
     total = 20_000
     async with open_event_log(tmp_path, subscriber_buffer=256) as log:
         await _fill(log, 1000)
         subscription = log.subscribe(0)
         seqs: list[int] = []
-        took = {"polled": 0, "awaited": 0}
+        took = {"polled": 0, "awaited": 0, "stirred": 0}
 
         async def follow() -> None:
             pauses = [15_000, 10_000, 5_000]
@@ -286,16 +287,23 @@ async def test_polling_what_is_at_hand_with_next_batch_between_is_exactly_once(
                     seqs.extend(record.event.seq for record in polled)
                     took["polled"] += len(polled)
                 else:
-                    await trio.sleep(0.001)
+                    published = trio.Event()
+                    subscription.when_published(published.set)
+                    took["stirred"] += 1
+                    with trio.fail_after(10):
+                        await published.wait()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow)
             for start in range(1000, total, 100):
                 await log.append_many([sample_pending(i) for i in range(start, start + 100)])
         assert seqs == list(range(1, total + 1))
-        assert took["polled"] > 0 and took["awaited"] > 1000
+        assert took["polled"] > 0 and took["awaited"] > 1000 and took["stirred"] > 0
         assert subscription.disk_reads > 1
+        ended: list[str] = []
+        subscription.when_published(lambda: ended.append("stirred"))
         await subscription.aclose()
+        assert ended == ["stirred"]  # the end stirs too, once
         assert subscription.take_at_hand() is None  # closed: next_batch says how it ended
 
 

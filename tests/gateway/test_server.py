@@ -497,10 +497,11 @@ async def test_the_fan_out_serves_each_group_in_turn(
     served: list[tuple[int, float]] = []
     woken: list[int] = []
 
-    def deliver(group: int) -> bool:
+    def deliver(group: int, stir: fanout.Stir) -> fanout.Turn:
         # Stays parked on its first turn (it "sent" from there), woken on its second.
         served.append((group, round(trio.current_time() - started, 3)))
-        return sum(g == group for g, _ in served) == 2
+        second = sum(g == group for g, _ in served) == 2
+        return fanout.Turn.WAKE if second else fanout.Turn.KEEP
 
     async def pump(group: int) -> None:
         await fan_out.park(object(), group, partial(deliver, group))
@@ -539,9 +540,9 @@ async def test_the_fan_out_sleeps_while_no_pump_is_parked(
     trio.lowlevel.add_instrument(steps)
     served: list[float] = []
 
-    def deliver() -> bool:
+    def deliver(stir: fanout.Stir) -> fanout.Turn:
         served.append(round(trio.current_time() - parked_at, 3))
-        return True
+        return fanout.Turn.WAKE
 
     try:
         async with trio.open_nursery() as nursery:
@@ -556,6 +557,41 @@ async def test_the_fan_out_sleeps_while_no_pump_is_parked(
     assert served and served[0] <= 0.1
 
 
+async def test_an_idle_pump_leaves_the_rounds_and_a_stir_serves_it_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fan_out = fanout.FanOut(0.1)
+    steps = _StepsOf("FanOut.run")
+    served: list[float] = []
+    stirs: list[fanout.Stir] = []
+
+    def deliver(stir: fanout.Stir) -> fanout.Turn:
+        served.append(round(trio.current_time(), 3))
+        if len(served) == 1:
+            stirs.append(stir)  # as a subscription keeps it until its next event
+            return fanout.Turn.IDLE
+        return fanout.Turn.WAKE
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fan_out.run)
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(fan_out.park, object(), 5, deliver)
+            await trio.sleep(0.5)
+            assert served == [0.06] and fan_out.idle == 1  # its group's turn found nothing
+            trio.lowlevel.add_instrument(steps)
+            await trio.sleep(10)  # out of the rounds: nothing to serve, the task sleeps
+            assert steps.steps == 0
+            trio.lowlevel.remove_instrument(steps)
+            stirs.pop()()  # an event came: served at once, not at group 5's next turn
+        assert served == [0.06, 10.5]
+        # A pump that left while idle: its stir, come late, finds nothing.
+        with trio.move_on_after(1):
+            await fan_out.park(object(), 0, lambda stir: stirs.append(stir) or fanout.Turn.IDLE)
+        stirs.pop()()
+        assert fan_out.parked == 0 and fan_out.woken == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_parked_pump_cancelled_leaves_the_fan_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -563,7 +599,7 @@ async def test_a_parked_pump_cancelled_leaves_the_fan_out(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fan_out.run)
         with trio.move_on_after(0.25):
-            await fan_out.park(object(), 0, lambda: False)
+            await fan_out.park(object(), 0, lambda stir: fanout.Turn.KEEP)
         assert fan_out.parked == 0
         nursery.cancel_scope.cancel()
 
@@ -574,13 +610,13 @@ async def test_a_delivery_that_raises_wakes_its_pump_and_the_fan_out_goes_on(
     fan_out = fanout.FanOut(0.1)
     turns: list[str] = []
 
-    def broken() -> bool:
+    def broken(stir: fanout.Stir) -> fanout.Turn:
         turns.append("broken")
         raise RuntimeError("a bug")
 
-    def fine() -> bool:
+    def fine(stir: fanout.Stir) -> fanout.Turn:
         turns.append("fine")
-        return len(turns) >= 4
+        return fanout.Turn.WAKE if len(turns) >= 4 else fanout.Turn.KEEP
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fan_out.run)
