@@ -49,7 +49,7 @@ state in DIR, a port of its own. Measured in one run:
   writer as its batch is framed, before the fsync) to its receipt, over every
   (subscriber, event) pair.
 - The same at a sustained rate R2 (default 2 events/s, a load this 2-core
-  machine carries), in rounds of 8 s alternating without and with 10 extra
+  machine carries), in rounds of 8 s alternating (ABBA) without and with 10 extra
   subscribers that never read and hold a backlog (fresh ones each time; they
   subscribe from seq 0; the bytes stuck in their sockets are reported):
   fanout_latency_ms_p99_with_stalled against fanout_sustained_latency_ms_p99,
@@ -1373,7 +1373,7 @@ class Plan:
     drain: float  # seconds to wait for the last deliveries at the issue's load
     sustained_rate: float  # a load this machine carries, for the stalled comparison
     sustained_seconds: float  # per round
-    sustained_pairs: int  # rounds without, then with stalled subscribers, alternating
+    sustained_pairs: int  # pairs of rounds without and with stalled subscribers (ABBA)
     rtt_block: int
     rtt_blocks: int
     cgroup: str = "auto"  # the daemon's sandboxes.cgroup ("off": the markers fallback)
@@ -1440,7 +1440,9 @@ async def bench(base: Path, plan: Plan) -> dict[str, Any]:
                 source = DaemonSource(daemon, admin, drivers, ids, plan.fanout_op)
 
                 # Rounds without and with stalled subscribers alternate (fresh ones each
-                # time), so that drift in the machine's load hits both alike.
+                # time), in the order ABBA, BAAB...: a drift of the machine's load over
+                # the rounds (the subscribers' heaps grow, another job starts) hits both
+                # alike, not the round that always came second.
                 rate, secs = plan.sustained_rate, plan.sustained_seconds
                 plain_rounds, stalled_rounds, stuck = [], [], []
                 for pair in range(plan.sustained_pairs):
@@ -1448,17 +1450,22 @@ async def bench(base: Path, plan: Plan) -> dict[str, Any]:
                         f"  fan-out, sustained load: {rate:g} events/s for {secs:g} s"
                         f" (pair {pair + 1}/{plan.sustained_pairs}) ..."
                     )
-                    plain_rounds.append(await fanout_round(source, workers, rate, secs, 30))
-                    step(f"    {_line(plain_rounds[-1])}")
-                    step(f"  the same with {STALLED} subscribers that never read ...")
-                    stalled, stuck_now = await stall(daemon, STALLED, nursery)
-                    stuck.append(stuck_now)
-                    step(f"    ({stuck_now:,} bytes stuck in their sockets)")
-                    stalled_rounds.append(await fanout_round(source, workers, rate, secs, 30))
-                    step(f"    {_line(stalled_rounds[-1])}")
-                    for ws in stalled:
-                        with trio.move_on_after(1):
-                            await ws.aclose()
+                    for with_stalled in (True, False) if pair % 2 else (False, True):
+                        if not with_stalled:
+                            plain_rounds.append(await fanout_round(source, workers, rate, secs, 30))
+                            step(f"    without stalled: {_line(plain_rounds[-1])}")
+                            continue
+                        stalled, stuck_now = await stall(daemon, STALLED, nursery)
+                        stuck.append(stuck_now)
+                        step(
+                            f"    {STALLED} subscribers that never read"
+                            f" ({stuck_now:,} bytes stuck in their sockets) ..."
+                        )
+                        stalled_rounds.append(await fanout_round(source, workers, rate, secs, 30))
+                        step(f"    with stalled: {_line(stalled_rounds[-1])}")
+                        for ws in stalled:
+                            with trio.move_on_after(1):
+                                await ws.aclose()
                 results["sustained"] = merged(plain_rounds)
                 results["sustained_stalled"] = merged(stalled_rounds)
                 results["stalled_bytes"] = min(stuck)
