@@ -610,7 +610,7 @@ class Connection:
         """The fan-out's turn at a parked pump: its new events, written to the socket from
         there; IDLE once nothing new has come (``stir`` is called on the next event);
         WAKE for what the pump's own task must do (history, the gate, the end)."""
-        if not (self._lanes.empty and self.ws.idle) or self._lanes.closed:
+        if not self._nothing_before or self._lanes.closed:
             # The socket has not taken the last frames yet: leave the events where they
             # are (the subscription's live buffer, shared by all, or the disk once it
             # overflows) and take them all into one frame on a later round, rather than
