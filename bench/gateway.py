@@ -1451,21 +1451,23 @@ async def bench(base: Path, plan: Plan) -> dict[str, Any]:
                         f" (pair {pair + 1}/{plan.sustained_pairs}) ..."
                     )
                     for with_stalled in (True, False) if pair % 2 else (False, True):
-                        if not with_stalled:
+                        if with_stalled:
+                            stalled, stuck_now = await stall(daemon, STALLED, nursery)
+                            stuck.append(stuck_now)
+                            step(
+                                f"    {STALLED} subscribers that never read"
+                                f" ({stuck_now:,} bytes stuck in their sockets) ..."
+                            )
+                            stalled_rounds.append(
+                                await fanout_round(source, workers, rate, secs, 30)
+                            )
+                            step(f"    with stalled: {_line(stalled_rounds[-1])}")
+                            for ws in stalled:
+                                with trio.move_on_after(1):
+                                    await ws.aclose()
+                        else:
                             plain_rounds.append(await fanout_round(source, workers, rate, secs, 30))
                             step(f"    without stalled: {_line(plain_rounds[-1])}")
-                            continue
-                        stalled, stuck_now = await stall(daemon, STALLED, nursery)
-                        stuck.append(stuck_now)
-                        step(
-                            f"    {STALLED} subscribers that never read"
-                            f" ({stuck_now:,} bytes stuck in their sockets) ..."
-                        )
-                        stalled_rounds.append(await fanout_round(source, workers, rate, secs, 30))
-                        step(f"    with stalled: {_line(stalled_rounds[-1])}")
-                        for ws in stalled:
-                            with trio.move_on_after(1):
-                                await ws.aclose()
                 results["sustained"] = merged(plain_rounds)
                 results["sustained_stalled"] = merged(stalled_rounds)
                 results["stalled_bytes"] = min(stuck)
